@@ -1,0 +1,1 @@
+"""The napari-free core: model, feature cache, guidance, propagation, IO and training."""

@@ -1,0 +1,368 @@
+"""Episodic training data: (support, annotation, query, target) drawn from labelled stacks.
+
+A *task* is a binary concept on a labelled sample: one object class, one object (instance
+task), the object boundaries, or the background. An *episode* takes one support slice and one
+query slice of the same sample (another z plane or timepoint, or another image of the same
+kind), sparsifies the support's mask into a few positive and negative points (or keeps it dense)
+and asks for the query's dense mask (paper, sec. 3 and 5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from . import synthetic
+from .preprocess import normalize_slice
+
+__all__ = [
+    "Episode",
+    "EpisodeConfig",
+    "LabelledStack",
+    "StackEpisodes",
+    "SyntheticEpisodes",
+    "load_labelled_stacks",
+    "sample_points",
+]
+
+#: Point counts per polarity drawn for an episode ("0" = dense mask).
+SHOT_SIZES = (1, 1, 2, 3, 5, 5, 10, 20, 50, 0)
+
+
+@dataclass(frozen=True)
+class EpisodeConfig:
+    """Knobs of episode sampling."""
+
+    crop: int = 160
+    p_dense: float = 0.12
+    p_no_negative: float = 0.08
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    fine_stride: int = 4
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One training episode.
+
+    Attributes
+    ----------
+    support, query : np.ndarray
+        ``(3, S, S)`` float32 normalised slices.
+    masks : np.ndarray
+        ``(2, S/4, S/4)`` float32 positive/negative annotation weights on the fine grid.
+    target : np.ndarray
+        ``(S, S)`` float32 query mask.
+    """
+
+    support: np.ndarray
+    masks: np.ndarray
+    query: np.ndarray
+    target: np.ndarray
+
+
+def sample_points(rng: np.random.Generator, mask: np.ndarray, n: int) -> np.ndarray:
+    """Draw ``n`` pixel positions ``(n, 2)`` (y, x) inside ``mask``, half of them away from edges.
+
+    People click inside objects, not on their rims; random pixels of the label (the evaluation
+    protocol) include rims. Mixing both keeps the model honest for either.
+    """
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return np.zeros((0, 2), np.float64)
+    interior = ndimage.binary_erosion(mask, iterations=2)
+    iy, ix = np.nonzero(interior)
+    out = []
+    for _ in range(n):
+        if len(iy) and rng.random() < 0.5:
+            k = rng.integers(len(iy))
+            out.append((iy[k], ix[k]))
+        else:
+            k = rng.integers(len(ys))
+            out.append((ys[k], xs[k]))
+    return np.asarray(out, np.float64).reshape(-1, 2)
+
+
+def _footprints(points: np.ndarray, labels: np.ndarray, grid: int, stride: int) -> np.ndarray:
+    import torch
+
+    from .model.guide import point_masks
+
+    return point_masks(torch.from_numpy(points), torch.from_numpy(labels), (grid, grid), stride).numpy()
+
+
+def annotate(rng: np.random.Generator, mask: np.ndarray, cfg: EpisodeConfig) -> np.ndarray:
+    """Sparsify a support mask ``(S, S)`` into fine-grid annotation weights ``(2, S/4, S/4)``."""
+    from .model.guide import dense_masks
+
+    s = cfg.fine_stride
+    shot = int(rng.choice(SHOT_SIZES))
+    if shot == 0 or rng.random() < cfg.p_dense:
+        import torch
+
+        return dense_masks(torch.from_numpy(mask), s).numpy()
+    n_pos = shot
+    n_neg = 0 if rng.random() < cfg.p_no_negative else max(1, int(round(shot * rng.uniform(0.5, 2))))
+    pos = sample_points(rng, mask, n_pos)
+    neg = sample_points(rng, ~mask, n_neg)
+    pts = np.concatenate([pos, neg])
+    lab = np.concatenate([np.ones(len(pos), np.int8), np.zeros(len(neg), np.int8)])
+    return _footprints(pts, lab, mask.shape[0] // s, s)
+
+
+def _augment_pair(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Flips, 90-degree rotations, intensity, gamma, noise and blur on ``(3, S, S)`` + ``(S, S)``."""
+    k = int(rng.integers(4))
+    img = np.rot90(img, k, axes=(1, 2))
+    mask = np.rot90(mask, k)
+    if rng.random() < 0.5:
+        img, mask = img[:, :, ::-1], mask[:, ::-1]
+    img = np.ascontiguousarray(img)
+    mask = np.ascontiguousarray(mask)
+    if rng.random() < 0.5:
+        g = float(np.exp(rng.uniform(-0.4, 0.4)))
+        img = np.sign(img + 0.5) * np.abs(img + 0.5) ** g - 0.5
+    if rng.random() < 0.5:
+        img = img * rng.uniform(0.7, 1.3) + rng.uniform(-0.15, 0.15)
+    if rng.random() < 0.2:
+        img = ndimage.gaussian_filter(img, (0, rng.uniform(0.5, 1.5), rng.uniform(0.5, 1.5)))
+    if rng.random() < 0.3:
+        img = img + rng.normal(0, rng.uniform(0.01, 0.08), img.shape)
+    return img.astype(np.float32), mask
+
+
+def _make_episode(rng: np.random.Generator, cfg: EpisodeConfig, s_img: np.ndarray,
+                  s_mask: np.ndarray, q_img: np.ndarray, q_mask: np.ndarray) -> Episode:
+    s_img, s_mask = _augment_pair(rng, s_img, s_mask)
+    q_img, q_mask = _augment_pair(rng, q_img, q_mask)
+    masks = annotate(rng, s_mask, cfg)
+    return Episode(s_img, masks.astype(np.float32), q_img, q_mask.astype(np.float32))
+
+
+def _task_masks(rng: np.random.Generator, sem_s: np.ndarray, sem_q: np.ndarray,
+                ins_s: np.ndarray, ins_q: np.ndarray, same_scene: bool
+                ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Pick a task on a synthetic pair and return its support and query masks."""
+    r = rng.random()
+    if same_scene and r < 0.25:
+        common = np.intersect1d(np.unique(ins_s[ins_s > 0]), np.unique(ins_q[ins_q > 0]))
+        if len(common):
+            obj = rng.choice(common)
+            return ins_s == obj, ins_q == obj
+    classes = np.unique(sem_s)
+    if r < 0.35 or len(classes) == 1:
+        k = 0
+    else:
+        k = int(rng.choice(classes[classes > 0]))
+    return sem_s == k, sem_q == k
+
+
+class SyntheticEpisodes:
+    """Endless episodes from procedurally generated samples (no data needed)."""
+
+    def __init__(self, cfg: EpisodeConfig = EpisodeConfig(), seed: int = 0) -> None:
+        self.cfg = cfg
+        self.rng = np.random.default_rng(seed)
+
+    def __iter__(self) -> Iterator[Episode]:
+        return self
+
+    def __next__(self) -> Episode:
+        rng, c = self.rng, self.cfg.crop
+        for _ in range(50):
+            style = synthetic.random_style(rng)
+            depth = 24
+            scene = synthetic.make_scene(rng, style, (depth, c, c))
+            zs = float(rng.uniform(2, depth - 2))
+            same = rng.random() < 0.6
+            if same:
+                zq = float(np.clip(zs + rng.choice([-1, 1]) * rng.uniform(1, 6), 0, depth - 1))
+                q_scene = scene
+            else:
+                q_scene = synthetic.make_scene(rng, style, (depth, c, c))
+                zq = float(rng.uniform(2, depth - 2))
+            s = synthetic.render_slice(scene, zs, rng)
+            q = synthetic.render_slice(q_scene, zq, rng)
+            task = _task_masks(rng, s.semantic, q.semantic, s.instance, q.instance, same)
+            if task is None or task[0].sum() < 4 or (~task[0]).sum() < 4:
+                continue
+            return _make_episode(rng, self.cfg, normalize_slice(s.image), task[0],
+                                 normalize_slice(q.image), task[1])
+        raise RuntimeError("could not draw a synthetic episode in 50 tries")
+
+
+@dataclass
+class LabelledStack:
+    """A labelled sample for training: images ``(N, H, W[, 3])`` and labels ``(N, H, W)``."""
+
+    name: str
+    images: list[np.ndarray]
+    labels: list[np.ndarray]
+    semantic: bool  # few label values: one task per value; else instance ids
+    volumetric: bool  # consecutive planes are neighbours (z or time)
+
+
+def _classify_labels(labels: Sequence[np.ndarray]) -> bool:
+    values = np.unique(np.concatenate([np.unique(lab) for lab in labels]))
+    return len(values) <= 8
+
+
+def _is_volumetric(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], semantic: bool) -> bool:
+    """Whether consecutive planes are neighbours in z or time rather than separate images.
+
+    Instance ids of a volume persist across neighbouring planes; ids of separate images only
+    coincide by chance. Semantic labels carry no ids, so compare image correlation of
+    neighbouring planes with that of distant ones.
+    """
+    if len(images) < 2 or images[0].shape != images[1].shape:
+        return False
+    if not semantic:
+        a, b = labels[0], labels[1]
+        fg = (a > 0) | (b > 0)
+        return bool(fg.any() and ((a == b) & fg).sum() / fg.sum() > 0.3)
+    if len(images) < 4:
+        return False
+
+    def corr(i: int, j: int) -> float:
+        x, y = images[i].astype(np.float32).ravel(), images[j].astype(np.float32).ravel()
+        return float(np.corrcoef(x, y)[0, 1])
+
+    far = len(images) - 1
+    return corr(0, 1) > corr(0, far) + 0.03
+
+
+def load_labelled_stacks(root: str | Path, names: Sequence[str] | None = None,
+                         split: str = "train", val_fraction: float = 0.25) -> list[LabelledStack]:
+    """Load ``<root>/<name>/image.tif`` + ``labels.tif`` (or ``images/`` + ``masks/``).
+
+    Parameters
+    ----------
+    root : path
+        Folder of data sets.
+    names : sequence of str, optional
+        Data sets to use; default all sub-folders.
+    split : {"train", "val", "all"}
+        The last ``val_fraction`` of the planes or images of each data set is the validation
+        split; it never appears in training.
+
+    Returns
+    -------
+    list of LabelledStack
+    """
+    import tifffile
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    names = list(names) if names else sorted(p.name for p in root.iterdir() if p.is_dir())
+    out = []
+    for name in names:
+        d = root / name
+        if (d / "image.tif").exists():
+            img = tifffile.imread(d / "image.tif")
+            lab = tifffile.imread(d / "labels.tif")
+            if lab.shape != img.shape[: lab.ndim]:
+                raise ValueError(f"{d}: labels shape {lab.shape} does not match image {img.shape}")
+            images, labels = list(img), list(lab)
+        elif (d / "images").is_dir():
+            files = sorted((d / "images").glob("*.tif"))
+            images = [tifffile.imread(f) for f in files]
+            labels = [tifffile.imread(d / "masks" / f.name) for f in files]
+        else:
+            raise FileNotFoundError(f"{d} has neither image.tif nor images/")
+        n = len(images)
+        n_val = max(1, int(round(n * val_fraction)))
+        sel = slice(0, n - n_val) if split == "train" else slice(n - n_val, n) if split == "val" else slice(0, n)
+        images, labels = images[sel], labels[sel]
+        semantic = _classify_labels(labels)
+        out.append(LabelledStack(name, images, labels, semantic, _is_volumetric(images, labels, semantic)))
+    return out
+
+
+def _boundaries(lab: np.ndarray) -> np.ndarray:
+    g = np.zeros(lab.shape, bool)
+    g[:-1] |= lab[:-1] != lab[1:]
+    g[1:] |= lab[:-1] != lab[1:]
+    g[:, :-1] |= lab[:, :-1] != lab[:, 1:]
+    g[:, 1:] |= lab[:, :-1] != lab[:, 1:]
+    return g
+
+
+class StackEpisodes:
+    """Endless episodes from labelled stacks (class, instance and boundary tasks)."""
+
+    def __init__(self, stacks: Sequence[LabelledStack], cfg: EpisodeConfig = EpisodeConfig(),
+                 seed: int = 0) -> None:
+        if not stacks:
+            raise ValueError("no labelled stacks given")
+        self.stacks = list(stacks)
+        self.cfg = cfg
+        self.rng = np.random.default_rng(seed)
+
+    def __iter__(self) -> Iterator[Episode]:
+        return self
+
+    def _crop(self, img: np.ndarray, lab: np.ndarray, scale: float,
+              at: tuple[float, float] | None) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+        import torch
+        import torch.nn.functional as F
+
+        c = self.cfg.crop
+        size = min(int(round(c / scale)), img.shape[0], img.shape[1])
+        rng = self.rng
+        if at is None:
+            at = (rng.random(), rng.random())
+        y0 = int(at[0] * (img.shape[0] - size))
+        x0 = int(at[1] * (img.shape[1] - size))
+        im = normalize_slice(img[y0 : y0 + size, x0 : x0 + size])
+        lb = lab[y0 : y0 + size, x0 : x0 + size]
+        if size != c:
+            im = F.interpolate(torch.from_numpy(im)[None], size=(c, c), mode="bilinear",
+                               align_corners=False)[0].numpy()
+            idx = (np.arange(c) * size / c).astype(int)
+            lb = lb[idx][:, idx]
+        return im, lb, at
+
+    def __next__(self) -> Episode:
+        rng = self.rng
+        for _ in range(100):
+            st = self.stacks[int(rng.integers(len(self.stacks)))]
+            n = len(st.images)
+            i = int(rng.integers(n))
+            if st.volumetric and rng.random() < 0.7:
+                j = int(np.clip(i + rng.choice([-1, 1]) * rng.integers(1, 4), 0, n - 1))
+            else:
+                j = int(rng.integers(n))
+            if j == i and n > 1:
+                j = (i + 1) % n
+            scale = float(np.exp(rng.uniform(*np.log(self.cfg.scale_range))))
+            s_img, s_lab, at = self._crop(st.images[i], st.labels[i], scale, None)
+            q_img, q_lab, _ = self._crop(st.images[j], st.labels[j], scale,
+                                         at if st.volumetric and rng.random() < 0.5 else None)
+            if st.semantic:
+                values = np.unique(s_lab)
+                v = rng.choice(values)
+                sm, qm = s_lab == v, q_lab == v
+            else:
+                r = rng.random()
+                if r < 0.3 and st.volumetric:
+                    ids = np.intersect1d(np.unique(s_lab), np.unique(q_lab))
+                    if len(ids) == 0:
+                        continue
+                    obj = rng.choice(ids)
+                    sm, qm = s_lab == obj, q_lab == obj
+                elif r < 0.55:
+                    sm, qm = _boundaries(s_lab), _boundaries(q_lab)
+                else:
+                    bg = np.bincount(np.ravel(s_lab == 0)).argmax() == 0
+                    if (s_lab == 0).mean() < 0.05 or not bg and (s_lab == 0).mean() < 0.05:
+                        continue
+                    sm, qm = s_lab > 0, q_lab > 0
+            if sm.sum() < 4 or (~sm).sum() < 4:
+                continue
+            return _make_episode(rng, self.cfg, s_img, sm, q_img, qm)
+        raise RuntimeError("could not draw an episode from the labelled stacks in 100 tries")

@@ -1,0 +1,142 @@
+"""The guided network: encoder, guide and segmentor composed."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .encoder import Encoder, EncoderOutput
+from .guide import Guide, GuideOutput
+from .layers import fuse_batchnorm
+from .segmentor import Segmentor
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters that define an architecture (stored with every checkpoint)."""
+
+    key: str = "revolver-s"
+    in_channels: int = 3
+    widths: tuple[int, int, int, int, int] = (16, 32, 64, 96, 128)
+    coarse_channels: int = 64
+    fine_channels: int = 32
+    head_width: int = 48
+    head_fine_width: int = 24
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-friendly form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields {sorted(unknown)}; expected {sorted(known)}")
+        d = dict(d)
+        if "widths" in d:
+            d["widths"] = tuple(d["widths"])  # type: ignore[arg-type]
+        return cls(**d)  # type: ignore[arg-type]
+
+
+class GuidedNet(nn.Module):
+    """Encoder phi + guide g + segmentor f (Rakelly et al., arXiv 1806.07373, sec. 4).
+
+    Parameters
+    ----------
+    config : ModelConfig
+        Architecture; see :mod:`napari_revolver.core.model.registry` for named configurations.
+    encoder : nn.Module, optional
+        A replacement encoder returning :class:`EncoderOutput` with the same strides and the
+        channels named in ``config`` (for example a torchvision backbone).
+    """
+
+    def __init__(self, config: ModelConfig | None = None, encoder: nn.Module | None = None) -> None:
+        super().__init__()
+        self.config = config or ModelConfig()
+        c = self.config
+        self.encoder = encoder or Encoder(c.in_channels, c.widths, c.coarse_channels, c.fine_channels)
+        self.guide = Guide()
+        self.segmentor = Segmentor(c.coarse_channels, c.fine_channels, c.head_width, c.head_fine_width)
+        self._fused = False
+
+    @property
+    def fine_stride(self) -> int:
+        return Encoder.fine_stride
+
+    @property
+    def size_multiple(self) -> int:
+        return Encoder.size_multiple
+
+    def encode(self, images: torch.Tensor) -> EncoderOutput:
+        """Features of ``images`` ``(B, in_channels, H, W)``, ``H, W`` multiples of 32."""
+        return self.encoder(images)
+
+    def guide_from_masks(self, features: EncoderOutput, masks_fine: torch.Tensor) -> GuideOutput:
+        """Pool support ``features`` under ``masks_fine`` ``(B, 2, H/4, W/4)``."""
+        return self.guide(features.coarse, features.fine, masks_fine)
+
+    def segment(self, features: EncoderOutput, guidance: GuideOutput,
+                out_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Logits for query ``features`` under each task in ``guidance``.
+
+        Parameters
+        ----------
+        features : EncoderOutput
+            Query features, batch 1 (broadcast over tasks) or one per task.
+        guidance : GuideOutput
+            ``T`` tasks.
+        out_size : tuple of int, optional
+            ``(H, W)`` of the returned logits; default the padded input size.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(T, H, W)`` logits.
+        """
+        z_coarse, z_fine, present = guidance.vectors()
+        dtype = features.coarse.dtype
+        logits = self.segmentor(
+            features.coarse, features.fine, z_coarse.to(dtype), z_fine.to(dtype), present.to(dtype)
+        )
+        h, w = logits.shape[-2:]
+        full = (h * self.fine_stride, w * self.fine_stride)
+        logits = F.interpolate(logits, size=full, mode="bilinear", align_corners=False)[:, 0]
+        if out_size is not None:
+            logits = logits[:, : out_size[0], : out_size[1]]
+        return logits
+
+    def forward(self, support: torch.Tensor, masks_fine: torch.Tensor,
+                query: torch.Tensor) -> torch.Tensor:
+        """One-shot episodes, as used in training.
+
+        Parameters
+        ----------
+        support, query : torch.Tensor
+            ``(B, in_channels, H, W)``.
+        masks_fine : torch.Tensor
+            ``(B, 2, H/4, W/4)`` support annotation weights.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, H, W)`` query logits.
+        """
+        b = support.shape[0]
+        feats = self.encode(torch.cat([support, query]))
+        guidance = self.guide_from_masks(feats[:b], masks_fine)
+        return self.segment(feats[b:], guidance)
+
+    def for_inference(self) -> GuidedNet:
+        """Switch to eval mode and fold batch norms into convolutions (idempotent)."""
+        self.eval()
+        if not self._fused:
+            fuse_batchnorm(self.encoder)
+            self._fused = True
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self

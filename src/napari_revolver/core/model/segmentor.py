@@ -1,0 +1,92 @@
+"""Segmentor f: fuses query features with the task vector and decodes a full-resolution mask."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _cosine_maps(features: torch.Tensor, z: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every query position to each polarity's vector.
+
+    ``features (B, C, h, w)``, ``z (B, 2, C)``, ``present (B, 2)`` -> ``(B, 2, h, w)``.
+    """
+    fn = F.normalize(features, dim=1)
+    zn = F.normalize(z, dim=2)
+    return torch.einsum("bchw,bpc->bphw", fn, zn) * present[:, :, None, None]
+
+
+class Segmentor(nn.Module):
+    """Feature fusion of query features with the tiled task vector (paper sec. 4.3).
+
+    The fusion input at every coarse position is ``[f, f*z+, f*z-, cos(f, z+), cos(f, z-),
+    present+, present-]``: the products let a 1x1 layer compare query and support feature by
+    feature, the cosines give a task-agnostic similarity. Two 3x3 layers add spatial context;
+    the result is upsampled to the fine grid, fused with the fine features and their
+    similarity to the fine task vector, and decoded to one logit per pixel.
+
+    Everything before the fusion is annotation-independent and cached per slice, so a click
+    costs only this module (about 0.25 GMAC for a 512x512 slice).
+    """
+
+    def __init__(self, coarse_channels: int = 64, fine_channels: int = 32, width: int = 48,
+                 fine_width: int = 24) -> None:
+        super().__init__()
+        c = coarse_channels
+        self.fuse = nn.Conv2d(3 * c + 4, width, 1)
+        self.context = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=2, dilation=2),
+            nn.ReLU(inplace=True),
+        )
+        self.fine_fuse = nn.Conv2d(width + fine_channels + 2, fine_width, 1)
+        self.refine = nn.Sequential(
+            nn.Conv2d(fine_width, fine_width, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(fine_width, 1, 1),
+        )
+
+    def forward(
+        self,
+        coarse: torch.Tensor,
+        fine: torch.Tensor,
+        z_coarse: torch.Tensor,
+        z_fine: torch.Tensor,
+        present: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits on the fine grid.
+
+        Parameters
+        ----------
+        coarse : torch.Tensor
+            ``(B, C_coarse, h, w)`` query features (``B`` may be 1 and broadcast over tasks).
+        fine : torch.Tensor
+            ``(B, C_fine, 2h, 2w)``.
+        z_coarse, z_fine : torch.Tensor
+            ``(T, 2, C_coarse)`` and ``(T, 2, C_fine)`` task vectors, ``T == B`` or ``B == 1``.
+        present : torch.Tensor
+            ``(T, 2)`` polarity presence flags.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(T, 1, 2h, 2w)`` logits on the fine grid (stride ``Encoder.fine_stride``).
+        """
+        t = z_coarse.shape[0]
+        if coarse.shape[0] != t:
+            coarse = coarse.expand(t, -1, -1, -1)
+            fine = fine.expand(t, -1, -1, -1)
+        h, w = coarse.shape[-2:]
+        zp = z_coarse[:, 0, :, None, None]
+        zn = z_coarse[:, 1, :, None, None]
+        flags = present[:, :, None, None].expand(t, 2, h, w)
+        x = torch.cat(
+            [coarse, coarse * zp, coarse * zn, _cosine_maps(coarse, z_coarse, present), flags],
+            dim=1,
+        )
+        x = self.context(F.relu(self.fuse(x)))
+        x = F.interpolate(x, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        x = torch.cat([x, fine, _cosine_maps(fine, z_fine, present)], dim=1)
+        return self.refine(F.relu(self.fine_fuse(x)))

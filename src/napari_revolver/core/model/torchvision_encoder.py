@@ -1,0 +1,89 @@
+"""Encoders from torchvision backbones (optional: ``pip install napari-revolver[torchvision]``).
+
+The paper's encoder is VGG-16 with ImageNet weights. torchvision is imported only when one of
+these models is built, so the core never needs it. ImageNet weights come from a local file
+(``REVOLVER_TV_WEIGHTS``) or torchvision's own cache; nothing is downloaded here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .encoder import EncoderOutput
+from .guided_net import GuidedNet, ModelConfig
+from .registry import _BUILDERS
+
+#: (torchvision constructor, fine layer index, coarse layer index, fine channels, coarse channels)
+_SPECS = {
+    "tv-vgg16": ("vgg16", 9, 23, 128, 512),  # conv2_2 (stride 2 -> pooled 4), conv4_3 (stride 8)
+    "tv-resnet18": ("resnet18", None, None, 64, 128),
+}
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _import_torchvision():  # noqa: ANN202
+    try:
+        import torchvision
+    except Exception as exc:  # ImportError, or a CUDA-only build failing to load
+        raise ImportError(
+            "torchvision encoders need torchvision that imports with your torch build "
+            f"(pip install napari-revolver[torchvision]); import failed: {exc}"
+        ) from exc
+    return torchvision
+
+
+class TorchvisionEncoder(nn.Module):
+    """A torchvision backbone giving stride-4 fine and stride-8 coarse features.
+
+    Inputs are our normalised slices (about [-0.5, 0.5]); they are mapped to ImageNet statistics
+    before the backbone.
+    """
+
+    def __init__(self, key: str, coarse_channels: int = 64, fine_channels: int = 32) -> None:
+        super().__init__()
+        tv = _import_torchvision()
+        name, fine_idx, coarse_idx, cf, cc = _SPECS[key]
+        weights_path = os.environ.get("REVOLVER_TV_WEIGHTS")
+        net = getattr(tv.models, name)(weights=None)
+        if weights_path:
+            net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+        self.name = name
+        if name == "vgg16":
+            feats = net.features
+            self.to_fine = feats[: fine_idx + 1]
+            self.to_coarse = feats[fine_idx + 1 : coarse_idx + 1]
+        else:
+            self.to_fine = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
+            self.to_coarse = net.layer2
+        self.fine_proj = nn.Conv2d(cf, fine_channels, 1)
+        self.coarse_proj = nn.Conv2d(cc, coarse_channels, 1)
+        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN)[None, :, None, None])
+        self.register_buffer("std", torch.tensor(_IMAGENET_STD)[None, :, None, None])
+
+    def forward(self, x: torch.Tensor) -> EncoderOutput:
+        h, w = x.shape[-2:]
+        x = ((x + 0.5) - self.mean) / self.std
+        fine = self.to_fine(x)
+        coarse = self.to_coarse(fine)
+        fine = F.interpolate(fine, size=(h // 4, w // 4), mode="bilinear", align_corners=False)
+        coarse = F.interpolate(coarse, size=(h // 8, w // 8), mode="bilinear", align_corners=False)
+        return EncoderOutput(F.relu(self.coarse_proj(coarse)), F.relu(self.fine_proj(fine)))
+
+
+def _builder(key: str):  # noqa: ANN202
+    def build() -> GuidedNet:
+        config = ModelConfig(key=key)
+        return GuidedNet(config, encoder=TorchvisionEncoder(key, config.coarse_channels,
+                                                            config.fine_channels))
+
+    return build
+
+
+for _key in _SPECS:
+    _BUILDERS.setdefault(_key, _builder(_key))

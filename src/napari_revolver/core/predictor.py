@@ -1,0 +1,689 @@
+"""The predictor: encode once per slice, answer many cheap guide and predict calls.
+
+Shaped after segment-anything's ``SamPredictor``: :meth:`RevolverPredictor.set_volume` fixes the
+data, :meth:`~RevolverPredictor.guide` turns points into a :class:`~.task.Task`, and
+:meth:`~RevolverPredictor.predict_slice` / :meth:`~RevolverPredictor.propagate` apply tasks to
+slices. Encoder features are cached per slice (:mod:`.features`), so a new click re-runs only
+the guide and the segmentor.
+
+Conventions: a volume is ``(..., Y, X)`` or ``(..., Y, X, 3)`` for RGB; every leading axis
+(Z, T, image index) indexes 2D slices. Points are ``(N, ndim)`` in data pixels, leading
+coordinates first, ``(y, x)`` last, as napari's Points layers hold them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Generator, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .features import FeatureCache, FeatureSignature, FeatureStore, data_fingerprint
+from .instances import mask_to_instances
+from .model.encoder import EncoderOutput
+from .model.guide import GuideOutput, dense_masks, point_masks
+from .model.guided_net import GuidedNet
+from .preprocess import Preprocessing, normalize_slice
+from .task import Task
+from .train import resolve_device
+from .weights import LoadedWeights, load_weights
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PropagationStep", "RevolverPredictor", "VolumeInfo", "labels_from_probabilities"]
+
+Index = int | tuple[int, ...]
+
+#: Slices above this many pixels are encoded in overlapping tiles to bound memory.
+MAX_TILE_PIXELS = 2048 * 2048
+TILE = 1024
+TILE_OVERLAP = 96
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """Geometry of the volume set on a predictor.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        Shape of the array as given.
+    leading_shape : tuple of int
+        Shape of the slice-indexing axes (``()`` for a single 2D image).
+    slice_shape : tuple of int
+        ``(H, W)``.
+    rgb : bool
+        Whether the last axis holds RGB(A) samples.
+    fingerprint : str
+        Cheap data identity used by feature-cache signatures.
+    """
+
+    shape: tuple[int, ...]
+    leading_shape: tuple[int, ...]
+    slice_shape: tuple[int, int]
+    rgb: bool
+    fingerprint: str
+
+    @property
+    def n_slices(self) -> int:
+        return int(np.prod(self.leading_shape)) if self.leading_shape else 1
+
+    @property
+    def ndim(self) -> int:
+        """Dimensionality of point coordinates: leading axes + 2."""
+        return len(self.leading_shape) + 2
+
+    def flat(self, index: Index) -> int:
+        """Flat slice number of ``index`` (an int is taken as already flat)."""
+        if isinstance(index, (int, np.integer)):
+            k = int(index)
+            if not 0 <= k < self.n_slices:
+                raise IndexError(f"slice {k} is out of range for {self.n_slices} slices")
+            return k
+        index = tuple(int(i) for i in index)
+        if len(index) != len(self.leading_shape):
+            raise IndexError(f"slice index {index} has {len(index)} axes; this volume has "
+                             f"{len(self.leading_shape)} leading axes {self.leading_shape}")
+        for i, n in zip(index, self.leading_shape, strict=True):
+            if not 0 <= i < n:
+                raise IndexError(f"slice index {index} is out of range for leading shape "
+                                 f"{self.leading_shape}")
+        return int(np.ravel_multi_index(index, self.leading_shape)) if index else 0
+
+    def unflat(self, k: int) -> tuple[int, ...]:
+        """Leading-axes index of flat slice ``k``."""
+        return tuple(int(i) for i in np.unravel_index(k, self.leading_shape)) if self.leading_shape else ()
+
+
+@dataclass(frozen=True)
+class PropagationStep:
+    """One slice's result, yielded by :meth:`RevolverPredictor.propagate`.
+
+    Attributes
+    ----------
+    index : tuple of int
+        Leading-axes index of the slice.
+    result : np.ndarray
+        ``(H, W)`` labels (or ``(T, H, W)`` masks / probabilities, per ``output``).
+    done, total : int
+        Progress.
+    """
+
+    index: tuple[int, ...]
+    result: np.ndarray
+    done: int
+    total: int
+
+
+def labels_from_probabilities(probs: np.ndarray, values: Sequence[int], threshold: float = 0.5
+                              ) -> np.ndarray:
+    """Label image from per-task probabilities: the most probable task above ``threshold`` wins.
+
+    Parameters
+    ----------
+    probs : np.ndarray
+        ``(T, H, W)`` float in [0, 1].
+    values : sequence of int
+        Label value of each task.
+    threshold : float
+        Minimum probability for a pixel to be labelled.
+
+    Returns
+    -------
+    np.ndarray
+        ``(H, W)`` of the smallest unsigned dtype holding ``max(values)``.
+    """
+    if probs.ndim != 3 or probs.shape[0] != len(values):
+        raise ValueError(f"expected probabilities (T, H, W) with T == {len(values)}; got {probs.shape}")
+    dtype = np.uint8 if max(values) < 256 else np.uint16 if max(values) < 65536 else np.uint32
+    lut = np.asarray(values, dtype)
+    best = probs.argmax(axis=0)
+    out = lut[best]
+    out[probs.max(axis=0) <= threshold] = 0
+    return out
+
+
+class RevolverPredictor:
+    """Few-shot segmentation of a volume from point annotations.
+
+    Parameters
+    ----------
+    weights : str or Path, optional
+        A checkpoint written by ``revolver train``; default the weights shipped in the package.
+    device : {"auto", "cpu", "cuda", "mps"}
+        ``auto`` picks CUDA, then MPS, then CPU.
+    model : GuidedNet, optional
+        Use this model instead of loading weights (tests, experiments).
+    cache_bytes : int
+        Memory budget of the per-slice feature cache.
+    batch_size : int
+        Slices per encoder / segmentor batch during propagation.
+
+    Examples
+    --------
+    >>> from napari_revolver import RevolverPredictor
+    >>> predictor = RevolverPredictor()
+    >>> predictor.set_volume(stack)                       # (Z, Y, X)
+    >>> task = predictor.guide(points, labels)            # points (N, 3) as (z, y, x)
+    >>> mask = predictor.predict_slice(5, task)           # (Y, X) bool
+    >>> for step in predictor.propagate(task):            # every slice, with progress
+    ...     out[step.index] = step.result
+    """
+
+    def __init__(self, weights: str | Path | None = None, device: str = "auto", *,
+                 model: GuidedNet | None = None, cache_bytes: int = 1 << 30,
+                 batch_size: int = 4, preprocessing: Preprocessing | None = None) -> None:
+        self.device = resolve_device(device)
+        if model is not None:
+            if weights is not None:
+                raise ValueError("pass either weights or model, not both")
+            model = model.to(self.device).for_inference()
+            self.weights = LoadedWeights(model, "<in-memory model>", _model_digest(model), {})
+        else:
+            self.weights = load_weights(weights, self.device)
+        self.model = self.weights.model
+        self.preprocessing = preprocessing or Preprocessing(channels=self.model.config.in_channels)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        self.batch_size = batch_size
+        self.cache_bytes = cache_bytes
+        self._lock = threading.RLock()
+        self._volume: Any = None
+        self._info: VolumeInfo | None = None
+        self._channel: tuple[int, int] | None = None
+        self.cache = FeatureCache(cache_bytes)
+
+    # ------------------------------------------------------------------ volume
+    @property
+    def info(self) -> VolumeInfo:
+        """Geometry of the current volume; raises ``RuntimeError`` before :meth:`set_volume`."""
+        if self._info is None:
+            raise RuntimeError("no volume set; call set_volume(array) first")
+        return self._info
+
+    @property
+    def model_key(self) -> str:
+        return self.model.config.key
+
+    def set_volume(self, array: Any, *, rgb: bool | None = None, channel_axis: int | None = None,
+                   channel: int | None = None, store: str | Path | None = None,
+                   on_mismatch: Literal["recompute", "raise"] = "recompute") -> VolumeInfo:
+        """Set the image data to segment; features are computed lazily, per slice, on use.
+
+        Parameters
+        ----------
+        array : array-like
+            ``(..., Y, X)`` grayscale or ``(..., Y, X, 3|4)`` RGB(A); numpy, dask or zarr
+            (read one slice at a time, never whole).
+        rgb : bool, optional
+            Whether the last axis is RGB; default: guessed as napari does (last axis of size 3
+            or 4 on an array of 3 or more dimensions).
+        channel_axis, channel : int, optional
+            For multichannel data: the axis holding channels and the channel to segment.
+        store : path, optional
+            On-disk feature store (zarr) to read and fill, reused across runs.
+        on_mismatch : {"recompute", "raise"}
+            What to do when ``store`` holds features of other data or another model.
+
+        Returns
+        -------
+        VolumeInfo
+
+        Raises
+        ------
+        ValueError
+            Unsupported dimensions or dtype, empty or constant data.
+        """
+        shape = tuple(int(s) for s in getattr(array, "shape", ()))
+        dtype = np.dtype(getattr(array, "dtype", np.float64))
+        if len(shape) < 2:
+            raise ValueError(f"expected an image with at least 2 dimensions (..., Y, X); got shape {shape}")
+        if dtype.kind not in "buif":
+            raise ValueError(f"expected a real-valued image (bool, integer or float); got dtype {dtype}")
+        if channel_axis is not None:
+            ax = channel_axis % len(shape)
+            if channel is None or not 0 <= channel < shape[ax]:
+                raise ValueError(f"channel must be in [0, {shape[ax] - 1}] for channel_axis "
+                                 f"{channel_axis}; got {channel}")
+            self._channel = (ax, channel)
+            shape = shape[:ax] + shape[ax + 1 :]
+        else:
+            self._channel = None
+        if rgb is None:
+            rgb = len(shape) >= 3 and shape[-1] in (3, 4)
+        if rgb and shape[-1] not in (3, 4):
+            raise ValueError(f"rgb=True needs a last axis of size 3 or 4; got shape {shape}")
+        spatial = shape[-3:-1] if rgb else shape[-2:]
+        leading = shape[:-3] if rgb else shape[:-2]
+        if min(spatial) < 8 or (rgb and len(shape) < 3):
+            raise ValueError(f"slices must be at least 8x8 pixels; got (Y, X) = {spatial} from shape {shape}")
+        if any(n == 0 for n in leading):
+            raise ValueError(f"the image is empty: shape {shape}")
+        with self._lock:
+            self._volume = array
+            self._info = VolumeInfo(shape, leading, (int(spatial[0]), int(spatial[1])), bool(rgb), "")
+            # Read a few planes once to catch unusable data before any work is done.
+            picks = sorted({0, self._info.n_slices // 2, self._info.n_slices - 1})
+            for k in picks:
+                plane = self._read(k)
+                if plane.dtype.kind == "f" and not np.isfinite(plane).all():
+                    self._volume = self._info = None
+                    raise ValueError(f"slice {k} contains NaN or infinite values; replace them "
+                                     "(e.g. numpy.nan_to_num) before segmenting")
+                lo, hi = float(plane.min()), float(plane.max())
+                if lo != hi:
+                    break
+            else:
+                self._volume = self._info = None
+                raise ValueError(f"the image is constant (every sampled pixel is {lo:g}); "
+                                 "nothing to segment")
+            fingerprint = data_fingerprint(self._channel_view(array) if self._channel else array)
+            self._info = VolumeInfo(shape, leading, self._info.slice_shape, bool(rgb), fingerprint)
+            feature_store = None
+            if store is not None:
+                feature_store = self._open_store(store, on_mismatch)
+            self.cache = FeatureCache(self.cache_bytes, feature_store)
+        return self._info
+
+    def _channel_view(self, array: Any) -> Any:
+        ax, ch = self._channel  # type: ignore[misc]
+        return _ChannelView(array, ax, ch)
+
+    def _open_store(self, path: str | Path, on_mismatch: Literal["recompute", "raise"]) -> FeatureStore:
+        info = self.info
+        h, w = (_round_up(s, self.model.size_multiple) for s in info.slice_shape)
+        cfg = self.model.config
+        return FeatureStore(path, self.signature(), info.n_slices,
+                            (cfg.coarse_channels, h // 8, w // 8), (cfg.fine_channels, h // 4, w // 4),
+                            on_mismatch)
+
+    def signature(self) -> FeatureSignature:
+        """What the current volume's features depend on."""
+        info = self.info
+        return FeatureSignature(info.fingerprint, self.model_key, self.weights.sha256,
+                                self.preprocessing.key(), info.slice_shape)
+
+    def _read(self, k: int) -> np.ndarray:
+        """Slice ``k`` as ``(H, W)`` or ``(H, W, 3)`` numpy (reads one slice of lazy data)."""
+        info = self.info
+        idx = info.unflat(k)
+        if self._channel is not None:
+            plane = np.asarray(_ChannelView(self._volume, *self._channel)[idx])
+        else:
+            plane = np.asarray(self._volume[idx] if idx else self._volume)
+        if info.rgb:
+            plane = plane[..., :3]
+        if plane.dtype == bool:
+            plane = plane.astype(np.uint8)
+        return plane
+
+    def reset(self) -> None:
+        """Forget the volume and its cached features."""
+        with self._lock:
+            self._volume = None
+            self._info = None
+            self.cache = FeatureCache(self.cache_bytes)
+
+    # ---------------------------------------------------------------- features
+    def _prepare(self, k: int) -> torch.Tensor:
+        try:
+            x = normalize_slice(self._read(k), self.preprocessing)
+        except ValueError as exc:
+            raise ValueError(f"slice {self.info.unflat(k)}: {exc}") from exc
+        return torch.from_numpy(x)
+
+    @torch.inference_mode()
+    def _encode(self, images: list[torch.Tensor]) -> EncoderOutput:
+        """Encode normalised slices ``[(C, H, W)]`` of one size; returns padded features."""
+        h, w = images[0].shape[-2:]
+        m = self.model.size_multiple
+        ph, pw = _round_up(h, m), _round_up(w, m)
+        x = torch.stack(images).to(self.device)
+        if (ph, pw) != (h, w):
+            mode = "reflect" if ph - h < h and pw - w < w else "replicate"
+            x = F.pad(x, (0, pw - w, 0, ph - h), mode=mode)
+        if ph * pw <= MAX_TILE_PIXELS:
+            return self.model.encode(x)
+        return self._encode_tiled(x)
+
+    def _encode_tiled(self, x: torch.Tensor) -> EncoderOutput:
+        """Encode a large padded batch tile by tile, keeping each tile's centre."""
+        b, _, h, w = x.shape
+        cfg = self.model.config
+        coarse = torch.empty(b, cfg.coarse_channels, h // 8, w // 8, device=x.device)
+        fine = torch.empty(b, cfg.fine_channels, h // 4, w // 4, device=x.device)
+        step = TILE - 2 * TILE_OVERLAP
+        for y0 in range(0, h, step):
+            for x0 in range(0, w, step):
+                ty0, tx0 = max(0, y0 - TILE_OVERLAP), max(0, x0 - TILE_OVERLAP)
+                ty1, tx1 = min(h, y0 + step + TILE_OVERLAP), min(w, x0 + step + TILE_OVERLAP)
+                f = self.model.encode(x[:, :, ty0:ty1, tx0:tx1])
+                y1, x1 = min(h, y0 + step), min(w, x0 + step)
+                for feats, out, s in ((f.coarse, coarse, 8), (f.fine, fine, 4)):
+                    out[:, :, y0 // s : y1 // s, x0 // s : x1 // s] = feats[
+                        :, :, (y0 - ty0) // s : (y1 - ty0) // s, (x0 - tx0) // s : (x1 - tx0) // s]
+        return EncoderOutput(coarse, fine)
+
+    def features(self, index: Index) -> EncoderOutput:
+        """Cached features of a slice (computed on first use), float16 on the CPU.
+
+        Returns
+        -------
+        EncoderOutput
+            ``coarse (1, C, H'/8, W'/8)`` and ``fine (1, Cf, H'/4, W'/4)`` where ``H', W'`` are
+            the slice size rounded up to a multiple of 32.
+        """
+        k = self.info.flat(index)
+        with self._lock:
+            f = self.cache.get(k)
+        if f is None:
+            f = self._encode([self._prepare(k)])
+            with self._lock:
+                f = self.cache.put(k, f)
+        return f
+
+    def precompute(self, indices: Iterable[Index] | None = None, *, batch_size: int | None = None
+                   ) -> Generator[tuple[int, int], None, None]:
+        """Encode slices not yet cached, yielding ``(done, total)`` after each batch.
+
+        With an on-disk store this is resumable: slices already stored are skipped.
+        """
+        ks = self._flat_indices(indices)
+        todo = [k for k in ks if k not in self.cache]
+        bs = batch_size or self.batch_size
+        total = len(ks)
+        done = total - len(todo)
+        yield done, total
+        for i in range(0, len(todo), bs):
+            batch = todo[i : i + bs]
+            f = self._encode([self._prepare(k) for k in batch])
+            with self._lock:
+                for j, k in enumerate(batch):
+                    self.cache.put(k, f[j : j + 1])
+            done += len(batch)
+            yield done, total
+
+    def _flat_indices(self, indices: Iterable[Index] | None) -> list[int]:
+        info = self.info
+        if indices is None:
+            return list(range(info.n_slices))
+        return [info.flat(i) for i in indices]
+
+    # ------------------------------------------------------------------- guide
+    def _check_points(self, points: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+        info = self.info
+        pts = np.asarray(points, dtype=np.float64)
+        if pts.ndim == 1 and pts.size == info.ndim:
+            pts = pts[None]
+        if pts.ndim != 2 or pts.shape[1] != info.ndim:
+            axes = "".join(f"{a}, " for a in ("leading",) * len(info.leading_shape)) + "y, x"
+            raise ValueError(f"points must have shape (N, {info.ndim}) as ({axes}) for an image with "
+                             f"slice axes {info.leading_shape} and slices {info.slice_shape}; "
+                             f"got shape {pts.shape}")
+        lab = np.asarray(labels)
+        if lab.shape != (len(pts),):
+            raise ValueError(f"labels must have shape ({len(pts)},) to match the points; got {lab.shape}")
+        if lab.dtype == bool:
+            lab = lab.astype(np.int8)
+        if not np.isin(lab, (0, 1)).all():
+            raise ValueError(f"labels must be 1 (positive) or 0 (negative); got values {np.unique(lab).tolist()}")
+        lab = lab.astype(np.int8)
+        if len(pts) == 0 or not (lab == 1).any():
+            raise ValueError("no positive point: click at least one point on the object to segment")
+        if not np.isfinite(pts).all():
+            raise ValueError("points contain NaN or infinite coordinates")
+        bounds = np.asarray((*info.leading_shape, *info.slice_shape), np.float64)
+        outside = ((pts < -0.5) | (pts >= bounds - 0.5)).any(axis=1)
+        if outside.any():
+            i = int(np.argmax(outside))
+            raise ValueError(f"{int(outside.sum())} point(s) lie outside the image; point {i} is at "
+                             f"{pts[i].tolist()}, valid ranges are [0, {(bounds - 1).tolist()}]")
+        return pts, lab
+
+    @torch.inference_mode()
+    def guide(self, points: Any, labels: Any, *, name: str = "task", label_value: int = 1) -> Task:
+        """Turn point annotations into a task.
+
+        Parameters
+        ----------
+        points : array-like
+            ``(N, ndim)`` data-pixel coordinates: leading axes (z, t, ...) then ``(y, x)``.
+            Points on several slices are all support (multi-shot, merged by annotation mass).
+        labels : array-like
+            ``(N,)``: 1 positive, 0 negative. At least one positive is required; negatives are
+            optional.
+        name : str
+            Task name.
+        label_value : int
+            Value of the task in label images.
+
+        Returns
+        -------
+        Task
+        """
+        pts, lab = self._check_points(points, labels)
+        info = self.info
+        n_lead = len(info.leading_shape)
+        slices = np.rint(pts[:, :n_lead]).astype(int) if n_lead else np.zeros((len(pts), 0), int)
+        total: GuideOutput | None = None
+        for key in sorted({tuple(s) for s in slices.tolist()}):
+            sel = np.all(slices == np.asarray(key, int), axis=1) if n_lead else np.ones(len(pts), bool)
+            f = self.features(key)
+            masks = point_masks(torch.from_numpy(pts[sel, n_lead:]), torch.from_numpy(lab[sel]),
+                                tuple(f.fine.shape[-2:]), self.model.fine_stride)
+            g = self._guide_features(f, masks)
+            total = g if total is None else total + g
+        assert total is not None
+        return self._task(total, name, label_value, pts, lab)
+
+    @torch.inference_mode()
+    def guide_mask(self, index: Index, mask: np.ndarray, *, name: str = "task",
+                   label_value: int = 1) -> Task:
+        """A task from a dense support mask ``(H, W)`` on slice ``index`` (the densest shot)."""
+        info = self.info
+        mask = np.asarray(mask)
+        if mask.shape != info.slice_shape:
+            raise ValueError(f"mask must have the slice shape {info.slice_shape}; got {mask.shape}")
+        if not mask.any():
+            raise ValueError("the support mask is empty: it needs at least one foreground pixel")
+        f = self.features(index)
+        h, w = f.fine.shape[-2:]
+        s = self.model.fine_stride
+        full = np.zeros((h * s, w * s), np.float32)
+        full[: mask.shape[0], : mask.shape[1]] = mask > 0
+        masks = dense_masks(torch.from_numpy(full), s)
+        # Padding is neither foreground nor background.
+        valid = np.zeros_like(full)
+        valid[: mask.shape[0], : mask.shape[1]] = 1
+        masks = masks * F.avg_pool2d(torch.from_numpy(valid)[None, None], s)[0]
+        g = self._guide_features(f, masks)
+        return self._task(g, name, label_value, np.zeros((0, info.ndim)), np.zeros(0, np.int8))
+
+    def _guide_features(self, f: EncoderOutput, masks: torch.Tensor) -> GuideOutput:
+        return self.model.guide_from_masks(f.to(self.device, torch.float32), masks[None].to(self.device))
+
+    def _task(self, g: GuideOutput, name: str, label_value: int, pts: np.ndarray,
+              lab: np.ndarray) -> Task:
+        return Task(name=name, sum_coarse=g.sum_coarse[0].float().cpu().numpy(),
+                    sum_fine=g.sum_fine[0].float().cpu().numpy(), mass=g.mass[0].float().cpu().numpy(),
+                    points=pts, labels=lab, model_key=self.model_key,
+                    weights_sha256=self.weights.sha256, label_value=label_value)
+
+    def _guidance(self, tasks: Sequence[Task]) -> GuideOutput:
+        for t in tasks:
+            if (t.model_key, t.weights_sha256) != (self.model_key, self.weights.sha256):
+                raise ValueError(
+                    f"task {t.name!r} was guided with model {t.model_key} (weights "
+                    f"{t.weights_sha256[:12]}), this predictor runs {self.model_key} (weights "
+                    f"{self.weights.sha256[:12]}); guide it again with these weights")
+        d = self.device
+        return GuideOutput(
+            torch.from_numpy(np.stack([t.sum_coarse for t in tasks])).to(d),
+            torch.from_numpy(np.stack([t.sum_fine for t in tasks])).to(d),
+            torch.from_numpy(np.stack([t.mass for t in tasks])).to(d),
+        )
+
+    # ----------------------------------------------------------------- predict
+    @torch.inference_mode()
+    def _probabilities(self, feats: EncoderOutput, guidance: GuideOutput) -> torch.Tensor:
+        """``(S, T, H, W)`` probabilities for S slices' features and T tasks."""
+        n_s, n_t = feats.coarse.shape[0], guidance.mass.shape[0]
+        f = feats.to(self.device, torch.float32)
+        if n_s > 1 or n_t > 1:
+            f = EncoderOutput(f.coarse.repeat_interleave(n_t, 0), f.fine.repeat_interleave(n_t, 0))
+            guidance = GuideOutput(guidance.sum_coarse.repeat(n_s, 1, 1),
+                                   guidance.sum_fine.repeat(n_s, 1, 1), guidance.mass.repeat(n_s, 1))
+        logits = self.model.segment(f, guidance, self.info.slice_shape)
+        return torch.sigmoid(logits).reshape(n_s, n_t, *logits.shape[-2:])
+
+    def predict_proba(self, index: Index, tasks: Task | Sequence[Task]) -> np.ndarray:
+        """Foreground probability of each task on one slice: ``(T, H, W)`` float32."""
+        tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
+        if not tasks:
+            raise ValueError("no task given")
+        return self._probabilities(self.features(index), self._guidance(tasks))[0].cpu().numpy()
+
+    def predict_slice(self, index: Index, task: Task | Sequence[Task], *, threshold: float = 0.5,
+                      instances: bool = False) -> np.ndarray:
+        """Segment one slice.
+
+        Parameters
+        ----------
+        index : int or tuple of int
+            The slice (flat number or leading-axes index; ``0`` or ``()`` for a 2D image).
+        task : Task or sequence of Task
+            One task gives a ``(H, W)`` bool mask; several give a ``(H, W)`` label image with
+            each task's ``label_value`` where it is the most probable task above ``threshold``.
+        threshold : float
+            Probability threshold.
+        instances : bool
+            Return instance ids (connected components, touching objects split) instead.
+
+        Returns
+        -------
+        np.ndarray
+            ``(H, W)`` bool mask, or unsigned label image.
+        """
+        probs = self.predict_proba(index, task)
+        return self._finish(probs, [task] if isinstance(task, Task) else list(task), threshold,
+                            instances, "labels" if not isinstance(task, Task) else "mask")
+
+    def _finish(self, probs: np.ndarray, tasks: list[Task], threshold: float, instances: bool,
+                output: str) -> np.ndarray:
+        if output == "probabilities":
+            return probs
+        if output == "masks":
+            return probs > threshold
+        if output == "mask" and not instances:
+            return probs[0] > threshold
+        labels = labels_from_probabilities(probs, [t.label_value for t in tasks], threshold)
+        if not instances:
+            return labels
+        return mask_to_instances(labels > 0)
+
+    def propagate(self, tasks: Task | Sequence[Task], indices: Iterable[Index] | None = None, *,
+                  threshold: float = 0.5, output: Literal["labels", "masks", "probabilities"] = "labels",
+                  instances: bool = False, batch_size: int | None = None
+                  ) -> Generator[PropagationStep, None, None]:
+        """Apply tasks to many slices, yielding each slice's result as it is ready.
+
+        Slices are processed in batches; features are computed (and cached) for slices that
+        have none. Each slice's result depends only on that slice and the tasks, so the order
+        of ``indices`` does not change any result. Stop iterating to cancel.
+
+        Parameters
+        ----------
+        tasks : Task or sequence of Task
+        indices : iterable of int or tuple, optional
+            Slices to segment; default all.
+        threshold : float
+            Probability threshold.
+        output : {"labels", "masks", "probabilities"}
+            ``labels``: ``(H, W)`` label image (one task: 0/label_value); ``masks``:
+            ``(T, H, W)`` bool; ``probabilities``: ``(T, H, W)`` float32.
+        instances : bool
+            With ``labels``: instance ids instead of task values.
+        batch_size : int, optional
+            Slices per batch (default the predictor's).
+
+        Yields
+        ------
+        PropagationStep
+        """
+        task_list = [tasks] if isinstance(tasks, Task) else list(tasks)
+        if not task_list:
+            raise ValueError("no task given")
+        if output not in ("labels", "masks", "probabilities"):
+            raise ValueError(f"output must be 'labels', 'masks' or 'probabilities'; got {output!r}")
+        guidance = self._guidance(task_list)
+        ks = self._flat_indices(indices)
+        bs = batch_size or self.batch_size
+        total = len(ks)
+        for i in range(0, total, bs):
+            batch = ks[i : i + bs]
+            feats = self._batch_features(batch)
+            probs = self._probabilities(feats, guidance).cpu().numpy()
+            for j, k in enumerate(batch):
+                res = self._finish(probs[j], task_list, threshold, instances, output)
+                yield PropagationStep(self.info.unflat(k), res, i + j + 1, total)
+
+    def _batch_features(self, batch: list[int]) -> EncoderOutput:
+        with self._lock:
+            cached = {k: self.cache.get(k) for k in batch}
+        missing = [k for k, f in cached.items() if f is None]
+        if missing:
+            f = self._encode([self._prepare(k) for k in missing])
+            with self._lock:
+                for j, k in enumerate(missing):
+                    cached[k] = self.cache.put(k, f[j : j + 1])
+        return EncoderOutput.cat([cached[k] for k in batch])  # type: ignore[misc]
+
+    def segment(self, tasks: Task | Sequence[Task], **kwargs: Any) -> np.ndarray:
+        """Propagate to every slice and return the stacked result ``(*leading, H, W)``."""
+        info = self.info
+        out: np.ndarray | None = None
+        for step in self.propagate(tasks, **kwargs):
+            if out is None:
+                out = np.zeros((*info.leading_shape, *step.result.shape), step.result.dtype)
+            out[step.index] = step.result
+        assert out is not None
+        return out
+
+
+class _ChannelView:
+    """Lazy selection of one channel of a multichannel array."""
+
+    def __init__(self, array: Any, axis: int, channel: int) -> None:
+        self.array, self.axis, self.channel = array, axis, channel
+        shape = tuple(array.shape)
+        self.shape = shape[:axis] + shape[axis + 1 :]
+        self.dtype = array.dtype
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, idx: tuple[int, ...]) -> np.ndarray:
+        idx = tuple(idx) if isinstance(idx, tuple) else (idx,)
+        full = list(idx[: self.axis]) + [self.channel] + list(idx[self.axis :])
+        if len(idx) < self.axis:
+            full = list(idx) + [slice(None)] * (self.axis - len(idx)) + [self.channel]
+        return np.asarray(self.array[tuple(full)])
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _model_digest(model: torch.nn.Module) -> str:
+    """Content hash of an in-memory model's parameters (stands in for a weights-file sha256)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,76 @@
+"""Intensity normalisation of microscopy slices into encoder input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Preprocessing", "normalize_slice"]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw slices become encoder input; part of every feature-cache signature.
+
+    Attributes
+    ----------
+    low, high : float
+        Percentiles mapped to 0 and 1 (robust to hot pixels and saturated spots).
+    channels : int
+        Encoder input channels; grayscale is replicated, RGB kept.
+    """
+
+    low: float = 1.0
+    high: float = 99.8
+    channels: int = 3
+
+    def key(self) -> str:
+        """Stable text form for cache signatures."""
+        return f"pct{self.low:g}-{self.high:g}-c{self.channels}"
+
+
+def normalize_slice(image: np.ndarray, prep: Preprocessing = Preprocessing()) -> np.ndarray:
+    """Normalise one slice to encoder input.
+
+    Parameters
+    ----------
+    image : np.ndarray
+        ``(H, W)`` grayscale or ``(H, W, 3)`` RGB, any real dtype.
+    prep : Preprocessing
+        Percentiles and channel count.
+
+    Returns
+    -------
+    np.ndarray
+        ``(channels, H, W)`` float32, about ``[-0.5, 0.5]`` between the percentiles. A constant
+        slice (an empty frame, say) maps to zeros rather than dividing by zero.
+
+    Raises
+    ------
+    ValueError
+        For other shapes, or non-finite values.
+    """
+    if image.ndim == 3 and image.shape[-1] == 3:
+        rgb = True
+    elif image.ndim == 2:
+        rgb = False
+    else:
+        raise ValueError(f"expected a (H, W) or (H, W, 3) slice, got shape {image.shape}")
+    x = np.asarray(image, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError("slice contains NaN or infinite values; clean or mask them first")
+    lo, hi = np.percentile(x, [prep.low, prep.high])
+    if hi - lo <= 1e-12:
+        lo, hi = float(x.min()), float(x.max())
+    if hi - lo <= 1e-12:
+        out = np.zeros(x.shape, np.float32)
+    else:
+        out = (x - np.float32(lo)) * np.float32(1.0 / (hi - lo)) - np.float32(0.5)
+    out = np.clip(out, np.float32(-1.0), np.float32(2.0)).astype(np.float32, copy=False)
+    if rgb:
+        out = np.moveaxis(out, -1, 0)
+        if prep.channels != 3:
+            out = out.mean(axis=0, keepdims=True).repeat(prep.channels, axis=0)
+        return np.ascontiguousarray(out)
+    return np.broadcast_to(out, (prep.channels, *out.shape)).copy()

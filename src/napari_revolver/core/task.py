@@ -1,0 +1,171 @@
+"""A task: one annotated concept, as the guide's pooled vectors plus the points that made them."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+
+__all__ = ["TASK_FORMAT_VERSION", "Task", "load_task"]
+
+TASK_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    """Guidance for one concept (paper: the task representation z).
+
+    The guide's output is kept as annotation-mass-weighted *sums* so that tasks guided on
+    different slices or volumes merge exactly (:meth:`merge`).
+
+    Attributes
+    ----------
+    name : str
+        Shown in the widget and written to point tables.
+    sum_coarse : np.ndarray
+        ``(2, C_coarse)`` float32, positive and negative feature sums.
+    sum_fine : np.ndarray
+        ``(2, C_fine)`` float32.
+    mass : np.ndarray
+        ``(2,)`` float32, annotation mass per polarity.
+    points : np.ndarray
+        ``(N, D)`` float64 support points in data pixels of the volume they were clicked on.
+    labels : np.ndarray
+        ``(N,)`` int8, 1 positive, 0 negative.
+    model_key, weights_sha256 : str
+        The model the vectors belong to; applying a task with another model is refused.
+    label_value : int
+        Value this task takes in a label image.
+    """
+
+    name: str
+    sum_coarse: np.ndarray
+    sum_fine: np.ndarray
+    mass: np.ndarray
+    points: np.ndarray
+    labels: np.ndarray
+    model_key: str
+    weights_sha256: str
+    label_value: int = 1
+    package_version: str = field(default=__version__)
+
+    def __post_init__(self) -> None:
+        for name in ("sum_coarse", "sum_fine"):
+            a = getattr(self, name)
+            if a.ndim != 2 or a.shape[0] != 2:
+                raise ValueError(f"Task.{name} must have shape (2, C); got {a.shape}")
+        if self.mass.shape != (2,):
+            raise ValueError(f"Task.mass must have shape (2,); got {self.mass.shape}")
+        if self.points.ndim != 2 or len(self.points) != len(self.labels):
+            raise ValueError(f"Task.points must be (N, D) with N == len(labels); got "
+                             f"{self.points.shape} and {self.labels.shape}")
+        if self.label_value < 1:
+            raise ValueError(f"label_value must be >= 1; got {self.label_value}")
+        for a in (self.sum_coarse, self.sum_fine, self.mass, self.points, self.labels):
+            a.setflags(write=False)
+
+    @property
+    def n_positive(self) -> int:
+        return int((self.labels == 1).sum())
+
+    @property
+    def n_negative(self) -> int:
+        return int((self.labels == 0).sum())
+
+    def renamed(self, name: str, label_value: int | None = None) -> Task:
+        """A copy with another name (and label value)."""
+        return replace(self, name=name, label_value=self.label_value if label_value is None else label_value)
+
+    def merge(self, other: Task) -> Task:
+        """Pool two tasks' annotations (multi-shot across slices or volumes).
+
+        The result is the annotation-mass-weighted average of both; points are concatenated
+        only when they have the same dimensionality.
+
+        Raises
+        ------
+        ValueError
+            If the tasks belong to different models.
+        """
+        if (self.model_key, self.weights_sha256) != (other.model_key, other.weights_sha256):
+            raise ValueError(f"cannot merge tasks of different models: {self.model_key}/"
+                             f"{self.weights_sha256[:12]} vs {other.model_key}/{other.weights_sha256[:12]}")
+        same_dims = self.points.shape[1] == other.points.shape[1]
+        return replace(
+            self,
+            sum_coarse=self.sum_coarse + other.sum_coarse,
+            sum_fine=self.sum_fine + other.sum_fine,
+            mass=self.mass + other.mass,
+            points=np.concatenate([self.points, other.points]) if same_dims else self.points,
+            labels=np.concatenate([self.labels, other.labels]) if same_dims else self.labels,
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-friendly form (floats written with full float32 precision)."""
+        return {
+            "format": "napari-revolver task",
+            "format_version": TASK_FORMAT_VERSION,
+            "package_version": self.package_version,
+            "name": self.name,
+            "label_value": self.label_value,
+            "model_key": self.model_key,
+            "weights_sha256": self.weights_sha256,
+            "sum_coarse": self.sum_coarse.astype(float).tolist(),
+            "sum_fine": self.sum_fine.astype(float).tolist(),
+            "mass": self.mass.astype(float).tolist(),
+            "points": self.points.tolist(),
+            "labels": self.labels.astype(int).tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> Task:
+        """Inverse of :meth:`to_dict`; raises ``ValueError`` on other formats or versions."""
+        if d.get("format") != "napari-revolver task":
+            raise ValueError("not a napari-revolver task file (missing 'format')")
+        if d.get("format_version") != TASK_FORMAT_VERSION:
+            raise ValueError(f"task format version {d.get('format_version')!r} is not supported; "
+                             f"expected {TASK_FORMAT_VERSION}")
+        pts = np.asarray(d["points"], np.float64)
+        return cls(
+            name=str(d["name"]),
+            sum_coarse=np.asarray(d["sum_coarse"], np.float32),
+            sum_fine=np.asarray(d["sum_fine"], np.float32),
+            mass=np.asarray(d["mass"], np.float32),
+            points=pts.reshape(len(pts), -1) if pts.size else np.zeros((0, 0)),
+            labels=np.asarray(d["labels"], np.int8),
+            model_key=str(d["model_key"]),
+            weights_sha256=str(d["weights_sha256"]),
+            label_value=int(d.get("label_value", 1)),  # type: ignore[arg-type]
+            package_version=str(d.get("package_version", "")),
+        )
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write the task as JSON (atomically; refuses to overwrite unless asked)."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        tmp = path.with_name(f".{path.name}.part")
+        try:
+            tmp.write_text(json.dumps(self.to_dict()))
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return path
+
+
+def load_task(path: str | os.PathLike[str]) -> Task:
+    """Read a task written by :meth:`Task.save`."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not a task file: {exc}") from exc
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} is not a task file")
+    return Task.from_dict(d)
