@@ -37,25 +37,45 @@ class Progress:
         elapsed = now - self.t0
         eta = elapsed / frac - elapsed if frac > 0 else 0.0
         end = "\n" if done >= total or not self.tty else ""
-        self.stream.write(f"\r{self.label} [{bar:<{self.width}}] {done}/{total} "
-                          f"{elapsed:5.1f}s elapsed, {eta:5.1f}s left{end}")
+        self.stream.write(
+            f"\r{self.label} [{bar:<{self.width}}] {done}/{total} "
+            f"{elapsed:5.1f}s elapsed, {eta:5.1f}s left{end}"
+        )
         self.stream.flush()
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", type=Path, default=None,
-                   help="checkpoint (.safetensors) from `revolver train`; default: shipped weights")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="where to run the network (default: auto)")
+    p.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="checkpoint (.safetensors) from `revolver train`; default: shipped weights",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="where to run the network (default: auto)",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="slices per batch (default: 4)")
 
 
 def _add_image_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("image", type=Path, help="TIFF stack (ImageJ hyperstack or OME-TIFF axes honoured)")
-    p.add_argument("--channel", type=int, default=None,
-                   help="channel to segment in a multichannel image (axis C)")
-    p.add_argument("--store", type=Path, default=None,
-                   help="on-disk feature store (zarr folder) to reuse across runs")
+    p.add_argument(
+        "image", type=Path, help="TIFF stack (ImageJ hyperstack or OME-TIFF axes honoured)"
+    )
+    p.add_argument(
+        "--channel",
+        type=int,
+        default=None,
+        help="channel to segment in a multichannel image (axis C)",
+    )
+    p.add_argument(
+        "--store",
+        type=Path,
+        default=None,
+        help="on-disk feature store (zarr folder) to reuse across runs",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="revolver",
         description="Few-shot segmentation propagation for microscopy: a few clicks on one "
-                    "slice, masks on every slice.")
+        "slice, masks on every slice.",
+    )
     parser.add_argument("--version", action="version", version=f"napari-revolver {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,32 +98,53 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="segment a stack from points clicked on some of its slices")
     _add_image_args(p)
-    p.add_argument("--points", type=Path, required=True,
-                   help="CSV as napari's Points layer writes it, with a label column "
-                        "(positive/negative) and an optional task column")
+    p.add_argument(
+        "--points",
+        type=Path,
+        required=True,
+        help="CSV as napari's Points layer writes it, with a label column "
+        "(positive/negative) and an optional task column",
+    )
     p.add_argument("-o", "--output", type=Path, required=True, help="label TIFF to write")
-    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
-    p.add_argument("--instances", action="store_true",
-                   help="write instance ids (touching objects split) instead of task values")
-    p.add_argument("--save-task", type=Path, default=None,
-                   help="also save the guided task(s) as JSON into this folder")
+    p.add_argument(
+        "--threshold", type=float, default=0.5, help="probability threshold (default 0.5)"
+    )
+    p.add_argument(
+        "--instances",
+        action="store_true",
+        help="write instance ids (touching objects split) instead of task values",
+    )
+    p.add_argument(
+        "--save-task",
+        type=Path,
+        default=None,
+        help="also save the guided task(s) as JSON into this folder",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     _add_model_args(p)
 
-    p = sub.add_parser("precompute", help="encode every slice into an on-disk feature store (resumable)")
+    p = sub.add_parser(
+        "precompute", help="encode every slice into an on-disk feature store (resumable)"
+    )
     _add_image_args(p)
     _add_model_args(p)
 
     p = sub.add_parser("train", help="episodic training of the guided network (resumable)")
-    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log, best weights)")
+    p.add_argument(
+        "--out", type=Path, required=True, help="run folder (checkpoints, log, best weights)"
+    )
     p.add_argument("--model", default="revolver-s", help="architecture key (default revolver-s)")
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--crop", type=int, default=160, help="episode crop size, a multiple of 32")
-    p.add_argument("--data", type=Path, default=None,
-                   help="folder of labelled data sets (<name>/image.tif + labels.tif); "
-                        "without it, training uses procedural data only")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="folder of labelled data sets (<name>/image.tif + labels.tif); "
+        "without it, training uses procedural data only",
+    )
     p.add_argument("--datasets", default="", help="comma-separated subset of --data")
     p.add_argument("--p-real", type=float, default=0.5, help="fraction of episodes from --data")
     p.add_argument("--seed", type=int, default=0)
@@ -134,12 +176,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     tmp = out / ".image.tif.part"
     tifffile.imwrite(tmp, image, imagej=True, metadata={"axes": "ZYX"}, compression="zlib")
     tmp.replace(targets[0])
-    write_points(targets[1], PointTable(points, point_labels, ("nuclei",) * len(points)),
-                 overwrite=True)
+    write_points(
+        targets[1], PointTable(points, point_labels, ("nuclei",) * len(points)), overwrite=True
+    )
     write_labels(targets[2], labels, axes="ZYX", overwrite=True)
-    print(f"wrote {targets[0]} {image.shape} {image.dtype}, {targets[1]} "
-          f"({int(np.sum(point_labels == 1))} positive, {int(np.sum(point_labels == 0))} negative "
-          f"points on slice {int(points[0, 0])}) and {targets[2]} (ground truth)")
+    print(
+        f"wrote {targets[0]} {image.shape} {image.dtype}, {targets[1]} "
+        f"({int(np.sum(point_labels == 1))} positive, {int(np.sum(point_labels == 0))} negative "
+        f"points on slice {int(points[0, 0])}) and {targets[2]} (ground truth)"
+    )
     return 0
 
 
@@ -151,8 +196,10 @@ def _open_image(args: argparse.Namespace, predictor):  # noqa: ANN001, ANN202
     kwargs = {}
     if "C" in axes:
         if args.channel is None:
-            raise ValueError(f"{args.image} has {data.shape[axes.index('C')]} channels (axes {axes}); "
-                             "choose one with --channel N")
+            raise ValueError(
+                f"{args.image} has {data.shape[axes.index('C')]} channels (axes {axes}); "
+                "choose one with --channel N"
+            )
         kwargs = {"channel_axis": axes.index("C"), "channel": args.channel}
         axes = axes.replace("C", "")
     elif args.channel is not None:
@@ -160,8 +207,11 @@ def _open_image(args: argparse.Namespace, predictor):  # noqa: ANN001, ANN202
     rgb = axes.endswith("S")
     predictor.set_volume(data, rgb=rgb, store=args.store, **kwargs)
     spatial_axes = axes[:-1] if rgb else axes
-    scale = tuple(s for a, s in zip(img.axes, img.scale, strict=True) if a not in "SC") \
-        if len(img.scale) == len(img.axes) else None
+    scale = (
+        tuple(s for a, s in zip(img.axes, img.scale, strict=True) if a not in "SC")
+        if len(img.scale) == len(img.axes)
+        else None
+    )
     order = [img.axes.index(a) for a in spatial_axes] if scale else None
     scale = tuple(img.scale[i] for i in order) if order else None
     return spatial_axes, scale
@@ -190,7 +240,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     for value, name in enumerate(names, start=1):
         sub = table.select(name) if len(names) > 1 else table
         try:
-            tasks.append(predictor.guide(sub.points, sub.labels, name=name or "task", label_value=value))
+            tasks.append(
+                predictor.guide(sub.points, sub.labels, name=name or "task", label_value=value)
+            )
         except ValueError as exc:
             raise ValueError(f"task {name!r}: {exc}" if name else str(exc)) from exc
     logger.info("guided %d task(s): %s", len(tasks), ", ".join(t.name for t in tasks))
@@ -220,7 +272,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         out = inst.reshape(out.shape)
     if len(axes) != out.ndim:
         axes = None
-    write_labels(args.output, out, axes=axes, scale=scale if axes else None, overwrite=args.overwrite)
+    write_labels(
+        args.output, out, axes=axes, scale=scale if axes else None, overwrite=args.overwrite
+    )
     fg = float((out > 0).mean())
     print(f"wrote {args.output} {out.shape} ({fg:.1%} foreground, {len(tasks)} task(s))")
     return 0
@@ -244,17 +298,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.crop % 32:
         raise ValueError(f"--crop must be a multiple of 32; got {args.crop}")
     device = str(resolve_device(args.device))
-    cfg = TrainConfig(out=str(args.out), model=args.model, steps=args.steps, batch=args.batch,
-                      lr=args.lr, crop=args.crop, data=str(args.data) if args.data else None,
-                      datasets=[d for d in args.datasets.split(",") if d], p_real=args.p_real,
-                      seed=args.seed, device=device, workers=args.workers,
-                      val_every=args.val_every, checkpoint_every=args.checkpoint_every)
+    cfg = TrainConfig(
+        out=str(args.out),
+        model=args.model,
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        crop=args.crop,
+        data=str(args.data) if args.data else None,
+        datasets=[d for d in args.datasets.split(",") if d],
+        p_real=args.p_real,
+        seed=args.seed,
+        device=device,
+        workers=args.workers,
+        val_every=args.val_every,
+        checkpoint_every=args.checkpoint_every,
+    )
     bar = Progress("train")
 
     def show(p) -> None:  # noqa: ANN001
         bar.update(p.step, cfg.steps)
         if p.val_iou is not None:
-            print(f"\nstep {p.step}: loss {p.loss:.4f}, validation IoU {p.val_iou:.3f}", file=sys.stderr)
+            print(
+                f"\nstep {p.step}: loss {p.loss:.4f}, validation IoU {p.val_iou:.3f}",
+                file=sys.stderr,
+            )
 
     best = train(cfg, on_progress=show)
     print(f"best weights: {best}")
@@ -271,33 +339,51 @@ def _cmd_info(args: argparse.Namespace) -> int:
     w = load_weights(args.weights)
     n = sum(p.numel() for p in w.model.parameters())
     print(f"napari-revolver {__version__}, torch {torch.__version__}")
-    print(f"weights: {w.path}\n  sha256 {w.sha256}\n  model {w.model_key}, {n / 1e6:.2f} M parameters")
+    print(
+        f"weights: {w.path}\n  sha256 {w.sha256}\n  model {w.model_key}, {n / 1e6:.2f} M parameters"
+    )
     for k in ("step", "val_iou", "trained_on"):
         if k in w.metadata:
             print(f"  {k}: {w.metadata[k]}")
     print(f"models: {', '.join(available_models())}")
-    print(f"cuda: {torch.cuda.is_available()}, mps: "
-          f"{bool(getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available())}")
+    print(
+        f"cuda: {torch.cuda.is_available()}, mps: "
+        f"{bool(getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available())}"
+    )
     return 0
 
 
-_COMMANDS = {"sample": _cmd_sample, "segment": _cmd_segment, "precompute": _cmd_precompute,
-             "train": _cmd_train, "info": _cmd_info}
+_COMMANDS = {
+    "sample": _cmd_sample,
+    "segment": _cmd_segment,
+    "precompute": _cmd_precompute,
+    "train": _cmd_train,
+    "info": _cmd_info,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``revolver`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("\nrevolver: interrupted; no output was written", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, IndexError, ImportError,
-            IsADirectoryError, RuntimeError) as exc:
+    except (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        IndexError,
+        ImportError,
+        IsADirectoryError,
+        RuntimeError,
+    ) as exc:
         print(f"revolver: error: {exc}", file=sys.stderr)
         return 1
 

@@ -91,7 +91,9 @@ def _footprints(points: np.ndarray, labels: np.ndarray, grid: int, stride: int) 
 
     from .model.guide import point_masks
 
-    return point_masks(torch.from_numpy(points), torch.from_numpy(labels), (grid, grid), stride).numpy()
+    return point_masks(
+        torch.from_numpy(points), torch.from_numpy(labels), (grid, grid), stride
+    ).numpy()
 
 
 def annotate(rng: np.random.Generator, mask: np.ndarray, cfg: EpisodeConfig) -> np.ndarray:
@@ -105,7 +107,9 @@ def annotate(rng: np.random.Generator, mask: np.ndarray, cfg: EpisodeConfig) -> 
 
         return dense_masks(torch.from_numpy(mask), s).numpy()
     n_pos = shot
-    n_neg = 0 if rng.random() < cfg.p_no_negative else max(1, int(round(shot * rng.uniform(0.5, 2))))
+    n_neg = (
+        0 if rng.random() < cfg.p_no_negative else max(1, int(round(shot * rng.uniform(0.5, 2))))
+    )
     pos = sample_points(rng, mask, n_pos)
     neg = sample_points(rng, ~mask, n_neg)
     pts = np.concatenate([pos, neg])
@@ -113,9 +117,13 @@ def annotate(rng: np.random.Generator, mask: np.ndarray, cfg: EpisodeConfig) -> 
     return _footprints(pts, lab, mask.shape[0] // s, s)
 
 
-def _augment_pair(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Flips, 90-degree rotations, intensity, gamma, noise and blur on ``(3, S, S)`` + ``(S, S)``."""
+def _augment_pair(
+    rng: np.random.Generator, img: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flips, 90-degree rotations, intensity, gamma, noise and blur.
+
+    ``img`` is ``(3, S, S)``, ``mask`` ``(S, S)``; geometry applies to both.
+    """
     k = int(rng.integers(4))
     img = np.rot90(img, k, axes=(1, 2))
     mask = np.rot90(mask, k)
@@ -135,17 +143,28 @@ def _augment_pair(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray
     return img.astype(np.float32), mask
 
 
-def _make_episode(rng: np.random.Generator, cfg: EpisodeConfig, s_img: np.ndarray,
-                  s_mask: np.ndarray, q_img: np.ndarray, q_mask: np.ndarray) -> Episode:
+def _make_episode(
+    rng: np.random.Generator,
+    cfg: EpisodeConfig,
+    s_img: np.ndarray,
+    s_mask: np.ndarray,
+    q_img: np.ndarray,
+    q_mask: np.ndarray,
+) -> Episode:
     s_img, s_mask = _augment_pair(rng, s_img, s_mask)
     q_img, q_mask = _augment_pair(rng, q_img, q_mask)
     masks = annotate(rng, s_mask, cfg)
     return Episode(s_img, masks.astype(np.float32), q_img, q_mask.astype(np.float32))
 
 
-def _task_masks(rng: np.random.Generator, sem_s: np.ndarray, sem_q: np.ndarray,
-                ins_s: np.ndarray, ins_q: np.ndarray, same_scene: bool
-                ) -> tuple[np.ndarray, np.ndarray] | None:
+def _task_masks(
+    rng: np.random.Generator,
+    sem_s: np.ndarray,
+    sem_q: np.ndarray,
+    ins_s: np.ndarray,
+    ins_q: np.ndarray,
+    same_scene: bool,
+) -> tuple[np.ndarray, np.ndarray] | None:
     """Pick a task on a synthetic pair and return its support and query masks."""
     r = rng.random()
     if same_scene and r < 0.25:
@@ -190,8 +209,9 @@ class SyntheticEpisodes:
             task = _task_masks(rng, s.semantic, q.semantic, s.instance, q.instance, same)
             if task is None or task[0].sum() < 4 or (~task[0]).sum() < 4:
                 continue
-            return _make_episode(rng, self.cfg, normalize_slice(s.image), task[0],
-                                 normalize_slice(q.image), task[1])
+            return _make_episode(
+                rng, self.cfg, normalize_slice(s.image), task[0], normalize_slice(q.image), task[1]
+            )
         raise RuntimeError("could not draw a synthetic episode in 50 tries")
 
 
@@ -211,7 +231,9 @@ def _classify_labels(labels: Sequence[np.ndarray]) -> bool:
     return len(values) <= 8
 
 
-def _is_volumetric(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], semantic: bool) -> bool:
+def _is_volumetric(
+    images: Sequence[np.ndarray], labels: Sequence[np.ndarray], semantic: bool
+) -> bool:
     """Whether consecutive planes are neighbours in z or time rather than separate images.
 
     Instance ids of a volume persist across neighbouring planes; ids of separate images only
@@ -235,8 +257,12 @@ def _is_volumetric(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], s
     return corr(0, 1) > corr(0, far) + 0.03
 
 
-def load_labelled_stacks(root: str | Path, names: Sequence[str] | None = None,
-                         split: str = "train", val_fraction: float = 0.25) -> list[LabelledStack]:
+def load_labelled_stacks(
+    root: str | Path,
+    names: Sequence[str] | None = None,
+    split: str = "train",
+    val_fraction: float = 0.25,
+) -> list[LabelledStack]:
     """Load ``<root>/<name>/image.tif`` + ``labels.tif`` (or ``images/`` + ``masks/``).
 
     Parameters
@@ -276,10 +302,18 @@ def load_labelled_stacks(root: str | Path, names: Sequence[str] | None = None,
             raise FileNotFoundError(f"{d} has neither image.tif nor images/")
         n = len(images)
         n_val = max(1, int(round(n * val_fraction)))
-        sel = slice(0, n - n_val) if split == "train" else slice(n - n_val, n) if split == "val" else slice(0, n)
+        sel = (
+            slice(0, n - n_val)
+            if split == "train"
+            else slice(n - n_val, n)
+            if split == "val"
+            else slice(0, n)
+        )
         images, labels = images[sel], labels[sel]
         semantic = _classify_labels(labels)
-        out.append(LabelledStack(name, images, labels, semantic, _is_volumetric(images, labels, semantic)))
+        out.append(
+            LabelledStack(name, images, labels, semantic, _is_volumetric(images, labels, semantic))
+        )
     return out
 
 
@@ -295,8 +329,9 @@ def _boundaries(lab: np.ndarray) -> np.ndarray:
 class StackEpisodes:
     """Endless episodes from labelled stacks (class, instance and boundary tasks)."""
 
-    def __init__(self, stacks: Sequence[LabelledStack], cfg: EpisodeConfig = EpisodeConfig(),
-                 seed: int = 0) -> None:
+    def __init__(
+        self, stacks: Sequence[LabelledStack], cfg: EpisodeConfig = EpisodeConfig(), seed: int = 0
+    ) -> None:
         if not stacks:
             raise ValueError("no labelled stacks given")
         self.stacks = list(stacks)
@@ -306,8 +341,9 @@ class StackEpisodes:
     def __iter__(self) -> Iterator[Episode]:
         return self
 
-    def _crop(self, img: np.ndarray, lab: np.ndarray, scale: float,
-              at: tuple[float, float] | None) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    def _crop(
+        self, img: np.ndarray, lab: np.ndarray, scale: float, at: tuple[float, float] | None
+    ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
         import torch
         import torch.nn.functional as F
 
@@ -321,8 +357,9 @@ class StackEpisodes:
         im = normalize_slice(img[y0 : y0 + size, x0 : x0 + size])
         lb = lab[y0 : y0 + size, x0 : x0 + size]
         if size != c:
-            im = F.interpolate(torch.from_numpy(im)[None], size=(c, c), mode="bilinear",
-                               align_corners=False)[0].numpy()
+            im = F.interpolate(
+                torch.from_numpy(im)[None], size=(c, c), mode="bilinear", align_corners=False
+            )[0].numpy()
             idx = (np.arange(c) * size / c).astype(int)
             lb = lb[idx][:, idx]
         return im, lb, at
@@ -341,8 +378,12 @@ class StackEpisodes:
                 j = (i + 1) % n
             scale = float(np.exp(rng.uniform(*np.log(self.cfg.scale_range))))
             s_img, s_lab, at = self._crop(st.images[i], st.labels[i], scale, None)
-            q_img, q_lab, _ = self._crop(st.images[j], st.labels[j], scale,
-                                         at if st.volumetric and rng.random() < 0.5 else None)
+            q_img, q_lab, _ = self._crop(
+                st.images[j],
+                st.labels[j],
+                scale,
+                at if st.volumetric and rng.random() < 0.5 else None,
+            )
             if st.semantic:
                 values = np.unique(s_lab)
                 v = rng.choice(values)

@@ -25,7 +25,13 @@ from .model.encoder import EncoderOutput
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FeatureCache", "FeatureSignature", "FeatureStore", "SignatureMismatch", "data_fingerprint"]
+__all__ = [
+    "FeatureCache",
+    "FeatureSignature",
+    "FeatureStore",
+    "SignatureMismatch",
+    "data_fingerprint",
+]
 
 STORE_FORMAT_VERSION = 1
 
@@ -34,7 +40,7 @@ class SignatureMismatch(ValueError):
     """An on-disk feature store belongs to other data, another model or other preprocessing."""
 
 
-def data_fingerprint(volume: Any, n_samples: int = 3) -> str:
+def data_fingerprint(volume: Any, n_samples: int = 3, *, rgb: bool = False) -> str:
     """Identify a volume cheaply: shape, dtype and a strided sample of a few slices.
 
     Hashing a whole multi-gigabyte volume on every open costs more than encoding it; a strided
@@ -45,10 +51,13 @@ def data_fingerprint(volume: Any, n_samples: int = 3) -> str:
     ----------
     volume : array-like
         ``(..., Y, X[, C])`` numpy, dask or zarr array.
+    rgb : bool
+        Whether the last axis holds RGB(A) samples (so slices are ``(Y, X, C)``, not rows).
     """
     h = hashlib.sha256()
     h.update(repr((tuple(volume.shape), str(volume.dtype))).encode())
-    lead = volume.shape[:-2] if volume.ndim >= 2 else ()
+    plane_ndim = 3 if rgb else 2
+    lead = tuple(volume.shape[:-plane_ndim]) if volume.ndim >= plane_ndim else ()
     n = int(np.prod(lead)) if lead else 1
     picks = sorted({0, n // 2, n - 1}) if n_samples >= 3 else [0]
     for k in picks:
@@ -77,8 +86,11 @@ class FeatureSignature:
     def differences(self, other: dict[str, Any]) -> list[str]:
         """Human-readable fields where ``other`` (a stored signature) differs."""
         mine = self.to_dict()
-        return [f"{k}: stored {other.get(k)!r}, current {v!r}" for k, v in mine.items()
-                if other.get(k) != v]
+        return [
+            f"{k}: stored {other.get(k)!r}, current {v!r}"
+            for k, v in mine.items()
+            if other.get(k) != v
+        ]
 
 
 class FeatureStore:
@@ -89,45 +101,64 @@ class FeatureStore:
     so an interrupted precompute resumes where it stopped.
     """
 
-    def __init__(self, path: str | Path, signature: FeatureSignature, n_slices: int,
-                 coarse_shape: tuple[int, int, int], fine_shape: tuple[int, int, int],
-                 on_mismatch: Literal["recompute", "raise"] = "recompute") -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        signature: FeatureSignature,
+        n_slices: int,
+        coarse_shape: tuple[int, int, int],
+        fine_shape: tuple[int, int, int],
+        on_mismatch: Literal["recompute", "raise"] = "recompute",
+    ) -> None:
         import zarr
 
         self.path = Path(path)
         self.signature = signature
-        meta = {"format": "napari-revolver features", "format_version": STORE_FORMAT_VERSION,
-                "signature": signature.to_dict(), "n_slices": n_slices}
+        meta = {
+            "format": "napari-revolver features",
+            "format_version": STORE_FORMAT_VERSION,
+            "signature": signature.to_dict(),
+            "n_slices": n_slices,
+        }
         if self.path.exists():
             try:
                 group = zarr.open_group(str(self.path), mode="r+")
                 stored = dict(group.attrs)
             except Exception as exc:  # not a zarr group at all
-                raise SignatureMismatch(f"{self.path} exists and is not a feature store ({exc})") from exc
+                raise SignatureMismatch(
+                    f"{self.path} exists and is not a feature store ({exc})"
+                ) from exc
             problems = signature.differences(stored.get("signature", {}))
             if stored.get("format_version") != STORE_FORMAT_VERSION:
-                problems.append(f"format_version: stored {stored.get('format_version')!r}, "
-                                f"current {STORE_FORMAT_VERSION}")
+                problems.append(
+                    f"format_version: stored {stored.get('format_version')!r}, "
+                    f"current {STORE_FORMAT_VERSION}"
+                )
             if stored.get("n_slices") != n_slices:
                 problems.append(f"n_slices: stored {stored.get('n_slices')}, current {n_slices}")
             if problems:
                 if on_mismatch == "raise":
                     raise SignatureMismatch(
                         f"feature store {self.path} does not match this volume/model: "
-                        + "; ".join(problems))
-                logger.warning("feature store %s is stale (%s); recomputing", self.path,
-                               "; ".join(problems))
+                        + "; ".join(problems)
+                    )
+                logger.warning(
+                    "feature store %s is stale (%s); recomputing", self.path, "; ".join(problems)
+                )
                 shutil.rmtree(self.path)
             else:
                 self._group = group
                 return
         group = zarr.open_group(str(self.path), mode="w")
-        group.create_array("coarse", shape=(n_slices, *coarse_shape), chunks=(1, *coarse_shape),
-                           dtype="float16")
-        group.create_array("fine", shape=(n_slices, *fine_shape), chunks=(1, *fine_shape),
-                           dtype="float16")
-        group.create_array("done", shape=(n_slices,), chunks=(n_slices,), dtype="bool",
-                           fill_value=False)
+        group.create_array(
+            "coarse", shape=(n_slices, *coarse_shape), chunks=(1, *coarse_shape), dtype="float16"
+        )
+        group.create_array(
+            "fine", shape=(n_slices, *fine_shape), chunks=(1, *fine_shape), dtype="float16"
+        )
+        group.create_array(
+            "done", shape=(n_slices,), chunks=(n_slices,), dtype="bool", fill_value=False
+        )
         group.attrs.update(json.loads(json.dumps(meta)))
         self._group = group
 
@@ -140,11 +171,16 @@ class FeatureStore:
 
     def read(self, index: int) -> EncoderOutput:
         """Features of slice ``index`` as float16 CPU tensors ``(1, C, h, w)``."""
-        return EncoderOutput(torch.from_numpy(np.asarray(self._group["coarse"][index]))[None],
-                             torch.from_numpy(np.asarray(self._group["fine"][index]))[None])
+        return EncoderOutput(
+            torch.from_numpy(np.asarray(self._group["coarse"][index]))[None],
+            torch.from_numpy(np.asarray(self._group["fine"][index]))[None],
+        )
 
     def write(self, index: int, feats: EncoderOutput) -> None:
-        """Store slice ``index``; the ``done`` flag is set last, so a crash never marks a half-written slice."""
+        """Store slice ``index``.
+
+        The ``done`` flag is set last, so a crash never marks a half-written slice as done.
+        """
         self._group["coarse"][index] = feats.coarse[0].to(torch.float16).numpy()
         self._group["fine"][index] = feats.fine[0].to(torch.float16).numpy()
         self._group["done"][index] = True
@@ -202,8 +238,10 @@ class FeatureCache:
 
     def put(self, index: int, feats: EncoderOutput) -> EncoderOutput:
         """Cache features ``(1, C, h, w)`` of slice ``index``; returns the stored float16 copy."""
-        f = EncoderOutput(feats.coarse.detach().to("cpu", torch.float16),
-                          feats.fine.detach().to("cpu", torch.float16))
+        f = EncoderOutput(
+            feats.coarse.detach().to("cpu", torch.float16),
+            feats.fine.detach().to("cpu", torch.float16),
+        )
         if self.store is not None:
             self.store.write(index, f)
         self._remember(index, f)

@@ -76,8 +76,9 @@ def mask_to_instances(mask: np.ndarray, *, min_distance: int = 4, min_size: int 
         counts = np.bincount(out.ravel())
         small = np.nonzero(counts < min_size)[0]
         out[np.isin(out, small[small > 0])] = 0
-    # Consecutive ids.
+    # Consecutive ids (0 stays background, also when the mask has no background at all).
     ids = np.unique(out)
-    lut = np.zeros(int(ids.max()) + 1, np.int32)
-    lut[ids] = np.arange(len(ids), dtype=np.int32)
+    ids = ids[ids > 0]
+    lut = np.zeros(int(out.max()) + 1, np.int32)
+    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
     return lut[out]

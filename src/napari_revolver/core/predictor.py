@@ -88,17 +88,24 @@ class VolumeInfo:
             return k
         index = tuple(int(i) for i in index)
         if len(index) != len(self.leading_shape):
-            raise IndexError(f"slice index {index} has {len(index)} axes; this volume has "
-                             f"{len(self.leading_shape)} leading axes {self.leading_shape}")
+            raise IndexError(
+                f"slice index {index} has {len(index)} axes; this volume has "
+                f"{len(self.leading_shape)} leading axes {self.leading_shape}"
+            )
         for i, n in zip(index, self.leading_shape, strict=True):
             if not 0 <= i < n:
-                raise IndexError(f"slice index {index} is out of range for leading shape "
-                                 f"{self.leading_shape}")
+                raise IndexError(
+                    f"slice index {index} is out of range for leading shape {self.leading_shape}"
+                )
         return int(np.ravel_multi_index(index, self.leading_shape)) if index else 0
 
     def unflat(self, k: int) -> tuple[int, ...]:
         """Leading-axes index of flat slice ``k``."""
-        return tuple(int(i) for i in np.unravel_index(k, self.leading_shape)) if self.leading_shape else ()
+        return (
+            tuple(int(i) for i in np.unravel_index(k, self.leading_shape))
+            if self.leading_shape
+            else ()
+        )
 
 
 @dataclass(frozen=True)
@@ -121,8 +128,9 @@ class PropagationStep:
     total: int
 
 
-def labels_from_probabilities(probs: np.ndarray, values: Sequence[int], threshold: float = 0.5
-                              ) -> np.ndarray:
+def labels_from_probabilities(
+    probs: np.ndarray, values: Sequence[int], threshold: float = 0.5
+) -> np.ndarray:
     """Label image from per-task probabilities: the most probable task above ``threshold`` wins.
 
     Parameters
@@ -140,7 +148,9 @@ def labels_from_probabilities(probs: np.ndarray, values: Sequence[int], threshol
         ``(H, W)`` of the smallest unsigned dtype holding ``max(values)``.
     """
     if probs.ndim != 3 or probs.shape[0] != len(values):
-        raise ValueError(f"expected probabilities (T, H, W) with T == {len(values)}; got {probs.shape}")
+        raise ValueError(
+            f"expected probabilities (T, H, W) with T == {len(values)}; got {probs.shape}"
+        )
     dtype = np.uint8 if max(values) < 256 else np.uint16 if max(values) < 65536 else np.uint32
     lut = np.asarray(values, dtype)
     best = probs.argmax(axis=0)
@@ -176,9 +186,16 @@ class RevolverPredictor:
     ...     out[step.index] = step.result
     """
 
-    def __init__(self, weights: str | Path | None = None, device: str = "auto", *,
-                 model: GuidedNet | None = None, cache_bytes: int = 1 << 30,
-                 batch_size: int = 4, preprocessing: Preprocessing | None = None) -> None:
+    def __init__(
+        self,
+        weights: str | Path | None = None,
+        device: str = "auto",
+        *,
+        model: GuidedNet | None = None,
+        cache_bytes: int = 1 << 30,
+        batch_size: int = 4,
+        preprocessing: Preprocessing | None = None,
+    ) -> None:
         self.device = resolve_device(device)
         if model is not None:
             if weights is not None:
@@ -211,9 +228,16 @@ class RevolverPredictor:
     def model_key(self) -> str:
         return self.model.config.key
 
-    def set_volume(self, array: Any, *, rgb: bool | None = None, channel_axis: int | None = None,
-                   channel: int | None = None, store: str | Path | None = None,
-                   on_mismatch: Literal["recompute", "raise"] = "recompute") -> VolumeInfo:
+    def set_volume(
+        self,
+        array: Any,
+        *,
+        rgb: bool | None = None,
+        channel_axis: int | None = None,
+        channel: int | None = None,
+        store: str | Path | None = None,
+        on_mismatch: Literal["recompute", "raise"] = "recompute",
+    ) -> VolumeInfo:
         """Set the image data to segment; features are computed lazily, per slice, on use.
 
         Parameters
@@ -243,14 +267,20 @@ class RevolverPredictor:
         shape = tuple(int(s) for s in getattr(array, "shape", ()))
         dtype = np.dtype(getattr(array, "dtype", np.float64))
         if len(shape) < 2:
-            raise ValueError(f"expected an image with at least 2 dimensions (..., Y, X); got shape {shape}")
+            raise ValueError(
+                f"expected an image with at least 2 dimensions (..., Y, X); got shape {shape}"
+            )
         if dtype.kind not in "buif":
-            raise ValueError(f"expected a real-valued image (bool, integer or float); got dtype {dtype}")
+            raise ValueError(
+                f"expected a real-valued image (bool, integer or float); got dtype {dtype}"
+            )
         if channel_axis is not None:
             ax = channel_axis % len(shape)
             if channel is None or not 0 <= channel < shape[ax]:
-                raise ValueError(f"channel must be in [0, {shape[ax] - 1}] for channel_axis "
-                                 f"{channel_axis}; got {channel}")
+                raise ValueError(
+                    f"channel must be in [0, {shape[ax] - 1}] for channel_axis "
+                    f"{channel_axis}; got {channel}"
+                )
             self._channel = (ax, channel)
             shape = shape[:ax] + shape[ax + 1 :]
         else:
@@ -262,28 +292,37 @@ class RevolverPredictor:
         spatial = shape[-3:-1] if rgb else shape[-2:]
         leading = shape[:-3] if rgb else shape[:-2]
         if min(spatial) < 8 or (rgb and len(shape) < 3):
-            raise ValueError(f"slices must be at least 8x8 pixels; got (Y, X) = {spatial} from shape {shape}")
+            raise ValueError(
+                f"slices must be at least 8x8 pixels; got (Y, X) = {spatial} from shape {shape}"
+            )
         if any(n == 0 for n in leading):
             raise ValueError(f"the image is empty: shape {shape}")
         with self._lock:
             self._volume = array
-            self._info = VolumeInfo(shape, leading, (int(spatial[0]), int(spatial[1])), bool(rgb), "")
+            self._info = VolumeInfo(
+                shape, leading, (int(spatial[0]), int(spatial[1])), bool(rgb), ""
+            )
             # Read a few planes once to catch unusable data before any work is done.
             picks = sorted({0, self._info.n_slices // 2, self._info.n_slices - 1})
+            constant = True
             for k in picks:
                 plane = self._read(k)
                 if plane.dtype.kind == "f" and not np.isfinite(plane).all():
                     self._volume = self._info = None
-                    raise ValueError(f"slice {k} contains NaN or infinite values; replace them "
-                                     "(e.g. numpy.nan_to_num) before segmenting")
+                    raise ValueError(
+                        f"slice {k} contains NaN or infinite values; replace them "
+                        "(e.g. numpy.nan_to_num) before segmenting"
+                    )
                 lo, hi = float(plane.min()), float(plane.max())
-                if lo != hi:
-                    break
-            else:
+                constant = constant and lo == hi
+            if constant:
                 self._volume = self._info = None
-                raise ValueError(f"the image is constant (every sampled pixel is {lo:g}); "
-                                 "nothing to segment")
-            fingerprint = data_fingerprint(self._channel_view(array) if self._channel else array)
+                raise ValueError(
+                    f"the image is constant (every sampled pixel is {lo:g}); nothing to segment"
+                )
+            fingerprint = data_fingerprint(
+                self._channel_view(array) if self._channel else array, rgb=bool(rgb)
+            )
             self._info = VolumeInfo(shape, leading, self._info.slice_shape, bool(rgb), fingerprint)
             feature_store = None
             if store is not None:
@@ -295,19 +334,31 @@ class RevolverPredictor:
         ax, ch = self._channel  # type: ignore[misc]
         return _ChannelView(array, ax, ch)
 
-    def _open_store(self, path: str | Path, on_mismatch: Literal["recompute", "raise"]) -> FeatureStore:
+    def _open_store(
+        self, path: str | Path, on_mismatch: Literal["recompute", "raise"]
+    ) -> FeatureStore:
         info = self.info
         h, w = (_round_up(s, self.model.size_multiple) for s in info.slice_shape)
         cfg = self.model.config
-        return FeatureStore(path, self.signature(), info.n_slices,
-                            (cfg.coarse_channels, h // 8, w // 8), (cfg.fine_channels, h // 4, w // 4),
-                            on_mismatch)
+        return FeatureStore(
+            path,
+            self.signature(),
+            info.n_slices,
+            (cfg.coarse_channels, h // 8, w // 8),
+            (cfg.fine_channels, h // 4, w // 4),
+            on_mismatch,
+        )
 
     def signature(self) -> FeatureSignature:
         """What the current volume's features depend on."""
         info = self.info
-        return FeatureSignature(info.fingerprint, self.model_key, self.weights.sha256,
-                                self.preprocessing.key(), info.slice_shape)
+        return FeatureSignature(
+            info.fingerprint,
+            self.model_key,
+            self.weights.sha256,
+            self.preprocessing.key(),
+            info.slice_shape,
+        )
 
     def _read(self, k: int) -> np.ndarray:
         """Slice ``k`` as ``(H, W)`` or ``(H, W, 3)`` numpy (reads one slice of lazy data)."""
@@ -367,7 +418,8 @@ class RevolverPredictor:
                 y1, x1 = min(h, y0 + step), min(w, x0 + step)
                 for feats, out, s in ((f.coarse, coarse, 8), (f.fine, fine, 4)):
                     out[:, :, y0 // s : y1 // s, x0 // s : x1 // s] = feats[
-                        :, :, (y0 - ty0) // s : (y1 - ty0) // s, (x0 - tx0) // s : (x1 - tx0) // s]
+                        :, :, (y0 - ty0) // s : (y1 - ty0) // s, (x0 - tx0) // s : (x1 - tx0) // s
+                    ]
         return EncoderOutput(coarse, fine)
 
     def features(self, index: Index) -> EncoderOutput:
@@ -388,8 +440,9 @@ class RevolverPredictor:
                 f = self.cache.put(k, f)
         return f
 
-    def precompute(self, indices: Iterable[Index] | None = None, *, batch_size: int | None = None
-                   ) -> Generator[tuple[int, int], None, None]:
+    def precompute(
+        self, indices: Iterable[Index] | None = None, *, batch_size: int | None = None
+    ) -> Generator[tuple[int, int], None, None]:
         """Encode slices not yet cached, yielding ``(done, total)`` after each batch.
 
         With an on-disk store this is resumable: slices already stored are skipped.
@@ -423,16 +476,22 @@ class RevolverPredictor:
             pts = pts[None]
         if pts.ndim != 2 or pts.shape[1] != info.ndim:
             axes = "".join(f"{a}, " for a in ("leading",) * len(info.leading_shape)) + "y, x"
-            raise ValueError(f"points must have shape (N, {info.ndim}) as ({axes}) for an image with "
-                             f"slice axes {info.leading_shape} and slices {info.slice_shape}; "
-                             f"got shape {pts.shape}")
+            raise ValueError(
+                f"points must have shape (N, {info.ndim}) as ({axes}) for an image with "
+                f"slice axes {info.leading_shape} and slices {info.slice_shape}; "
+                f"got shape {pts.shape}"
+            )
         lab = np.asarray(labels)
         if lab.shape != (len(pts),):
-            raise ValueError(f"labels must have shape ({len(pts)},) to match the points; got {lab.shape}")
+            raise ValueError(
+                f"labels must have shape ({len(pts)},) to match the points; got {lab.shape}"
+            )
         if lab.dtype == bool:
             lab = lab.astype(np.int8)
         if not np.isin(lab, (0, 1)).all():
-            raise ValueError(f"labels must be 1 (positive) or 0 (negative); got values {np.unique(lab).tolist()}")
+            raise ValueError(
+                f"labels must be 1 (positive) or 0 (negative); got values {np.unique(lab).tolist()}"
+            )
         lab = lab.astype(np.int8)
         if len(pts) == 0 or not (lab == 1).any():
             raise ValueError("no positive point: click at least one point on the object to segment")
@@ -442,8 +501,10 @@ class RevolverPredictor:
         outside = ((pts < -0.5) | (pts >= bounds - 0.5)).any(axis=1)
         if outside.any():
             i = int(np.argmax(outside))
-            raise ValueError(f"{int(outside.sum())} point(s) lie outside the image; point {i} is at "
-                             f"{pts[i].tolist()}, valid ranges are [0, {(bounds - 1).tolist()}]")
+            raise ValueError(
+                f"{int(outside.sum())} point(s) lie outside the image; point {i} is at "
+                f"{pts[i].tolist()}, valid ranges are [0, {(bounds - 1).tolist()}]"
+            )
         return pts, lab
 
     @torch.inference_mode()
@@ -473,18 +534,27 @@ class RevolverPredictor:
         slices = np.rint(pts[:, :n_lead]).astype(int) if n_lead else np.zeros((len(pts), 0), int)
         total: GuideOutput | None = None
         for key in sorted({tuple(s) for s in slices.tolist()}):
-            sel = np.all(slices == np.asarray(key, int), axis=1) if n_lead else np.ones(len(pts), bool)
+            sel = (
+                np.all(slices == np.asarray(key, int), axis=1)
+                if n_lead
+                else np.ones(len(pts), bool)
+            )
             f = self.features(key)
-            masks = point_masks(torch.from_numpy(pts[sel, n_lead:]), torch.from_numpy(lab[sel]),
-                                tuple(f.fine.shape[-2:]), self.model.fine_stride)
+            masks = point_masks(
+                torch.from_numpy(pts[sel, n_lead:]),
+                torch.from_numpy(lab[sel]),
+                tuple(f.fine.shape[-2:]),
+                self.model.fine_stride,
+            )
             g = self._guide_features(f, masks)
             total = g if total is None else total + g
         assert total is not None
         return self._task(total, name, label_value, pts, lab)
 
     @torch.inference_mode()
-    def guide_mask(self, index: Index, mask: np.ndarray, *, name: str = "task",
-                   label_value: int = 1) -> Task:
+    def guide_mask(
+        self, index: Index, mask: np.ndarray, *, name: str = "task", label_value: int = 1
+    ) -> Task:
         """A task from a dense support mask ``(H, W)`` on slice ``index`` (the densest shot)."""
         info = self.info
         mask = np.asarray(mask)
@@ -506,14 +576,24 @@ class RevolverPredictor:
         return self._task(g, name, label_value, np.zeros((0, info.ndim)), np.zeros(0, np.int8))
 
     def _guide_features(self, f: EncoderOutput, masks: torch.Tensor) -> GuideOutput:
-        return self.model.guide_from_masks(f.to(self.device, torch.float32), masks[None].to(self.device))
+        return self.model.guide_from_masks(
+            f.to(self.device, torch.float32), masks[None].to(self.device)
+        )
 
-    def _task(self, g: GuideOutput, name: str, label_value: int, pts: np.ndarray,
-              lab: np.ndarray) -> Task:
-        return Task(name=name, sum_coarse=g.sum_coarse[0].float().cpu().numpy(),
-                    sum_fine=g.sum_fine[0].float().cpu().numpy(), mass=g.mass[0].float().cpu().numpy(),
-                    points=pts, labels=lab, model_key=self.model_key,
-                    weights_sha256=self.weights.sha256, label_value=label_value)
+    def _task(
+        self, g: GuideOutput, name: str, label_value: int, pts: np.ndarray, lab: np.ndarray
+    ) -> Task:
+        return Task(
+            name=name,
+            sum_coarse=g.sum_coarse[0].float().cpu().numpy(),
+            sum_fine=g.sum_fine[0].float().cpu().numpy(),
+            mass=g.mass[0].float().cpu().numpy(),
+            points=pts,
+            labels=lab,
+            model_key=self.model_key,
+            weights_sha256=self.weights.sha256,
+            label_value=label_value,
+        )
 
     def _guidance(self, tasks: Sequence[Task]) -> GuideOutput:
         for t in tasks:
@@ -521,7 +601,8 @@ class RevolverPredictor:
                 raise ValueError(
                     f"task {t.name!r} was guided with model {t.model_key} (weights "
                     f"{t.weights_sha256[:12]}), this predictor runs {self.model_key} (weights "
-                    f"{self.weights.sha256[:12]}); guide it again with these weights")
+                    f"{self.weights.sha256[:12]}); guide it again with these weights"
+                )
         d = self.device
         return GuideOutput(
             torch.from_numpy(np.stack([t.sum_coarse for t in tasks])).to(d),
@@ -537,8 +618,11 @@ class RevolverPredictor:
         f = feats.to(self.device, torch.float32)
         if n_s > 1 or n_t > 1:
             f = EncoderOutput(f.coarse.repeat_interleave(n_t, 0), f.fine.repeat_interleave(n_t, 0))
-            guidance = GuideOutput(guidance.sum_coarse.repeat(n_s, 1, 1),
-                                   guidance.sum_fine.repeat(n_s, 1, 1), guidance.mass.repeat(n_s, 1))
+            guidance = GuideOutput(
+                guidance.sum_coarse.repeat(n_s, 1, 1),
+                guidance.sum_fine.repeat(n_s, 1, 1),
+                guidance.mass.repeat(n_s, 1),
+            )
         logits = self.model.segment(f, guidance, self.info.slice_shape)
         return torch.sigmoid(logits).reshape(n_s, n_t, *logits.shape[-2:])
 
@@ -549,8 +633,14 @@ class RevolverPredictor:
             raise ValueError("no task given")
         return self._probabilities(self.features(index), self._guidance(tasks))[0].cpu().numpy()
 
-    def predict_slice(self, index: Index, task: Task | Sequence[Task], *, threshold: float = 0.5,
-                      instances: bool = False) -> np.ndarray:
+    def predict_slice(
+        self,
+        index: Index,
+        task: Task | Sequence[Task],
+        *,
+        threshold: float = 0.5,
+        instances: bool = False,
+    ) -> np.ndarray:
         """Segment one slice.
 
         Parameters
@@ -571,11 +661,17 @@ class RevolverPredictor:
             ``(H, W)`` bool mask, or unsigned label image.
         """
         probs = self.predict_proba(index, task)
-        return self._finish(probs, [task] if isinstance(task, Task) else list(task), threshold,
-                            instances, "labels" if not isinstance(task, Task) else "mask")
+        return self._finish(
+            probs,
+            [task] if isinstance(task, Task) else list(task),
+            threshold,
+            instances,
+            "labels" if not isinstance(task, Task) else "mask",
+        )
 
-    def _finish(self, probs: np.ndarray, tasks: list[Task], threshold: float, instances: bool,
-                output: str) -> np.ndarray:
+    def _finish(
+        self, probs: np.ndarray, tasks: list[Task], threshold: float, instances: bool, output: str
+    ) -> np.ndarray:
         if output == "probabilities":
             return probs
         if output == "masks":
@@ -587,10 +683,16 @@ class RevolverPredictor:
             return labels
         return mask_to_instances(labels > 0)
 
-    def propagate(self, tasks: Task | Sequence[Task], indices: Iterable[Index] | None = None, *,
-                  threshold: float = 0.5, output: Literal["labels", "masks", "probabilities"] = "labels",
-                  instances: bool = False, batch_size: int | None = None
-                  ) -> Generator[PropagationStep, None, None]:
+    def propagate(
+        self,
+        tasks: Task | Sequence[Task],
+        indices: Iterable[Index] | None = None,
+        *,
+        threshold: float = 0.5,
+        output: Literal["labels", "masks", "probabilities"] = "labels",
+        instances: bool = False,
+        batch_size: int | None = None,
+    ) -> Generator[PropagationStep, None, None]:
         """Apply tasks to many slices, yielding each slice's result as it is ready.
 
         Slices are processed in batches; features are computed (and cached) for slices that

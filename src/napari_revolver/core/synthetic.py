@@ -132,56 +132,131 @@ def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
 
 
 def random_class_style(rng: np.random.Generator, kind: str | None = None) -> ClassStyle:
-    """Draw the look of an object class: ``nuclei``, ``cells`` (phase), ``spots`` or ``organelles``."""
+    """Draw the look of an object class.
+
+    ``kind`` is one of ``nuclei``, ``cells`` (phase contrast), ``spots``, ``organelles`` or
+    ``blobs``; default random.
+    """
     kind = kind or str(rng.choice(["nuclei", "cells", "spots", "organelles", "blobs"]))
     if kind == "nuclei":
         r = _u(rng, 5, 22)
-        return ClassStyle((r * 0.75, r * 1.25), (1.0, _u(rng, 1.1, 1.8)), _u(rng, 0.5, 1.5),
-                          _u(rng, 0.4, 1.0), _u(rng, 0.05, 0.35), _u(rng, 1.5, 5),
-                          _u(rng, -0.1, 0.3), 0.0, _u(rng, 0.5, 2.0), _u(rng, 0.0, 0.12),
-                          int(rng.integers(0, 4)), _u(rng, -0.3, 0.4), _u(rng, 2, 14) / (r / 10) ** 2)
+        return ClassStyle(
+            (r * 0.75, r * 1.25),
+            (1.0, _u(rng, 1.1, 1.8)),
+            _u(rng, 0.5, 1.5),
+            _u(rng, 0.4, 1.0),
+            _u(rng, 0.05, 0.35),
+            _u(rng, 1.5, 5),
+            _u(rng, -0.1, 0.3),
+            0.0,
+            _u(rng, 0.5, 2.0),
+            _u(rng, 0.0, 0.12),
+            int(rng.integers(0, 4)),
+            _u(rng, -0.3, 0.4),
+            _u(rng, 2, 14) / (r / 10) ** 2,
+        )
     if kind == "cells":  # phase-contrast-like: dim body, bright halo, irregular
         r = _u(rng, 10, 35)
         sign = rng.choice([-1.0, 1.0])
-        return ClassStyle((r * 0.6, r * 1.4), (1.0, _u(rng, 1.2, 3.0)), _u(rng, 0.3, 1.0),
-                          sign * _u(rng, 0.1, 0.5), _u(rng, 0.2, 0.6), _u(rng, 2, 8),
-                          _u(rng, -0.3, 0.3), -sign * _u(rng, 0.2, 0.8), _u(rng, 0.5, 2.5),
-                          _u(rng, 0.05, 0.25), int(rng.integers(0, 3)), _u(rng, -0.4, 0.4),
-                          _u(rng, 2, 8) / (r / 10) ** 2)
+        return ClassStyle(
+            (r * 0.6, r * 1.4),
+            (1.0, _u(rng, 1.2, 3.0)),
+            _u(rng, 0.3, 1.0),
+            sign * _u(rng, 0.1, 0.5),
+            _u(rng, 0.2, 0.6),
+            _u(rng, 2, 8),
+            _u(rng, -0.3, 0.3),
+            -sign * _u(rng, 0.2, 0.8),
+            _u(rng, 0.5, 2.5),
+            _u(rng, 0.05, 0.25),
+            int(rng.integers(0, 3)),
+            _u(rng, -0.4, 0.4),
+            _u(rng, 2, 8) / (r / 10) ** 2,
+        )
     if kind == "spots":
         r = _u(rng, 1.5, 5)
-        return ClassStyle((r * 0.7, r * 1.3), (1.0, 1.3), _u(rng, 0.5, 1.5),
-                          rng.choice([-1.0, 1.0]) * _u(rng, 0.4, 1.0), 0.05, 2.0, 0.0, 0.0,
-                          _u(rng, 0.3, 1.2), 0.0, 0, 0.0, _u(rng, 3, 25))
+        return ClassStyle(
+            (r * 0.7, r * 1.3),
+            (1.0, 1.3),
+            _u(rng, 0.5, 1.5),
+            rng.choice([-1.0, 1.0]) * _u(rng, 0.4, 1.0),
+            0.05,
+            2.0,
+            0.0,
+            0.0,
+            _u(rng, 0.3, 1.2),
+            0.0,
+            0,
+            0.0,
+            _u(rng, 3, 25),
+        )
     if kind == "organelles":  # EM-like dark, elongated, textured with a rim
         r = _u(rng, 4, 14)
-        return ClassStyle((r * 0.7, r * 1.3), (1.3, _u(rng, 1.5, 4.0)), _u(rng, 0.3, 1.0),
-                          -_u(rng, 0.2, 0.7), _u(rng, 0.1, 0.5), _u(rng, 1, 3), -_u(rng, 0, 0.4),
-                          0.0, _u(rng, 0.3, 1.5), _u(rng, 0.0, 0.2), 0, 0.0, _u(rng, 1, 8) / (r / 10) ** 2)
+        return ClassStyle(
+            (r * 0.7, r * 1.3),
+            (1.3, _u(rng, 1.5, 4.0)),
+            _u(rng, 0.3, 1.0),
+            -_u(rng, 0.2, 0.7),
+            _u(rng, 0.1, 0.5),
+            _u(rng, 1, 3),
+            -_u(rng, 0, 0.4),
+            0.0,
+            _u(rng, 0.3, 1.5),
+            _u(rng, 0.0, 0.2),
+            0,
+            0.0,
+            _u(rng, 1, 8) / (r / 10) ** 2,
+        )
     r = _u(rng, 4, 30)
-    return ClassStyle((r * 0.6, r * 1.4), (1.0, _u(rng, 1.0, 2.5)), _u(rng, 0.3, 1.5),
-                      rng.choice([-1.0, 1.0]) * _u(rng, 0.15, 1.0), _u(rng, 0.0, 0.6),
-                      _u(rng, 1, 10), _u(rng, -0.4, 0.4), _u(rng, -0.3, 0.3), _u(rng, 0.3, 3.0),
-                      _u(rng, 0.0, 0.3), int(rng.integers(0, 3)), _u(rng, -0.5, 0.5),
-                      _u(rng, 1, 12) / (r / 10) ** 2)
+    return ClassStyle(
+        (r * 0.6, r * 1.4),
+        (1.0, _u(rng, 1.0, 2.5)),
+        _u(rng, 0.3, 1.5),
+        rng.choice([-1.0, 1.0]) * _u(rng, 0.15, 1.0),
+        _u(rng, 0.0, 0.6),
+        _u(rng, 1, 10),
+        _u(rng, -0.4, 0.4),
+        _u(rng, -0.3, 0.3),
+        _u(rng, 0.3, 3.0),
+        _u(rng, 0.0, 0.3),
+        int(rng.integers(0, 3)),
+        _u(rng, -0.5, 0.5),
+        _u(rng, 1, 12) / (r / 10) ** 2,
+    )
 
 
 def random_style(rng: np.random.Generator) -> SceneStyle:
-    """Draw a sample kind: fluorescence, phase contrast, EM-like or tissue-like, with 1-3 classes."""
-    modality = str(rng.choice(["fluorescence", "phase", "em", "tissue", "mixed"], p=[0.3, 0.15, 0.2, 0.15, 0.2]))
+    """Draw a sample kind: fluorescence, phase contrast, EM- or tissue-like, 1-3 classes."""
+    modality = str(
+        rng.choice(
+            ["fluorescence", "phase", "em", "tissue", "mixed"], p=[0.3, 0.15, 0.2, 0.15, 0.2]
+        )
+    )
     membrane = None
     if modality == "fluorescence":
-        kinds = ["nuclei"] + list(rng.choice(["spots", "nuclei", "blobs"], size=int(rng.integers(0, 3))))
+        kinds = ["nuclei"] + list(
+            rng.choice(["spots", "nuclei", "blobs"], size=int(rng.integers(0, 3)))
+        )
     elif modality == "phase":
-        kinds = ["cells"] + list(rng.choice(["spots", "cells", "blobs"], size=int(rng.integers(0, 2))))
+        kinds = ["cells"] + list(
+            rng.choice(["spots", "cells", "blobs"], size=int(rng.integers(0, 2)))
+        )
     elif modality == "em":
         kinds = list(rng.choice(["organelles", "blobs", "spots"], size=int(rng.integers(0, 3))))
-        membrane = MembraneStyle(_u(rng, 12, 40), _u(rng, 0.8, 3.0), -_u(rng, 0.3, 1.0), _u(rng, 0.05, 0.4))
+        membrane = MembraneStyle(
+            _u(rng, 12, 40), _u(rng, 0.8, 3.0), -_u(rng, 0.3, 1.0), _u(rng, 0.05, 0.4)
+        )
     elif modality == "tissue":
         kinds = list(rng.choice(["nuclei", "spots"], size=int(rng.integers(0, 2))))
-        membrane = MembraneStyle(_u(rng, 10, 30), _u(rng, 0.8, 2.5), _u(rng, 0.4, 1.0), _u(rng, 0.0, 0.3))
+        membrane = MembraneStyle(
+            _u(rng, 10, 30), _u(rng, 0.8, 2.5), _u(rng, 0.4, 1.0), _u(rng, 0.0, 0.3)
+        )
     else:
-        kinds = list(rng.choice(["nuclei", "cells", "spots", "organelles", "blobs"], size=int(rng.integers(1, 4))))
+        kinds = list(
+            rng.choice(
+                ["nuclei", "cells", "spots", "organelles", "blobs"], size=int(rng.integers(1, 4))
+            )
+        )
     classes = tuple(random_class_style(rng, k) for k in kinds)
     return SceneStyle(
         classes=classes,
@@ -230,18 +305,49 @@ def make_scene(rng: np.random.Generator, style: SceneStyle, shape: tuple[int, in
         all_c = np.concatenate(centers)
         order = rng.permutation(len(all_c))
         sel = lambda a: np.concatenate(a)[order]  # noqa: E731
-        scene = Scene(style, shape, all_c[order], sel(radii), sel(angles), sel(classes),
-                      sel(harms), sel(gains), [spots[i] for i in order])
+        scene = Scene(
+            style,
+            shape,
+            all_c[order],
+            sel(radii),
+            sel(angles),
+            sel(classes),
+            sel(harms),
+            sel(gains),
+            [spots[i] for i in order],
+        )
     else:
-        scene = Scene(style, shape, np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0),
-                      np.zeros(0, int), np.zeros((0, 3, 2)), np.zeros(0), [])
+        scene = Scene(
+            style,
+            shape,
+            np.zeros((0, 3)),
+            np.zeros((0, 3)),
+            np.zeros(0),
+            np.zeros(0, int),
+            np.zeros((0, 3, 2)),
+            np.zeros(0),
+            [],
+        )
     if style.membrane is not None:
         cell_area = np.pi * style.membrane.cell_radius**2
-        m = max(4, int(ny * nx / cell_area * max(1.0, nz * style.z_spacing / (2 * style.membrane.cell_radius))))
+        m = max(
+            4,
+            int(
+                ny
+                * nx
+                / cell_area
+                * max(1.0, nz * style.z_spacing / (2 * style.membrane.cell_radius))
+            ),
+        )
         m = min(m, 4000)
         scene.seeds = np.stack(
-            [rng.uniform(-2, nz + 2, m) * style.z_spacing, rng.uniform(-5, ny + 5, m),
-             rng.uniform(-5, nx + 5, m)], 1)
+            [
+                rng.uniform(-2, nz + 2, m) * style.z_spacing,
+                rng.uniform(-5, ny + 5, m),
+                rng.uniform(-5, nx + 5, m),
+            ],
+            1,
+        )
     scene.seed = int(rng.integers(0, 2**31))
     return scene
 
@@ -263,8 +369,10 @@ def render_slice(scene: Scene, z: float, rng: np.random.Generator | None = None)
         yy, xx = np.mgrid[0:ny, 0:nx]
         pts = np.stack([np.full(yy.size, z * style.z_spacing), yy.ravel(), xx.ravel()], 1)
         d, idx = cKDTree(scene.seeds).query(pts, k=2)
-        gap = ((d[:, 1] ** 2 - d[:, 0] ** 2) / (2 * np.linalg.norm(
-            scene.seeds[idx[:, 0]] - scene.seeds[idx[:, 1]], axis=1) + 1e-6)).reshape(ny, nx)
+        gap = (
+            (d[:, 1] ** 2 - d[:, 0] ** 2)
+            / (2 * np.linalg.norm(scene.seeds[idx[:, 0]] - scene.seeds[idx[:, 1]], axis=1) + 1e-6)
+        ).reshape(ny, nx)
         memb = np.exp(-((gap / ms.width) ** 2))
         img = img + ms.interior_texture * smooth_noise(rng, (ny, nx), 3.0) + ms.intensity * memb
         on_membrane = gap < ms.width
@@ -294,7 +402,8 @@ def render_slice(scene: Scene, z: float, rng: np.random.Generator | None = None)
         rho = np.sqrt(u * u + v * v)
         phi = np.arctan2(v, u)
         reff = 1.0 + sum(
-            scene.harmonics[i, k, 0] * np.cos((k + 2) * phi + scene.harmonics[i, k, 1]) for k in range(3)
+            scene.harmonics[i, k, 0] * np.cos((k + 2) * phi + scene.harmonics[i, k, 1])
+            for k in range(3)
         )
         r_mean = 0.5 * (la + lb)
         depth = (reff - rho) * r_mean  # signed distance to the boundary, pixels, > 0 inside
@@ -306,7 +415,9 @@ def render_slice(scene: Scene, z: float, rng: np.random.Generator | None = None)
             sy = off[1] * lb * 0 + off[1] * r_mean
             sx = off[2] * r_mean
             sr = max(1.0, 0.15 * r_mean)
-            body = body + cs.spot_intensity * np.exp(-((dy - sy) ** 2 + (dx - sx) ** 2) / (2 * sr * sr))
+            body = body + cs.spot_intensity * np.exp(
+                -((dy - sy) ** 2 + (dx - sx) ** 2) / (2 * sr * sr)
+            )
         region = img[y0:y1, x0:x1]
         if cs.halo:
             outside = np.clip(-depth, 0, None)
@@ -333,8 +444,12 @@ def render_slice(scene: Scene, z: float, rng: np.random.Generator | None = None)
 def render_volume(scene: Scene) -> SliceRender:
     """Render every plane; the fields of the result carry a leading z axis."""
     planes = [render_slice(scene, float(z)) for z in range(scene.shape[0])]
-    return SliceRender(*(np.stack([getattr(p, f) for p in planes]) for f in
-                         ("image", "semantic", "instance", "cells")))
+    return SliceRender(
+        *(
+            np.stack([getattr(p, f) for p in planes])
+            for f in ("image", "semantic", "instance", "cells")
+        )
+    )
 
 
 def sample_stack(
@@ -354,9 +469,12 @@ def sample_stack(
         ``(P,)`` int8, 1 positive (on a nucleus), 0 negative (background or debris).
     """
     rng = np.random.default_rng(seed)
-    nuclei = ClassStyle((9.0, 14.0), (1.0, 1.5), 0.8, 0.8, 0.2, 3.0, 0.15, 0.0, 1.0, 0.08, 2,
-                        0.25, 9.0 / 1.3)
-    debris = ClassStyle((2.0, 3.5), (1.0, 1.3), 1.0, 1.0, 0.05, 2.0, 0.0, 0.0, 0.6, 0.0, 0, 0.0, 6.0)
+    nuclei = ClassStyle(
+        (9.0, 14.0), (1.0, 1.5), 0.8, 0.8, 0.2, 3.0, 0.15, 0.0, 1.0, 0.08, 2, 0.25, 9.0 / 1.3
+    )
+    debris = ClassStyle(
+        (2.0, 3.5), (1.0, 1.3), 1.0, 1.0, 0.05, 2.0, 0.0, 0.0, 0.6, 0.0, 0, 0.0, 6.0
+    )
     style = SceneStyle((nuclei, debris), None, 0.08, 12.0, 1.0, 0.03, 300.0, 0.3, 1.0, 2.0)
     scene = make_scene(rng, style, shape)
     vol = render_volume(scene)

@@ -62,12 +62,18 @@ class Task:
         if self.mass.shape != (2,):
             raise ValueError(f"Task.mass must have shape (2,); got {self.mass.shape}")
         if self.points.ndim != 2 or len(self.points) != len(self.labels):
-            raise ValueError(f"Task.points must be (N, D) with N == len(labels); got "
-                             f"{self.points.shape} and {self.labels.shape}")
+            raise ValueError(
+                f"Task.points must be (N, D) with N == len(labels); got "
+                f"{self.points.shape} and {self.labels.shape}"
+            )
         if self.label_value < 1:
             raise ValueError(f"label_value must be >= 1; got {self.label_value}")
-        for a in (self.sum_coarse, self.sum_fine, self.mass, self.points, self.labels):
+        for name in ("sum_coarse", "sum_fine", "mass", "points", "labels"):
+            # Own a copy: freezing the caller's array (a napari layer's points, say) would
+            # make it read-only for them too.
+            a = np.array(getattr(self, name), copy=True)
             a.setflags(write=False)
+            object.__setattr__(self, name, a)
 
     @property
     def n_positive(self) -> int:
@@ -79,7 +85,9 @@ class Task:
 
     def renamed(self, name: str, label_value: int | None = None) -> Task:
         """A copy with another name (and label value)."""
-        return replace(self, name=name, label_value=self.label_value if label_value is None else label_value)
+        return replace(
+            self, name=name, label_value=self.label_value if label_value is None else label_value
+        )
 
     def merge(self, other: Task) -> Task:
         """Pool two tasks' annotations (multi-shot across slices or volumes).
@@ -93,8 +101,10 @@ class Task:
             If the tasks belong to different models.
         """
         if (self.model_key, self.weights_sha256) != (other.model_key, other.weights_sha256):
-            raise ValueError(f"cannot merge tasks of different models: {self.model_key}/"
-                             f"{self.weights_sha256[:12]} vs {other.model_key}/{other.weights_sha256[:12]}")
+            raise ValueError(
+                f"cannot merge tasks of different models: {self.model_key}/"
+                f"{self.weights_sha256[:12]} vs {other.model_key}/{other.weights_sha256[:12]}"
+            )
         same_dims = self.points.shape[1] == other.points.shape[1]
         return replace(
             self,
@@ -119,6 +129,7 @@ class Task:
             "sum_fine": self.sum_fine.astype(float).tolist(),
             "mass": self.mass.astype(float).tolist(),
             "points": self.points.tolist(),
+            "points_ndim": int(self.points.shape[1]),
             "labels": self.labels.astype(int).tolist(),
         }
 
@@ -128,15 +139,19 @@ class Task:
         if d.get("format") != "napari-revolver task":
             raise ValueError("not a napari-revolver task file (missing 'format')")
         if d.get("format_version") != TASK_FORMAT_VERSION:
-            raise ValueError(f"task format version {d.get('format_version')!r} is not supported; "
-                             f"expected {TASK_FORMAT_VERSION}")
+            raise ValueError(
+                f"task format version {d.get('format_version')!r} is not supported; "
+                f"expected {TASK_FORMAT_VERSION}"
+            )
         pts = np.asarray(d["points"], np.float64)
         return cls(
             name=str(d["name"]),
             sum_coarse=np.asarray(d["sum_coarse"], np.float32),
             sum_fine=np.asarray(d["sum_fine"], np.float32),
             mass=np.asarray(d["mass"], np.float32),
-            points=pts.reshape(len(pts), -1) if pts.size else np.zeros((0, 0)),
+            points=pts.reshape(
+                len(pts), int(d.get("points_ndim", pts.shape[-1] if pts.ndim == 2 else 0))
+            ),  # type: ignore[arg-type]
             labels=np.asarray(d["labels"], np.int8),
             model_key=str(d["model_key"]),
             weights_sha256=str(d["weights_sha256"]),

@@ -109,8 +109,10 @@ class _Mixed(torch.utils.data.IterableDataset):
             real = StackEpisodes(stacks, ecfg, seed + 1)
         rng = np.random.default_rng(seed + 2)
         while True:
-            eps = [next(real) if real is not None and rng.random() < self.cfg.p_real else next(synth)
-                   for _ in range(self.cfg.batch)]
+            eps = [
+                next(real) if real is not None and rng.random() < self.cfg.p_real else next(synth)
+                for _ in range(self.cfg.batch)
+            ]
             yield _collate(eps)
 
 
@@ -129,8 +131,9 @@ def _validation_set(cfg: TrainConfig) -> list[tuple[torch.Tensor, ...]]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, ...]],
-             device: torch.device) -> float:
+def evaluate(
+    model: torch.nn.Module, batches: list[tuple[torch.Tensor, ...]], device: torch.device
+) -> float:
     """Mean foreground IoU (threshold 0.5) over validation batches."""
     model.eval()
     ious = []
@@ -156,13 +159,14 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"device must be one of auto, cpu, cuda, mps; got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but torch sees no CUDA GPU; use --device cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if name == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
         raise ValueError("device 'mps' was requested but is not available; use --device cpu")
     return torch.device(name)
 
 
-def train(cfg: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | None = None
-          ) -> Path:
+def train(cfg: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | None = None) -> Path:
     """Run (or resume) episodic training.
 
     Parameters
@@ -201,12 +205,19 @@ def train(cfg: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | No
     def lr_at(s: int) -> float:
         if s < warmup:
             return cfg.lr * (s + 1) / warmup
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, cfg.steps - warmup))))
+        return (
+            cfg.lr
+            * 0.5
+            * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, cfg.steps - warmup))))
+        )
 
     val = _validation_set(cfg)
     loader = torch.utils.data.DataLoader(
-        _Mixed(cfg, cfg.seed * 1000 + step), batch_size=None, num_workers=cfg.workers,
-        persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers else None,
+        _Mixed(cfg, cfg.seed * 1000 + step),
+        batch_size=None,
+        num_workers=cfg.workers,
+        persistent_workers=cfg.workers > 0,
+        prefetch_factor=4 if cfg.workers else None,
     )
     it = iter(loader)
     model.train()
@@ -231,20 +242,34 @@ def train(cfg: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | No
                 val_iou = evaluate(model, val, device)
                 if val_iou > best:
                     best = val_iou
-                    save_weights(model, out / "best.safetensors",
-                                 extra={"step": str(step), "val_iou": f"{val_iou:.4f}"})
+                    save_weights(
+                        model,
+                        out / "best.safetensors",
+                        extra={"step": str(step), "val_iou": f"{val_iou:.4f}"},
+                    )
             if step % 20 == 0 or val_iou is not None:
                 rec = TrainProgress(step, running, time.perf_counter() - t0, val_iou)
                 log.write(json.dumps(asdict(rec)) + "\n")
                 log.flush()
-                logger.info("step %d loss %.4f%s", step, running,
-                            f" val IoU {val_iou:.3f}" if val_iou is not None else "")
+                logger.info(
+                    "step %d loss %.4f%s",
+                    step,
+                    running,
+                    f" val IoU {val_iou:.3f}" if val_iou is not None else "",
+                )
                 if on_progress:
                     on_progress(rec)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 tmp = ckpt.with_suffix(".pt.part")
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "step": step, "best": best}, tmp)
+                torch.save(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "step": step,
+                        "best": best,
+                    },
+                    tmp,
+                )
                 tmp.replace(ckpt)
     finally:
         log.close()

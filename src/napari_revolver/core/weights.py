@@ -65,7 +65,9 @@ def save_weights(model: GuidedNet, path: str | Path, extra: dict[str, str] | Non
 
 def default_weights_path() -> Path:
     """The weights that ship with the package."""
-    return Path(str(resources.files("napari_revolver") / "weights" / f"{DEFAULT_MODEL}.safetensors"))
+    return Path(
+        str(resources.files("napari_revolver") / "weights" / f"{DEFAULT_MODEL}.safetensors")
+    )
 
 
 def _expected_sha256(path: Path) -> str | None:
@@ -75,7 +77,9 @@ def _expected_sha256(path: Path) -> str | None:
     return None
 
 
-def load_weights(path: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedWeights:
+def load_weights(
+    path: str | Path | None = None, device: str | torch.device = "cpu"
+) -> LoadedWeights:
     """Load a checkpoint and build its model in eval mode.
 
     Parameters
@@ -111,16 +115,22 @@ def load_weights(path: str | Path | None = None, device: str | torch.device = "c
     except Exception as exc:  # safetensors raises several types for a bad header
         raise ValueError(f"{path} is not a readable safetensors checkpoint ({exc})") from exc
     if "config" not in meta:
-        raise ValueError(f"{path} has no model config in its metadata; expected a file written by "
-                         "`revolver train`")
+        raise ValueError(
+            f"{path} has no model config in its metadata; expected a file written by "
+            "`revolver train`"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has checkpoint format {meta.get('format_version')!r}, "
-                         f"expected {FORMAT_VERSION!r}")
+        raise ValueError(
+            f"{path} has checkpoint format {meta.get('format_version')!r}, "
+            f"expected {FORMAT_VERSION!r}"
+        )
     config = ModelConfig.from_dict(json.loads(meta["config"]))
     model = build_from_config(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path} does not match architecture {config.key!r}: "
-                         f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        raise ValueError(
+            f"{path} does not match architecture {config.key!r}: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
     model = model.to(device).for_inference()
     return LoadedWeights(model, str(path), digest, meta)

@@ -139,8 +139,9 @@ class Guide(nn.Module):
     vectors. Keeping it parameter-free makes merging shots an exact weighted average.
     """
 
-    def forward(self, features_coarse: torch.Tensor, features_fine: torch.Tensor,
-                masks_fine: torch.Tensor) -> GuideOutput:
+    def forward(
+        self, features_coarse: torch.Tensor, features_fine: torch.Tensor, masks_fine: torch.Tensor
+    ) -> GuideOutput:
         """Pool support features under the annotation masks.
 
         Parameters

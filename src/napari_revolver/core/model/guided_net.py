@@ -36,7 +36,9 @@ class ModelConfig:
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown model config fields {sorted(unknown)}; expected {sorted(known)}")
+            raise ValueError(
+                f"unknown model config fields {sorted(unknown)}; expected {sorted(known)}"
+            )
         d = dict(d)
         if "widths" in d:
             d["widths"] = tuple(d["widths"])  # type: ignore[arg-type]
@@ -59,9 +61,13 @@ class GuidedNet(nn.Module):
         super().__init__()
         self.config = config or ModelConfig()
         c = self.config
-        self.encoder = encoder or Encoder(c.in_channels, c.widths, c.coarse_channels, c.fine_channels)
+        self.encoder = encoder or Encoder(
+            c.in_channels, c.widths, c.coarse_channels, c.fine_channels
+        )
         self.guide = Guide()
-        self.segmentor = Segmentor(c.coarse_channels, c.fine_channels, c.head_width, c.head_fine_width)
+        self.segmentor = Segmentor(
+            c.coarse_channels, c.fine_channels, c.head_width, c.head_fine_width
+        )
         self._fused = False
 
     @property
@@ -80,8 +86,12 @@ class GuidedNet(nn.Module):
         """Pool support ``features`` under ``masks_fine`` ``(B, 2, H/4, W/4)``."""
         return self.guide(features.coarse, features.fine, masks_fine)
 
-    def segment(self, features: EncoderOutput, guidance: GuideOutput,
-                out_size: tuple[int, int] | None = None) -> torch.Tensor:
+    def segment(
+        self,
+        features: EncoderOutput,
+        guidance: GuideOutput,
+        out_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         """Logits for query ``features`` under each task in ``guidance``.
 
         Parameters
@@ -110,8 +120,9 @@ class GuidedNet(nn.Module):
             logits = logits[:, : out_size[0], : out_size[1]]
         return logits
 
-    def forward(self, support: torch.Tensor, masks_fine: torch.Tensor,
-                query: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, support: torch.Tensor, masks_fine: torch.Tensor, query: torch.Tensor
+    ) -> torch.Tensor:
         """One-shot episodes, as used in training.
 
         Parameters

@@ -12,8 +12,14 @@ _BUILDERS: dict[str, Callable[[], GuidedNet]] = {
     "revolver-s": lambda: GuidedNet(ModelConfig(key="revolver-s")),
     # A tiny variant for tests and quick experiments (about 30k parameters).
     "revolver-tiny": lambda: GuidedNet(
-        ModelConfig(key="revolver-tiny", widths=(8, 12, 16, 24, 32), coarse_channels=16,
-                    fine_channels=8, head_width=16, head_fine_width=8)
+        ModelConfig(
+            key="revolver-tiny",
+            widths=(8, 12, 16, 24, 32),
+            coarse_channels=16,
+            fine_channels=8,
+            head_width=16,
+            head_fine_width=8,
+        )
     ),
 }
 

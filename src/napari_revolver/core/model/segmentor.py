@@ -30,8 +30,13 @@ class Segmentor(nn.Module):
     costs only this module (about 0.25 GMAC for a 512x512 slice).
     """
 
-    def __init__(self, coarse_channels: int = 64, fine_channels: int = 32, width: int = 48,
-                 fine_width: int = 24) -> None:
+    def __init__(
+        self,
+        coarse_channels: int = 64,
+        fine_channels: int = 32,
+        width: int = 48,
+        fine_width: int = 24,
+    ) -> None:
         super().__init__()
         c = coarse_channels
         self.fuse = nn.Conv2d(3 * c + 4, width, 1)

@@ -79,8 +79,9 @@ class TorchvisionEncoder(nn.Module):
 def _builder(key: str):  # noqa: ANN202
     def build() -> GuidedNet:
         config = ModelConfig(key=key)
-        return GuidedNet(config, encoder=TorchvisionEncoder(key, config.coarse_channels,
-                                                            config.fine_channels))
+        return GuidedNet(
+            config, encoder=TorchvisionEncoder(key, config.coarse_channels, config.fine_channels)
+        )
 
     return build
 

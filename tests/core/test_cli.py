@@ -1,0 +1,467 @@
+"""Tests for the ``revolver`` command line, run in-process through ``cli.main``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from napari_revolver import cli
+from napari_revolver.core.io import PointTable, read_image, read_points, write_points
+from napari_revolver.core.predictor import RevolverPredictor
+from napari_revolver.core.task import load_task
+from napari_revolver.core.weights import sha256_file
+
+SHAPE = (3, 40, 48)
+
+
+@pytest.fixture
+def small_inputs(tmp_path: Path, make_blobs) -> tuple[Path, Path]:
+    """A small (Z, Y, X) uint16 TIFF and a points CSV with clicks on its middle slice."""
+    img = np.clip(make_blobs(SHAPE) * 1000 + 200, 0, None).astype(np.uint16)
+    image = tmp_path / "image.tif"
+    tifffile.imwrite(image, img, imagej=True, metadata={"axes": "ZYX"})
+    points = tmp_path / "points.csv"
+    _points_csv(points, [[1, 20, 24], [1, 30, 10], [1, 2, 2], [1, 38, 46]], [1, 1, 0, 0])
+    return image, points
+
+
+def _points_csv(
+    path: Path, points: list[list[float]], labels: list[int], task: str = "blobs"
+) -> Path:
+    return write_points(
+        path,
+        PointTable(np.asarray(points, float), np.asarray(labels), (task,) * len(points)),
+        overwrite=True,
+    )
+
+
+def _error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert "revolver: error:" in err
+    return err
+
+
+# ----------------------------------------------------------------------------- sample + segment
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``revolver sample`` then ``revolver segment --save-task`` on its files, once per module."""
+    from napari_revolver.core.model.registry import build_model
+    from napari_revolver.core.weights import save_weights
+
+    root = tmp_path_factory.mktemp("sample")
+    import torch
+
+    torch.manual_seed(0)
+    weights = save_weights(build_model("revolver-tiny"), root / "tiny.safetensors")
+    data = root / "data"
+    assert cli.main(["sample", str(data)]) == 0
+    out = root / "seg.tif"
+    tasks = root / "tasks"
+    code = cli.main(
+        [
+            "segment",
+            str(data / "image.tif"),
+            "--points",
+            str(data / "points.csv"),
+            "-o",
+            str(out),
+            "--weights",
+            str(weights),
+            "--device",
+            "cpu",
+            "--save-task",
+            str(tasks),
+        ]
+    )
+    assert code == 0
+    return {"data": data, "out": out, "tasks": tasks, "weights": weights}
+
+
+def test_sample_writes_image_points_and_labels(sample_run: dict[str, Path]) -> None:
+    data = sample_run["data"]
+    assert sorted(p.name for p in data.iterdir()) == ["image.tif", "labels.tif", "points.csv"]
+    image = read_image(data / "image.tif")
+    assert image.data.shape == (24, 256, 256) and image.data.dtype == np.uint16
+    assert image.axes == "ZYX"
+    labels = read_image(data / "labels.tif")
+    assert labels.data.shape == (24, 256, 256)
+    assert set(np.unique(labels.data)) == {0, 1}
+    table = read_points(data / "points.csv")
+    assert table.ndim == 3 and (table.labels == 1).any() and (table.labels == 0).any()
+
+
+def test_sample_refuses_to_overwrite(
+    sample_run: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["sample", str(sample_run["data"])]) == 1
+    assert "--overwrite" in _error(capsys)
+
+
+def test_segment_writes_label_tiff_with_image_shape_and_axes(sample_run: dict[str, Path]) -> None:
+    seg = read_image(sample_run["out"])
+    assert seg.data.shape == (24, 256, 256)
+    assert seg.axes == "ZYX"
+    assert np.issubdtype(seg.data.dtype, np.unsignedinteger)
+    assert set(np.unique(seg.data)) <= {0, 1}
+    assert not list(sample_run["out"].parent.glob("*.part"))
+
+
+def test_segment_save_task_writes_loadable_json(sample_run: dict[str, Path]) -> None:
+    files = sorted(sample_run["tasks"].glob("*.json"))
+    assert [f.name for f in files] == ["nuclei.json"]
+    task = load_task(files[0])
+    assert task.name == "nuclei"
+    assert task.model_key == "revolver-tiny"
+    assert task.weights_sha256 == sha256_file(sample_run["weights"])
+    table = read_points(sample_run["data"] / "points.csv")
+    np.testing.assert_array_equal(task.points, table.points)
+    np.testing.assert_allclose(
+        task.mass, [(table.labels == 1).sum(), (table.labels == 0).sum()], rtol=1e-5
+    )
+
+
+def test_segment_output_matches_the_python_api(
+    sample_run: dict[str, Path], small_inputs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    image, points = small_inputs
+    out = tmp_path / "out.tif"
+    weights = sample_run["weights"]
+    assert (
+        cli.main(
+            [
+                "segment",
+                str(image),
+                "--points",
+                str(points),
+                "-o",
+                str(out),
+                "--weights",
+                str(weights),
+                "--device",
+                "cpu",
+                "--threshold",
+                "0.3",
+            ]
+        )
+        == 0
+    )
+    p = RevolverPredictor(weights, "cpu")
+    p.set_volume(tifffile.imread(image))
+    table = read_points(points)
+    expected = p.segment(p.guide(table.points, table.labels), threshold=0.3)
+    np.testing.assert_array_equal(read_image(out).data, expected)
+
+
+# ----------------------------------------------------------------------------------- segment
+
+
+def _segment(image: Path, points: Path, out: Path, weights: Path, *extra: str) -> int:
+    return cli.main(
+        [
+            "segment",
+            str(image),
+            "--points",
+            str(points),
+            "-o",
+            str(out),
+            "--weights",
+            str(weights),
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
+
+
+def test_segment_refuses_to_overwrite_without_flag(
+    small_inputs: tuple[Path, Path],
+    tiny_weights: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    image, points = small_inputs
+    out = tmp_path / "out.tif"
+    out.write_bytes(b"precious")
+    assert _segment(image, points, out, tiny_weights) == 1
+    assert "--overwrite" in _error(capsys)
+    assert out.read_bytes() == b"precious"
+    assert _segment(image, points, out, tiny_weights, "--overwrite") == 0
+    assert read_image(out).data.shape == SHAPE
+
+
+def test_segment_instances_writes_instance_ids(
+    small_inputs: tuple[Path, Path], tiny_weights: Path, tmp_path: Path
+) -> None:
+    image, points = small_inputs
+    plain, inst = tmp_path / "plain.tif", tmp_path / "inst.tif"
+    assert _segment(image, points, plain, tiny_weights, "--threshold", "0.3") == 0
+    assert _segment(image, points, inst, tiny_weights, "--threshold", "0.3", "--instances") == 0
+    a, b = read_image(plain).data, read_image(inst).data
+    assert b.shape == SHAPE
+    np.testing.assert_array_equal(b > 0, a > 0)
+    # Ids are unique across slices: no id appears on two slices.
+    ids = [set(np.unique(b[z])) - {0} for z in range(SHAPE[0])]
+    for i in range(len(ids)):
+        for j in range(i + 1, len(ids)):
+            assert not ids[i] & ids[j]
+
+
+def test_segment_writes_several_tasks_with_their_values(
+    small_inputs: tuple[Path, Path], tiny_weights: Path, tmp_path: Path
+) -> None:
+    image, _ = small_inputs
+    points = tmp_path / "two.csv"
+    coords = np.array([[1, 20, 24], [1, 2, 2], [1, 2, 2], [1, 20, 24]], float)
+    write_points(points, PointTable(coords, np.array([1, 0, 1, 0]), ("fg", "fg", "bg", "bg")))
+    out = tmp_path / "two.tif"
+    tasks = tmp_path / "tasks"
+    assert (
+        _segment(image, points, out, tiny_weights, "--threshold", "0.0", "--save-task", str(tasks))
+        == 0
+    )
+    seg = read_image(out).data
+    assert set(np.unique(seg)) <= {1, 2}  # threshold 0: every pixel gets a task
+    assert {load_task(f).label_value for f in tasks.glob("*.json")} == {1, 2}
+    assert {f.stem for f in tasks.glob("*.json")} == {"fg", "bg"}
+
+
+def test_segment_interrupted_exits_130_and_writes_nothing(
+    small_inputs: tuple[Path, Path],
+    tiny_weights: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RevolverPredictor, "propagate", interrupted)
+    image, points = small_inputs
+    out = tmp_path / "out.tif"
+    assert _segment(image, points, out, tiny_weights) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not out.exists()
+    assert not list(tmp_path.glob("*.part"))
+
+
+# ------------------------------------------------------------------------------------- errors
+
+
+def test_segment_missing_image(
+    small_inputs: tuple[Path, Path],
+    tiny_weights: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, points = small_inputs
+    assert _segment(tmp_path / "nope.tif", points, tmp_path / "o.tif", tiny_weights) == 1
+    assert "nope.tif" in _error(capsys)
+
+
+def test_segment_missing_output_folder(
+    small_inputs: tuple[Path, Path],
+    tiny_weights: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    image, points = small_inputs
+    assert _segment(image, points, tmp_path / "no" / "o.tif", tiny_weights) == 1
+    assert "does not exist" in _error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("points", "labels", "match"),
+    [
+        ([[1, 20, 24], [1, 2, 2]], [0, 0], "no positive point"),
+        ([[1, 20, 24], [1, 2, 60]], [1, 0], "outside the image"),
+        ([[5, 20, 24]], [1], "outside the image"),
+        ([[20, 24], [2, 2]], [1, 0], r"points must have shape \(N, 3\)"),
+    ],
+)
+def test_segment_bad_points_exit_1(
+    small_inputs: tuple[Path, Path],
+    tiny_weights: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    points: list[list[float]],
+    labels: list[int],
+    match: str,
+) -> None:
+    image, _ = small_inputs
+    csv = _points_csv(tmp_path / "bad.csv", points, labels)
+    out = tmp_path / "o.tif"
+    assert _segment(image, csv, out, tiny_weights) == 1
+    err = _error(capsys)
+    assert len(err.strip().splitlines()) == 1
+    assert re.search(match, err)
+    assert "'blobs'" in err  # the task is named
+    assert not out.exists()
+
+
+def test_segment_corrupt_weights_file(
+    small_inputs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image, points = small_inputs
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    assert _segment(image, points, tmp_path / "o.tif", bad) == 1
+    assert "not a readable safetensors checkpoint" in _error(capsys)
+
+
+def test_segment_weights_with_wrong_recorded_sha256(
+    small_inputs: tuple[Path, Path],
+    tiny_weights: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    image, points = small_inputs
+    tiny_weights.with_suffix(".json").write_text(json.dumps({"sha256": "0" * 64}))
+    assert _segment(image, points, tmp_path / "o.tif", tiny_weights) == 1
+    err = _error(capsys)
+    assert "corrupt" in err and "0" * 64 in err
+    # With the right digest recorded, the same file loads.
+    tiny_weights.with_suffix(".json").write_text(json.dumps({"sha256": sha256_file(tiny_weights)}))
+    assert _segment(image, points, tmp_path / "o.tif", tiny_weights) == 0
+
+
+def test_segment_missing_weights_file(
+    small_inputs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image, points = small_inputs
+    assert _segment(image, points, tmp_path / "o.tif", tmp_path / "none.safetensors") == 1
+    assert "does not exist" in _error(capsys)
+
+
+def test_segment_text_file_as_image(
+    small_inputs: tuple[Path, Path],
+    tiny_weights: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, points = small_inputs
+    text = tmp_path / "notes.tif"
+    text.write_text("this is not an image\n" * 20)
+    assert _segment(text, points, tmp_path / "o.tif", tiny_weights) == 1
+    assert "not a readable TIFF" in _error(capsys)
+
+
+def test_segment_channel_on_single_channel_image(
+    small_inputs: tuple[Path, Path],
+    tiny_weights: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    image, points = small_inputs
+    assert _segment(image, points, tmp_path / "o.tif", tiny_weights, "--channel", "1") == 1
+    assert "no channel axis" in _error(capsys)
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["segment"])
+    assert exc.value.code == 2
+    assert "required" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- precompute
+
+
+def test_precompute_then_segment_uses_the_store(
+    small_inputs: tuple[Path, Path],
+    tiny_weights: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    image, points = small_inputs
+    store = tmp_path / "features.zarr"
+    assert (
+        cli.main(
+            [
+                "precompute",
+                str(image),
+                "--store",
+                str(store),
+                "--weights",
+                str(tiny_weights),
+                "--device",
+                "cpu",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert store.is_dir()
+    done = np.asarray(zarr.open_group(str(store), mode="r")["done"][:])
+    assert done.shape == (SHAPE[0],) and done.all()
+
+    encoded: list[int] = []
+    original = RevolverPredictor._encode
+
+    def counting(self, images):
+        encoded.append(len(images))
+        return original(self, images)
+
+    monkeypatch.setattr(RevolverPredictor, "_encode", counting)
+    out = tmp_path / "o.tif"
+    assert _segment(image, points, out, tiny_weights, "--store", str(store)) == 0
+    assert encoded == []
+    assert read_image(out).data.shape == SHAPE
+
+
+def test_precompute_without_store_exits_1(
+    small_inputs: tuple[Path, Path], tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image, _ = small_inputs
+    assert cli.main(["precompute", str(image), "--weights", str(tiny_weights)]) == 1
+    assert "--store" in _error(capsys)
+
+
+# ------------------------------------------------------------------------------------- info
+
+
+def test_info_prints_weights_sha256(tiny_weights: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["info", "--weights", str(tiny_weights)]) == 0
+    out = capsys.readouterr().out
+    assert sha256_file(tiny_weights) in out
+    assert "revolver-tiny" in out
+
+
+def test_module_entry_point_runs_in_a_subprocess(tiny_weights: Path) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "napari_revolver.cli", "info", "--weights", str(tiny_weights)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sha256_file(tiny_weights) in proc.stdout
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "napari_revolver.cli",
+            "info",
+            "--weights",
+            str(tiny_weights.with_name("missing.safetensors")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("revolver: error:")
