@@ -153,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--checkpoint-every", type=int, default=200)
 
+    p = sub.add_parser("compare", help="score a segmentation against ground-truth labels")
+    p.add_argument("prediction", type=Path, help="label TIFF to score")
+    p.add_argument("truth", type=Path, help="ground-truth label TIFF of the same shape")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
     p = sub.add_parser("info", help="show the model, weights and available devices")
     p.add_argument("--weights", type=Path, default=None)
     return parser
@@ -329,6 +334,51 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+    import tifffile
+
+    for f in (args.prediction, args.truth):
+        if not f.exists():
+            raise FileNotFoundError(f"{f} does not exist")
+    pred = tifffile.imread(args.prediction)
+    truth = tifffile.imread(args.truth)
+    if pred.shape != truth.shape:
+        raise ValueError(f"shapes differ: prediction {pred.shape}, truth {truth.shape}")
+    p, t = pred > 0, truth > 0
+    inter, union = int((p & t).sum()), int((p | t).sum())
+    total = int(p.sum() + t.sum())
+    res = {
+        "iou": inter / union if union else 1.0,
+        "dice": 2 * inter / total if total else 1.0,
+        "foreground_prediction": float(p.mean()),
+        "foreground_truth": float(t.mean()),
+    }
+    if p.ndim >= 3:
+        per = []
+        for k in range(p.shape[0]):
+            u = int((p[k] | t[k]).sum())
+            per.append(int((p[k] & t[k]).sum()) / u if u else 1.0)
+        res["iou_per_slice_min"] = float(np.min(per))
+        res["iou_per_slice_mean"] = float(np.mean(per))
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(
+            f"foreground IoU {res['iou']:.3f}, Dice {res['dice']:.3f} "
+            f"({res['foreground_prediction']:.1%} predicted, {res['foreground_truth']:.1%} true)"
+            + (
+                f"; per slice IoU mean {res['iou_per_slice_mean']:.3f}, "
+                f"min {res['iou_per_slice_min']:.3f}"
+                if "iou_per_slice_min" in res
+                else ""
+            )
+        )
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
@@ -358,6 +408,7 @@ _COMMANDS = {
     "segment": _cmd_segment,
     "precompute": _cmd_precompute,
     "train": _cmd_train,
+    "compare": _cmd_compare,
     "info": _cmd_info,
 }
 

@@ -684,3 +684,18 @@ def test_predict_on_slice_out_of_range_raises_index_error(
 ) -> None:
     with pytest.raises(IndexError, match="out of range"):
         predictor.predict_slice(4, task)
+
+
+def test_tiled_segmentor_gives_the_same_probabilities_as_one_pass(
+    predictor: RevolverPredictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(0)
+    predictor.set_volume(rng.random((300, 420)).astype(np.float32))
+    task = predictor.guide([[100, 100], [200, 300]], [1, 0])
+    whole = predictor.predict_proba(0, task)
+    # Features are cached now, so only the segmentor runs tiled below.
+    monkeypatch.setattr(predictor_module, "MAX_TILE_PIXELS", 64 * 64)
+    monkeypatch.setattr(predictor_module, "TILE", 128)
+    tiled = predictor.predict_proba(0, task)
+    assert tiled.shape == whole.shape == (1, 300, 420)
+    np.testing.assert_allclose(tiled, whole, atol=1e-5)

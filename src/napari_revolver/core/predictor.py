@@ -44,6 +44,8 @@ Index = int | tuple[int, ...]
 MAX_TILE_PIXELS = 2048 * 2048
 TILE = 1024
 TILE_OVERLAP = 96
+#: Overlap of segmentor tiles, in coarse cells (its receptive field is 3 cells).
+HEAD_OVERLAP = 6
 
 
 @dataclass(frozen=True)
@@ -623,8 +625,38 @@ class RevolverPredictor:
                 guidance.sum_fine.repeat(n_s, 1, 1),
                 guidance.mass.repeat(n_s, 1),
             )
-        logits = self.model.segment(f, guidance, self.info.slice_shape)
+        h, w = self.info.slice_shape
+        if h * w <= MAX_TILE_PIXELS:
+            logits = self.model.segment(f, guidance, (h, w))
+        else:
+            logits = self._segment_tiled(f, guidance, (h, w))
         return torch.sigmoid(logits).reshape(n_s, n_t, *logits.shape[-2:])
+
+    def _segment_tiled(
+        self, f: EncoderOutput, guidance: GuideOutput, out_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """The segmentor on a large slice, tile by tile, to bound its activation memory.
+
+        The head sees 3 coarse cells around each position, so tiles overlapping by
+        ``HEAD_OVERLAP`` coarse cells give the same result as one pass.
+        """
+        b = f.coarse.shape[0]
+        hc, wc = f.coarse.shape[-2:]
+        out = torch.empty(b, hc * 8, wc * 8, device=f.coarse.device)
+        step = TILE // 8
+        for y0 in range(0, hc, step):
+            for x0 in range(0, wc, step):
+                ty0, tx0 = max(0, y0 - HEAD_OVERLAP), max(0, x0 - HEAD_OVERLAP)
+                ty1, tx1 = min(hc, y0 + step + HEAD_OVERLAP), min(wc, x0 + step + HEAD_OVERLAP)
+                tile = EncoderOutput(
+                    f.coarse[:, :, ty0:ty1, tx0:tx1], f.fine[:, :, 2 * ty0 : 2 * ty1, 2 * tx0 : 2 * tx1]
+                )
+                logits = self.model.segment(tile, guidance)
+                y1, x1 = min(hc, y0 + step), min(wc, x0 + step)
+                out[:, 8 * y0 : 8 * y1, 8 * x0 : 8 * x1] = logits[
+                    :, 8 * (y0 - ty0) : 8 * (y1 - ty0), 8 * (x0 - tx0) : 8 * (x1 - tx0)
+                ]
+        return out[:, : out_size[0], : out_size[1]]
 
     def predict_proba(self, index: Index, tasks: Task | Sequence[Task]) -> np.ndarray:
         """Foreground probability of each task on one slice: ``(T, H, W)`` float32."""

@@ -1,0 +1,1 @@
+"""The napari plugin layer: the only place napari and Qt may appear."""
