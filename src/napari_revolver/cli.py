@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="episode-generating processes")
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--val-episodes", type=int, default=48, help="validation episodes per source")
 
     p = sub.add_parser("compare", help="score a segmentation against ground-truth labels")
     p.add_argument("prediction", type=Path, help="label TIFF to score")
@@ -318,6 +319,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         workers=args.workers,
         val_every=args.val_every,
         checkpoint_every=args.checkpoint_every,
+        val_episodes=args.val_episodes,
     )
     bar = Progress("train")
 

@@ -18,7 +18,7 @@ from napari_revolver import cli
 from napari_revolver.core.io import PointTable, read_image, read_points, write_points
 from napari_revolver.core.predictor import RevolverPredictor
 from napari_revolver.core.task import load_task
-from napari_revolver.core.weights import sha256_file
+from napari_revolver.core.weights import load_weights, sha256_file
 
 SHAPE = (3, 40, 48)
 
@@ -465,3 +465,45 @@ def test_module_entry_point_runs_in_a_subprocess(tiny_weights: Path) -> None:
     )
     assert bad.returncode == 1
     assert bad.stderr.startswith("revolver: error:")
+
+
+def test_train_writes_checkpoint_log_and_weights_then_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    common = [
+        "train",
+        "--out",
+        str(run),
+        "--model",
+        "revolver-tiny",
+        "--crop",
+        "64",
+        "--batch",
+        "2",
+        "--val-every",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--val-episodes",
+        "8",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    assert cli.main([*common, "--steps", "2"]) == 0
+    assert (run / "checkpoint.pt").exists()
+    assert (run / "best.safetensors").exists()
+    load_weights(run / "best.safetensors")
+    assert cli.main([*common, "--steps", "4"]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    # The second run continued from step 2 instead of starting again.
+    assert steps == [2, 4]
+
+
+def test_train_rejects_a_crop_that_is_not_a_multiple_of_32(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["train", "--out", str(tmp_path / "r"), "--crop", "100", "--steps", "1"]) == 1
+    assert "multiple of 32" in capsys.readouterr().err

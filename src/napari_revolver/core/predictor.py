@@ -649,7 +649,8 @@ class RevolverPredictor:
                 ty0, tx0 = max(0, y0 - HEAD_OVERLAP), max(0, x0 - HEAD_OVERLAP)
                 ty1, tx1 = min(hc, y0 + step + HEAD_OVERLAP), min(wc, x0 + step + HEAD_OVERLAP)
                 tile = EncoderOutput(
-                    f.coarse[:, :, ty0:ty1, tx0:tx1], f.fine[:, :, 2 * ty0 : 2 * ty1, 2 * tx0 : 2 * tx1]
+                    f.coarse[:, :, ty0:ty1, tx0:tx1],
+                    f.fine[:, :, 2 * ty0 : 2 * ty1, 2 * tx0 : 2 * tx1],
                 )
                 logits = self.model.segment(tile, guidance)
                 y1, x1 = min(hc, y0 + step), min(wc, x0 + step)
