@@ -1,8 +1,8 @@
 """``revolver``: the command line on the core library (no napari, no Qt).
 
-Subcommands: ``sample``, ``segment``, ``precompute``, ``train``, ``info``. Errors print one line
-``revolver: error: ...`` and exit with status 1 (2 for usage errors, 130 when interrupted);
-nothing is half-written.
+Subcommands: ``sample``, ``segment``, ``precompute``, ``train``, ``compare``, ``eval``,
+``info``. Errors print one line ``revolver: error: ...`` and exit with status 1 (2 for usage
+errors, 130 when interrupted); nothing is half-written.
 """
 
 from __future__ import annotations
@@ -158,6 +158,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prediction", type=Path, help="label TIFF to score")
     p.add_argument("truth", type=Path, help="ground-truth label TIFF of the same shape")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser(
+        "eval",
+        help="few-shot evaluation on a labelled stack: IoU vs. clicks per class (and baselines)",
+    )
+    p.add_argument("image", type=Path, help="TIFF stack (N, Y, X) or RGB (N, Y, X, 3)")
+    p.add_argument("labels", type=Path, help="ground-truth label TIFF (N, Y, X)")
+    p.add_argument(
+        "--support", type=int, default=0, help="support slice; every other is a query (default 0)"
+    )
+    p.add_argument(
+        "--support-slices",
+        default=None,
+        metavar="K1,K2,...",
+        help="several support slices (multi-shot); overrides --support",
+    )
+    p.add_argument(
+        "--points",
+        default="1,5,20,dense",
+        help="points per class per support slice, comma-separated; 'dense' guides with the "
+        "whole support mask (default: 1,5,20,dense)",
+    )
+    p.add_argument("--seeds", type=int, default=3, help="random draws of the points (default 3)")
+    p.add_argument(
+        "--label-value",
+        type=int,
+        default=None,
+        help="foreground is labels == V (default: labels > 0)",
+    )
+    p.add_argument(
+        "--baseline",
+        action="append",
+        choices=["rf", "dense"],
+        default=None,
+        help="add a baseline (repeatable): rf = random-forest pixel classifier on the same "
+        "points (needs napari-revolver[bench]); dense = the network guided by the whole mask",
+    )
+    p.add_argument("--json", action="store_true", help='print one JSON object {"results": [...]}')
+    _add_model_args(p)
 
     p = sub.add_parser("info", help="show the model, weights and available devices")
     p.add_argument("--weights", type=Path, default=None)
@@ -381,6 +420,67 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        return [int(t) for t in items]
+    except ValueError:
+        raise ValueError(f"{option} expects comma-separated integers; got {text!r}") from None
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    import tifffile
+
+    from .core.evaluate import evaluate_few_shot, format_table
+
+    for f in (args.image, args.labels):
+        if not f.exists():
+            raise FileNotFoundError(f"{f} does not exist")
+    if args.support_slices is not None:
+        support = _int_list(args.support_slices, "--support-slices")
+        if not support:
+            raise ValueError("--support-slices needs at least one slice index")
+    else:
+        support = [args.support]
+    points = [t.strip() for t in args.points.split(",") if t.strip()]
+    if not points:
+        raise ValueError(
+            f"--points needs at least one budget (e.g. 1,5,20,dense); got {args.points!r}"
+        )
+    image = tifffile.imread(args.image)
+    labels = tifffile.imread(args.labels)
+    predictor = _predictor(args)
+    bar = Progress("eval")
+    results = evaluate_few_shot(
+        predictor,
+        image,
+        labels,
+        support=support,
+        points=points,
+        seeds=args.seeds,
+        label_value=args.label_value,
+        baselines=args.baseline or (),
+        progress=bar.update,
+    )
+    if args.json:
+        print(json.dumps({"results": [r.to_dict() for r in results]}))
+        return 0
+    print(format_table(results))
+    n_queries = results[0].n_queries if results else 0
+    sup = ", ".join(str(s) for s in results[0].support) if results else ""
+    fg = f"labels == {args.label_value}" if args.label_value is not None else "labels > 0"
+    print(
+        f"\nprotocol: support slice(s) {sup}, {n_queries} query slice(s); P positive and P "
+        f"negative points drawn at random from each support slice's foreground ({fg}) and "
+        f"background, {args.seeds} seed(s); foreground IoU averaged over queries, mean and std "
+        "over seeds; dense = whole support mask(s), one seed; time per query slice (revolver: "
+        "features precomputed; rf: features + prediction)"
+    )
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
@@ -411,6 +511,7 @@ _COMMANDS = {
     "precompute": _cmd_precompute,
     "train": _cmd_train,
     "compare": _cmd_compare,
+    "eval": _cmd_eval,
     "info": _cmd_info,
 }
 

@@ -699,3 +699,14 @@ def test_tiled_segmentor_gives_the_same_probabilities_as_one_pass(
     tiled = predictor.predict_proba(0, task)
     assert tiled.shape == whole.shape == (1, 300, 420)
     np.testing.assert_allclose(tiled, whole, atol=1e-5)
+
+
+def test_clone_shares_the_model_and_accepts_the_same_tasks(predictor: RevolverPredictor) -> None:
+    rng = np.random.default_rng(1)
+    predictor.set_volume(rng.random((2, 40, 40)).astype(np.float32))
+    task = predictor.guide([[0, 10, 10], [0, 30, 30]], [1, 0])
+    other = predictor.clone()
+    assert other.model is predictor.model and not other.has_volume
+    other.set_volume(rng.random((3, 32, 48)).astype(np.float32))
+    assert other.predict_slice(2, task).shape == (32, 48)
+    assert predictor.info.slice_shape == (40, 40)

@@ -218,6 +218,30 @@ class RevolverPredictor:
         self._channel: tuple[int, int] | None = None
         self.cache = FeatureCache(cache_bytes)
 
+    def clone(self) -> RevolverPredictor:
+        """A predictor for another volume sharing this one's model and weights (no reload).
+
+        Tasks guided with either apply to both; each keeps its own feature cache.
+        """
+        other = object.__new__(RevolverPredictor)
+        other.device = self.device
+        other.weights = self.weights
+        other.model = self.model
+        other.preprocessing = self.preprocessing
+        other.batch_size = self.batch_size
+        other.cache_bytes = self.cache_bytes
+        other._lock = threading.RLock()
+        other._volume = None
+        other._info = None
+        other._channel = None
+        other.cache = FeatureCache(self.cache_bytes)
+        return other
+
+    @property
+    def has_volume(self) -> bool:
+        """Whether :meth:`set_volume` has been called (and not :meth:`reset`)."""
+        return self._info is not None
+
     # ------------------------------------------------------------------ volume
     @property
     def info(self) -> VolumeInfo:

@@ -7,6 +7,7 @@ these models is built, so the core never needs it. ImageNet weights come from a 
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -17,9 +18,11 @@ from .encoder import EncoderOutput
 from .guided_net import GuidedNet, ModelConfig
 from .registry import _BUILDERS
 
+logger = logging.getLogger(__name__)
+
 #: (torchvision constructor, fine layer index, coarse layer index, fine channels, coarse channels)
 _SPECS = {
-    "tv-vgg16": ("vgg16", 9, 23, 128, 512),  # conv2_2 (stride 2 -> pooled 4), conv4_3 (stride 8)
+    "tv-vgg16": ("vgg16", 9, 22, 128, 512),  # pool2 (stride 4), relu4_3 (stride 8)
     "tv-resnet18": ("resnet18", None, None, 64, 128),
 }
 
@@ -38,6 +41,23 @@ def _import_torchvision():  # noqa: ANN202
     return torchvision
 
 
+def _imagenet_state(tv, name: str) -> dict[str, torch.Tensor] | None:  # noqa: ANN001
+    """ImageNet weights from ``REVOLVER_TV_WEIGHTS`` or torchvision's cache; never downloaded."""
+    path = os.environ.get("REVOLVER_TV_WEIGHTS")
+    if not path:
+        enum = tv.models.get_model_weights(name).DEFAULT
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", enum.url.rsplit("/", 1)[-1])
+        path = cached if os.path.exists(cached) else None
+    if path is None:
+        logger.warning(
+            "no ImageNet weights for %s (set REVOLVER_TV_WEIGHTS or fill torchvision's "
+            "cache); the backbone starts from random weights",
+            name,
+        )
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 class TorchvisionEncoder(nn.Module):
     """A torchvision backbone giving stride-4 fine and stride-8 coarse features.
 
@@ -49,10 +69,10 @@ class TorchvisionEncoder(nn.Module):
         super().__init__()
         tv = _import_torchvision()
         name, fine_idx, coarse_idx, cf, cc = _SPECS[key]
-        weights_path = os.environ.get("REVOLVER_TV_WEIGHTS")
         net = getattr(tv.models, name)(weights=None)
-        if weights_path:
-            net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+        state = _imagenet_state(tv, name)
+        if state is not None:
+            net.load_state_dict(state)
         self.name = name
         if name == "vgg16":
             feats = net.features
