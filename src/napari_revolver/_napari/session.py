@@ -258,7 +258,9 @@ class Session:
 
     def _on_paint(self, state: ImageState, event: Any) -> None:
         n = state.geometry.leading_ndim
-        for indices, _old in getattr(event, "value", []):
+        # napari gives a list of (indices, old values[, new value]) per paint stroke.
+        for item in getattr(event, "value", None) or []:
+            indices = item[0]
             state.edited.update(
                 _painted_slices(
                     indices, n, state.labels.data.shape[:n] if state.labels is not None else ()

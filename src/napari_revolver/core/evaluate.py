@@ -366,7 +366,8 @@ def evaluate_few_shot(
         budgets.append("dense")
     if not budgets:
         raise ValueError("points is empty: give at least one budget (e.g. 1, 5 or 'dense')")
-    use_rf = "rf" in base
+    # The forest is trained on points: it has no row for the "dense" budget.
+    use_rf = "rf" in base and any(b != "dense" for b in budgets)
     if use_rf:
         _require_bench()
 

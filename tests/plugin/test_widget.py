@@ -1,0 +1,238 @@
+"""The dock widget in a real viewer: clicks in, labels out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_revolver._napari import layers as L
+
+from .conftest import click_points, iou
+
+WAIT_MS = 60_000
+
+
+def wait_idle(qtbot: Any, widget: Any) -> None:
+    qtbot.waitUntil(
+        lambda: (
+            widget._worker is None
+            and widget._feature_worker is None
+            and not widget._update_timer.isActive()
+        ),
+        timeout=WAIT_MS,
+    )
+
+
+def test_manifest_opens_the_widget_and_sample_data(widget: Any, sample: dict[str, Any]) -> None:
+    assert widget.image_combo.currentText() == sample["image"].name
+    assert sample["image"].data.shape == (24, 256, 256)
+    assert len(sample["points"].data) == 9
+
+
+def test_clicks_update_the_current_slice(
+    qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
+) -> None:
+    viewer.dims.current_step = (12, 0, 0)
+    click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
+    wait_idle(qtbot, widget)
+    labels = widget.session.image.labels
+    assert labels is not None and labels.data.shape == (24, 256, 256)
+    assert iou(labels.data[12], sample["truth"].data[12]) > 0.7
+    # Only the slice on screen was computed.
+    assert labels.data[0].max() == 0
+
+
+def test_propagation_matches_the_core_and_the_truth(
+    qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
+) -> None:
+    from napari_revolver import RevolverPredictor
+
+    viewer.dims.current_step = (12, 0, 0)
+    entry = click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
+    wait_idle(qtbot, widget)
+    with qtbot.waitSignal(widget.propagate().finished, timeout=WAIT_MS):
+        pass
+    wait_idle(qtbot, widget)
+    out = np.asarray(widget.session.image.labels.data)
+    assert iou(out, sample["truth"].data) > 0.7
+
+    # The same points through the core (as `revolver segment` does) give the same labels.
+    predictor = RevolverPredictor(device="cpu")
+    predictor.set_volume(sample["image"].data)
+    task = predictor.guide(
+        sample["points"].data, L.point_labels(sample["points"]), label_value=entry.label_value
+    )
+    expected = predictor.segment(task)
+    np.testing.assert_array_equal(out > 0, expected > 0)
+
+
+def test_two_tasks_switch_and_label_values(
+    qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
+) -> None:
+    viewer.dims.current_step = (12, 0, 0)
+    first = click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
+    second = widget.add_task("background")
+    assert widget.session.active == 1 and second.label_value == 2
+    # Background: positives where the first task had negatives.
+    L.set_polarity(second.points, L.POSITIVE)
+    second.points.add(sample["points"].data[L.point_labels(sample["points"]) == 0][:3])
+    wait_idle(qtbot, widget)
+    values = set(np.unique(widget.session.image.labels.data[12]).tolist())
+    assert {1, 2} <= values
+    widget.select_task(0)
+    assert widget.session.active_task() is first
+    assert viewer.layers.selection.active.name == first.points.name
+    before = L.polarity(first.points)
+    widget.toggle_polarity()
+    assert L.polarity(first.points) != before
+    assert widget.polarity_button.text().split()[1] == L.polarity(first.points)
+    widget.rename_task("nuclei 2")
+    assert first.points.name == "nuclei 2 points"
+    widget.delete_task()
+    assert [t.name for t in widget.session.tasks] == ["background"]
+
+
+def test_cancel_stops_a_propagation(qtbot: Any, viewer: Any, widget: Any, notes: list) -> None:
+    rng = np.random.default_rng(0)
+    big = viewer.add_image(rng.random((300, 96, 96)).astype(np.float32), name="big")
+    widget.image_combo.setCurrentText("big")
+    entry = widget.add_task("x")
+    entry.points.add(np.array([[0, 40, 40]]))
+    wait_idle(qtbot, widget)
+    worker = widget.propagate()
+    with qtbot.waitSignal(worker.finished, timeout=WAIT_MS):
+        widget.cancel()
+    assert "cancelled" in widget.status.text()
+    written = widget.session.images[id(big)].labels.data
+    assert written.shape == (300, 96, 96)
+
+
+def test_painted_slices_are_kept(
+    qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
+) -> None:
+    viewer.dims.current_step = (12, 0, 0)
+    click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
+    wait_idle(qtbot, widget)
+    labels = widget.session.image.labels
+    labels.paint((5, 100, 100), 1, refresh=True)
+    painted = labels.data[5].copy()
+    with qtbot.waitSignal(widget.propagate().finished, timeout=WAIT_MS):
+        pass
+    wait_idle(qtbot, widget)
+    np.testing.assert_array_equal(labels.data[5], painted)
+    widget.recompute_check.setChecked(True)
+    with qtbot.waitSignal(widget.propagate().finished, timeout=WAIT_MS):
+        pass
+    wait_idle(qtbot, widget)
+    assert not np.array_equal(labels.data[5], painted)
+
+
+def test_apply_tasks_to_another_image(
+    qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
+) -> None:
+    from napari_revolver.core.synthetic import sample_stack
+
+    viewer.dims.current_step = (12, 0, 0)
+    click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
+    wait_idle(qtbot, widget)
+    other, truth, _, _ = sample_stack(seed=3, shape=(6, 192, 160))
+    layer = viewer.add_image(other, name="other")
+    with qtbot.waitSignal(widget.apply_to_target("other").finished, timeout=WAIT_MS):
+        pass
+    wait_idle(qtbot, widget)
+    out = widget.session.images[id(layer)].labels
+    assert out.data.shape == (6, 192, 160)
+    assert iou(out.data, truth) > 0.6
+
+
+def test_save_labels_and_task_round_trip(
+    qtbot: Any, tmp_path: Path, viewer: Any, widget: Any, sample: dict[str, Any]
+) -> None:
+    viewer.dims.current_step = (12, 0, 0)
+    click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
+    wait_idle(qtbot, widget)
+    path = widget.save_labels(tmp_path / "labels.tif")
+    np.testing.assert_array_equal(tifffile.imread(path), widget.session.image.labels.data)
+    task_path = widget.save_task(tmp_path / "nuclei.revolver-task.json")
+    loaded = widget.load_task(task_path)
+    assert loaded is not None and loaded.task is not None
+    assert len(loaded.points.data) == 9
+    # The reader contribution opens the same file as a Points layer.
+    layers = viewer.open(str(task_path), plugin="napari-revolver")
+    assert len(layers[0].data) == 9
+
+
+def test_no_positive_point_is_a_notification(
+    qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any], notes: list
+) -> None:
+    entry = widget.add_task("neg only")
+    L.set_polarity(entry.points, L.NEGATIVE)
+    entry.points.add(np.array([[12, 10, 10]]))
+    wait_idle(qtbot, widget)
+    assert any(kind == "warning" and "no positive point" in msg for kind, msg in notes)
+    assert widget.propagate() is None
+    assert any("no task has a positive point" in msg for _, msg in notes)
+
+
+def test_points_outside_the_image_are_a_notification(
+    qtbot: Any, viewer: Any, widget: Any, notes: list
+) -> None:
+    entry = widget.add_task("outside")
+    entry.points.add(np.array([[12, 10, 10], [12, 400, 400]]))
+    wait_idle(qtbot, widget)
+    assert any("outside the image" in msg for _, msg in notes)
+
+
+def test_rgb_image_is_segmented(qtbot: Any, viewer: Any, widget: Any, notes: list) -> None:
+    rgb = np.zeros((96, 96, 3), np.uint8)
+    yy, xx = np.mgrid[:96, :96]
+    rgb[(yy - 48) ** 2 + (xx - 48) ** 2 < 300] = (200, 40, 160)
+    viewer.add_image(rgb, name="rgb", rgb=True)
+    widget.image_combo.setCurrentText("rgb")
+    entry = widget.add_task("blob")
+    entry.points.add(np.array([[48, 48]]))
+    wait_idle(qtbot, widget)
+    labels = widget.session.image.labels
+    assert labels.data.shape == (96, 96)
+    assert not [n for n in notes if n[0] == "error"]
+
+
+def test_deleting_the_image_mid_propagation_is_handled(
+    qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
+) -> None:
+    viewer.dims.current_step = (12, 0, 0)
+    click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
+    wait_idle(qtbot, widget)
+    worker = widget.propagate()
+    with qtbot.waitSignal(worker.finished, timeout=WAIT_MS):
+        viewer.layers.remove(sample["image"])
+    wait_idle(qtbot, widget)
+    assert widget.session.image is None
+    assert sample["image"].name not in [
+        widget.image_combo.itemText(i) for i in range(widget.image_combo.count())
+    ]
+
+
+def test_closing_the_widget_stops_its_work(
+    qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
+) -> None:
+    viewer.dims.current_step = (12, 0, 0)
+    click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
+    wait_idle(qtbot, widget)
+    worker = widget.propagate()
+    with qtbot.waitSignal(worker.finished, timeout=WAIT_MS):
+        widget.close()
+    # No callbacks into the closed widget after that.
+    viewer.dims.current_step = (3, 0, 0)
+
+
+@pytest.mark.parametrize("scale", [(2.0, 0.5, 0.5)])
+def test_points_on_a_scaled_image_map_to_data_pixels(viewer: Any, scale: tuple) -> None:
+    img = viewer.add_image(np.zeros((4, 32, 32), np.float32), scale=scale, translate=(0, 5, 5))
+    pts = viewer.add_points(np.array([[2.0 * 2, 5 + 0.5 * 10, 5 + 0.5 * 20]]))  # world coords
+    got = L.to_image_data(pts, pts.data, img, L.world_point(viewer))
+    np.testing.assert_allclose(got, [[2, 10, 20]])
