@@ -1,6 +1,6 @@
 """Install a training run's best weights as the package default, with their sha256 and facts.
 
-    python scripts/package_weights.py RUN_DIR [--note "trained on ..."]
+python scripts/package_weights.py RUN_DIR [--note "trained on ..."]
 """
 
 from __future__ import annotations

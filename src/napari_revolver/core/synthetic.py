@@ -500,8 +500,9 @@ def sample_stack(
     for k in rng.choice(len(yy), size=3, replace=False):
         pts.append((zc, float(yy[k]), float(xx[k])))
         lab.append(0)
-    dids = np.unique(inst[sem == 2])[:2]
-    for obj in dids:
+    # The two debris specks with the largest cross-section on this slice (clearly visible).
+    dids, dcounts = np.unique(inst[sem == 2], return_counts=True)
+    for obj in dids[np.argsort(dcounts)[::-1][:2]]:
         yy, xx = np.nonzero(inst == obj)
         k = len(yy) // 2
         pts.append((zc, float(yy[k]), float(xx[k])))
