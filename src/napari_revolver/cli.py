@@ -516,6 +516,12 @@ _COMMANDS = {
 }
 
 
+_INTERRUPTED = {
+    "precompute": "the slices encoded so far are stored; run the same command to resume",
+    "train": "run the same command to resume from the last checkpoint",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``revolver`` console script."""
     parser = build_parser()
@@ -527,7 +533,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("\nrevolver: interrupted; no output was written", file=sys.stderr)
+        print(
+            f"\nrevolver: interrupted; {_INTERRUPTED.get(args.command, 'no output was written')}",
+            file=sys.stderr,
+        )
         return 130
     except (
         ValueError,
