@@ -21,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--weights", default=None)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--slices", type=int, default=8)
@@ -79,7 +81,9 @@ def main() -> None:
     for i in range(args.repeat):
         pol = L.POSITIVE if i % 2 == 0 else L.NEGATIVE
         L.set_polarity(entry.points, pol)
-        yx = (fg if pol == L.POSITIVE else bg)[rng.integers(len(fg) if pol == L.POSITIVE else len(bg))]
+        yx = (fg if pol == L.POSITIVE else bg)[
+            rng.integers(len(fg) if pol == L.POSITIVE else len(bg))
+        ]
         painted.clear()
         t0 = time.perf_counter()
         entry.points.add(np.array([[z, *yx]]))
@@ -107,7 +111,7 @@ def main() -> None:
         done: list[float] = []
         t0 = time.perf_counter()
         worker = create_worker(one_update)
-        worker.returned.connect(lambda _r: done.append(time.perf_counter()))
+        worker.returned.connect(lambda _r, done=done: done.append(time.perf_counter()))
         worker.start()
         while not done:
             app.processEvents()
@@ -118,8 +122,10 @@ def main() -> None:
     print(f"slice {args.size}x{args.size}, features cached, {args.repeat} clicks")
     print(f"click -> labels repainted in the viewer, median {med(gui):7.1f} ms  (target <= 100 ms)")
     print(f"engine update (guide + predict_slice), median {med(engine):7.1f} ms")
-    print(f"same update in a napari thread worker, median {med(threaded):7.1f} ms "
-          f"(+{med(threaded) - med(engine):.1f} ms over inline)")
+    print(
+        f"same update in a napari thread worker, median {med(threaded):7.1f} ms "
+        f"(+{med(threaded) - med(engine):.1f} ms over inline)"
+    )
     viewer.close()
 
 
