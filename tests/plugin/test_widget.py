@@ -236,3 +236,42 @@ def test_points_on_a_scaled_image_map_to_data_pixels(viewer: Any, scale: tuple) 
     pts = viewer.add_points(np.array([[2.0 * 2, 5 + 0.5 * 10, 5 + 0.5 * 20]]))  # world coords
     got = L.to_image_data(pts, pts.data, img, L.world_point(viewer))
     np.testing.assert_allclose(got, [[2, 10, 20]])
+
+
+def test_instances_give_one_id_per_object_unique_across_slices(
+    qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
+) -> None:
+    viewer.dims.current_step = (12, 0, 0)
+    click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
+    widget.instances_check.setChecked(True)
+    wait_idle(qtbot, widget)
+    with qtbot.waitSignal(widget.propagate(10, 13).finished, timeout=WAIT_MS):
+        pass
+    wait_idle(qtbot, widget)
+    data = widget.session.image.labels.data
+    ids = [set(np.unique(data[z]).tolist()) - {0} for z in (10, 11)]
+    assert len(ids[0]) > 3 and len(ids[1]) > 3
+    assert not ids[0] & ids[1]
+
+
+def test_toggle_key_is_bound_on_task_points(widget: Any, sample: dict[str, Any]) -> None:
+    entry = widget.add_task("k")
+    before = L.polarity(entry.points)
+    bound = {str(k): f for k, f in entry.points.keymap.items()}
+    bound[widget_module().TOGGLE_KEY.upper()](entry.points)
+    assert L.polarity(entry.points) != before
+
+
+def test_two_dimensional_points_over_a_stack_use_the_slice_on_screen(viewer: Any) -> None:
+    img = viewer.add_image(np.zeros((6, 32, 32), np.float32))
+    viewer.dims.current_step = (4, 0, 0)
+    pts = viewer.add_points(np.array([[10.0, 20.0]]))
+    np.testing.assert_allclose(
+        L.to_image_data(pts, pts.data, img, L.world_point(viewer)), [[4, 10, 20]]
+    )
+
+
+def widget_module() -> Any:
+    from napari_revolver._napari import widget as module
+
+    return module

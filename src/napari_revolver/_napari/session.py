@@ -47,6 +47,8 @@ class ImageState:
     labels: Labels | None = None
     #: Slices the user painted by hand; never overwritten unless asked.
     edited: set[tuple[int, ...]] = field(default_factory=set)
+    #: Next free instance id (instance ids are unique across slices).
+    next_id: int = 1
 
 
 class Session:
@@ -72,6 +74,8 @@ class Session:
         self.image: ImageState | None = None
         self.tasks: list[TaskEntry] = []
         self.active: int = -1
+        #: Output instance ids (touching objects split) instead of task label values.
+        self.instances = False
 
     # --------------------------------------------------------------- model
     def set_model(self, weights: str | Path | None, device: str) -> None:
@@ -289,8 +293,13 @@ class Session:
         data = layer.data
         if result.dtype == bool:
             result = result.astype(data.dtype)
-        if int(result.max(initial=0)) > np.iinfo(data.dtype).max:
-            layer.data = data.astype(np.uint16)
+        if self.instances:
+            n = int(result.max(initial=0))
+            result = np.where(result > 0, result.astype(np.uint32) + (state.next_id - 1), 0)
+            state.next_id += n
+        top = int(result.max(initial=0))
+        if top > np.iinfo(data.dtype).max:
+            layer.data = data.astype(np.uint16 if top < 65536 else np.uint32)
             data = layer.data
         data[index] = result
         if refresh:
@@ -305,7 +314,7 @@ class Session:
         tasks = self.guided_tasks()
         if not tasks:
             return None
-        return state.predictor.predict_slice(index, tasks)
+        return state.predictor.predict_slice(index, tasks, instances=self.instances)
 
     def clear_slice(self, index: tuple[int, ...], state: ImageState | None = None) -> None:
         """Blank a slice's labels after the last positive point is gone."""
@@ -348,7 +357,7 @@ class Session:
             indices = [info.unflat(k) for k in range(info.n_slices)]
         if not recompute_edited:
             indices = [i for i in indices if i not in state.edited]
-        return state.predictor.propagate(tasks, indices)
+        return state.predictor.propagate(tasks, indices, instances=self.instances)
 
     # ------------------------------------------------------------------ io
     def save_labels(self, path: str | Path, *, overwrite: bool = True) -> Path:

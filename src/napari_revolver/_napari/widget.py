@@ -147,6 +147,9 @@ class RevolverWidget(QWidget):
         form.addRow("Slices (first axis)", rng)
         self.recompute_check = QCheckBox("Also recompute slices I painted")
         form.addRow(self.recompute_check)
+        self.instances_check = QCheckBox("Instances (one id per object, touching ones split)")
+        self.instances_check.toggled.connect(self._on_instances)
+        form.addRow(self.instances_check)
         row = QHBoxLayout()
         self.propagate_button = QPushButton("Propagate")
         self.propagate_button.setToolTip("Segment every slice in the range with all tasks")
@@ -491,6 +494,10 @@ class RevolverWidget(QWidget):
 
     def _guide_quietly(self, entry: TaskEntry) -> None:
         entry.task = None
+        self._schedule_update()
+
+    def _on_instances(self, on: bool) -> None:
+        self.session.instances = bool(on)
         self._schedule_update()
 
     # ---------------------------------------------------------- propagation
