@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -271,7 +271,7 @@ def _predictor(args: argparse.Namespace):  # noqa: ANN202
 def _cmd_segment(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .core.io import read_points, write_labels
+    from .core.io import read_points, write_label_pages
 
     if args.output.exists() and not args.overwrite:
         raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
@@ -296,32 +296,39 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         for t in tasks:
             t.save(args.save_task / f"{t.name}.json", overwrite=args.overwrite)
     info = predictor.info
-    out = None
+    shape = (*info.leading_shape, *info.slice_shape)
     bar = Progress("segment")
-    for step in predictor.propagate(tasks, threshold=args.threshold, instances=False):
-        if out is None:
-            out = np.zeros((*info.leading_shape, *info.slice_shape), step.result.dtype)
-        out[step.index] = step.result
-        bar.update(step.done, step.total)
-    assert out is not None
-    if args.instances:
+    counts = {"fg": 0, "objects": 0}
+
+    def pages() -> Iterator[np.ndarray]:
+        # Slices stream from the network to the file: memory stays at one slice.
         from .core.instances import mask_to_instances
 
-        flat = out.reshape(-1, *info.slice_shape)
-        inst = np.zeros(flat.shape, np.uint32)
-        offset = 0
-        for k in range(len(flat)):
-            lab = mask_to_instances(flat[k] > 0)
-            inst[k] = np.where(lab > 0, lab + offset, 0)
-            offset += int(lab.max())
-        out = inst.reshape(out.shape)
-    if len(axes) != out.ndim:
+        for step in predictor.propagate(tasks, threshold=args.threshold):
+            page = step.result
+            if args.instances:
+                lab = mask_to_instances(page > 0).astype(np.uint32)
+                page = np.where(lab > 0, lab + counts["objects"], 0).astype(np.uint32)
+                counts["objects"] += int(lab.max(initial=0))
+            counts["fg"] += int((page > 0).sum())
+            bar.update(step.done, step.total)
+            yield page
+
+    if len(axes) != len(shape):
         axes = None
-    write_labels(
-        args.output, out, axes=axes, scale=scale if axes else None, overwrite=args.overwrite
+    dtype = np.uint32 if args.instances else np.uint8 if len(tasks) < 256 else np.uint16
+    write_label_pages(
+        args.output,
+        pages(),
+        shape,
+        dtype,
+        axes=axes,
+        scale=scale if axes else None,
+        overwrite=args.overwrite,
     )
-    fg = float((out > 0).mean())
-    print(f"wrote {args.output} {out.shape} ({fg:.1%} foreground, {len(tasks)} task(s))")
+    fg = counts["fg"] / float(np.prod(shape))
+    extra = f", {counts['objects']} objects" if args.instances else ""
+    print(f"wrote {args.output} {shape} ({fg:.1%} foreground, {len(tasks)} task(s){extra})")
     return 0
 
 

@@ -562,3 +562,32 @@ def test_public_api() -> None:
         "write_labels",
         "write_points",
     }
+
+
+def test_write_label_pages_streams_a_stack(tmp_path):
+    from napari_revolver.core.io import write_label_pages
+
+    planes = [np.full((6, 7), i, np.uint8) for i in range(4)]
+    out = write_label_pages(
+        tmp_path / "s.tif",
+        iter(planes),
+        (2, 2, 6, 7),
+        np.uint8,
+        axes="TZYX",
+        scale=(1.0, 2.0, 0.5, 0.5),
+    )
+    img = read_image(out)
+    assert img.axes == "TZYX"
+    np.testing.assert_array_equal(img.data, np.stack(planes).reshape(2, 2, 6, 7))
+
+
+def test_write_label_pages_rejects_wrong_pages_and_leaves_nothing(tmp_path):
+    from napari_revolver.core.io import write_label_pages
+
+    target = tmp_path / "s.tif"
+    with pytest.raises(ValueError, match="expected 3 pages|got 2 pages"):
+        write_label_pages(target, iter([np.zeros((4, 4), np.uint8)] * 2), (3, 4, 4), np.uint8)
+    with pytest.raises(ValueError, match="page 0 has shape"):
+        write_label_pages(target, iter([np.zeros((5, 4), np.uint8)]), (1, 4, 4), np.uint8)
+    assert not target.exists()
+    assert not list(tmp_path.iterdir())

@@ -27,7 +27,7 @@ import os
 import re
 import tempfile
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
@@ -42,6 +42,7 @@ __all__ = [
     "read_image",
     "read_points",
     "to_yx_last",
+    "write_label_pages",
     "write_labels",
     "write_points",
 ]
@@ -460,14 +461,27 @@ def write_labels(
     scale_t = _validate_scale(scale, arr.ndim)
     arr = _minimal_unsigned(arr)
 
+    kwargs = _tiff_options(arr.shape, arr.dtype, axes, scale_t)
+    logger.debug("writing labels %s %s axes=%s to %s", arr.shape, arr.dtype, axes, path)
+
+    def _write(fh: IO[Any]) -> None:
+        tifffile.imwrite(fh, arr, **kwargs)
+
+    return _atomic_write(path, _write, binary=True, suffix=".tif.part", overwrite=overwrite)
+
+
+def _tiff_options(
+    shape: tuple[int, ...], dtype: np.dtype[Any], axes: str, scale_t: tuple[float, ...] | None
+) -> dict[str, Any]:
+    """tifffile.imwrite options for a label volume: compression, axes, pixel size, format."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     use_imagej = (
-        arr.dtype in (np.dtype(np.uint8), np.dtype(np.uint16))
+        np.dtype(dtype) in (np.dtype(np.uint8), np.dtype(np.uint16))
         and "S" not in axes
         and axes.endswith("YX")
         and _is_ordered_subsequence(axes, _IMAGEJ_AXES)
-        and arr.nbytes < _BIGTIFF_THRESHOLD
+        and nbytes < _BIGTIFF_THRESHOLD
     )
-
     kwargs: dict[str, Any] = {
         "compression": "zlib",
         # Without an explicit photometric tifffile guesses RGB for a leading
@@ -488,14 +502,65 @@ def write_labels(
         metadata = {"axes": axes}
         if scale_t is not None:
             metadata["scale"] = list(scale_t)
-        kwargs.update(metadata=metadata, bigtiff=arr.nbytes >= _BIGTIFF_THRESHOLD)
+        kwargs.update(metadata=metadata, bigtiff=nbytes >= _BIGTIFF_THRESHOLD)
+    return kwargs
 
-    logger.debug(
-        "writing labels %s %s axes=%s imagej=%s to %s", arr.shape, arr.dtype, axes, use_imagej, path
-    )
+
+def write_label_pages(
+    path: PathLike,
+    pages: Iterable[np.ndarray],
+    shape: tuple[int, ...],
+    dtype: Any,
+    *,
+    axes: str | None = None,
+    scale: tuple[float, ...] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a label volume page by page, never holding more than one page in memory.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Target TIFF; written to a temporary sibling and renamed when complete.
+    pages : iterable of np.ndarray
+        ``(Y, X)`` planes in C order of the leading axes of ``shape``; consumed lazily.
+    shape : tuple of int
+        Full shape ``(..., Y, X)``.
+    dtype : dtype
+        Unsigned integer dtype of every page (values must fit).
+    axes, scale, overwrite
+        As for :func:`write_labels`.
+
+    Raises
+    ------
+    ValueError
+        If a page has the wrong shape, or ``dtype`` is not unsigned.
+    """
+    dtype = np.dtype(dtype)
+    if dtype not in _UNSIGNED_DTYPES:
+        raise ValueError(f"dtype must be an unsigned integer type; got {dtype}")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2:
+        raise ValueError(f"shape must have at least 2 dimensions (Y, X); got {shape}")
+    axes = _default_axes(len(shape)) if axes is None else axes
+    _validate_axes(axes, len(shape))
+    scale_t = _validate_scale(scale, len(shape))
+    kwargs = _tiff_options(shape, dtype, axes, scale_t)
+    n_pages = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+
+    def checked() -> Iterator[np.ndarray]:
+        count = 0
+        for page in pages:
+            page = np.asarray(page)
+            if page.shape != shape[-2:]:
+                raise ValueError(f"page {count} has shape {page.shape}; expected {shape[-2:]}")
+            count += 1
+            yield page.astype(dtype, copy=False)
+        if count != n_pages:
+            raise ValueError(f"got {count} pages; expected {n_pages} for shape {shape}")
 
     def _write(fh: IO[Any]) -> None:
-        tifffile.imwrite(fh, arr, **kwargs)
+        tifffile.imwrite(fh, checked(), shape=shape, dtype=dtype, **kwargs)
 
     return _atomic_write(path, _write, binary=True, suffix=".tif.part", overwrite=overwrite)
 
