@@ -24,6 +24,10 @@ def main() -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)
     config = json.loads((args.run / "config.json").read_text())
+    # Machine-specific paths say nothing about the weights; keep the names.
+    config["out"] = Path(config["out"]).name
+    if config.get("data"):
+        config["data"] = Path(config["data"]).name
     info = {
         "sha256": sha256_file(dst),
         "model": loaded.model_key,

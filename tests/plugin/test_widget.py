@@ -275,3 +275,17 @@ def widget_module() -> Any:
     from napari_revolver._napari import widget as module
 
     return module
+
+
+def test_corrupt_weights_are_a_notification_and_the_model_stays(
+    tmp_path: Path, qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any], notes: list
+) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    widget._set_weights(str(bad))
+    assert any(kind == "error" and "Cannot use these weights" in msg for kind, msg in notes)
+    assert widget.weights_label.text() == "shipped weights"
+    viewer.dims.current_step = (12, 0, 0)
+    click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
+    wait_idle(qtbot, widget)
+    assert widget.session.image.labels.data[12].any()

@@ -84,10 +84,17 @@ class Session:
             return
         self.weights, self.device = weights, device
         self._base = None
-        self.images.clear()
-        self.image = None
         for t in self.tasks:
             t.task = None
+        # Each image keeps its output layer and the slices painted by hand; only the
+        # predictor (and with it the feature cache) is replaced.
+        for state in self.images.values():
+            old = state.predictor
+            state.predictor = self.base_predictor().clone()
+            kwargs: dict[str, Any] = {"rgb": state.geometry.rgb}
+            if old._channel is not None:
+                kwargs.update(channel_axis=old._channel[0], channel=old._channel[1])
+            state.predictor.set_volume(state.geometry.data, **kwargs)
 
     def base_predictor(self) -> RevolverPredictor:
         """The loaded model (loaded once, shared by every image's predictor)."""
@@ -125,6 +132,14 @@ class Session:
             kwargs.update(channel_axis=channel_axis, channel=channel)
         predictor.set_volume(geometry.data, **kwargs)
         state = ImageState(layer, geometry, predictor)
+        # Keep writing into the output layer of an earlier model or channel choice.
+        name = f"{layer.name} [revolver]"
+        shape = L.labels_shape(layer, geometry)
+        for existing in self.viewer.layers:
+            if existing.name == name and tuple(existing.data.shape) == shape:
+                state.labels = existing
+                existing.events.paint.connect(lambda event, s=state: self._on_paint(s, event))
+                break
         self.images[key] = state
         return state
 
@@ -167,9 +182,17 @@ class Session:
         if delete_layer and L.is_alive(self.viewer, entry.points):
             self.viewer.layers.remove(entry.points)
         self.active = min(self.active, len(self.tasks) - 1)
-        if self.image is not None and self.image.labels is not None:
-            self.image.labels.data[self.image.labels.data == entry.label_value] = 0
-            self.image.labels.refresh()
+        # The task's pixels go, except on slices the user painted by hand.
+        for state in self.images.values():
+            if state.labels is None or not L.is_alive(self.viewer, state.labels):
+                continue
+            data = state.labels.data
+            n = state.geometry.leading_ndim
+            for k in np.ndindex(*data.shape[:n]):
+                if k not in state.edited:
+                    plane = data[k]
+                    plane[plane == entry.label_value] = 0
+            state.labels.refresh()
 
     def rename_task(self, index: int, name: str) -> None:
         name = name.strip()

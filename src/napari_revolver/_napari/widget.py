@@ -315,7 +315,17 @@ class RevolverWidget(QWidget):
 
     def _set_weights(self, path: str | None) -> None:
         self.cancel()
-        self.session.set_model(path, self.device_combo.currentText())
+        previous = self.session.weights, self.session.device
+        try:
+            self.session.set_model(path, self.device_combo.currentText())
+            self.session.base_predictor()
+        except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
+            self._fail(f"Cannot use these weights or device: {exc}")
+            self.session.set_model(*previous)
+            self.device_combo.blockSignals(True)
+            self.device_combo.setCurrentText(previous[1])
+            self.device_combo.blockSignals(False)
+            return
         self.weights_label.setText(Path(path).name if path else DEFAULT_WEIGHTS)
         self._on_image_changed()
         for entry in self.session.tasks:
