@@ -62,7 +62,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "image", type=Path, help="TIFF stack (ImageJ hyperstack or OME-TIFF axes honoured)"
+        "image",
+        type=Path,
+        help="TIFF stack (ImageJ hyperstack or OME-TIFF axes honoured), or a zarr array or "
+        "OME-Zarr image (level 0); read one slice at a time",
     )
     p.add_argument(
         "--channel",
@@ -105,7 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="CSV as napari's Points layer writes it, with a label column "
         "(positive/negative) and an optional task column",
     )
-    p.add_argument("-o", "--output", type=Path, required=True, help="label TIFF to write")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="labels to write: a TIFF, or a zarr array if the name ends in .zarr",
+    )
     p.add_argument(
         "--threshold", type=float, default=0.5, help="probability threshold (default 0.5)"
     )
@@ -239,6 +248,8 @@ def _open_image(args: argparse.Namespace, predictor):  # noqa: ANN001, ANN202
     img = read_image(args.image, lazy=True)
     data, axes = to_yx_last(img.data, img.axes)
     kwargs = {}
+    if "C" in axes and args.channel is None and data.shape[axes.index("C")] == 1:
+        args.channel = 0  # a single channel needs no choice
     if "C" in axes:
         if args.channel is None:
             raise ValueError(
@@ -271,7 +282,7 @@ def _predictor(args: argparse.Namespace):  # noqa: ANN202
 def _cmd_segment(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .core.io import read_points, write_label_pages
+    from .core.io import read_points, write_label_pages, write_label_zarr
 
     if args.output.exists() and not args.overwrite:
         raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
@@ -317,15 +328,18 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     if len(axes) != len(shape):
         axes = None
     dtype = np.uint32 if args.instances else np.uint8 if len(tasks) < 256 else np.uint16
-    write_label_pages(
-        args.output,
-        pages(),
-        shape,
-        dtype,
-        axes=axes,
-        scale=scale if axes else None,
-        overwrite=args.overwrite,
-    )
+    if args.output.suffix == ".zarr":
+        write_label_zarr(args.output, pages(), shape, dtype, overwrite=args.overwrite)
+    else:
+        write_label_pages(
+            args.output,
+            pages(),
+            shape,
+            dtype,
+            axes=axes,
+            scale=scale if axes else None,
+            overwrite=args.overwrite,
+        )
     fg = counts["fg"] / float(np.prod(shape))
     extra = f", {counts['objects']} objects" if args.instances else ""
     print(f"wrote {args.output} {shape} ({fg:.1%} foreground, {len(tasks)} task(s){extra})")

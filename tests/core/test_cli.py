@@ -507,3 +507,43 @@ def test_train_rejects_a_crop_that_is_not_a_multiple_of_32(
 ) -> None:
     assert cli.main(["train", "--out", str(tmp_path / "r"), "--crop", "100", "--steps", "1"]) == 1
     assert "multiple of 32" in capsys.readouterr().err
+
+
+def test_segment_reads_ome_zarr_and_writes_zarr(
+    tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 4000, (2, 1, 3, 40, 48), dtype=np.uint16)  # t, c, z, y, x
+    group = zarr.open_group(str(tmp_path / "img.ome.zarr"), mode="w")
+    group.create_array("0", shape=data.shape, chunks=(1, 1, 1, 40, 48), dtype="uint16")[:] = data
+    group.attrs["multiscales"] = [
+        {
+            "axes": [{"name": n} for n in "tczyx"],
+            "datasets": [
+                {
+                    "path": "0",
+                    "coordinateTransformations": [{"type": "scale", "scale": [1, 1, 2, 0.5, 0.5]}],
+                }
+            ],
+        }
+    ]
+    write_points(
+        tmp_path / "p.csv", PointTable(np.array([[0, 1, 20, 20], [0, 1, 5, 5]]), np.array([1, 0]))
+    )
+    out = tmp_path / "labels.zarr"
+    code = cli.main(
+        [
+            "segment",
+            str(tmp_path / "img.ome.zarr"),
+            "--points",
+            str(tmp_path / "p.csv"),
+            "-o",
+            str(out),
+            "--weights",
+            str(tiny_weights),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    labels = zarr.open_array(str(out), mode="r")
+    assert labels.shape == (2, 3, 40, 48) and labels.chunks == (1, 1, 40, 48)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]

@@ -591,3 +591,24 @@ def test_write_label_pages_rejects_wrong_pages_and_leaves_nothing(tmp_path):
         write_label_pages(target, iter([np.zeros((5, 4), np.uint8)]), (1, 4, 4), np.uint8)
     assert not target.exists()
     assert not list(tmp_path.iterdir())
+
+
+def test_lazy_transposed_view_reads_only_what_is_indexed():
+    from napari_revolver.core.io import LazyTransposed
+
+    reads = []
+
+    class Recording:
+        def __init__(self, a):
+            self.a, self.shape, self.dtype = a, a.shape, a.dtype
+
+        def __getitem__(self, key):
+            reads.append(key)
+            return self.a[key]
+
+    a = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+    view = LazyTransposed(Recording(a), (0, 2, 3, 1))  # e.g. T C Y X -> T Y X C
+    expected = np.transpose(a, (0, 2, 3, 1))
+    np.testing.assert_array_equal(view[1], expected[1])
+    np.testing.assert_array_equal(view[1, 2], expected[1, 2])
+    assert reads[0][0] == 1 and view.shape == expected.shape

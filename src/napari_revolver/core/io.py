@@ -43,6 +43,7 @@ __all__ = [
     "read_points",
     "to_yx_last",
     "write_label_pages",
+    "write_label_zarr",
     "write_labels",
     "write_points",
 ]
@@ -180,7 +181,12 @@ def read_image(path: PathLike, *, lazy: bool = False) -> ImageData:
     if not p.exists():
         raise FileNotFoundError(f"image file not found: {p}")
     if p.is_dir():
-        raise ValueError(f"{p} is not a readable TIFF: expected a file, got a directory")
+        if _is_zarr(p):
+            return _read_zarr(p)
+        raise ValueError(
+            f"{p} is not a readable TIFF or zarr: expected a file or a zarr folder, "
+            "got a plain directory"
+        )
 
     try:
         with tifffile.TiffFile(p) as tif:
@@ -204,6 +210,50 @@ def read_image(path: PathLike, *, lazy: bool = False) -> ImageData:
         data = _open_lazy(p, shape)
 
     return ImageData(data=data, axes=_normalise_axes(raw_axes), scale=scale, path=str(p))
+
+
+def _is_zarr(p: Path) -> bool:
+    return any((p / name).exists() for name in ("zarr.json", ".zarray", ".zgroup"))
+
+
+def _read_zarr(p: Path) -> ImageData:
+    """Open a zarr array, or level 0 of an OME-Zarr multiscale image, lazily.
+
+    Axes come from the OME-NGFF ``multiscales`` metadata (names such as t, c, z, y, x) and
+    the pixel size from level 0's ``scale`` transformation; a plain array gets default axes.
+    """
+    import zarr
+
+    try:
+        node = zarr.open(str(p), mode="r")
+    except Exception as exc:
+        raise ValueError(f"{p} is not a readable zarr store: {exc}") from exc
+    axes = None
+    scale: tuple[float, ...] | None = None
+    if isinstance(node, zarr.Group):
+        attrs = dict(node.attrs)
+        ome = attrs.get("ome", attrs)
+        multiscales = ome.get("multiscales") if isinstance(ome, dict) else None
+        if not multiscales:
+            raise ValueError(
+                f"{p} is a zarr group without OME-Zarr 'multiscales' metadata; "
+                "point to the array itself"
+            )
+        ms = multiscales[0]
+        level0 = ms["datasets"][0]
+        node = node[level0["path"]]
+        names = [a["name"] if isinstance(a, dict) else str(a) for a in ms.get("axes", [])]
+        if names:
+            axes = "".join(n[:1].upper() for n in names)
+        for t in level0.get("coordinateTransformations", []):
+            if t.get("type") == "scale":
+                scale = tuple(float(v) for v in t["scale"])
+    ndim = len(node.shape)
+    if axes is None or len(axes) != ndim:
+        axes = {2: "YX", 3: "ZYX", 4: "TZYX", 5: "TCZYX"}.get(ndim, "Q" * (ndim - 2) + "YX")
+    if scale is None or len(scale) != ndim:
+        scale = (1.0,) * ndim
+    return ImageData(data=node, axes=axes, scale=scale, path=str(p))
 
 
 def to_yx_last(data: np.ndarray | LazyArray, axes: str) -> tuple[np.ndarray | LazyArray, str]:
@@ -256,17 +306,43 @@ def to_yx_last(data: np.ndarray | LazyArray, axes: str) -> tuple[np.ndarray | La
     order = tuple(axes.index(a) for a in new_axes)
     if isinstance(data, np.ndarray):
         return np.transpose(data, order), new_axes
-    transpose = getattr(data, "transpose", None)
-    if callable(transpose):
-        # dask and similar array-likes transpose lazily.
-        return transpose(order), new_axes
-    logger.debug(
-        "to_yx_last: %s has no transpose(); materialising to reorder %s -> %s",
-        type(data).__name__,
-        axes,
-        new_axes,
-    )
-    return np.transpose(np.asarray(data), order), new_axes
+    if type(data).__module__.split(".")[0] == "dask":
+        return data.transpose(order), new_axes  # type: ignore[union-attr]
+    # zarr arrays and other array-likes: a view that reads only what is indexed.
+    return LazyTransposed(data, order), new_axes
+
+
+class LazyTransposed:
+    """Axis-permuted view of an array-like that reads only the indexed part.
+
+    ``view[i, j]`` with integer (or slice) indices over the leading axes of the permuted order
+    reads the matching block of the underlying array and permutes its remaining axes.
+    """
+
+    def __init__(self, array: Any, order: Sequence[int]) -> None:
+        self.array = array
+        self.order = tuple(int(o) for o in order)
+        self.shape = tuple(int(array.shape[o]) for o in self.order)
+        self.dtype = array.dtype
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if any(k is Ellipsis or k is None for k in key) or len(key) > self.ndim:
+            raise IndexError("LazyTransposed supports integers and slices only")
+        full = list(key) + [slice(None)] * (self.ndim - len(key))
+        source: list[Any] = [slice(None)] * self.ndim
+        for new_axis, src_axis in enumerate(self.order):
+            source[src_axis] = full[new_axis]
+        block = np.asarray(self.array[tuple(source)])
+        # Axes that survive (sliced, not integer-indexed), in source order, to the new order.
+        kept_src = [a for a in range(self.ndim) if not isinstance(source[a], (int, np.integer))]
+        kept_new = [a for a in self.order if a in kept_src]
+        return np.transpose(block, [kept_src.index(a) for a in kept_new])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.transpose(np.asarray(self.array), self.order)
+        return out.astype(dtype) if dtype is not None else out
 
 
 def _normalise_axes(axes: str) -> str:
@@ -563,6 +639,61 @@ def write_label_pages(
         tifffile.imwrite(fh, checked(), shape=shape, dtype=dtype, **kwargs)
 
     return _atomic_write(path, _write, binary=True, suffix=".tif.part", overwrite=overwrite)
+
+
+def write_label_zarr(
+    path: PathLike,
+    pages: Iterable[np.ndarray],
+    shape: tuple[int, ...],
+    dtype: Any,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a label volume page by page into a zarr array, one chunk per page.
+
+    The array is built in a temporary sibling folder and renamed when complete, so an
+    interruption leaves no partial output.
+    """
+    import shutil
+
+    import zarr
+
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"parent directory {target.parent} of {target} does not exist")
+    if target.exists() and not overwrite:
+        raise FileExistsError(
+            f"{target} already exists; pass overwrite=True (--overwrite on the "
+            "command line) to replace it"
+        )
+    shape = tuple(int(s) for s in shape)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
+    try:
+        arr = zarr.create_array(
+            str(tmp),
+            shape=shape,
+            chunks=(1,) * (len(shape) - 2) + shape[-2:],
+            dtype=np.dtype(dtype),
+            fill_value=0,
+            overwrite=True,
+        )
+        lead = shape[:-2]
+        count = 0
+        for count, page in enumerate(pages, start=1):  # noqa: B007
+            page = np.asarray(page)
+            if page.shape != shape[-2:]:
+                raise ValueError(f"page {count - 1} has shape {page.shape}; expected {shape[-2:]}")
+            arr[np.unravel_index(count - 1, lead) if lead else ()] = page
+        n = int(np.prod(lead)) if lead else 1
+        if count != n:
+            raise ValueError(f"got {count} pages; expected {n} for shape {shape}")
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 def _default_axes(ndim: int) -> str:
