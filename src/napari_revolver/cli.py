@@ -315,7 +315,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         # Slices stream from the network to the file: memory stays at one slice.
         from .core.instances import mask_to_instances
 
-        for step in predictor.propagate(tasks, threshold=args.threshold):
+        for step in predictor.propagate(tasks, threshold=args.threshold, cache=False):
             page = step.result
             if args.instances:
                 lab = mask_to_instances(page > 0).astype(np.uint32)

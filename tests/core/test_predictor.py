@@ -710,3 +710,19 @@ def test_clone_shares_the_model_and_accepts_the_same_tasks(predictor: RevolverPr
     other.set_volume(rng.random((3, 32, 48)).astype(np.float32))
     assert other.predict_slice(2, task).shape == (32, 48)
     assert predictor.info.slice_shape == (40, 40)
+
+
+def test_propagate_without_cache_gives_the_same_result_and_keeps_nothing(
+    predictor: RevolverPredictor,
+) -> None:
+    rng = np.random.default_rng(2)
+    predictor.set_volume(rng.random((5, 40, 40)).astype(np.float32))
+    task = predictor.guide([[0, 10, 10], [0, 30, 30]], [1, 0])
+    uncached = [
+        s.result
+        for s in predictor.propagate(task, range(1, 5), cache=False, output="probabilities")
+    ]
+    assert len(predictor.cache) == 1  # only the support slice
+    cached = [s.result for s in predictor.propagate(task, range(1, 5), output="probabilities")]
+    assert len(predictor.cache) == 5
+    np.testing.assert_array_equal(np.stack(uncached), np.stack(cached))

@@ -749,12 +749,14 @@ class RevolverPredictor:
         output: Literal["labels", "masks", "probabilities"] = "labels",
         instances: bool = False,
         batch_size: int | None = None,
+        cache: bool = True,
     ) -> Generator[PropagationStep, None, None]:
         """Apply tasks to many slices, yielding each slice's result as it is ready.
 
-        Slices are processed in batches; features are computed (and cached) for slices that
-        have none. Each slice's result depends only on that slice and the tasks, so the order
-        of ``indices`` does not change any result. Stop iterating to cancel.
+        Slices are processed in batches; features are computed for slices that have none
+        (and cached, unless ``cache=False``). Each slice's result depends only on that slice
+        and the tasks, so the order of ``indices`` does not change any result. Stop iterating
+        to cancel.
 
         Parameters
         ----------
@@ -770,6 +772,9 @@ class RevolverPredictor:
             With ``labels``: instance ids instead of task values.
         batch_size : int, optional
             Slices per batch (default the predictor's).
+        cache : bool
+            Keep newly computed features in memory (and in the store). A one-pass run over a
+            long stack passes ``False``: memory then stays at one batch, whatever the length.
 
         Yields
         ------
@@ -786,13 +791,13 @@ class RevolverPredictor:
         total = len(ks)
         for i in range(0, total, bs):
             batch = ks[i : i + bs]
-            feats = self._batch_features(batch)
+            feats = self._batch_features(batch, remember=cache)
             probs = self._probabilities(feats, guidance).cpu().numpy()
             for j, k in enumerate(batch):
                 res = self._finish(probs[j], task_list, threshold, instances, output)
                 yield PropagationStep(self.info.unflat(k), res, i + j + 1, total)
 
-    def _batch_features(self, batch: list[int]) -> EncoderOutput:
+    def _batch_features(self, batch: list[int], remember: bool = True) -> EncoderOutput:
         with self._lock:
             cached = {k: self.cache.get(k) for k in batch}
         missing = [k for k, f in cached.items() if f is None]
@@ -800,7 +805,15 @@ class RevolverPredictor:
             f = self._encode([self._prepare(k) for k in missing])
             with self._lock:
                 for j, k in enumerate(missing):
-                    cached[k] = self.cache.put(k, f[j : j + 1])
+                    if remember or self.cache.store is not None:
+                        cached[k] = self.cache.put(k, f[j : j + 1])
+                    else:
+                        # Same float16 rounding as cached features: results do not depend
+                        # on whether a slice was cached.
+                        cached[k] = EncoderOutput(
+                            f.coarse[j : j + 1].to("cpu", torch.float16),
+                            f.fine[j : j + 1].to("cpu", torch.float16),
+                        )
         return EncoderOutput.cat([cached[k] for k in batch])  # type: ignore[misc]
 
     def segment(self, tasks: Task | Sequence[Task], **kwargs: Any) -> np.ndarray:
