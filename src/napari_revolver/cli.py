@@ -130,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also save the guided task(s) as JSON into this folder",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help="run on Dask: 'local:N' (a local cluster of N worker processes) or a scheduler "
+        "address; the output must be a .zarr store, and a killed run resumes",
+    )
+    p.add_argument("--chunk", type=int, default=8, help="slices per Dask task (default 8)")
     _add_model_args(p)
 
     p = sub.add_parser(
@@ -284,7 +291,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
     from .core.io import read_points, write_label_pages, write_label_zarr
 
-    if args.output.exists() and not args.overwrite:
+    # A distributed run resumes its own store; run_batch checks whose store it is.
+    if args.output.exists() and not args.overwrite and not args.scheduler:
         raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
     if not args.output.parent.exists():
         raise FileNotFoundError(f"output folder {args.output.parent} does not exist")
@@ -306,6 +314,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         args.save_task.mkdir(parents=True, exist_ok=True)
         for t in tasks:
             t.save(args.save_task / f"{t.name}.json", overwrite=args.overwrite)
+    if args.scheduler:
+        return _segment_distributed(args, predictor, tasks)
     info = predictor.info
     shape = (*info.leading_shape, *info.slice_shape)
     bar = Progress("segment")
@@ -343,6 +353,38 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     fg = counts["fg"] / float(np.prod(shape))
     extra = f", {counts['objects']} objects" if args.instances else ""
     print(f"wrote {args.output} {shape} ({fg:.1%} foreground, {len(tasks)} task(s){extra})")
+    return 0
+
+
+def _segment_distributed(args: argparse.Namespace, predictor, tasks) -> int:  # noqa: ANN001
+    from .core.batch import BatchJob, run_batch
+
+    if args.output.suffix != ".zarr":
+        raise ValueError(
+            f"--scheduler writes a resumable zarr store; name the output *.zarr, "
+            f"not {args.output.name}"
+        )
+    if args.instances:
+        raise ValueError("--instances is not available with --scheduler yet; run without it")
+    job = BatchJob(
+        str(args.image),
+        str(args.output),
+        tuple(tasks),
+        str(args.weights) if args.weights else None,
+        args.channel,
+        args.threshold,
+        args.chunk,
+        args.batch_size,
+    )
+    bar = Progress("segment")
+    device = "cpu" if predictor.device.type == "cpu" else str(predictor.device)
+    out = run_batch(
+        job, args.scheduler, device=device, overwrite=args.overwrite, progress=bar.update
+    )
+    print(
+        f"wrote {out}/labels {predictor.info.leading_shape + predictor.info.slice_shape} "
+        f"({len(tasks)} task(s), {args.scheduler})"
+    )
     return 0
 
 

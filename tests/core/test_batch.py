@@ -1,0 +1,119 @@
+"""Distributed segmentation on a real dask.distributed LocalCluster (2 worker processes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+pytest.importorskip("distributed", reason="needs dask.distributed (pip install .[dask])")
+zarr = pytest.importorskip("zarr")
+
+from napari_revolver import RevolverPredictor, cli  # noqa: E402
+from napari_revolver.core.batch import BatchJob, run_batch  # noqa: E402
+from napari_revolver.core.synthetic import sample_stack  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    d = tmp_path_factory.mktemp("batch")
+    image, truth, points, labels = sample_stack(seed=5, shape=(12, 96, 96))
+    tifffile.imwrite(d / "img.tif", image, imagej=True, metadata={"axes": "ZYX"})
+    predictor = RevolverPredictor(device="cpu")
+    predictor.set_volume(image)
+    task = predictor.guide(points, labels, name="nuclei")
+    reference = predictor.segment(task)
+    assert 0 < reference.mean() < 0.5  # a real segmentation, not all or nothing
+    return {"dir": d, "image": d / "img.tif", "task": task, "reference": reference}
+
+
+def test_local_cluster_output_is_identical_to_a_single_process(stack: dict) -> None:
+    out = stack["dir"] / "out.zarr"
+    seen = []
+    run_batch(
+        BatchJob(str(stack["image"]), str(out), (stack["task"],), chunk=4),
+        "local:2",
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    group = zarr.open_group(str(out), mode="r")
+    np.testing.assert_array_equal(group["labels"][:], stack["reference"])
+    assert group["done"][:].all()
+    assert seen[0] == (0, 12) and seen[-1] == (12, 12)
+
+
+def test_a_killed_run_resumes_without_recomputing(stack: dict) -> None:
+    out = stack["dir"] / "resume.zarr"
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_chunk(done: int, total: int) -> None:
+        if done >= 4:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_batch(
+            BatchJob(str(stack["image"]), str(out), (stack["task"],), chunk=4),
+            "local:1",
+            progress=kill_after_first_chunk,
+        )
+    group = zarr.open_group(str(out), mode="r")
+    first = int(group["done"][:].sum())
+    assert 4 <= first < 12
+    calls = []
+    run_batch(
+        BatchJob(str(stack["image"]), str(out), (stack["task"],), chunk=4),
+        "local:1",
+        progress=lambda done, total: calls.append(done),
+    )
+    assert calls[0] == first  # what was done is not done again
+    np.testing.assert_array_equal(zarr.open_group(str(out))["labels"][:], stack["reference"])
+
+
+def test_a_store_of_another_run_is_refused(stack: dict) -> None:
+    out = stack["dir"] / "other.zarr"
+    run_batch(BatchJob(str(stack["image"]), str(out), (stack["task"],), chunk=6), "local:1")
+    other = stack["task"].renamed("other", 2)
+    with pytest.raises(ValueError, match="another run"):
+        run_batch(BatchJob(str(stack["image"]), str(out), (other,)), "local:1")
+
+
+def test_cli_scheduler_needs_a_zarr_output(
+    stack: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from napari_revolver.core.io import PointTable, write_points
+
+    write_points(tmp_path / "p.csv", PointTable(stack["task"].points, stack["task"].labels))
+    code = cli.main(
+        [
+            "segment",
+            str(stack["image"]),
+            "--points",
+            str(tmp_path / "p.csv"),
+            "-o",
+            str(tmp_path / "out.tif"),
+            "--scheduler",
+            "local:1",
+        ]
+    )
+    assert code == 1 and ".zarr" in capsys.readouterr().err
+    code = cli.main(
+        [
+            "segment",
+            str(stack["image"]),
+            "--points",
+            str(tmp_path / "p.csv"),
+            "-o",
+            str(tmp_path / "out.zarr"),
+            "--scheduler",
+            "local:2",
+            "--chunk",
+            "5",
+        ]
+    )
+    assert code == 0
+    np.testing.assert_array_equal(
+        zarr.open_group(str(tmp_path / "out.zarr"))["labels"][:] > 0, stack["reference"] > 0
+    )
