@@ -726,3 +726,16 @@ def test_propagate_without_cache_gives_the_same_result_and_keeps_nothing(
     cached = [s.result for s in predictor.propagate(task, range(1, 5), output="probabilities")]
     assert len(predictor.cache) == 5
     np.testing.assert_array_equal(np.stack(uncached), np.stack(cached))
+
+
+def test_dask_volume_is_read_one_slice_at_a_time(predictor: RevolverPredictor) -> None:
+    da = pytest.importorskip("dask.array")
+    rng = np.random.default_rng(3)
+    data = rng.random((6, 40, 48)).astype(np.float32)
+    lazy = da.from_array(data, chunks=(1, 40, 48))
+    predictor.set_volume(lazy)
+    task = predictor.guide([[2, 10, 10], [2, 30, 30]], [1, 0])
+    from_dask = predictor.segment(task, output="probabilities")
+    predictor.set_volume(data)
+    from_numpy = predictor.segment(task, output="probabilities")
+    np.testing.assert_array_equal(from_dask, from_numpy)

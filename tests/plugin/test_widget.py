@@ -289,3 +289,23 @@ def test_corrupt_weights_are_a_notification_and_the_model_stays(
     click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
     wait_idle(qtbot, widget)
     assert widget.session.image.labels.data[12].any()
+
+
+def test_dask_backed_layer_is_segmented(qtbot: Any, viewer: Any, widget: Any, notes: list) -> None:
+    da = pytest.importorskip("dask.array")
+    from napari_revolver.core.synthetic import sample_stack
+
+    image, truth, points, labels = sample_stack(seed=4, shape=(6, 128, 128))
+    viewer.add_image(da.from_array(image, chunks=(1, 128, 128)), name="lazy")
+    widget.image_combo.setCurrentText("lazy")
+    viewer.dims.current_step = (3, 0, 0)
+    entry = widget.add_task("nuclei")
+    for p, lab in zip(points, labels, strict=True):
+        L.set_polarity(entry.points, L.POSITIVE if lab else L.NEGATIVE)
+        entry.points.add(np.asarray(p)[None])
+    wait_idle(qtbot, widget)
+    with qtbot.waitSignal(widget.propagate().finished, timeout=WAIT_MS):
+        pass
+    wait_idle(qtbot, widget)
+    assert iou(widget.session.image.labels.data, truth) > 0.6
+    assert not [n for n in notes if n[0] == "error"]
