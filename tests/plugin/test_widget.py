@@ -309,3 +309,24 @@ def test_dask_backed_layer_is_segmented(qtbot: Any, viewer: Any, widget: Any, no
     wait_idle(qtbot, widget)
     assert iou(widget.session.image.labels.data, truth) > 0.6
     assert not [n for n in notes if n[0] == "error"]
+
+
+def test_feature_store_is_shared_with_the_cli(
+    qtbot: Any, tmp_path: Path, viewer: Any, widget: Any, sample: dict[str, Any]
+) -> None:
+    from napari_revolver import RevolverPredictor
+
+    store = tmp_path / "features.zarr"
+    # Filled outside napari, as `revolver precompute` does.
+    predictor = RevolverPredictor(device="cpu")
+    predictor.set_volume(sample["image"].data, store=store)
+    for _ in predictor.precompute():
+        pass
+    widget.set_store(str(store))
+    state = widget.session.image
+    assert widget.session.missing_features([(z,) for z in range(24)]) == []
+    viewer.dims.current_step = (12, 0, 0)
+    click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
+    wait_idle(qtbot, widget)
+    assert widget._feature_worker is None
+    assert iou(state.labels.data[12], sample["truth"].data[12]) > 0.7

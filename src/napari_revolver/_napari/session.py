@@ -143,6 +143,22 @@ class Session:
         self.images[key] = state
         return state
 
+    def use_store(self, path: str | Path | None, state: ImageState | None = None) -> ImageState:
+        """Read and fill an on-disk feature store (zarr) for an image, e.g. one made by
+        ``revolver precompute`` on another machine; ``None`` goes back to memory only.
+
+        A store made for other data or another model is recomputed, never reused.
+        """
+        state = state or self.require_image()
+        old = state.predictor
+        kwargs: dict[str, Any] = {"rgb": state.geometry.rgb}
+        if old._channel is not None:
+            kwargs.update(channel_axis=old._channel[0], channel=old._channel[1])
+        state.predictor.set_volume(state.geometry.data, store=path, **kwargs)
+        for t in self.tasks:
+            t.task = None
+        return state
+
     def forget_layer(self, layer: Any) -> None:
         """Drop state tied to a layer the user deleted."""
         self.images.pop(id(layer), None)

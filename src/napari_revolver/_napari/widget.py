@@ -105,6 +105,18 @@ class RevolverWidget(QWidget):
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
         form.addRow("Device", self.device_combo)
+        srow = QHBoxLayout()
+        self.store_label = QLabel("in memory")
+        self.store_label.setToolTip(
+            "Where this image's slice features are kept: memory only, or "
+            "a zarr store reused across sessions (revolver precompute)"
+        )
+        self.store_button = QPushButton("Store…")
+        self.store_clear = QPushButton("Memory")
+        srow.addWidget(self.store_label, 1)
+        srow.addWidget(self.store_button)
+        srow.addWidget(self.store_clear)
+        form.addRow("Features", srow)
         root.addWidget(box)
 
         box = QGroupBox("Tasks")
@@ -186,6 +198,8 @@ class RevolverWidget(QWidget):
         self.channel_index.valueChanged.connect(self._on_image_changed)
         self.weights_button.clicked.connect(self._choose_weights)
         self.weights_default.clicked.connect(lambda: self._set_weights(None))
+        self.store_button.clicked.connect(self._choose_store)
+        self.store_clear.clicked.connect(lambda: self.set_store(None))
         self.device_combo.currentTextChanged.connect(
             lambda _: self._set_weights(self.session.weights)
         )
@@ -330,6 +344,27 @@ class RevolverWidget(QWidget):
         self._on_image_changed()
         for entry in self.session.tasks:
             self._guide_quietly(entry)
+
+    def _choose_store(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Feature store (a .zarr folder)")
+        if path:
+            self.set_store(path)
+
+    def set_store(self, path: str | None) -> None:
+        """Keep the current image's features in a zarr store (``None``: memory only)."""
+        self.cancel()
+        try:
+            self.session.use_store(path)
+        except (ValueError, OSError) as exc:
+            self._fail(f"Cannot use the feature store {path}: {exc}")
+            return
+        self.store_label.setText(Path(path).name if path else "in memory")
+        self._set_status(
+            f"Features of this image are kept in {path}."
+            if path
+            else "Features are kept in memory."
+        )
+        self._schedule_update()
 
     # --------------------------------------------------------------- tasks
     def add_task(self, name: str | None = None) -> TaskEntry | None:
