@@ -137,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
         "address; the output must be a .zarr store, and a killed run resumes",
     )
     p.add_argument("--chunk", type=int, default=8, help="slices per Dask task (default 8)")
+    p.add_argument(
+        "--apply-to",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="IMAGE",
+        help="more images of the same kind to segment with the tasks guided on IMAGE; "
+        "-o is then a folder receiving <name>.labels.tif (or .zarr) for every image",
+    )
     _add_model_args(p)
 
     p = sub.add_parser(
@@ -287,15 +296,19 @@ def _predictor(args: argparse.Namespace):  # noqa: ANN202
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    import numpy as np
+    from .core.io import read_points
 
-    from .core.io import read_points, write_label_pages, write_label_zarr
-
-    # A distributed run resumes its own store; run_batch checks whose store it is.
-    if args.output.exists() and not args.overwrite and not args.scheduler:
+    many = bool(args.apply_to)
+    if many:
+        args.output.mkdir(parents=True, exist_ok=True)
+    elif args.output.exists() and not args.overwrite and not args.scheduler:
+        # A distributed run resumes its own store; run_batch checks whose store it is.
         raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
     if not args.output.parent.exists():
         raise FileNotFoundError(f"output folder {args.output.parent} does not exist")
+    for extra in args.apply_to:
+        if not extra.exists():
+            raise FileNotFoundError(f"image file not found: {extra}")
     table = read_points(args.points)
     predictor = _predictor(args)
     axes, scale = _open_image(args, predictor)
@@ -314,11 +327,59 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         args.save_task.mkdir(parents=True, exist_ok=True)
         for t in tasks:
             t.save(args.save_task / f"{t.name}.json", overwrite=args.overwrite)
-    if args.scheduler:
-        return _segment_distributed(args, predictor, tasks)
+
+    suffix = ".zarr" if args.scheduler else ".tif"
+    images = [args.image, *args.apply_to]
+    outputs = (
+        [args.output / f"{_stem(i)}.labels{suffix}" for i in images] if many else [args.output]
+    )
+    client = cluster = None
+    if args.scheduler and many:
+        from .core.batch import open_client
+
+        client, cluster = open_client(args.scheduler)
+    try:
+        for k, (image, output) in enumerate(zip(images, outputs, strict=True)):
+            if k:
+                args.image = image
+                axes, scale = _open_image(args, predictor)
+            if many and output.exists() and not args.overwrite and not args.scheduler:
+                raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+            if args.scheduler:
+                _segment_distributed(args, predictor, tasks, output, client)
+            else:
+                _segment_local(args, predictor, tasks, output, axes, scale)
+    finally:
+        if client is not None:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    return 0
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for ext in (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".zarr"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return path.stem
+
+
+def _segment_local(
+    args: argparse.Namespace,
+    predictor,
+    tasks,
+    output: Path,  # noqa: ANN001
+    axes: str | None,
+    scale: tuple[float, ...] | None,
+) -> None:
+    import numpy as np
+
+    from .core.io import write_label_pages, write_label_zarr
+
     info = predictor.info
     shape = (*info.leading_shape, *info.slice_shape)
-    bar = Progress("segment")
+    bar = Progress(f"segment {_stem(args.image)}")
     counts = {"fg": 0, "objects": 0}
 
     def pages() -> Iterator[np.ndarray]:
@@ -335,14 +396,14 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             bar.update(step.done, step.total)
             yield page
 
-    if len(axes) != len(shape):
+    if axes is not None and len(axes) != len(shape):
         axes = None
     dtype = np.uint32 if args.instances else np.uint8 if len(tasks) < 256 else np.uint16
-    if args.output.suffix == ".zarr":
-        write_label_zarr(args.output, pages(), shape, dtype, overwrite=args.overwrite)
+    if output.suffix == ".zarr":
+        write_label_zarr(output, pages(), shape, dtype, overwrite=args.overwrite)
     else:
         write_label_pages(
-            args.output,
+            output,
             pages(),
             shape,
             dtype,
@@ -352,23 +413,27 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         )
     fg = counts["fg"] / float(np.prod(shape))
     extra = f", {counts['objects']} objects" if args.instances else ""
-    print(f"wrote {args.output} {shape} ({fg:.1%} foreground, {len(tasks)} task(s){extra})")
-    return 0
+    print(f"wrote {output} {shape} ({fg:.1%} foreground, {len(tasks)} task(s){extra})")
 
 
-def _segment_distributed(args: argparse.Namespace, predictor, tasks) -> int:  # noqa: ANN001
+def _segment_distributed(
+    args: argparse.Namespace,
+    predictor,
+    tasks,
+    output: Path,  # noqa: ANN001
+    client=None,
+) -> None:  # noqa: ANN001
     from .core.batch import BatchJob, run_batch
 
-    if args.output.suffix != ".zarr":
+    if output.suffix != ".zarr":
         raise ValueError(
-            f"--scheduler writes a resumable zarr store; name the output *.zarr, "
-            f"not {args.output.name}"
+            f"--scheduler writes a resumable zarr store; name the output *.zarr, not {output.name}"
         )
     if args.instances:
         raise ValueError("--instances is not available with --scheduler yet; run without it")
     job = BatchJob(
         str(args.image),
-        str(args.output),
+        str(output),
         tuple(tasks),
         str(args.weights) if args.weights else None,
         args.channel,
@@ -376,16 +441,18 @@ def _segment_distributed(args: argparse.Namespace, predictor, tasks) -> int:  # 
         args.chunk,
         args.batch_size,
     )
-    bar = Progress("segment")
+    bar = Progress(f"segment {_stem(args.image)}")
     device = "cpu" if predictor.device.type == "cpu" else str(predictor.device)
     out = run_batch(
-        job, args.scheduler, device=device, overwrite=args.overwrite, progress=bar.update
+        job,
+        args.scheduler,
+        device=device,
+        overwrite=args.overwrite,
+        progress=bar.update,
+        client=client,
     )
-    print(
-        f"wrote {out}/labels {predictor.info.leading_shape + predictor.info.slice_shape} "
-        f"({len(tasks)} task(s), {args.scheduler})"
-    )
-    return 0
+    shape = predictor.info.leading_shape + predictor.info.slice_shape
+    print(f"wrote {out}/labels {shape} ({len(tasks)} task(s), {args.scheduler})")
 
 
 def _cmd_precompute(args: argparse.Namespace) -> int:

@@ -117,3 +117,32 @@ def test_cli_scheduler_needs_a_zarr_output(
     np.testing.assert_array_equal(
         zarr.open_group(str(tmp_path / "out.zarr"))["labels"][:] > 0, stack["reference"] > 0
     )
+
+
+def test_cli_scheduler_over_several_files_on_one_cluster(stack: dict, tmp_path: Path) -> None:
+    from napari_revolver.core.io import PointTable, write_points
+
+    write_points(tmp_path / "p.csv", PointTable(stack["task"].points, stack["task"].labels))
+    other = tmp_path / "other.tif"
+    tifffile.imwrite(
+        other, tifffile.imread(stack["image"])[::-1], imagej=True, metadata={"axes": "ZYX"}
+    )
+    code = cli.main(
+        [
+            "segment",
+            str(stack["image"]),
+            "--points",
+            str(tmp_path / "p.csv"),
+            "-o",
+            str(tmp_path / "out"),
+            "--apply-to",
+            str(other),
+            "--scheduler",
+            "local:2",
+        ]
+    )
+    assert code == 0
+    first = zarr.open_group(str(tmp_path / "out" / "img.labels.zarr"))["labels"][:]
+    second = zarr.open_group(str(tmp_path / "out" / "other.labels.zarr"))["labels"][:]
+    np.testing.assert_array_equal(first, stack["reference"])
+    np.testing.assert_array_equal(second, stack["reference"][::-1])

@@ -547,3 +547,58 @@ def test_segment_reads_ome_zarr_and_writes_zarr(
     labels = zarr.open_array(str(out), mode="r")
     assert labels.shape == (2, 3, 40, 48) and labels.chunks == (1, 1, 40, 48)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+
+
+def test_segment_applies_the_tasks_to_more_images(
+    tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(1)
+    for name, n in (("a", 3), ("b", 2), ("c", 4)):
+        tifffile.imwrite(
+            tmp_path / f"{name}.tif",
+            rng.integers(0, 999, (n, 40, 48), np.uint16),
+            imagej=True,
+            metadata={"axes": "ZYX"},
+        )
+    write_points(
+        tmp_path / "p.csv", PointTable(np.array([[1, 20, 20], [1, 5, 5]]), np.array([1, 0]))
+    )
+    out = tmp_path / "out"
+    code = cli.main(
+        [
+            "segment",
+            str(tmp_path / "a.tif"),
+            "--points",
+            str(tmp_path / "p.csv"),
+            "-o",
+            str(out),
+            "--apply-to",
+            str(tmp_path / "b.tif"),
+            str(tmp_path / "c.tif"),
+            "--weights",
+            str(tiny_weights),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    shapes = {p.name: tifffile.imread(p).shape for p in sorted(out.iterdir())}
+    assert shapes == {
+        "a.labels.tif": (3, 40, 48),
+        "b.labels.tif": (2, 40, 48),
+        "c.labels.tif": (4, 40, 48),
+    }
+    # A second run refuses to overwrite, naming the file.
+    code = cli.main(
+        [
+            "segment",
+            str(tmp_path / "a.tif"),
+            "--points",
+            str(tmp_path / "p.csv"),
+            "-o",
+            str(out),
+            "--apply-to",
+            str(tmp_path / "b.tif"),
+            "--weights",
+            str(tiny_weights),
+        ]
+    )
+    assert code == 1 and "a.labels.tif exists" in capsys.readouterr().err

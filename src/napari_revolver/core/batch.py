@@ -29,7 +29,7 @@ from .task import Task
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BatchJob", "batch_signature", "run_batch"]
+__all__ = ["BatchJob", "batch_signature", "open_client", "run_batch"]
 
 BATCH_FORMAT_VERSION = 1
 
@@ -152,6 +152,11 @@ def _segment_chunk(job: BatchJob, slices: list[int], weights: bytes, sha: str, d
     return count
 
 
+def open_client(scheduler: str) -> tuple[Any, Any]:
+    """A ``distributed.Client`` for ``local:N`` or an address, and the local cluster (or None)."""
+    return _client(scheduler)
+
+
 def _client(scheduler: str) -> tuple[Any, Any]:
     from distributed import Client, LocalCluster
 
@@ -179,6 +184,7 @@ def run_batch(
     overwrite: bool = False,
     retries: int = 2,
     progress: Callable[[int, int], None] | None = None,
+    client: Any = None,
 ) -> Path:
     """Segment every slice of ``job.image`` on a Dask cluster into ``job.output``.
 
@@ -196,6 +202,8 @@ def run_batch(
         Retries of a failed chunk before the run fails.
     progress : callable, optional
         ``progress(done, total)`` in slices.
+    client : distributed.Client, optional
+        An open client to use instead of ``scheduler`` (several runs on one cluster).
 
     Returns
     -------
@@ -285,7 +293,8 @@ def run_batch(
     if progress:
         progress(finished, total)
     if todo:
-        client, cluster = _client(scheduler)
+        own = client is None
+        client, cluster = _client(scheduler) if own else (client, None)
         try:
             [w_future] = client.scatter([weights], broadcast=True)
             job_future = client.scatter(job, broadcast=True)
@@ -308,9 +317,10 @@ def run_batch(
                 if progress:
                     progress(finished, total)
         finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
+            if own:
+                client.close()
+                if cluster is not None:
+                    cluster.close()
     missing = int((~np.asarray(group["done"][:])).sum())
     if missing:
         raise ValueError(f"{missing} slice(s) are still missing in {out}; run again to resume")
