@@ -146,3 +146,43 @@ def test_cli_scheduler_over_several_files_on_one_cluster(stack: dict, tmp_path: 
     second = zarr.open_group(str(tmp_path / "out" / "other.labels.zarr"))["labels"][:]
     np.testing.assert_array_equal(first, stack["reference"])
     np.testing.assert_array_equal(second, stack["reference"][::-1])
+
+
+def test_failed_chunks_are_retried_and_leave_no_gaps(
+    stack: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from distributed import Client, LocalCluster
+
+    from napari_revolver.core import batch
+
+    real = batch._segment_chunk
+    marks = tmp_path / "failed"
+    marks.mkdir()
+
+    def flaky(job, slices, *args):  # noqa: ANN001, ANN202
+        # Each chunk dies once half-way, after writing some of its slices. The marks live on
+        # disk because Dask hands the function to workers as a serialised copy.
+        mark = marks / str(slices[0])
+        if not mark.exists():
+            mark.touch()
+            real(job, slices[:1], *args)
+            raise RuntimeError("worker lost")
+        return real(job, slices, *args)
+
+    monkeypatch.setattr(batch, "_segment_chunk", flaky)
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        out = batch.run_batch(
+            batch.BatchJob(
+                str(stack["image"]), str(tmp_path / "r.zarr"), (stack["task"],), chunk=4
+            ),
+            client=client,
+        )
+    assert sorted(int(p.name) for p in marks.iterdir()) == [0, 4, 8]
+    group = zarr.open_group(str(out), mode="r")
+    assert group["done"][:].all()
+    np.testing.assert_array_equal(group["labels"][:], stack["reference"])
