@@ -259,34 +259,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _open_image(args: argparse.Namespace, predictor):  # noqa: ANN001, ANN202
-    from .core.io import read_image, to_yx_last
+    from .core.io import open_volume
 
-    img = read_image(args.image, lazy=True)
-    data, axes = to_yx_last(img.data, img.axes)
-    kwargs = {}
-    if "C" in axes and args.channel is None and data.shape[axes.index("C")] == 1:
-        args.channel = 0  # a single channel needs no choice
-    if "C" in axes:
-        if args.channel is None:
-            raise ValueError(
-                f"{args.image} has {data.shape[axes.index('C')]} channels (axes {axes}); "
-                "choose one with --channel N"
-            )
-        kwargs = {"channel_axis": axes.index("C"), "channel": args.channel}
-        axes = axes.replace("C", "")
-    elif args.channel is not None:
-        raise ValueError(f"--channel was given but {args.image} has no channel axis (axes {axes})")
-    rgb = axes.endswith("S")
-    predictor.set_volume(data, rgb=rgb, store=args.store, **kwargs)
-    spatial_axes = axes[:-1] if rgb else axes
-    scale = (
-        tuple(s for a, s in zip(img.axes, img.scale, strict=True) if a not in "SC")
-        if len(img.scale) == len(img.axes)
-        else None
-    )
-    order = [img.axes.index(a) for a in spatial_axes] if scale else None
-    scale = tuple(img.scale[i] for i in order) if order else None
-    return spatial_axes, scale
+    src = open_volume(args.image, args.channel)
+    predictor.set_volume(src.data, store=args.store, **src.volume_kwargs)
+    return src.axes, src.scale
 
 
 def _predictor(args: argparse.Namespace):  # noqa: ANN202

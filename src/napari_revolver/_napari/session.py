@@ -89,11 +89,8 @@ class Session:
         # Each image keeps its output layer and the slices painted by hand; only the
         # predictor (and with it the feature cache) is replaced.
         for state in self.images.values():
-            old = state.predictor
+            kwargs = _volume_kwargs(state)
             state.predictor = self.base_predictor().clone()
-            kwargs: dict[str, Any] = {"rgb": state.geometry.rgb}
-            if old._channel is not None:
-                kwargs.update(channel_axis=old._channel[0], channel=old._channel[1])
             state.predictor.set_volume(state.geometry.data, **kwargs)
 
     def base_predictor(self) -> RevolverPredictor:
@@ -150,11 +147,7 @@ class Session:
         A store made for other data or another model is recomputed, never reused.
         """
         state = state or self.require_image()
-        old = state.predictor
-        kwargs: dict[str, Any] = {"rgb": state.geometry.rgb}
-        if old._channel is not None:
-            kwargs.update(channel_axis=old._channel[0], channel=old._channel[1])
-        state.predictor.set_volume(state.geometry.data, store=path, **kwargs)
+        state.predictor.set_volume(state.geometry.data, store=path, **_volume_kwargs(state))
         for t in self.tasks:
             t.task = None
         return state
@@ -458,6 +451,15 @@ class Session:
                 "point to guide it with the current weights"
             )
         return entry
+
+
+def _volume_kwargs(state: ImageState) -> dict[str, Any]:
+    """The ``set_volume`` arguments an image state was opened with."""
+    kwargs: dict[str, Any] = {"rgb": state.geometry.rgb}
+    channel = state.predictor._channel
+    if channel is not None:
+        kwargs.update(channel_axis=channel[0], channel=channel[1])
+    return kwargs
 
 
 def _painted_slices(

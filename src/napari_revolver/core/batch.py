@@ -73,23 +73,11 @@ class BatchJob:
 
 
 def _open_volume(path: str, channel: int | None) -> tuple[Any, dict[str, Any]]:
-    """The image as a lazy array in ``(..., Y, X[, S])`` order plus ``set_volume`` arguments."""
-    from .io import read_image, to_yx_last
+    """The image as a lazy array plus ``set_volume`` arguments."""
+    from .io import open_volume
 
-    img = read_image(path, lazy=True)
-    data, axes = to_yx_last(img.data, img.axes)
-    kwargs: dict[str, Any] = {"rgb": axes.endswith("S")}
-    if "C" in axes:
-        if channel is None and data.shape[axes.index("C")] == 1:
-            channel = 0
-        if channel is None:
-            raise ValueError(
-                f"{path} has {data.shape[axes.index('C')]} channels (axes {axes}); choose one"
-            )
-        kwargs.update(channel_axis=axes.index("C"), channel=channel)
-    elif channel is not None:
-        raise ValueError(f"a channel was given but {path} has no channel axis (axes {axes})")
-    return data, kwargs
+    src = open_volume(path, channel)
+    return src.data, src.volume_kwargs
 
 
 def batch_signature(job: BatchJob, fingerprint: str, weights_sha: str) -> str:

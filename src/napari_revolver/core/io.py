@@ -39,6 +39,8 @@ __all__ = [
     "ImageData",
     "LazyArray",
     "PointTable",
+    "VolumeSource",
+    "open_volume",
     "read_image",
     "read_points",
     "to_yx_last",
@@ -210,6 +212,59 @@ def read_image(path: PathLike, *, lazy: bool = False) -> ImageData:
         data = _open_lazy(p, shape)
 
     return ImageData(data=data, axes=_normalise_axes(raw_axes), scale=scale, path=str(p))
+
+
+@dataclass(frozen=True, eq=False)
+class VolumeSource:
+    """An image file opened lazily for segmentation.
+
+    Attributes
+    ----------
+    data : array-like
+        ``(..., Y, X[, S|C])``, read one slice at a time.
+    volume_kwargs : dict
+        Arguments for ``RevolverPredictor.set_volume`` (``rgb``, ``channel_axis``, ``channel``).
+    axes : str
+        Axes of the label image (``data``'s without channels or samples), e.g. ``"TZYX"``.
+    scale : tuple of float
+        Pixel size per axis of ``axes``.
+    """
+
+    data: Any
+    volume_kwargs: dict[str, Any]
+    axes: str
+    scale: tuple[float, ...]
+
+
+def open_volume(path: PathLike, channel: int | None = None) -> VolumeSource:
+    """Open a TIFF or zarr image lazily with its axes ordered for the predictor.
+
+    A multichannel image needs ``channel`` (unless it has a single channel); RGB is detected
+    from the samples axis.
+
+    Raises
+    ------
+    ValueError
+        Several channels and no ``channel``, or a ``channel`` for an image without channels.
+    """
+    img = read_image(path, lazy=True)
+    data, axes = to_yx_last(img.data, img.axes)
+    kwargs: dict[str, Any] = {"rgb": axes.endswith("S")}
+    if "C" in axes:
+        n = int(data.shape[axes.index("C")])
+        if channel is None and n == 1:
+            channel = 0  # a single channel needs no choice
+        if channel is None:
+            raise ValueError(f"{path} has {n} channels (axes {axes}); choose one with --channel N")
+        kwargs.update(channel_axis=axes.index("C"), channel=channel)
+    elif channel is not None:
+        raise ValueError(f"a channel was given but {path} has no channel axis (axes {axes})")
+    label_axes = axes.replace("C", "").replace("S", "")
+    by_axis = (
+        dict(zip(img.axes, img.scale, strict=False)) if len(img.scale) == len(img.axes) else {}
+    )
+    scale = tuple(float(by_axis.get(a, 1.0)) for a in label_axes)
+    return VolumeSource(data, kwargs, label_axes, scale)
 
 
 def _is_zarr(p: Path) -> bool:
