@@ -330,3 +330,11 @@ def test_feature_store_is_shared_with_the_cli(
     wait_idle(qtbot, widget)
     assert widget._feature_worker is None
     assert iou(state.labels.data[12], sample["truth"].data[12]) > 0.7
+
+
+def test_manifest_is_valid_npe2() -> None:
+    npe2 = pytest.importorskip("npe2")
+    manifest = npe2.PluginManifest.from_distribution("napari-revolver")
+    manifest.validate_imports()
+    assert {w.display_name for w in manifest.contributions.widgets} == {"Revolver"}
+    assert manifest.contributions.writers and manifest.contributions.readers
