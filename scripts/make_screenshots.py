@@ -71,20 +71,19 @@ def main() -> None:
     pump(1)
     viewer.screenshot(str(args.out / "02-propagated-slice-4.png"), canvas_only=False)
 
-    # 3. A second task (debris) next to the first.
+    # 3. A second task next to the first: the background, from the sample's background clicks
+    #    (positives here) and two nuclei clicks (negatives). Each pixel takes the likelier task.
     viewer.dims.current_step = (12, 0, 0)
     pump(0.5)
-    debris = widget.add_task("debris")
-    # The sample's last two clicks are negatives on debris: here they are the positives, and the
-    # nuclei clicks the negatives.
-    for p in clicks.data[-2:]:
-        debris.points.add(np.asarray(p)[None])
+    background = widget.add_task("background")
+    for p in clicks.data[labels == 0][:3]:
+        background.points.add(np.asarray(p)[None])
         pump(0.05)
-    L.set_polarity(debris.points, L.NEGATIVE)
+    L.set_polarity(background.points, L.NEGATIVE)
     for p in clicks.data[labels == 1][:2]:
-        debris.points.add(np.asarray(p)[None])
+        background.points.add(np.asarray(p)[None])
         pump(0.05)
-    L.set_polarity(debris.points, L.POSITIVE)
+    L.set_polarity(background.points, L.POSITIVE)
     widget._show_polarity(L.POSITIVE)
     idle(widget)
     viewer.screenshot(str(args.out / "03-two-tasks.png"), canvas_only=False)

@@ -338,3 +338,15 @@ def test_manifest_is_valid_npe2() -> None:
     manifest.validate_imports()
     assert {w.display_name for w in manifest.contributions.widgets} == {"Revolver"}
     assert manifest.contributions.writers and manifest.contributions.readers
+
+
+def test_a_task_added_later_gets_its_colour_in_the_labels_layer(
+    qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
+) -> None:
+    viewer.dims.current_step = (12, 0, 0)
+    click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
+    wait_idle(qtbot, widget)
+    second = widget.add_task("later")
+    colormap = widget.session.image.labels.colormap
+    rgba = np.asarray(colormap.map(np.array([second.label_value])))[0]
+    assert rgba[3] > 0  # visible, not the transparent default

@@ -184,6 +184,9 @@ class Session:
         entry = TaskEntry(name, value, color, points)
         self.tasks.append(entry)
         self.active = len(self.tasks) - 1
+        for other in self.images.values():
+            if other.labels is not None and L.is_alive(self.viewer, other.labels):
+                self._recolor(other.labels)
         return entry
 
     def remove_task(self, index: int, *, delete_layer: bool = True) -> None:
