@@ -70,6 +70,44 @@ def test_propagation_matches_the_core_and_the_truth(
     np.testing.assert_array_equal(out > 0, expected > 0)
 
 
+def test_widget_propagation_equals_revolver_segment(
+    qtbot: Any, tmp_path: Path, viewer: Any, widget: Any, sample: dict[str, Any]
+) -> None:
+    from napari_revolver import cli
+    from napari_revolver.core.io import PointTable, write_points
+
+    viewer.dims.current_step = (12, 0, 0)
+    click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
+    wait_idle(qtbot, widget)
+    with qtbot.waitSignal(widget.propagate().finished, timeout=WAIT_MS):
+        pass
+    wait_idle(qtbot, widget)
+    tifffile.imwrite(
+        tmp_path / "image.tif", sample["image"].data, imagej=True, metadata={"axes": "ZYX"}
+    )
+    write_points(
+        tmp_path / "points.csv", PointTable(sample["points"].data, L.point_labels(sample["points"]))
+    )
+    assert (
+        cli.main(
+            [
+                "segment",
+                str(tmp_path / "image.tif"),
+                "--points",
+                str(tmp_path / "points.csv"),
+                "-o",
+                str(tmp_path / "cli.tif"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    np.testing.assert_array_equal(
+        tifffile.imread(tmp_path / "cli.tif"), widget.session.image.labels.data
+    )
+
+
 def test_two_tasks_switch_and_label_values(
     qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
 ) -> None:
