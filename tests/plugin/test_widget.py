@@ -27,6 +27,20 @@ def wait_idle(qtbot: Any, widget: Any) -> None:
     )
 
 
+def annotate_sample(qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]) -> Any:
+    """The sample's nine clicks on slice 12, as a new task; waits for the live update."""
+    viewer.dims.current_step = (12, 0, 0)
+    entry = click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
+    wait_idle(qtbot, widget)
+    return entry
+
+
+def propagate_and_wait(qtbot: Any, widget: Any, *args: int) -> None:
+    with qtbot.waitSignal(widget.propagate(*args).finished, timeout=WAIT_MS):
+        pass
+    wait_idle(qtbot, widget)
+
+
 def test_manifest_opens_the_widget_and_sample_data(widget: Any, sample: dict[str, Any]) -> None:
     assert widget.image_combo.currentText() == sample["image"].name
     assert sample["image"].data.shape == (24, 256, 256)
@@ -36,9 +50,7 @@ def test_manifest_opens_the_widget_and_sample_data(widget: Any, sample: dict[str
 def test_clicks_update_the_current_slice(
     qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
 ) -> None:
-    viewer.dims.current_step = (12, 0, 0)
-    click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
-    wait_idle(qtbot, widget)
+    annotate_sample(qtbot, viewer, widget, sample)
     labels = widget.session.image.labels
     assert labels is not None and labels.data.shape == (24, 256, 256)
     assert iou(labels.data[12], sample["truth"].data[12]) > 0.7
@@ -51,12 +63,8 @@ def test_propagation_matches_the_core_and_the_truth(
 ) -> None:
     from napari_revolver import RevolverPredictor
 
-    viewer.dims.current_step = (12, 0, 0)
-    entry = click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
-    wait_idle(qtbot, widget)
-    with qtbot.waitSignal(widget.propagate().finished, timeout=WAIT_MS):
-        pass
-    wait_idle(qtbot, widget)
+    entry = annotate_sample(qtbot, viewer, widget, sample)
+    propagate_and_wait(qtbot, widget)
     out = np.asarray(widget.session.image.labels.data)
     assert iou(out, sample["truth"].data) > 0.7
 
@@ -76,12 +84,8 @@ def test_widget_propagation_equals_revolver_segment(
     from napari_revolver import cli
     from napari_revolver.core.io import PointTable, write_points
 
-    viewer.dims.current_step = (12, 0, 0)
-    click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
-    wait_idle(qtbot, widget)
-    with qtbot.waitSignal(widget.propagate().finished, timeout=WAIT_MS):
-        pass
-    wait_idle(qtbot, widget)
+    annotate_sample(qtbot, viewer, widget, sample)
+    propagate_and_wait(qtbot, widget)
     tifffile.imwrite(
         tmp_path / "image.tif", sample["image"].data, imagej=True, metadata={"axes": "ZYX"}
     )
@@ -152,20 +156,14 @@ def test_cancel_stops_a_propagation(qtbot: Any, viewer: Any, widget: Any, notes:
 def test_painted_slices_are_kept(
     qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
 ) -> None:
-    viewer.dims.current_step = (12, 0, 0)
-    click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
-    wait_idle(qtbot, widget)
+    annotate_sample(qtbot, viewer, widget, sample)
     labels = widget.session.image.labels
     labels.paint((5, 100, 100), 1, refresh=True)
     painted = labels.data[5].copy()
-    with qtbot.waitSignal(widget.propagate().finished, timeout=WAIT_MS):
-        pass
-    wait_idle(qtbot, widget)
+    propagate_and_wait(qtbot, widget)
     np.testing.assert_array_equal(labels.data[5], painted)
     widget.recompute_check.setChecked(True)
-    with qtbot.waitSignal(widget.propagate().finished, timeout=WAIT_MS):
-        pass
-    wait_idle(qtbot, widget)
+    propagate_and_wait(qtbot, widget)
     assert not np.array_equal(labels.data[5], painted)
 
 
@@ -174,9 +172,7 @@ def test_apply_tasks_to_another_image(
 ) -> None:
     from napari_revolver.core.synthetic import sample_stack
 
-    viewer.dims.current_step = (12, 0, 0)
-    click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
-    wait_idle(qtbot, widget)
+    annotate_sample(qtbot, viewer, widget, sample)
     other, truth, _, _ = sample_stack(seed=3, shape=(6, 192, 160))
     layer = viewer.add_image(other, name="other")
     with qtbot.waitSignal(widget.apply_to_target("other").finished, timeout=WAIT_MS):
@@ -190,9 +186,7 @@ def test_apply_tasks_to_another_image(
 def test_save_labels_and_task_round_trip(
     qtbot: Any, tmp_path: Path, viewer: Any, widget: Any, sample: dict[str, Any]
 ) -> None:
-    viewer.dims.current_step = (12, 0, 0)
-    click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
-    wait_idle(qtbot, widget)
+    annotate_sample(qtbot, viewer, widget, sample)
     path = widget.save_labels(tmp_path / "labels.tif")
     np.testing.assert_array_equal(tifffile.imread(path), widget.session.image.labels.data)
     task_path = widget.save_task(tmp_path / "nuclei.revolver-task.json")
@@ -242,9 +236,7 @@ def test_rgb_image_is_segmented(qtbot: Any, viewer: Any, widget: Any, notes: lis
 def test_deleting_the_image_mid_propagation_is_handled(
     qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
 ) -> None:
-    viewer.dims.current_step = (12, 0, 0)
-    click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
-    wait_idle(qtbot, widget)
+    annotate_sample(qtbot, viewer, widget, sample)
     worker = widget.propagate()
     with qtbot.waitSignal(worker.finished, timeout=WAIT_MS):
         viewer.layers.remove(sample["image"])
@@ -258,9 +250,7 @@ def test_deleting_the_image_mid_propagation_is_handled(
 def test_closing_the_widget_stops_its_work(
     qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
 ) -> None:
-    viewer.dims.current_step = (12, 0, 0)
-    click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
-    wait_idle(qtbot, widget)
+    annotate_sample(qtbot, viewer, widget, sample)
     worker = widget.propagate()
     with qtbot.waitSignal(worker.finished, timeout=WAIT_MS):
         widget.close()
@@ -283,9 +273,7 @@ def test_instances_give_one_id_per_object_unique_across_slices(
     click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
     widget.instances_check.setChecked(True)
     wait_idle(qtbot, widget)
-    with qtbot.waitSignal(widget.propagate(10, 13).finished, timeout=WAIT_MS):
-        pass
-    wait_idle(qtbot, widget)
+    propagate_and_wait(qtbot, widget, 10, 13)
     data = widget.session.image.labels.data
     ids = [set(np.unique(data[z]).tolist()) - {0} for z in (10, 11)]
     assert len(ids[0]) > 3 and len(ids[1]) > 3
@@ -323,9 +311,7 @@ def test_corrupt_weights_are_a_notification_and_the_model_stays(
     widget._set_weights(str(bad))
     assert any(kind == "error" and "Cannot use these weights" in msg for kind, msg in notes)
     assert widget.weights_label.text() == "shipped weights"
-    viewer.dims.current_step = (12, 0, 0)
-    click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
-    wait_idle(qtbot, widget)
+    annotate_sample(qtbot, viewer, widget, sample)
     assert widget.session.image.labels.data[12].any()
 
 
@@ -342,9 +328,7 @@ def test_dask_backed_layer_is_segmented(qtbot: Any, viewer: Any, widget: Any, no
         L.set_polarity(entry.points, L.POSITIVE if lab else L.NEGATIVE)
         entry.points.add(np.asarray(p)[None])
     wait_idle(qtbot, widget)
-    with qtbot.waitSignal(widget.propagate().finished, timeout=WAIT_MS):
-        pass
-    wait_idle(qtbot, widget)
+    propagate_and_wait(qtbot, widget)
     assert iou(widget.session.image.labels.data, truth) > 0.6
     assert not [n for n in notes if n[0] == "error"]
 
@@ -363,9 +347,7 @@ def test_feature_store_is_shared_with_the_cli(
     widget.set_store(str(store))
     state = widget.session.image
     assert widget.session.missing_features([(z,) for z in range(24)]) == []
-    viewer.dims.current_step = (12, 0, 0)
-    click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
-    wait_idle(qtbot, widget)
+    annotate_sample(qtbot, viewer, widget, sample)
     assert widget._feature_worker is None
     assert iou(state.labels.data[12], sample["truth"].data[12]) > 0.7
 
@@ -381,9 +363,7 @@ def test_manifest_is_valid_npe2() -> None:
 def test_a_task_added_later_gets_its_colour_in_the_labels_layer(
     qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
 ) -> None:
-    viewer.dims.current_step = (12, 0, 0)
-    click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
-    wait_idle(qtbot, widget)
+    annotate_sample(qtbot, viewer, widget, sample)
     second = widget.add_task("later")
     colormap = widget.session.image.labels.colormap
     rgba = np.asarray(colormap.map(np.array([second.label_value])))[0]
