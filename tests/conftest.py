@@ -84,3 +84,23 @@ def make_blobs() -> Callable[..., np.ndarray]:
 def make_tiny() -> Callable[[int], GuidedNet]:
     """Factory: ``make_tiny(seed)`` -> a fresh unfused tiny model."""
     return make_tiny_model
+
+
+@pytest.fixture
+def count_encoder_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Callable[[RevolverPredictor], list[int]]:
+    """``count_encoder_calls(predictor)`` records the batch size of each later encoder call."""
+
+    def start(predictor: RevolverPredictor) -> list[int]:
+        calls: list[int] = []
+        original = predictor._encode
+
+        def counting(images):  # noqa: ANN001, ANN202
+            calls.append(len(images))
+            return original(images)
+
+        monkeypatch.setattr(predictor, "_encode", counting)
+        return calls
+
+    return start

@@ -208,26 +208,14 @@ def test_data_fingerprint_of_rgb_image_samples_the_whole_plane(rng: np.random.Ge
 # ------------------------------------------------------------------------- resumable precompute
 
 
-def _count_encoded(monkeypatch: pytest.MonkeyPatch, predictor: RevolverPredictor) -> list[int]:
-    calls: list[int] = []
-    original = predictor._encode
-
-    def counting(images):
-        calls.append(len(images))
-        return original(images)
-
-    monkeypatch.setattr(predictor, "_encode", counting)
-    return calls
-
-
 def test_precompute_with_store_is_resumable(
-    tmp_path: Path, tiny_weights: Path, monkeypatch: pytest.MonkeyPatch, make_blobs
+    tmp_path: Path, tiny_weights: Path, count_encoder_calls, make_blobs
 ) -> None:
     vol = make_blobs((6, 32, 32))
     store = tmp_path / "features.zarr"
     first = RevolverPredictor(tiny_weights, "cpu", batch_size=2)
     first.set_volume(vol, store=store)
-    calls = _count_encoded(monkeypatch, first)
+    calls = count_encoder_calls(first)
     gen = first.precompute()
     assert next(gen) == (0, 6)
     assert next(gen) == (2, 6)
@@ -237,7 +225,7 @@ def test_precompute_with_store_is_resumable(
 
     second = RevolverPredictor(tiny_weights, "cpu", batch_size=2)
     second.set_volume(vol, store=store)
-    calls2 = _count_encoded(monkeypatch, second)
+    calls2 = count_encoder_calls(second)
     progress = list(second.precompute())
     assert progress[0] == (2, 6)
     assert progress[-1] == (6, 6)
@@ -247,7 +235,7 @@ def test_precompute_with_store_is_resumable(
     # Everything is stored now: a third predictor encodes nothing, even to predict.
     third = RevolverPredictor(tiny_weights, "cpu")
     third.set_volume(vol, store=store)
-    calls3 = _count_encoded(monkeypatch, third)
+    calls3 = count_encoder_calls(third)
     assert list(third.precompute()) == [(6, 6)]
     task = third.guide([[3, 16, 16]], [1])
     assert third.predict_slice(5, task).shape == (32, 32)

@@ -19,18 +19,6 @@ from napari_revolver.core.predictor import (
 from napari_revolver.core.task import Task, load_task
 
 
-def _count_encoder_calls(monkeypatch: pytest.MonkeyPatch, p: RevolverPredictor) -> list[int]:
-    calls: list[int] = []
-    original = p._encode
-
-    def counting(images):
-        calls.append(len(images))
-        return original(images)
-
-    monkeypatch.setattr(p, "_encode", counting)
-    return calls
-
-
 @pytest.fixture
 def stack(make_blobs) -> np.ndarray:
     return make_blobs((4, 48, 48))
@@ -275,10 +263,10 @@ def test_predictions_are_deterministic(predictor: RevolverPredictor, task: Task)
 
 
 def test_cached_features_are_not_recomputed(
-    predictor: RevolverPredictor, stack: np.ndarray, monkeypatch: pytest.MonkeyPatch
+    predictor: RevolverPredictor, stack: np.ndarray, count_encoder_calls
 ) -> None:
     predictor.set_volume(stack)
-    calls = _count_encoder_calls(monkeypatch, predictor)
+    calls = count_encoder_calls(predictor)
     t = predictor.guide([[2, 24, 24]], [1])
     assert calls == [1]
     predictor.predict_slice(2, t)
