@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument(
+        "--local",
+        action="store_true",
+        help="clicks also act by position on the other slices: follows one object through "
+        "z or time (not for a collection of unrelated images)",
+    )
+    p.add_argument(
         "--scheduler",
         default=None,
         help="run on Dask: 'local:N' (a local cluster of N worker processes) or a scheduler "
@@ -178,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--val-episodes", type=int, default=48, help="validation episodes per source")
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from these weights (.safetensors); inputs they lack start at zero",
+    )
 
     p = sub.add_parser("compare", help="score a segmentation against ground-truth labels")
     p.add_argument("prediction", type=Path, help="label TIFF to score")
@@ -219,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="add a baseline (repeatable): rf = random-forest pixel classifier on the same "
         "points (needs napari-revolver[bench]); dense = the network guided by the whole mask",
+    )
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="the clicks also act by position on the query slices (for z-stacks and "
+        "time-lapses; see `revolver segment --local`)",
     )
     p.add_argument("--json", action="store_true", help='print one JSON object {"results": [...]}')
     _add_model_args(p)
@@ -363,7 +381,9 @@ def _segment_local(
         # Slices stream from the network to the file: memory stays at one slice.
         from .core.instances import mask_to_instances
 
-        for step in predictor.propagate(tasks, threshold=args.threshold, cache=False):
+        for step in predictor.propagate(
+            tasks, threshold=args.threshold, cache=False, local=args.local
+        ):
             page = step.result
             if args.instances:
                 lab = mask_to_instances(page > 0).astype(np.uint32)
@@ -417,6 +437,7 @@ def _segment_distributed(
         args.threshold,
         args.chunk,
         args.batch_size,
+        args.local,
     )
     bar = Progress(f"segment {_stem(args.image)}")
     device = "cpu" if predictor.device.type == "cpu" else str(predictor.device)
@@ -466,7 +487,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         val_every=args.val_every,
         checkpoint_every=args.checkpoint_every,
         val_episodes=args.val_episodes,
+        init=str(args.init) if args.init else None,
     )
+    if args.init is not None and not args.init.exists():
+        raise FileNotFoundError(f"--init weights {args.init} do not exist")
     bar = Progress("train")
 
     def show(p) -> None:  # noqa: ANN001
@@ -570,6 +594,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         label_value=args.label_value,
         baselines=args.baseline or (),
         progress=bar.update,
+        local=args.local,
     )
     if args.json:
         print(json.dumps({"results": [r.to_dict() for r in results]}))

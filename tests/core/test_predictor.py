@@ -517,7 +517,7 @@ def test_instances_of_separated_blobs_get_one_id_each(
     probs[0, 4:14, 4:14] = 0.9
     probs[0, 30:44, 6:16] = 0.8
     probs[0, 20:28, 30:46] = 0.7
-    monkeypatch.setattr(predictor, "predict_proba", lambda index, tasks: probs)
+    monkeypatch.setattr(predictor, "predict_proba", lambda index, tasks, local=False: probs)
     inst = predictor.predict_slice(0, task, instances=True)
     assert np.issubdtype(inst.dtype, np.integer)
     assert sorted(np.unique(inst)) == [0, 1, 2, 3]
@@ -525,7 +525,7 @@ def test_instances_of_separated_blobs_get_one_id_each(
     np.testing.assert_array_equal(inst > 0, probs[0] > 0.5)
     # Several tasks: instances of the union of their labels.
     two = np.concatenate([probs, np.zeros_like(probs)])
-    monkeypatch.setattr(predictor, "predict_proba", lambda index, tasks: two)
+    monkeypatch.setattr(predictor, "predict_proba", lambda index, tasks, local=False: two)
     inst2 = predictor.predict_slice(0, [task, task.renamed("b", 2)], instances=True)
     np.testing.assert_array_equal(inst2, inst)
 
@@ -726,4 +726,5 @@ def test_dask_volume_is_read_one_slice_at_a_time(predictor: RevolverPredictor) -
     from_dask = predictor.segment(task, output="probabilities")
     predictor.set_volume(data)
     from_numpy = predictor.segment(task, output="probabilities")
-    np.testing.assert_array_equal(from_dask, from_numpy)
+    # Equal up to float rounding of the convolutions.
+    np.testing.assert_allclose(from_dask, from_numpy, rtol=0, atol=1e-6)

@@ -76,6 +76,8 @@ class Session:
         self.active: int = -1
         #: Output instance ids (touching objects split) instead of task label values.
         self.instances = False
+        #: Clicks also act by position on other slices of their stack (follow one object).
+        self.local = False
 
     # --------------------------------------------------------------- model
     def set_model(self, weights: str | Path | None, device: str) -> None:
@@ -349,7 +351,9 @@ class Session:
         tasks = self.guided_tasks()
         if not tasks:
             return None
-        return state.predictor.predict_slice(index, tasks, instances=self.instances)
+        return state.predictor.predict_slice(
+            index, tasks, instances=self.instances, local=self.local
+        )
 
     def clear_slice(self, index: tuple[int, ...], state: ImageState | None = None) -> None:
         """Blank a slice's labels after the last positive point is gone."""
@@ -392,7 +396,7 @@ class Session:
             indices = [info.unflat(k) for k in range(info.n_slices)]
         if not recompute_edited:
             indices = [i for i in indices if i not in state.edited]
-        return state.predictor.propagate(tasks, indices, instances=self.instances)
+        return state.predictor.propagate(tasks, indices, instances=self.instances, local=self.local)
 
     # ------------------------------------------------------------------ io
     def save_labels(self, path: str | Path, *, overwrite: bool = True) -> Path:

@@ -159,6 +159,13 @@ class RevolverWidget(QWidget):
         form.addRow("Slices (first axis)", rng)
         self.recompute_check = QCheckBox("Also recompute slices I painted")
         form.addRow(self.recompute_check)
+        self.local_check = QCheckBox("Follow click positions through the stack")
+        self.local_check.setToolTip(
+            "Clicks also act by where they are on the other slices: follows one object "
+            "through z or time. Leave off for a stack of unrelated images."
+        )
+        self.local_check.toggled.connect(self._on_local)
+        form.addRow(self.local_check)
         self.instances_check = QCheckBox("Instances (one id per object, touching ones split)")
         self.instances_check.toggled.connect(self._on_instances)
         form.addRow(self.instances_check)
@@ -539,6 +546,10 @@ class RevolverWidget(QWidget):
 
     def _guide_quietly(self, entry: TaskEntry) -> None:
         entry.task = None
+        self._schedule_update()
+
+    def _on_local(self, on: bool) -> None:
+        self.session.local = bool(on)
         self._schedule_update()
 
     def _on_instances(self, on: bool) -> None:

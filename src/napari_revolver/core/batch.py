@@ -60,6 +60,8 @@ class BatchJob:
         Slices per Dask task.
     batch_size : int
         Slices per network batch inside a task.
+    local : bool
+        Annotations also act by position on other slices (see ``RevolverPredictor.propagate``).
     """
 
     image: str
@@ -70,6 +72,7 @@ class BatchJob:
     threshold: float = 0.5
     chunk: int = 8
     batch_size: int = 4
+    local: bool = False
 
 
 def _open_volume(path: str, channel: int | None) -> tuple[Any, dict[str, Any]]:
@@ -90,6 +93,7 @@ def batch_signature(job: BatchJob, fingerprint: str, weights_sha: str) -> str:
                 "weights": weights_sha,
                 "threshold": job.threshold,
                 "channel": job.channel,
+                "local": job.local,
                 "format": BATCH_FORMAT_VERSION,
             },
             sort_keys=True,
@@ -133,7 +137,9 @@ def _segment_chunk(job: BatchJob, slices: list[int], weights: bytes, sha: str, d
     labels, done = group["labels"], group["done"]
     tasks = list(job.tasks)
     count = 0
-    for step in predictor.propagate(tasks, slices, threshold=job.threshold, cache=False):
+    for step in predictor.propagate(
+        tasks, slices, threshold=job.threshold, cache=False, local=job.local
+    ):
         labels[step.index] = step.result
         done[predictor.info.flat(step.index)] = True
         count += 1

@@ -42,6 +42,10 @@ class EpisodeConfig:
     p_no_negative: float = 0.08
     scale_range: tuple[float, float] = (0.5, 2.0)
     fine_stride: int = 4
+    #: Episodes whose query is the support slice itself (same-slice corrections).
+    p_same_slice: float = 0.12
+    #: Aligned episodes given without the local prior.
+    p_local_off: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -56,12 +60,17 @@ class Episode:
         ``(2, S/4, S/4)`` float32 positive/negative annotation weights on the fine grid.
     target : np.ndarray
         ``(S, S)`` float32 query mask.
+    aligned : float
+        1 when support and query share their geometry (the same slice, or a neighbouring slice
+        of the same stack cropped at the same place), so the annotations' positions apply to
+        the query (the local prior); 0 otherwise.
     """
 
     support: np.ndarray
     masks: np.ndarray
     query: np.ndarray
     target: np.ndarray
+    aligned: float = 0.0
 
 
 def sample_points(rng: np.random.Generator, mask: np.ndarray, n: int) -> np.ndarray:
@@ -118,16 +127,23 @@ def annotate(rng: np.random.Generator, mask: np.ndarray, cfg: EpisodeConfig) -> 
 
 
 def _augment_pair(
-    rng: np.random.Generator, img: np.ndarray, mask: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+    rng: np.random.Generator,
+    img: np.ndarray,
+    mask: np.ndarray,
+    geometry: tuple[int, bool] | None = None,
+) -> tuple[np.ndarray, np.ndarray, tuple[int, bool]]:
     """Flips, 90-degree rotations, intensity, gamma, noise and blur.
 
-    ``img`` is ``(3, S, S)``, ``mask`` ``(S, S)``; geometry applies to both.
+    ``img`` is ``(3, S, S)``, ``mask`` ``(S, S)``; geometry applies to both. ``geometry``
+    ``(quarter turns, flip)`` reuses another slice's geometry (aligned episodes); the one used
+    is returned.
     """
-    k = int(rng.integers(4))
+    if geometry is None:
+        geometry = (int(rng.integers(4)), bool(rng.random() < 0.5))
+    k, flip = geometry
     img = np.rot90(img, k, axes=(1, 2))
     mask = np.rot90(mask, k)
-    if rng.random() < 0.5:
+    if flip:
         img, mask = img[:, :, ::-1], mask[:, ::-1]
     img = np.ascontiguousarray(img)
     mask = np.ascontiguousarray(mask)
@@ -140,7 +156,7 @@ def _augment_pair(
         img = ndimage.gaussian_filter(img, (0, rng.uniform(0.5, 1.5), rng.uniform(0.5, 1.5)))
     if rng.random() < 0.3:
         img = img + rng.normal(0, rng.uniform(0.01, 0.08), img.shape)
-    return img.astype(np.float32), mask
+    return img.astype(np.float32), mask, geometry
 
 
 def _make_episode(
@@ -150,11 +166,14 @@ def _make_episode(
     s_mask: np.ndarray,
     q_img: np.ndarray,
     q_mask: np.ndarray,
+    aligned: bool = False,
 ) -> Episode:
-    s_img, s_mask = _augment_pair(rng, s_img, s_mask)
-    q_img, q_mask = _augment_pair(rng, q_img, q_mask)
+    s_img, s_mask, geometry = _augment_pair(rng, s_img, s_mask)
+    q_img, q_mask, _ = _augment_pair(rng, q_img, q_mask, geometry if aligned else None)
     masks = annotate(rng, s_mask, cfg)
-    return Episode(s_img, masks.astype(np.float32), q_img, q_mask.astype(np.float32))
+    # Aligned episodes sometimes withhold the positions: the model must work both ways.
+    on = aligned and rng.random() >= cfg.p_local_off
+    return Episode(s_img, masks.astype(np.float32), q_img, q_mask.astype(np.float32), float(on))
 
 
 def _task_masks(
@@ -198,7 +217,9 @@ class SyntheticEpisodes:
             scene = synthetic.make_scene(rng, style, (depth, c, c))
             zs = float(rng.uniform(2, depth - 2))
             same = rng.random() < 0.6
-            if same:
+            if same and rng.random() < self.cfg.p_same_slice / 0.6:
+                zq, q_scene = zs, scene
+            elif same:
                 zq = float(np.clip(zs + rng.choice([-1, 1]) * rng.uniform(1, 6), 0, depth - 1))
                 q_scene = scene
             else:
@@ -209,9 +230,9 @@ class SyntheticEpisodes:
             task = _task_masks(rng, s.semantic, q.semantic, s.instance, q.instance, same)
             if task is None or task[0].sum() < 4 or (~task[0]).sum() < 4:
                 continue
-            return _make_episode(
-                rng, self.cfg, normalize_slice(s.image), task[0], normalize_slice(q.image), task[1]
-            )
+            s_img = normalize_slice(s.image)
+            q_img = s_img if zq == zs else normalize_slice(q.image)
+            return _make_episode(rng, self.cfg, s_img, task[0], q_img, task[1], aligned=same)
         raise RuntimeError("could not draw a synthetic episode in 50 tries")
 
 
@@ -370,27 +391,31 @@ class StackEpisodes:
             st = self.stacks[int(rng.integers(len(self.stacks)))]
             n = len(st.images)
             i = int(rng.integers(n))
-            if st.volumetric and rng.random() < 0.7:
-                j = int(np.clip(i + rng.choice([-1, 1]) * rng.integers(1, 4), 0, n - 1))
+            same_slice = rng.random() < self.cfg.p_same_slice
+            if same_slice:
+                j = i
+            elif st.volumetric and rng.random() < 0.7:
+                j = int(np.clip(i + rng.choice([-1, 1]) * rng.integers(1, 9), 0, n - 1))
             else:
                 j = int(rng.integers(n))
-            if j == i and n > 1:
+            if j == i and n > 1 and not same_slice:
                 j = (i + 1) % n
             scale = float(np.exp(rng.uniform(*np.log(self.cfg.scale_range))))
             s_img, s_lab, at = self._crop(st.images[i], st.labels[i], scale, None)
-            q_img, q_lab, _ = self._crop(
-                st.images[j],
-                st.labels[j],
-                scale,
-                at if st.volumetric and rng.random() < 0.5 else None,
-            )
+            aligned = same_slice or (st.volumetric and rng.random() < 0.5)
+            if same_slice:
+                q_img, q_lab = s_img, s_lab
+            else:
+                q_img, q_lab, _ = self._crop(
+                    st.images[j], st.labels[j], scale, at if aligned else None
+                )
             if st.semantic:
                 values = np.unique(s_lab)
                 v = rng.choice(values)
                 sm, qm = s_lab == v, q_lab == v
             else:
                 r = rng.random()
-                if r < 0.3 and st.volumetric:
+                if r < 0.3 and (st.volumetric or same_slice):
                     ids = np.intersect1d(np.unique(s_lab), np.unique(q_lab))
                     if len(ids) == 0:
                         continue
@@ -405,5 +430,5 @@ class StackEpisodes:
                     sm, qm = s_lab > 0, q_lab > 0
             if sm.sum() < 4 or (~sm).sum() < 4:
                 continue
-            return _make_episode(rng, self.cfg, s_img, sm, q_img, qm)
+            return _make_episode(rng, self.cfg, s_img, sm, q_img, qm, aligned=aligned)
         raise RuntimeError("could not draw an episode from the labelled stacks in 100 tries")

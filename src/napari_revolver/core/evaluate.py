@@ -313,6 +313,7 @@ def evaluate_few_shot(
     label_value: int | None = None,
     baselines: Sequence[str] = (),
     progress: Callable[[int, int], None] | None = None,
+    local: bool = False,
 ) -> list[EvalResult]:
     """Score few-shot segmentation of a labelled stack (see the module docstring).
 
@@ -339,6 +340,9 @@ def evaluate_few_shot(
         ``"dense"`` adds the dense row if ``points`` does not already ask for it.
     progress : callable, optional
         ``progress(done, total)`` after each unit of work.
+    local : bool
+        The annotations also act by position on the queries (``RevolverPredictor.propagate``);
+        for slices of one z-stack or time-lapse.
 
     Returns
     -------
@@ -424,7 +428,7 @@ def evaluate_few_shot(
         t0 = time.perf_counter()
         preds = {
             step.index[0]: step.result[0]
-            for step in predictor.propagate(task, indices=queries, output="masks")
+            for step in predictor.propagate(task, indices=queries, output="masks", local=local)
         }
         seconds = (time.perf_counter() - t0) / len(queries)
         ious = [foreground_iou(preds[k], fg[k]) for k in queries]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .features import FeatureCache, FeatureSignature, FeatureStore, data_fingerprint
 from .instances import mask_to_instances
 from .model.encoder import EncoderOutput
-from .model.guide import GuideOutput, dense_masks, point_masks
+from .model.guide import GuideOutput, dense_masks, local_prior, point_masks
 from .model.guided_net import GuidedNet
 from .preprocess import Preprocessing, normalize_slice
 from .task import Task
@@ -599,7 +599,15 @@ class RevolverPredictor:
         valid[: mask.shape[0], : mask.shape[1]] = 1
         masks = masks * F.avg_pool2d(torch.from_numpy(valid)[None, None], s)[0]
         g = self._guide_features(f, masks)
-        return self._task(g, name, label_value, np.zeros((0, info.ndim)), np.zeros(0, np.int8))
+        key = info.unflat(info.flat(index))
+        return self._task(
+            g,
+            name,
+            label_value,
+            np.zeros((0, info.ndim)),
+            np.zeros(0, np.int8),
+            ((key, masks.numpy().astype(np.float32)),),
+        )
 
     def _guide_features(self, f: EncoderOutput, masks: torch.Tensor) -> GuideOutput:
         return self.model.guide_from_masks(
@@ -607,7 +615,13 @@ class RevolverPredictor:
         )
 
     def _task(
-        self, g: GuideOutput, name: str, label_value: int, pts: np.ndarray, lab: np.ndarray
+        self,
+        g: GuideOutput,
+        name: str,
+        label_value: int,
+        pts: np.ndarray,
+        lab: np.ndarray,
+        support_masks: tuple[tuple[tuple[int, ...], np.ndarray], ...] = (),
     ) -> Task:
         return Task(
             name=name,
@@ -619,7 +633,63 @@ class RevolverPredictor:
             model_key=self.model_key,
             weights_sha256=self.weights.sha256,
             label_value=label_value,
+            source=self.info.fingerprint,
+            support_masks=support_masks,
         )
+
+    def _local_prior(
+        self, task: Task, key: tuple[int, ...] | None, grid: tuple[int, int]
+    ) -> torch.Tensor | None:
+        """``(3, h, w)`` local prior of ``task`` (see :func:`.model.guide.local_prior`).
+
+        ``key`` is the query slice: only annotations on that slice count. ``None`` means every
+        annotation of the task counts (following positions through the stack). Returns ``None``
+        where the prior is off: another volume, a model without the input, no annotations.
+        """
+        info = self.info
+        if not self.model.config.local_prior or not task.source or task.source != info.fingerprint:
+            return None
+        n_lead = len(info.leading_shape)
+        masks = torch.zeros(2, *grid)
+        hit = False
+        if len(task.points) and task.points.shape[1] == info.ndim:
+            sel = np.ones(len(task.points), bool)
+            if key is not None and n_lead:
+                sel = np.all(np.rint(task.points[:, :n_lead]) == np.asarray(key), axis=1)
+            if sel.any():
+                masks += point_masks(
+                    torch.from_numpy(task.points[sel, n_lead:]),
+                    torch.from_numpy(task.labels[sel]),
+                    grid,
+                    self.model.fine_stride,
+                )
+                hit = True
+        for k, m in task.support_masks:
+            if (key is None or tuple(k) == tuple(key)) and m.shape[-2:] == grid:
+                masks += torch.from_numpy(m)
+                hit = True
+        if not hit:
+            return None
+        return local_prior(masks[None])[0]
+
+    def _priors(
+        self, tasks: Sequence[Task], ks: Sequence[int], local: bool, grid: tuple[int, int]
+    ) -> torch.Tensor | None:
+        """Local priors ``(S * T, 3, h, w)`` for slices ``ks`` and ``tasks`` (or ``None``)."""
+        if not self.model.config.local_prior:
+            return None
+        memo: dict[tuple[int, tuple[int, ...] | None], torch.Tensor | None] = {}
+        rows: list[torch.Tensor | None] = []
+        for k in ks:
+            key = None if local else self.info.unflat(k)
+            for i, t in enumerate(tasks):
+                if (i, key) not in memo:
+                    memo[(i, key)] = self._local_prior(t, key, grid)
+                rows.append(memo[(i, key)])
+        if all(r is None for r in rows):
+            return None
+        zero = torch.zeros(3, *grid)
+        return torch.stack([zero if r is None else r for r in rows]).to(self.device)
 
     def _guidance(self, tasks: Sequence[Task]) -> GuideOutput:
         for t in tasks:
@@ -638,8 +708,13 @@ class RevolverPredictor:
 
     # ----------------------------------------------------------------- predict
     @torch.inference_mode()
-    def _probabilities(self, feats: EncoderOutput, guidance: GuideOutput) -> torch.Tensor:
-        """``(S, T, H, W)`` probabilities for S slices' features and T tasks."""
+    def _probabilities(
+        self, feats: EncoderOutput, guidance: GuideOutput, prior: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``(S, T, H, W)`` probabilities for S slices' features and T tasks.
+
+        ``prior`` is ``(S * T, 3, h, w)``, slice-major, or ``None`` (see :meth:`_priors`).
+        """
         n_s, n_t = feats.coarse.shape[0], guidance.mass.shape[0]
         f = feats.to(self.device, torch.float32)
         if n_s > 1 or n_t > 1:
@@ -651,13 +726,17 @@ class RevolverPredictor:
             )
         h, w = self.info.slice_shape
         if h * w <= MAX_TILE_PIXELS:
-            logits = self.model.segment(f, guidance, (h, w))
+            logits = self.model.segment(f, guidance, (h, w), prior=prior)
         else:
-            logits = self._segment_tiled(f, guidance, (h, w))
+            logits = self._segment_tiled(f, guidance, (h, w), prior)
         return torch.sigmoid(logits).reshape(n_s, n_t, *logits.shape[-2:])
 
     def _segment_tiled(
-        self, f: EncoderOutput, guidance: GuideOutput, out_size: tuple[int, int]
+        self,
+        f: EncoderOutput,
+        guidance: GuideOutput,
+        out_size: tuple[int, int],
+        prior: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The segmentor on a large slice, tile by tile, to bound its activation memory.
 
@@ -676,19 +755,29 @@ class RevolverPredictor:
                     f.coarse[:, :, ty0:ty1, tx0:tx1],
                     f.fine[:, :, 2 * ty0 : 2 * ty1, 2 * tx0 : 2 * tx1],
                 )
-                logits = self.model.segment(tile, guidance)
+                tile_prior = (
+                    None if prior is None else prior[:, :, 2 * ty0 : 2 * ty1, 2 * tx0 : 2 * tx1]
+                )
+                logits = self.model.segment(tile, guidance, prior=tile_prior)
                 y1, x1 = min(hc, y0 + step), min(wc, x0 + step)
                 out[:, 8 * y0 : 8 * y1, 8 * x0 : 8 * x1] = logits[
                     :, 8 * (y0 - ty0) : 8 * (y1 - ty0), 8 * (x0 - tx0) : 8 * (x1 - tx0)
                 ]
         return out[:, : out_size[0], : out_size[1]]
 
-    def predict_proba(self, index: Index, tasks: Task | Sequence[Task]) -> np.ndarray:
-        """Foreground probability of each task on one slice: ``(T, H, W)`` float32."""
+    def predict_proba(
+        self, index: Index, tasks: Task | Sequence[Task], *, local: bool = False
+    ) -> np.ndarray:
+        """Foreground probability of each task on one slice: ``(T, H, W)`` float32.
+
+        ``local``: see :meth:`propagate`.
+        """
         tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
         if not tasks:
             raise ValueError("no task given")
-        return self._probabilities(self.features(index), self._guidance(tasks))[0].cpu().numpy()
+        feats = self.features(index)
+        prior = self._priors(tasks, [self.info.flat(index)], local, tuple(feats.fine.shape[-2:]))
+        return self._probabilities(feats, self._guidance(tasks), prior)[0].cpu().numpy()
 
     def predict_slice(
         self,
@@ -697,6 +786,7 @@ class RevolverPredictor:
         *,
         threshold: float = 0.5,
         instances: bool = False,
+        local: bool = False,
     ) -> np.ndarray:
         """Segment one slice.
 
@@ -711,13 +801,15 @@ class RevolverPredictor:
             Probability threshold.
         instances : bool
             Return instance ids (connected components, touching objects split) instead.
+        local : bool
+            Let annotations on other slices act by position too (see :meth:`propagate`).
 
         Returns
         -------
         np.ndarray
             ``(H, W)`` bool mask, or unsigned label image.
         """
-        probs = self.predict_proba(index, task)
+        probs = self.predict_proba(index, task, local=local)
         return self._finish(
             probs,
             [task] if isinstance(task, Task) else list(task),
@@ -750,6 +842,7 @@ class RevolverPredictor:
         instances: bool = False,
         batch_size: int | None = None,
         cache: bool = True,
+        local: bool = False,
     ) -> Generator[PropagationStep, None, None]:
         """Apply tasks to many slices, yielding each slice's result as it is ready.
 
@@ -775,6 +868,12 @@ class RevolverPredictor:
         cache : bool
             Keep newly computed features in memory (and in the store). A one-pass run over a
             long stack passes ``False``: memory then stays at one batch, whatever the length.
+        local : bool
+            Where the clicks are matters, not only what they are on. Annotations always act
+            by position on their own slice (a negative click removes what is around it);
+            with ``local`` they also act on every other slice of the volume they were made
+            on, which follows one object through z or time. Leave it off for a collection of
+            unrelated images stacked together, and it has no effect on other volumes.
 
         Yields
         ------
@@ -792,7 +891,8 @@ class RevolverPredictor:
         for i in range(0, total, bs):
             batch = ks[i : i + bs]
             feats = self._batch_features(batch, remember=cache)
-            probs = self._probabilities(feats, guidance).cpu().numpy()
+            prior = self._priors(task_list, batch, local, tuple(feats.fine.shape[-2:]))
+            probs = self._probabilities(feats, guidance, prior).cpu().numpy()
             for j, k in enumerate(batch):
                 res = self._finish(probs[j], task_list, threshold, instances, output)
                 yield PropagationStep(self.info.unflat(k), res, i + j + 1, total)

@@ -41,6 +41,12 @@ class Task:
         The model the vectors belong to; applying a task with another model is refused.
     label_value : int
         Value this task takes in a label image.
+    source : str
+        Fingerprint of the volume the annotations were made on (empty if unknown). The local
+        prior (where the clicks are) applies only to that volume.
+    support_masks : tuple of (tuple of int, np.ndarray)
+        Dense support masks as ``(slice index, (2, h, w) float32 fine-grid weights)``, for the
+        local prior of tasks guided by a mask; not written to task files.
     """
 
     name: str
@@ -53,6 +59,8 @@ class Task:
     weights_sha256: str
     label_value: int = 1
     package_version: str = field(default=__version__)
+    source: str = ""
+    support_masks: tuple[tuple[tuple[int, ...], np.ndarray], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("sum_coarse", "sum_fine"):
@@ -106,6 +114,7 @@ class Task:
                 f"{self.weights_sha256[:12]} vs {other.model_key}/{other.weights_sha256[:12]}"
             )
         same_dims = self.points.shape[1] == other.points.shape[1]
+        same_source = self.source == other.source
         return replace(
             self,
             sum_coarse=self.sum_coarse + other.sum_coarse,
@@ -113,6 +122,8 @@ class Task:
             mass=self.mass + other.mass,
             points=np.concatenate([self.points, other.points]) if same_dims else self.points,
             labels=np.concatenate([self.labels, other.labels]) if same_dims else self.labels,
+            source=self.source if same_source else "",
+            support_masks=self.support_masks + other.support_masks if same_source else (),
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -131,6 +142,7 @@ class Task:
             "points": self.points.tolist(),
             "points_ndim": int(self.points.shape[1]),
             "labels": self.labels.astype(int).tolist(),
+            "source": self.source,
         }
 
     @classmethod
@@ -157,6 +169,7 @@ class Task:
             weights_sha256=str(d["weights_sha256"]),
             label_value=int(d.get("label_value", 1)),  # type: ignore[arg-type]
             package_version=str(d.get("package_version", "")),
+            source=str(d.get("source", "")),
         )
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:

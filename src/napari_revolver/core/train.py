@@ -56,6 +56,9 @@ class TrainConfig:
     val_episodes: int = 48
     workers: int = 1
     threads: int = 0
+    #: Start from these weights (a ``.safetensors`` checkpoint); input channels the checkpoint
+    #: lacks (the local prior, say) start at zero, so the warm start behaves as it did.
+    init: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ def _collate(eps: list[Episode]) -> tuple[torch.Tensor, ...]:
         torch.from_numpy(np.stack([e.masks for e in eps])),
         torch.from_numpy(np.stack([e.query for e in eps])),
         torch.from_numpy(np.stack([e.target for e in eps])),
+        torch.tensor([e.aligned for e in eps], dtype=torch.float32),
     )
 
 
@@ -137,14 +141,68 @@ def evaluate(
     """Mean foreground IoU (threshold 0.5) over validation batches."""
     model.eval()
     ious = []
-    for s, m, q, t in batches:
-        pred = model(s.to(device), m.to(device), q.to(device)) > 0
+    for s, m, q, t, a in batches:
+        pred = model(s.to(device), m.to(device), q.to(device), a.to(device)) > 0
         t = t.to(device) > 0.5
         inter = (pred & t).sum(dim=(1, 2)).float()
         union = (pred | t).sum(dim=(1, 2)).float()
         ious.append(torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union)))
     model.train()
     return float(torch.cat(ious).mean())
+
+
+def warm_start(model: torch.nn.Module, path: str | Path) -> list[str]:
+    """Copy a checkpoint's parameters into ``model``, widening input channels with zeros.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        An untrained model of the same family.
+    path : path
+        A ``.safetensors`` checkpoint.
+
+    Returns
+    -------
+    list of str
+        Names of the parameters that were widened.
+
+    Raises
+    ------
+    ValueError
+        If a parameter is missing, unexpected, or differs in more than its input channels.
+    """
+    from safetensors.torch import load_file
+
+    old = load_file(str(path))
+    new = model.state_dict()
+    if set(old) != set(new):
+        raise ValueError(
+            f"{path} does not match the model: missing {sorted(set(new) - set(old))[:5]}, "
+            f"unexpected {sorted(set(old) - set(new))[:5]}"
+        )
+    widened = []
+    for name, value in old.items():
+        target = new[name]
+        if value.shape == target.shape:
+            new[name] = value
+            continue
+        same_but_inputs = (
+            value.ndim == target.ndim >= 2
+            and value.shape[0] == target.shape[0]
+            and value.shape[2:] == target.shape[2:]
+            and value.shape[1] < target.shape[1]
+        )
+        if not same_but_inputs:
+            raise ValueError(
+                f"{path}: parameter {name} has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(target.shape)}; only extra input channels can be added"
+            )
+        grown = torch.zeros_like(target)
+        grown[:, : value.shape[1]] = value
+        new[name] = grown
+        widened.append(name)
+    model.load_state_dict(new)
+    return widened
 
 
 def resolve_device(name: str) -> torch.device:
@@ -189,7 +247,11 @@ def train(cfg: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | No
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model)
+    if cfg.init and not (out / "checkpoint.pt").exists():
+        widened = warm_start(model, cfg.init)
+        logger.info("started from %s (widened: %s)", cfg.init, ", ".join(widened) or "none")
+    model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, best = 0, -1.0
     ckpt = out / "checkpoint.pt"
@@ -226,10 +288,10 @@ def train(cfg: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | No
     running = None
     try:
         while step < cfg.steps:
-            s, m, q, t = (x.to(device, non_blocking=True) for x in next(it))
+            s, m, q, t, a = (x.to(device, non_blocking=True) for x in next(it))
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            loss = episode_loss(model(s, m, q), t)
+            loss = episode_loss(model(s, m, q, a), t)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)

@@ -22,6 +22,13 @@ DEFAULT_SIGMA_CELLS = 0.75
 
 POSITIVE, NEGATIVE = 0, 1
 
+#: Channels of a local prior: positive, negative, on/off flag.
+PRIOR_CHANNELS = 3
+
+#: Gain from footprint weight to prior strength: one point's peak (about 0.28 on the fine
+#: grid) becomes about 1.
+PRIOR_GAIN = 4.0
+
 
 @dataclass(frozen=True)
 class GuideOutput:
@@ -130,6 +137,30 @@ def dense_masks(mask: torch.Tensor, stride: int) -> torch.Tensor:
     m = mask.to(torch.float32)[None, None]
     pos = F.avg_pool2d(m, stride)[0, 0]
     return torch.stack([pos, 1.0 - pos])
+
+
+def local_prior(masks_fine: torch.Tensor, on: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Where the annotations are, as segmentor input (the local mode).
+
+    Parameters
+    ----------
+    masks_fine : torch.Tensor
+        ``(B, 2, h, w)`` positive/negative annotation weights on the fine grid, from
+        :func:`point_masks` or :func:`dense_masks`, of annotations that are spatially aligned
+        with the query (the same slice, or a neighbouring slice of the same stack).
+    on : torch.Tensor or float
+        ``(B,)`` or scalar in ``[0, 1]``: whether the positions apply to the query at all.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, 3, h, w)``: footprints scaled so one point peaks near 1 (clipped to ``[0, 1]``)
+        and masked by ``on``, then the ``on`` flag as a constant channel.
+    """
+    on = torch.as_tensor(on, dtype=masks_fine.dtype, device=masks_fine.device)
+    on = on.reshape(-1, 1, 1, 1).expand(masks_fine.shape[0], 1, *masks_fine.shape[-2:])
+    prior = (masks_fine * PRIOR_GAIN).clamp(0.0, 1.0) * on
+    return torch.cat([prior, on], dim=1)
 
 
 class Guide(nn.Module):

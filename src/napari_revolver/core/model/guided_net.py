@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoder import Encoder, EncoderOutput
-from .guide import Guide, GuideOutput
+from .guide import Guide, GuideOutput, local_prior
 from .layers import fuse_batchnorm
 from .segmentor import Segmentor
 
@@ -25,6 +25,9 @@ class ModelConfig:
     fine_channels: int = 32
     head_width: int = 48
     head_fine_width: int = 24
+    #: The segmentor also sees where the annotations are (see ``Segmentor``); older
+    #: checkpoints have no such inputs.
+    local_prior: bool = False
 
     def to_dict(self) -> dict[str, object]:
         """JSON-friendly form."""
@@ -66,7 +69,7 @@ class GuidedNet(nn.Module):
         )
         self.guide = Guide()
         self.segmentor = Segmentor(
-            c.coarse_channels, c.fine_channels, c.head_width, c.head_fine_width
+            c.coarse_channels, c.fine_channels, c.head_width, c.head_fine_width, c.local_prior
         )
         self._fused = False
 
@@ -91,6 +94,7 @@ class GuidedNet(nn.Module):
         features: EncoderOutput,
         guidance: GuideOutput,
         out_size: tuple[int, int] | None = None,
+        prior: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for query ``features`` under each task in ``guidance``.
 
@@ -102,6 +106,8 @@ class GuidedNet(nn.Module):
             ``T`` tasks.
         out_size : tuple of int, optional
             ``(H, W)`` of the returned logits; default the padded input size.
+        prior : torch.Tensor, optional
+            ``(T or 1, 3, H/4, W/4)`` local prior (:func:`.guide.local_prior`); ``None``: none.
 
         Returns
         -------
@@ -111,7 +117,12 @@ class GuidedNet(nn.Module):
         z_coarse, z_fine, present = guidance.vectors()
         dtype = features.coarse.dtype
         logits = self.segmentor(
-            features.coarse, features.fine, z_coarse.to(dtype), z_fine.to(dtype), present.to(dtype)
+            features.coarse,
+            features.fine,
+            z_coarse.to(dtype),
+            z_fine.to(dtype),
+            present.to(dtype),
+            prior,
         )
         h, w = logits.shape[-2:]
         full = (h * self.fine_stride, w * self.fine_stride)
@@ -121,7 +132,11 @@ class GuidedNet(nn.Module):
         return logits
 
     def forward(
-        self, support: torch.Tensor, masks_fine: torch.Tensor, query: torch.Tensor
+        self,
+        support: torch.Tensor,
+        masks_fine: torch.Tensor,
+        query: torch.Tensor,
+        aligned: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One-shot episodes, as used in training.
 
@@ -131,6 +146,9 @@ class GuidedNet(nn.Module):
             ``(B, in_channels, H, W)``.
         masks_fine : torch.Tensor
             ``(B, 2, H/4, W/4)`` support annotation weights.
+        aligned : torch.Tensor, optional
+            ``(B,)`` 1 where the support annotations are spatially aligned with the query (the
+            same slice, or a neighbour in the same stack), 0 elsewhere; default all 0.
 
         Returns
         -------
@@ -140,7 +158,10 @@ class GuidedNet(nn.Module):
         b = support.shape[0]
         feats = self.encode(torch.cat([support, query]))
         guidance = self.guide_from_masks(feats[:b], masks_fine)
-        return self.segment(feats[b:], guidance)
+        prior = None
+        if self.config.local_prior and aligned is not None:
+            prior = local_prior(masks_fine, aligned)
+        return self.segment(feats[b:], guidance, prior=prior)
 
     def for_inference(self) -> GuidedNet:
         """Switch to eval mode and fold batch norms into convolutions (idempotent)."""

@@ -9,7 +9,7 @@ from .guided_net import GuidedNet, ModelConfig
 DEFAULT_MODEL = "revolver-s"
 
 _BUILDERS: dict[str, Callable[[], GuidedNet]] = {
-    "revolver-s": lambda: GuidedNet(ModelConfig(key="revolver-s")),
+    "revolver-s": lambda: GuidedNet(ModelConfig(key="revolver-s", local_prior=True)),
     # A tiny variant for tests and quick experiments (about 30k parameters).
     "revolver-tiny": lambda: GuidedNet(
         ModelConfig(
@@ -19,6 +19,7 @@ _BUILDERS: dict[str, Callable[[], GuidedNet]] = {
             fine_channels=8,
             head_width=16,
             head_fine_width=8,
+            local_prior=True,
         )
     ),
 }

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .guide import PRIOR_CHANNELS
+
 
 def _cosine_maps(features: torch.Tensor, z: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of every query position to each polarity's vector.
@@ -26,6 +28,11 @@ class Segmentor(nn.Module):
     the result is upsampled to the fine grid, fused with the fine features and their
     similarity to the fine task vector, and decoded to one logit per pixel.
 
+    With ``local_prior``, both fusions also see where the annotations are (the positive and
+    negative footprints and an on/off flag, :func:`~napari_revolver.core.model.guide.local_prior`):
+    on the annotated slice itself, and on neighbouring slices of the same stack when the user
+    asks to follow positions, a click then acts on its surroundings as well as through z.
+
     Everything before the fusion is annotation-independent and cached per slice, so a click
     costs only this module (about 0.25 GMAC for a 512x512 slice).
     """
@@ -36,17 +43,20 @@ class Segmentor(nn.Module):
         fine_channels: int = 32,
         width: int = 48,
         fine_width: int = 24,
+        local_prior: bool = False,
     ) -> None:
         super().__init__()
         c = coarse_channels
-        self.fuse = nn.Conv2d(3 * c + 4, width, 1)
+        self.local_prior = local_prior
+        extra_coarse, extra_fine = (PRIOR_CHANNELS, PRIOR_CHANNELS - 1) if local_prior else (0, 0)
+        self.fuse = nn.Conv2d(3 * c + 4 + extra_coarse, width, 1)
         self.context = nn.Sequential(
             nn.Conv2d(width, width, 3, padding=1),
             nn.ReLU(inplace=True),
             nn.Conv2d(width, width, 3, padding=2, dilation=2),
             nn.ReLU(inplace=True),
         )
-        self.fine_fuse = nn.Conv2d(width + fine_channels + 2, fine_width, 1)
+        self.fine_fuse = nn.Conv2d(width + fine_channels + 2 + extra_fine, fine_width, 1)
         self.refine = nn.Sequential(
             nn.Conv2d(fine_width, fine_width, 3, padding=1),
             nn.ReLU(inplace=True),
@@ -60,6 +70,7 @@ class Segmentor(nn.Module):
         z_coarse: torch.Tensor,
         z_fine: torch.Tensor,
         present: torch.Tensor,
+        prior: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits on the fine grid.
 
@@ -73,6 +84,10 @@ class Segmentor(nn.Module):
             ``(T, 2, C_coarse)`` and ``(T, 2, C_fine)`` task vectors, ``T == B`` or ``B == 1``.
         present : torch.Tensor
             ``(T, 2)`` polarity presence flags.
+        prior : torch.Tensor, optional
+            ``(T or 1, 3, 2h, 2w)`` local prior on the fine grid (see
+            :func:`~napari_revolver.core.model.guide.local_prior`); ``None`` means no local
+            information (all zeros). Ignored by a segmentor built without ``local_prior``.
 
         Returns
         -------
@@ -87,11 +102,16 @@ class Segmentor(nn.Module):
         zp = z_coarse[:, 0, :, None, None]
         zn = z_coarse[:, 1, :, None, None]
         flags = present[:, :, None, None].expand(t, 2, h, w)
-        x = torch.cat(
-            [coarse, coarse * zp, coarse * zn, _cosine_maps(coarse, z_coarse, present), flags],
-            dim=1,
-        )
-        x = self.context(F.relu(self.fuse(x)))
+        parts = [coarse, coarse * zp, coarse * zn, _cosine_maps(coarse, z_coarse, present), flags]
+        fine_parts = [fine, _cosine_maps(fine, z_fine, present)]
+        if self.local_prior:
+            if prior is None:
+                prior = fine.new_zeros(1, PRIOR_CHANNELS, *fine.shape[-2:])
+            prior = prior.to(fine.dtype).expand(t, -1, -1, -1)
+            # Max-pooling keeps a point's footprint at full strength on the coarse grid.
+            parts.append(F.max_pool2d(prior, 2)[..., :h, :w])
+            fine_parts.append(prior[:, : PRIOR_CHANNELS - 1])
+        x = self.context(F.relu(self.fuse(torch.cat(parts, dim=1))))
         x = F.interpolate(x, size=fine.shape[-2:], mode="bilinear", align_corners=False)
-        x = torch.cat([x, fine, _cosine_maps(fine, z_fine, present)], dim=1)
+        x = torch.cat([x, *fine_parts], dim=1)
         return self.refine(F.relu(self.fine_fuse(x)))
