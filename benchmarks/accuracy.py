@@ -1,40 +1,65 @@
-"""Few-shot accuracy on the labelled data sets described in a MANIFEST (``revolver eval`` protocol).
+"""Accuracy curves on the labelled data sets of a MANIFEST (the ``revolver eval`` protocol).
 
-For every data set: its suggested task, evaluated on its held-out split (the last 25% of planes or
-images, which training never sees; data sets not used in training are held out whole), with
-P positive + P negative random points on the first held-out slice and every other held-out slice
-as a query, against the random-forest pixel classifier given the same points.
+For every data set, its suggested task is scored on its held-out split: the last 25% of the
+planes or images (training never sees them), or every image but the first four for a data set
+held out whole. The queries are fixed; the support is the 1, 2 or 4 slices just before them (for
+a z-stack, the neighbouring planes; for a collection, other images of the same kind), so runs
+with more support slices are scored on the same queries. P positive and P negative points are
+drawn at random from each support slice's foreground and background (P = 1, 2, 5, 10, 20), or the
+whole support mask guides the network (dense). The random forest gets the same points.
 
-    python benchmarks/accuracy.py DATA_DIR [--weights W] [--points 1,5,20,dense] [--seeds 3]
-                                   [--out docs/benchmarks/accuracy.md]
+On z-stacks the network is scored twice: as on any collection, and with the clicks acting by
+position on the other planes too (``--local``, the recommended mode for one stack).
+
+    python benchmarks/accuracy.py DATA_DIR [--weights W] [--points 1,2,5,10,20,dense]
+        [--supports 1,2,4] [--seeds 3] [--datasets a,b] [--out-dir docs/benchmarks]
+
+Writes ``accuracy.md`` (tables), ``accuracy.json`` (every row) and ``accuracy.png`` (IoU vs
+points, one line per method and support count) to ``--out-dir``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-#: name -> (label_value or None for labels > 0, held out whole?)
-TASKS = {
-    "dsb2018_u2os": (None, False, "nuclei (labels > 0)"),
-    "usiigaci_phase": (None, False, "whole cells (labels > 0)"),
-    "isbi2012_em": (0, False, "membranes (labels == 0)"),
-    "plant_cells_3d": (7414, False, "one cell, id 7414, across z"),
-    "miccai2015_he": (None, True, "nuclei (labels > 0), RGB, centre crops 392 x 439"),
+
+@dataclass(frozen=True)
+class Spec:
+    """A data set's suggested task (from its MANIFEST entry)."""
+
+    label_value: int | None  # None: labels > 0
+    held_out_whole: bool  # not used in training at all
+    volumetric: bool  # consecutive planes are neighbours in z or time
+    task: str
+
+
+DATASETS = {
+    "dsb2018_u2os": Spec(None, False, False, "nuclei (labels > 0)"),
+    "usiigaci_phase": Spec(None, False, False, "whole cells (labels > 0)"),
+    "isbi2012_em": Spec(0, False, True, "membranes (labels == 0)"),
+    "plant_cells_3d": Spec(7414, False, True, "one cell (id 7414) through z"),
+    "miccai2015_he": Spec(None, True, False, "nuclei (labels > 0), RGB, centre crops"),
 }
+MAX_SUPPORT = 4
 
 
 def load(root: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Image and labels of one data set; images of different sizes are centre-cropped."""
     import tifffile
 
     d = root / name
     if (d / "image.tif").exists():
         return tifffile.imread(d / "image.tif"), tifffile.imread(d / "labels.tif")
     files = sorted((d / "images").glob("*.tif"))
+    if not files:
+        raise FileNotFoundError(f"{d} has neither image.tif nor images/*.tif")
     imgs = [tifffile.imread(f) for f in files]
     labs = [tifffile.imread(d / "masks" / f.name) for f in files]
     h = min(i.shape[0] for i in imgs)
@@ -47,6 +72,198 @@ def load(root: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([crop(i) for i in imgs]), np.stack([crop(m) for m in labs])
 
 
+def split(n: int, spec: Spec) -> tuple[int, list[int]]:
+    """First slice of the evaluated range and the query slices within it.
+
+    The range holds ``MAX_SUPPORT`` support candidates followed by the queries; with the
+    training split's rule (``load_labelled_stacks``: the last ``round(n / 4)`` slices are
+    held out).
+    """
+    if spec.held_out_whole:
+        start, first_query = 0, MAX_SUPPORT
+    else:
+        first_query = n - max(1, int(round(n * 0.25)))
+        start = first_query - MAX_SUPPORT
+    if start < 0 or first_query >= n:
+        raise ValueError(f"{n} slices are too few for {MAX_SUPPORT} supports and a query")
+    return start, list(range(first_query - start, n - start))
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    from napari_revolver import RevolverPredictor
+    from napari_revolver.core.evaluate import evaluate_few_shot
+
+    predictor = RevolverPredictor(args.weights, args.device)
+    points = [p if p == "dense" else int(p) for p in args.points.split(",")]
+    supports = [int(k) for k in args.supports.split(",")]
+    rows: list[dict] = []
+    for name in args.datasets.split(","):
+        spec = DATASETS[name]
+        image, labels = load(args.data, name)
+        start, queries = split(len(image), spec)
+        image, labels = image[start:], labels[start:]
+        first_query = queries[0]
+        for k in supports:
+            support = list(range(first_query - k, first_query))
+            modes = [False, True] if spec.volumetric else [False]
+            for local in modes:
+                t = time.perf_counter()
+                res = evaluate_few_shot(
+                    predictor,
+                    image,
+                    labels,
+                    support=support,
+                    queries=queries,
+                    points=points,
+                    seeds=args.seeds,
+                    label_value=spec.label_value,
+                    baselines=() if (args.no_rf or local) else ("rf",),
+                    local=local,
+                )
+                print(
+                    f"{name}: {k} support(s), {len(queries)} queries"
+                    f"{', local' if local else ''}: {time.perf_counter() - t:.0f} s",
+                    file=sys.stderr,
+                )
+                for r in res:
+                    method = r.method
+                    if local and method in ("revolver", "dense"):
+                        method += "+local"
+                    rows.append(
+                        {
+                            "dataset": name,
+                            "task": spec.task,
+                            "supports": k,
+                            "method": method,
+                            "points": r.points,
+                            "iou_mean": r.iou_mean,
+                            "iou_std": r.iou_std,
+                            "seconds_per_slice": r.seconds_per_slice,
+                            "n_queries": r.n_queries,
+                            "support_slices": [start + s for s in r.support],
+                            "seeds": r.seeds,
+                        }
+                    )
+                    print(
+                        f"  {method:15s} P={r.points:5s} IoU {r.iou_mean:.3f} ± {r.iou_std:.3f}"
+                        f" ({1000 * r.seconds_per_slice:.0f} ms/slice)",
+                        file=sys.stderr,
+                    )
+    return rows
+
+
+def _get(rows: list[dict], dataset: str, method: str, points: str, k: int = 1) -> float | None:
+    for r in rows:
+        if (r["dataset"], r["method"], r["points"], r["supports"]) == (dataset, method, points, k):
+            return r["iou_mean"]
+    return None
+
+
+def recommended(dataset: str, dense: bool = False) -> str:
+    """The network's row for a data set: with positions on z-stacks (the documented mode)."""
+    base = "dense" if dense else "revolver"
+    return base + ("+local" if DATASETS[dataset].volumetric else "")
+
+
+def summary(rows: list[dict]) -> str:
+    """The issue's acceptance numbers, from the rows."""
+    names = list(dict.fromkeys(r["dataset"] for r in rows))
+    lines = [
+        "| data set | network, 5+5 | RF, 5+5 | difference | 1+1 / dense | 5+5 / dense |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    diffs, r1s, r5s = [], [], []
+    for n in names:
+        net5 = _get(rows, n, recommended(n), "5")
+        rf5 = _get(rows, n, "rf", "5")
+        net1 = _get(rows, n, recommended(n), "1")
+        dense = _get(rows, n, recommended(n, dense=True), "dense")
+        if None in (net5, rf5, net1, dense):
+            continue
+        diffs.append(net5 - rf5)
+        r1s.append(net1 / dense if dense else float("nan"))
+        r5s.append(net5 / dense if dense else float("nan"))
+        lines.append(
+            f"| {n} | {net5:.3f} | {rf5:.3f} | {net5 - rf5:+.3f} | {r1s[-1]:.0%} | {r5s[-1]:.0%} |"
+        )
+    if diffs:
+        lines.append(
+            f"| **mean** | | | **{np.mean(diffs):+.3f}** | **{np.nanmean(r1s):.0%}** | "
+            f"**{np.nanmean(r5s):.0%}** |"
+        )
+    ks = sorted({r["supports"] for r in rows})
+    if len(ks) > 1:
+        lines += ["", "| support slices | " + " | ".join(str(k) for k in ks) + " |"]
+        lines.append("|---|" + "---:|" * len(ks))
+        for p in ("1", "5", "dense"):
+            means = []
+            for k in ks:
+                vals = [_get(rows, n, recommended(n, dense=p == "dense"), p, k) for n in names]
+                vals = [v for v in vals if v is not None]
+                means.append(f"{np.mean(vals):.3f}" if vals else "n/a")
+            label = "dense" if p == "dense" else f"{p}+{p} points"
+            lines.append(f"| network, {label}, mean over data sets | " + " | ".join(means) + " |")
+    return "\n".join(lines)
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| data set | task | supports | method | points (+/-) | IoU mean | IoU std | ms / slice |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} | {r['task']} | {r['supports']} | {r['method']} | {r['points']} | "
+            f"{r['iou_mean']:.3f} | {r['iou_std']:.3f} | {1000 * r['seconds_per_slice']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["dataset"] for r in rows))
+    budgets = list(dict.fromkeys(r["points"] for r in rows if r["points"] != "dense"))
+    xs = {p: i for i, p in enumerate([*budgets, "dense"])}
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), squeeze=False)
+    colours = {"revolver": "tab:blue", "revolver+local": "tab:green", "rf": "tab:orange"}
+    dense_of = {"revolver": "dense", "revolver+local": "dense+local"}
+    styles = {1: "-", 2: "--", 4: ":"}
+    for ax, name in zip(axes[0], names, strict=True):
+        for method, colour in colours.items():
+            for k, style in styles.items():
+                pts = [
+                    (xs[r["points"]], r["iou_mean"])
+                    for r in rows
+                    if (r["dataset"], r["method"], r["supports"]) == (name, method, k)
+                ]
+                dense = _get(rows, name, dense_of.get(method, ""), "dense", k)
+                if dense is not None:
+                    pts.append((xs["dense"], dense))
+                if not pts:
+                    continue
+                x, y = zip(*sorted(pts), strict=True)
+                ax.plot(x, y, style, color=colour, marker="o", ms=3, label=f"{method}, {k} sup.")
+        ax.set_title(f"{name}\n{DATASETS[name].task}", fontsize=8)
+        ax.set_xticks(list(xs.values()), list(xs), fontsize=7)
+        ax.set_xlabel("points per class per support slice", fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("foreground IoU (mean over seeds)")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    for ax in axes[0]:
+        h, lab = ax.get_legend_handles_labels()
+        if len(h) > len(handles):
+            handles, labels = h, lab
+    fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -54,61 +271,21 @@ def main() -> None:
     ap.add_argument("data", type=Path)
     ap.add_argument("--weights", default=None)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--points", default="1,5,20,dense")
+    ap.add_argument("--points", default="1,2,5,10,20,dense")
+    ap.add_argument("--supports", default="1,2,4")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--datasets", default=",".join(TASKS))
+    ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--no-rf", action="store_true")
-    ap.add_argument("--out", type=Path, default=None, help="markdown file for the table")
+    ap.add_argument("--out-dir", type=Path, default=None, help="write accuracy.md/.json/.png")
     args = ap.parse_args()
-
-    from napari_revolver import RevolverPredictor
-    from napari_revolver.core.evaluate import evaluate_few_shot
-
-    predictor = RevolverPredictor(args.weights, args.device)
-    points = [p if p == "dense" else int(p) for p in args.points.split(",")]
-    rows = []
-    for name in args.datasets.split(","):
-        value, whole, what = TASKS[name]
-        image, labels = load(args.data, name)
-        n = len(image)
-        start = 0 if whole else n - max(2, round(n * 0.25))
-        image, labels = image[start:], labels[start:]
-        t = time.perf_counter()
-        res = evaluate_few_shot(
-            predictor,
-            image,
-            labels,
-            support=(0,),
-            points=points,
-            seeds=args.seeds,
-            label_value=value,
-            baselines=() if args.no_rf else ("rf",),
-        )
-        print(
-            f"{name}: {len(image)} held-out slices, {time.perf_counter() - t:.0f} s",
-            file=sys.stderr,
-        )
-        for r in res:
-            rows.append((name, what, r))
-            print(
-                f"  {r.method:8s} P={r.points:5s} IoU {r.iou_mean:.3f} ± {r.iou_std:.3f} "
-                f"({1000 * r.seconds_per_slice:.0f} ms/slice)",
-                file=sys.stderr,
-            )
-    lines = [
-        "| data set | task | method | points (+/-) | IoU mean | IoU std | ms / slice |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, what, r in rows:
-        lines.append(
-            f"| {name} | {what} | {r.method} | {r.points} | {r.iou_mean:.3f} | "
-            f"{r.iou_std:.3f} | {1000 * r.seconds_per_slice:.0f} |"
-        )
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
+    rows = run(args)
+    text = summary(rows) + "\n\n" + table(rows)
+    print(text)
+    if args.out_dir:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "accuracy.md").write_text(text + "\n")
+        (args.out_dir / "accuracy.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+        plot(rows, args.out_dir / "accuracy.png")
 
 
 if __name__ == "__main__":

@@ -190,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="start from these weights (.safetensors); inputs they lack start at zero",
     )
+    p.add_argument(
+        "--no-guidance",
+        action="store_true",
+        help="withhold the annotations: trains the paper's foreground-background baseline",
+    )
 
     p = sub.add_parser("compare", help="score a segmentation against ground-truth labels")
     p.add_argument("prediction", type=Path, help="label TIFF to score")
@@ -488,6 +493,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         val_episodes=args.val_episodes,
         init=str(args.init) if args.init else None,
+        guidance=not args.no_guidance,
     )
     if args.init is not None and not args.init.exists():
         raise FileNotFoundError(f"--init weights {args.init} do not exist")

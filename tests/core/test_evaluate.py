@@ -123,6 +123,19 @@ def test_results_have_the_documented_fields(tiny_predictor, stack) -> None:
     assert "| revolver | 5 |" in table
 
 
+def test_fixed_queries_are_the_only_slices_scored(tiny_predictor, stack) -> None:
+    image, labels = stack
+    one = evaluate_few_shot(tiny_predictor, image, labels, support=0, queries=[3], points=(2,))
+    two = evaluate_few_shot(
+        tiny_predictor, image, labels, support=(0, 1), queries=[3], points=(2,)
+    )
+    assert one[0].n_queries == two[0].n_queries == 1
+    alone = evaluate_few_shot(
+        tiny_predictor, image[[0, 3]], labels[[0, 3]], support=0, points=(2,)
+    )
+    assert one[0].iou_mean == pytest.approx(alone[0].iou_mean, abs=1e-6)
+
+
 def test_same_seeds_give_the_same_numbers(tiny_predictor, stack) -> None:
     image, labels = stack
     a = evaluate_few_shot(tiny_predictor, image, labels, points=(2,), seeds=2, baselines=("rf",))
@@ -228,6 +241,9 @@ def test_random_forest_names_the_extra_when_its_dependencies_are_missing(
         ({"points": ("many",)}, None, r"positive integers or 'dense'"),
         ({"baselines": ("unet",)}, None, r"unknown baseline.*unet.*'rf', 'dense'"),
         ({"seeds": 0}, None, r"seeds must be an integer >= 1"),
+        ({"queries": (0, 2)}, None, r"not support slices \[0\]; got \[0, 2\]"),
+        ({"queries": (9,)}, None, r"slice indices in \[0, 3\]"),
+        ({"queries": ()}, None, r"queries must be"),
     ],
 )
 def test_invalid_inputs_raise_clear_errors(tiny_predictor, stack, kwargs, edit, match) -> None:

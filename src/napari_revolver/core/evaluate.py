@@ -314,6 +314,7 @@ def evaluate_few_shot(
     baselines: Sequence[str] = (),
     progress: Callable[[int, int], None] | None = None,
     local: bool = False,
+    queries: Sequence[int] | None = None,
 ) -> list[EvalResult]:
     """Score few-shot segmentation of a labelled stack (see the module docstring).
 
@@ -343,6 +344,9 @@ def evaluate_few_shot(
     local : bool
         The annotations also act by position on the queries (``RevolverPredictor.propagate``);
         for slices of one z-stack or time-lapse.
+    queries : sequence of int, optional
+        Slices to score; default every slice that is not a support slice. Fixing them lets
+        runs with different support slices be compared on the same queries.
 
     Returns
     -------
@@ -389,7 +393,16 @@ def evaluate_few_shot(
                 f"support slice {s} has no {what} pixels (foreground: labels {target}); "
                 f"expected both foreground and background on every support slice"
             )
-    queries = [k for k in range(n) if k not in sup]
+    if queries is None:
+        queries = [k for k in range(n) if k not in sup]
+    else:
+        queries = [int(q) for q in queries]
+        bad = [q for q in queries if not 0 <= q < n or q in sup]
+        if bad or not queries:
+            raise ValueError(
+                f"queries must be slice indices in [0, {n - 1}] that are not support slices "
+                f"{list(sup)}; got {list(queries)}"
+            )
     counts = [b for b in budgets if b != "dense"]
 
     # Units of work: encode every slice, one propagation per (budget, seed) and for dense,

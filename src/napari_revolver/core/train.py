@@ -59,6 +59,10 @@ class TrainConfig:
     #: Start from these weights (a ``.safetensors`` checkpoint); input channels the checkpoint
     #: lacks (the local prior, say) start at zero, so the warm start behaves as it did.
     init: str | None = None
+    #: ``False`` trains the foreground-background baseline of the paper: the same network with
+    #: its guidance withheld (no annotations, no positions), so it can only learn what usually
+    #: is foreground.
+    guidance: bool = True
 
 
 @dataclass(frozen=True)
@@ -136,12 +140,18 @@ def _validation_set(cfg: TrainConfig) -> list[tuple[torch.Tensor, ...]]:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, batches: list[tuple[torch.Tensor, ...]], device: torch.device
+    model: torch.nn.Module,
+    batches: list[tuple[torch.Tensor, ...]],
+    device: torch.device,
+    guidance: bool = True,
 ) -> float:
-    """Mean foreground IoU (threshold 0.5) over validation batches."""
+    """Mean foreground IoU (threshold 0.5) over validation batches (``guidance=False``: the
+    annotations withheld, as for the foreground-background baseline)."""
     model.eval()
     ious = []
     for s, m, q, t, a in batches:
+        if not guidance:
+            m, a = torch.zeros_like(m), torch.zeros_like(a)
         pred = model(s.to(device), m.to(device), q.to(device), a.to(device)) > 0
         t = t.to(device) > 0.5
         inter = (pred & t).sum(dim=(1, 2)).float()
@@ -289,6 +299,8 @@ def train(cfg: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | No
     try:
         while step < cfg.steps:
             s, m, q, t, a = (x.to(device, non_blocking=True) for x in next(it))
+            if not cfg.guidance:
+                m, a = torch.zeros_like(m), torch.zeros_like(a)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             loss = episode_loss(model(s, m, q, a), t)
@@ -301,7 +313,7 @@ def train(cfg: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | No
             running = lv if running is None else 0.98 * running + 0.02 * lv
             val_iou = None
             if step % cfg.val_every == 0 or step == cfg.steps:
-                val_iou = evaluate(model, val, device)
+                val_iou = evaluate(model, val, device, cfg.guidance)
                 if val_iou > best:
                     best = val_iou
                     save_weights(
