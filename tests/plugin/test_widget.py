@@ -280,6 +280,28 @@ def test_instances_give_one_id_per_object_unique_across_slices(
     assert not ids[0] & ids[1]
 
 
+def test_follow_positions_reaches_the_core_and_changes_other_slices(
+    qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
+) -> None:
+    from napari_revolver import RevolverPredictor
+
+    entry = annotate_sample(qtbot, viewer, widget, sample)
+    widget.local_check.setChecked(True)
+    assert widget.session.local
+    wait_idle(qtbot, widget)
+    propagate_and_wait(qtbot, widget)
+    out = np.asarray(widget.session.image.labels.data)
+    predictor = RevolverPredictor(device="cpu")
+    assert predictor.model.config.local_prior  # the shipped weights see positions
+    predictor.set_volume(sample["image"].data)
+    task = predictor.guide(
+        sample["points"].data, L.point_labels(sample["points"]), label_value=entry.label_value
+    )
+    np.testing.assert_array_equal(out > 0, predictor.segment(task, local=True) > 0)
+    far = predictor.predict_proba(0, task, local=True)
+    assert not np.allclose(far, predictor.predict_proba(0, task), atol=1e-4)
+
+
 def test_toggle_key_is_bound_on_task_points(widget: Any, sample: dict[str, Any]) -> None:
     entry = widget.add_task("k")
     before = L.polarity(entry.points)
