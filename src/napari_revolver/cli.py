@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--datasets", default="", help="comma-separated subset of --data")
     p.add_argument("--p-real", type=float, default=0.5, help="fraction of episodes from --data")
+    p.add_argument(
+        "--p-instance",
+        type=float,
+        default=0.4,
+        help="share of aligned episodes that follow one object (default 0.4)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--workers", type=int, default=1, help="episode-generating processes")
@@ -494,6 +500,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         val_episodes=args.val_episodes,
         init=str(args.init) if args.init else None,
         guidance=not args.no_guidance,
+        p_instance=args.p_instance,
     )
     if args.init is not None and not args.init.exists():
         raise FileNotFoundError(f"--init weights {args.init} do not exist")

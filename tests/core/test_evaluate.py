@@ -126,13 +126,9 @@ def test_results_have_the_documented_fields(tiny_predictor, stack) -> None:
 def test_fixed_queries_are_the_only_slices_scored(tiny_predictor, stack) -> None:
     image, labels = stack
     one = evaluate_few_shot(tiny_predictor, image, labels, support=0, queries=[3], points=(2,))
-    two = evaluate_few_shot(
-        tiny_predictor, image, labels, support=(0, 1), queries=[3], points=(2,)
-    )
+    two = evaluate_few_shot(tiny_predictor, image, labels, support=(0, 1), queries=[3], points=(2,))
     assert one[0].n_queries == two[0].n_queries == 1
-    alone = evaluate_few_shot(
-        tiny_predictor, image[[0, 3]], labels[[0, 3]], support=0, points=(2,)
-    )
+    alone = evaluate_few_shot(tiny_predictor, image[[0, 3]], labels[[0, 3]], support=0, points=(2,))
     assert one[0].iou_mean == pytest.approx(alone[0].iou_mean, abs=1e-6)
 
 

@@ -46,6 +46,8 @@ class EpisodeConfig:
     p_same_slice: float = 0.12
     #: Aligned episodes given without the local prior.
     p_local_off: float = 0.25
+    #: Aligned episodes whose task is one object (instance task: "this cell, followed").
+    p_instance: float = 0.4
 
 
 @dataclass(frozen=True)
@@ -183,16 +185,16 @@ def _task_masks(
     ins_s: np.ndarray,
     ins_q: np.ndarray,
     same_scene: bool,
+    p_instance: float = 0.4,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Pick a task on a synthetic pair and return its support and query masks."""
-    r = rng.random()
-    if same_scene and r < 0.25:
+    if same_scene and rng.random() < p_instance:
         common = np.intersect1d(np.unique(ins_s[ins_s > 0]), np.unique(ins_q[ins_q > 0]))
         if len(common):
             obj = rng.choice(common)
             return ins_s == obj, ins_q == obj
     classes = np.unique(sem_s)
-    if r < 0.35 or len(classes) == 1:
+    if rng.random() < 0.35 or len(classes) == 1:
         k = 0
     else:
         k = int(rng.choice(classes[classes > 0]))
@@ -227,7 +229,9 @@ class SyntheticEpisodes:
                 zq = float(rng.uniform(2, depth - 2))
             s = synthetic.render_slice(scene, zs, rng)
             q = synthetic.render_slice(q_scene, zq, rng)
-            task = _task_masks(rng, s.semantic, q.semantic, s.instance, q.instance, same)
+            task = _task_masks(
+                rng, s.semantic, q.semantic, s.instance, q.instance, same, self.cfg.p_instance
+            )
             if task is None or task[0].sum() < 4 or (~task[0]).sum() < 4:
                 continue
             s_img = normalize_slice(s.image)
@@ -413,15 +417,16 @@ class StackEpisodes:
                 values = np.unique(s_lab)
                 v = rng.choice(values)
                 sm, qm = s_lab == v, q_lab == v
+            elif aligned and rng.random() < self.cfg.p_instance:
+                # One object: only where positions identify it (the same place in the stack).
+                ids = np.intersect1d(np.unique(s_lab), np.unique(q_lab))
+                if len(ids) == 0:
+                    continue
+                obj = rng.choice(ids)
+                sm, qm = s_lab == obj, q_lab == obj
             else:
                 r = rng.random()
-                if r < 0.3 and (st.volumetric or same_slice):
-                    ids = np.intersect1d(np.unique(s_lab), np.unique(q_lab))
-                    if len(ids) == 0:
-                        continue
-                    obj = rng.choice(ids)
-                    sm, qm = s_lab == obj, q_lab == obj
-                elif r < 0.55:
+                if r < 0.35:
                     sm, qm = _boundaries(s_lab), _boundaries(q_lab)
                 else:
                     bg = np.bincount(np.ravel(s_lab == 0)).argmax() == 0

@@ -63,6 +63,8 @@ class TrainConfig:
     #: its guidance withheld (no annotations, no positions), so it can only learn what usually
     #: is foreground.
     guidance: bool = True
+    #: Share of aligned episodes that are instance tasks (see ``EpisodeConfig``).
+    p_instance: float = 0.4
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class _Mixed(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         info = torch.utils.data.get_worker_info()
         seed = self.seed + (info.id if info else 0) * 7919
-        ecfg = EpisodeConfig(crop=self.cfg.crop)
+        ecfg = EpisodeConfig(crop=self.cfg.crop, p_instance=self.cfg.p_instance)
         synth = SyntheticEpisodes(ecfg, seed)
         real = None
         if self.cfg.data:
