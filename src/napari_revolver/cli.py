@@ -298,7 +298,14 @@ def _open_image(args: argparse.Namespace, predictor):  # noqa: ANN001, ANN202
 def _predictor(args: argparse.Namespace):  # noqa: ANN202
     from .core.predictor import RevolverPredictor
 
-    return RevolverPredictor(args.weights, args.device, batch_size=args.batch_size)
+    predictor = RevolverPredictor(args.weights, args.device, batch_size=args.batch_size)
+    if getattr(args, "local", False) and not predictor.model.config.local_prior:
+        logger.warning(
+            "--local has no effect: weights %s predate the local prior (they do not see where "
+            "the clicks are); retrain or use the shipped weights",
+            predictor.weights.path,
+        )
+    return predictor
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
@@ -639,6 +646,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(
         f"weights: {w.path}\n  sha256 {w.sha256}\n  model {w.model_key}, {n / 1e6:.2f} M parameters"
     )
+    local = "yes" if w.model.config.local_prior else "no (older weights: --local has no effect)"
+    print(f"  sees click positions (local prior): {local}")
     for k in ("step", "val_iou", "trained_on"):
         if k in w.metadata:
             print(f"  {k}: {w.metadata[k]}")
