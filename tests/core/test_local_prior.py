@@ -99,7 +99,9 @@ def test_dense_task_keeps_its_mask_as_a_prior_and_merges_it(predictor: RevolverP
     )
 
 
-def test_warm_start_adds_prior_inputs_without_changing_the_output(tmp_path: Path) -> None:
+def test_warm_start_adds_prior_inputs_and_context_without_changing_the_output(
+    tmp_path: Path,
+) -> None:
     torch.manual_seed(0)
     cfg = dict(
         widths=(8, 12, 16, 24, 32),
@@ -110,9 +112,11 @@ def test_warm_start_adds_prior_inputs_without_changing_the_output(tmp_path: Path
     )
     old = GuidedNet(ModelConfig(key="revolver-tiny", local_prior=False, **cfg)).eval()
     path = save_weights(old, tmp_path / "old.safetensors")
-    new = GuidedNet(ModelConfig(key="revolver-tiny", local_prior=True, **cfg))
+    new = GuidedNet(ModelConfig(key="revolver-tiny", local_prior=True, wide_context=True, **cfg))
     widened = warm_start(new, path)
-    assert sorted(widened) == ["segmentor.fine_fuse.weight", "segmentor.fuse.weight"]
+    assert sorted(widened[:2]) == ["segmentor.fine_fuse.weight", "segmentor.fuse.weight"]
+    # The wide-context blocks are new and start as identities.
+    assert len(widened) == 10 and all(".context." in k for k in widened[2:])
     new.eval()
     x = torch.randn(2, 3, 64, 64)
     masks = torch.rand(1, 2, 16, 16) * 0.1

@@ -44,8 +44,9 @@ Index = int | tuple[int, ...]
 MAX_TILE_PIXELS = 2048 * 2048
 TILE = 1024
 TILE_OVERLAP = 96
-#: Overlap of segmentor tiles, in coarse cells (its receptive field is 3 cells).
-HEAD_OVERLAP = 6
+#: Overlap of segmentor tiles, in coarse cells: the head sees 1 + 2 cells around a position,
+#: 1 + 2 + 4 + 8 with the wide context, plus the fine refinement and upsampling.
+HEAD_OVERLAP = 17
 
 
 @dataclass(frozen=True)
@@ -740,8 +741,9 @@ class RevolverPredictor:
     ) -> torch.Tensor:
         """The segmentor on a large slice, tile by tile, to bound its activation memory.
 
-        The head sees 3 coarse cells around each position, so tiles overlapping by
-        ``HEAD_OVERLAP`` coarse cells give the same result as one pass.
+        The head sees at most 15 coarse cells around each position (16 with the fine
+        refinement), so tiles overlapping by ``HEAD_OVERLAP`` coarse cells give the same
+        result as one pass.
         """
         b = f.coarse.shape[0]
         hc, wc = f.coarse.shape[-2:]

@@ -176,21 +176,26 @@ def warm_start(model: torch.nn.Module, path: str | Path) -> list[str]:
     Returns
     -------
     list of str
-        Names of the parameters that were widened.
+        Names of the parameters that were widened, then those the checkpoint lacks and that
+        keep their initial values (the wide-context blocks, which start as identities).
 
     Raises
     ------
     ValueError
-        If a parameter is missing, unexpected, or differs in more than its input channels.
+        If the checkpoint has a parameter the model lacks, lacks one outside the blocks that
+        start as identities, or one differs in more than its input channels.
     """
     from safetensors.torch import load_file
 
     old = load_file(str(path))
     new = model.state_dict()
-    if set(old) != set(new):
+    unexpected = sorted(set(old) - set(new))
+    added = sorted(set(new) - set(old))
+    not_identity = [k for k in added if ".context." not in k]
+    if unexpected or not_identity:
         raise ValueError(
-            f"{path} does not match the model: missing {sorted(set(new) - set(old))[:5]}, "
-            f"unexpected {sorted(set(old) - set(new))[:5]}"
+            f"{path} does not match the model: missing {not_identity[:5]}, "
+            f"unexpected {unexpected[:5]}"
         )
     widened = []
     for name, value in old.items():
@@ -214,7 +219,7 @@ def warm_start(model: torch.nn.Module, path: str | Path) -> list[str]:
         new[name] = grown
         widened.append(name)
     model.load_state_dict(new)
-    return widened
+    return widened + added
 
 
 def resolve_device(name: str) -> torch.device:

@@ -28,6 +28,8 @@ class ModelConfig:
     #: The segmentor also sees where the annotations are (see ``Segmentor``); older
     #: checkpoints have no such inputs.
     local_prior: bool = False
+    #: Residual dilated blocks widen the segmentor's context (see ``Segmentor``).
+    wide_context: bool = False
 
     def to_dict(self) -> dict[str, object]:
         """JSON-friendly form."""
@@ -69,7 +71,12 @@ class GuidedNet(nn.Module):
         )
         self.guide = Guide()
         self.segmentor = Segmentor(
-            c.coarse_channels, c.fine_channels, c.head_width, c.head_fine_width, c.local_prior
+            c.coarse_channels,
+            c.fine_channels,
+            c.head_width,
+            c.head_fine_width,
+            c.local_prior,
+            c.wide_context,
         )
         self._fused = False
 

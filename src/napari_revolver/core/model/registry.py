@@ -9,7 +9,9 @@ from .guided_net import GuidedNet, ModelConfig
 DEFAULT_MODEL = "revolver-s"
 
 _BUILDERS: dict[str, Callable[[], GuidedNet]] = {
-    "revolver-s": lambda: GuidedNet(ModelConfig(key="revolver-s", local_prior=True)),
+    "revolver-s": lambda: GuidedNet(
+        ModelConfig(key="revolver-s", local_prior=True, wide_context=True)
+    ),
     # A tiny variant for tests and quick experiments (about 30k parameters).
     "revolver-tiny": lambda: GuidedNet(
         ModelConfig(
@@ -20,6 +22,7 @@ _BUILDERS: dict[str, Callable[[], GuidedNet]] = {
             head_width=16,
             head_fine_width=8,
             local_prior=True,
+            wide_context=True,
         )
     ),
 }

@@ -19,6 +19,28 @@ def _cosine_maps(features: torch.Tensor, z: torch.Tensor, present: torch.Tensor)
     return torch.einsum("bchw,bpc->bphw", fn, zn) * present[:, :, None, None]
 
 
+class _WideContext(nn.Module):
+    """A residual dilated 3x3 block: reaches further across the coarse grid.
+
+    Its output layer starts at zero, so adding the block to a trained head leaves the head's
+    output unchanged until training moves it.
+    """
+
+    def __init__(self, width: int, dilation: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation)
+        self.out = nn.Conv2d(width, width, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.out(F.relu(self.conv(x))))
+
+
+#: Dilations of the wide-context blocks, in coarse cells.
+WIDE_DILATIONS = (4, 8)
+
+
 class Segmentor(nn.Module):
     """Feature fusion of query features with the tiled task vector (paper sec. 4.3).
 
@@ -33,6 +55,10 @@ class Segmentor(nn.Module):
     on the annotated slice itself, and on neighbouring slices of the same stack when the user
     asks to follow positions, a click then acts on its surroundings as well as through z.
 
+    With ``wide_context``, two residual blocks dilated 4 and 8 coarse cells widen the head's
+    view from 7 to 31 coarse cells (about 250 pixels), so a click can speak for the whole
+    object it lies in.
+
     Everything before the fusion is annotation-independent and cached per slice, so a click
     costs only this module (about 0.25 GMAC for a 512x512 slice).
     """
@@ -44,6 +70,7 @@ class Segmentor(nn.Module):
         width: int = 48,
         fine_width: int = 24,
         local_prior: bool = False,
+        wide_context: bool = False,
     ) -> None:
         super().__init__()
         c = coarse_channels
@@ -55,6 +82,7 @@ class Segmentor(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(width, width, 3, padding=2, dilation=2),
             nn.ReLU(inplace=True),
+            *([_WideContext(width, d) for d in WIDE_DILATIONS] if wide_context else []),
         )
         self.fine_fuse = nn.Conv2d(width + fine_channels + 2 + extra_fine, fine_width, 1)
         self.refine = nn.Sequential(
