@@ -195,3 +195,22 @@ def test_load_labelled_stacks_rejects_mismatched_labels(tmp_path: Path) -> None:
     tifffile.imwrite(d / "labels.tif", np.zeros((4, 16, 16), np.uint8), photometric="minisblack")
     with pytest.raises(ValueError, match="does not match"):
         load_labelled_stacks(tmp_path)
+
+
+def test_stained_rgb_renders_bright_objects_dark_in_one_stain() -> None:
+    from napari_revolver.core.synthetic import stain_rgb
+
+    rng = np.random.default_rng(0)
+    a = np.zeros((64, 64), np.float32)
+    a[20:40, 20:40] = 10.0
+    b = np.roll(a, 5, axis=1)
+    out = stain_rgb(rng, [a, b])
+    assert len(out) == 2
+    for img, src in zip(out, (a, b), strict=True):
+        assert img.shape == (64, 64, 3) and img.dtype == np.float32
+        assert 0.0 <= img.min() and img.max() <= 1.0
+        # Brightfield: the object absorbs, most in red and green (haematoxylin-like).
+        obj, bg = img[src > 0].mean(axis=0), img[src == 0].mean(axis=0)
+        assert np.all(obj < bg)
+    # One stain for the pair: the objects' mean colour agrees (the counterstain varies).
+    np.testing.assert_allclose(out[0][a > 0].mean(axis=0), out[1][b > 0].mean(axis=0), atol=0.05)

@@ -48,6 +48,8 @@ class EpisodeConfig:
     p_local_off: float = 0.25
     #: Aligned episodes whose task is one object (instance task: "this cell, followed").
     p_instance: float = 0.4
+    #: Procedural episodes rendered as stained brightfield RGB (histology-like).
+    p_rgb: float = 0.15
 
 
 @dataclass(frozen=True)
@@ -234,8 +236,11 @@ class SyntheticEpisodes:
             )
             if task is None or task[0].sum() < 4 or (~task[0]).sum() < 4:
                 continue
-            s_img = normalize_slice(s.image)
-            q_img = s_img if zq == zs else normalize_slice(q.image)
+            s_raw, q_raw = s.image, q.image
+            if rng.random() < self.cfg.p_rgb:
+                s_raw, q_raw = synthetic.stain_rgb(rng, [s_raw, q_raw], rng.random() < 0.9)
+            s_img = normalize_slice(s_raw)
+            q_img = s_img if zq == zs else normalize_slice(q_raw)
             return _make_episode(rng, self.cfg, s_img, task[0], q_img, task[1], aligned=same)
         raise RuntimeError("could not draw a synthetic episode in 50 tries")
 
