@@ -212,5 +212,11 @@ def test_stained_rgb_renders_bright_objects_dark_in_one_stain() -> None:
         # Brightfield: the object absorbs, most in red and green (haematoxylin-like).
         obj, bg = img[src > 0].mean(axis=0), img[src == 0].mean(axis=0)
         assert np.all(obj < bg)
-    # One stain for the pair: the objects' mean colour agrees (the counterstain varies).
-    np.testing.assert_allclose(out[0][a > 0].mean(axis=0), out[1][b > 0].mean(axis=0), atol=0.05)
+    # One stain for the pair: the objects' extra optical density has the same colour in both
+    # (the counterstain varies from image to image).
+    extra = []
+    for img, src in zip(out, (a, b), strict=True):
+        od = -np.log(img)
+        extra.append(od[src > 0].mean(axis=0) - od[src == 0].mean(axis=0))
+    cos = extra[0] @ extra[1] / np.linalg.norm(extra[0]) / np.linalg.norm(extra[1])
+    assert cos > 0.99
