@@ -26,8 +26,9 @@ def main() -> None:
     config = json.loads((args.run / "config.json").read_text())
     # Machine-specific paths say nothing about the weights; keep the names.
     config["out"] = Path(config["out"]).name
-    if config.get("data"):
-        config["data"] = Path(config["data"]).name
+    for key in ("data", "init"):
+        if config.get(key):
+            config[key] = Path(config[key]).name
     info = {
         "sha256": sha256_file(dst),
         "model": loaded.model_key,
