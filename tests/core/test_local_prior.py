@@ -147,3 +147,22 @@ def test_aligned_episodes_share_geometry_and_carry_the_flag() -> None:
         # Dense support mask on the fine grid equals the query target pooled the same way.
         pooled = ep.target.reshape(16, 4, 16, 4).mean(axis=(1, 3))
         np.testing.assert_allclose(ep.masks[0], pooled, atol=1e-6)
+
+
+def test_local_positions_come_from_the_nearest_annotated_slice(
+    predictor: RevolverPredictor,
+) -> None:
+    rng = np.random.default_rng(7)
+    predictor.set_volume(rng.random((6, 48, 48)).astype(np.float32))
+    both = predictor.guide([[0, 10, 10], [0, 30, 30], [5, 20, 36], [5, 40, 8]], [1, 0, 1, 0])
+    # The same guidance, with only one slice's points kept for positions.
+    first = replace(both, points=both.points[:2], labels=both.labels[:2])
+    last = replace(both, points=both.points[2:], labels=both.labels[2:])
+    for k, near in ((1, first), (4, last)):
+        np.testing.assert_array_equal(
+            predictor.predict_proba(k, both, local=True),
+            predictor.predict_proba(k, near, local=True),
+        )
+    assert not np.allclose(
+        predictor.predict_proba(1, both, local=True), predictor.predict_proba(1, last, local=True)
+    )

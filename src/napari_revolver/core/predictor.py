@@ -638,25 +638,43 @@ class RevolverPredictor:
             support_masks=support_masks,
         )
 
-    def _local_prior(
-        self, task: Task, key: tuple[int, ...] | None, grid: tuple[int, int]
-    ) -> torch.Tensor | None:
-        """``(3, h, w)`` local prior of ``task`` (see :func:`.model.guide.local_prior`).
+    def _annotated_slices(self, task: Task) -> set[tuple[int, ...]]:
+        """Slices of the current volume that carry ``task``'s annotations."""
+        n_lead = len(self.info.leading_shape)
+        keys = {tuple(int(v) for v in k) for k, _ in task.support_masks}
+        if len(task.points) and task.points.shape[1] == self.info.ndim:
+            keys |= {tuple(r) for r in np.rint(task.points[:, :n_lead]).astype(int).tolist()}
+        return keys
 
-        ``key`` is the query slice: only annotations on that slice count. ``None`` means every
-        annotation of the task counts (following positions through the stack). Returns ``None``
-        where the prior is off: another volume, a model without the input, no annotations.
+    def _prior_sources(
+        self, task: Task, key: tuple[int, ...], local: bool
+    ) -> tuple[tuple[int, ...], ...]:
+        """Annotated slices whose positions apply to slice ``key``.
+
+        The slice itself if annotated; with ``local``, otherwise the nearest annotated slices
+        (an object drifts, so the closest annotation says most about where it is).
         """
-        info = self.info
-        if not self.model.config.local_prior or not task.source or task.source != info.fingerprint:
-            return None
-        n_lead = len(info.leading_shape)
+        if not (self.model.config.local_prior and task.source == self.info.fingerprint):
+            return ()
+        keys = self._annotated_slices(task)
+        if key in keys:
+            return (key,)
+        if not local or not keys:
+            return ()
+        here = np.asarray(key, float)
+        dist = {k: float(np.linalg.norm(np.asarray(k, float) - here)) for k in keys}
+        best = min(dist.values())
+        return tuple(sorted(k for k, d in dist.items() if d == best))
+
+    def _local_prior(
+        self, task: Task, sources: tuple[tuple[int, ...], ...], grid: tuple[int, int]
+    ) -> torch.Tensor:
+        """``(3, h, w)`` prior from ``task``'s annotations on slices ``sources``."""
+        n_lead = len(self.info.leading_shape)
         masks = torch.zeros(2, *grid)
-        hit = False
-        if len(task.points) and task.points.shape[1] == info.ndim:
-            sel = np.ones(len(task.points), bool)
-            if key is not None and n_lead:
-                sel = np.all(np.rint(task.points[:, :n_lead]) == np.asarray(key), axis=1)
+        if len(task.points) and task.points.shape[1] == self.info.ndim:
+            lead = np.rint(task.points[:, :n_lead]).astype(int)
+            sel = np.array([tuple(r) in sources for r in lead.tolist()], bool)
             if sel.any():
                 masks += point_masks(
                     torch.from_numpy(task.points[sel, n_lead:]),
@@ -664,29 +682,34 @@ class RevolverPredictor:
                     grid,
                     self.model.fine_stride,
                 )
-                hit = True
         for k, m in task.support_masks:
-            if (key is None or tuple(k) == tuple(key)) and m.shape[-2:] == grid:
+            if tuple(int(v) for v in k) in sources and m.shape[-2:] == grid:
                 masks += torch.from_numpy(m)
-                hit = True
-        if not hit:
-            return None
         return local_prior(masks[None])[0]
 
     def _priors(
         self, tasks: Sequence[Task], ks: Sequence[int], local: bool, grid: tuple[int, int]
     ) -> torch.Tensor | None:
-        """Local priors ``(S * T, 3, h, w)`` for slices ``ks`` and ``tasks`` (or ``None``)."""
+        """Local priors ``(S * T, 3, h, w)`` for slices ``ks`` and ``tasks``, or ``None``.
+
+        A task's positions apply to the slices it annotates and, with ``local``, to every other
+        slice of the volume it was annotated on, from the nearest annotated slice(s). They
+        never apply to another volume, nor with weights that predate the local prior.
+        """
         if not self.model.config.local_prior:
             return None
-        memo: dict[tuple[int, tuple[int, ...] | None], torch.Tensor | None] = {}
+        memo: dict[tuple[int, tuple[tuple[int, ...], ...]], torch.Tensor] = {}
         rows: list[torch.Tensor | None] = []
         for k in ks:
-            key = None if local else self.info.unflat(k)
+            key = self.info.unflat(k)
             for i, t in enumerate(tasks):
-                if (i, key) not in memo:
-                    memo[(i, key)] = self._local_prior(t, key, grid)
-                rows.append(memo[(i, key)])
+                sources = self._prior_sources(t, key, local)
+                if not sources:
+                    rows.append(None)
+                    continue
+                if (i, sources) not in memo:
+                    memo[(i, sources)] = self._local_prior(t, sources, grid)
+                rows.append(memo[(i, sources)])
         if all(r is None for r in rows):
             return None
         zero = torch.zeros(3, *grid)
@@ -874,7 +897,7 @@ class RevolverPredictor:
             Where the clicks are matters, not only what they are on. Annotations always act
             by position on their own slice (a negative click removes what is around it);
             with ``local`` they also act on every other slice of the volume they were made
-            on, which follows one object through z or time. Leave it off for a collection of
+            on, from the nearest annotated slice, which follows one object through z or time. Leave it off for a collection of
             unrelated images stacked together, and it has no effect on other volumes.
 
         Yields
