@@ -897,8 +897,9 @@ class RevolverPredictor:
             Where the clicks are matters, not only what they are on. Annotations always act
             by position on their own slice (a negative click removes what is around it);
             with ``local`` they also act on every other slice of the volume they were made
-            on, from the nearest annotated slice, which follows one object through z or time. Leave it off for a collection of
-            unrelated images stacked together, and it has no effect on other volumes.
+            on, from the nearest annotated slice, which follows one object through z or
+            time. Leave it off for a collection of unrelated images stacked together; it
+            has no effect on other volumes.
 
         Yields
         ------
