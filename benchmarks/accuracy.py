@@ -9,7 +9,9 @@ drawn at random from each support slice's foreground and background (P = 1, 2, 5
 whole support mask guides the network (dense). The random forest gets the same points.
 
 On z-stacks the network is scored twice: as on any collection, and with the clicks acting by
-position on the other planes too (``--local``, the recommended mode for one stack).
+position on the other planes too (``--local``, the recommended mode for one stack). Brightfield
+H&E is read with ``--invert`` (dark objects on a light background); the forest gets the
+original image (its filters do not care about the sign).
 
     python benchmarks/accuracy.py DATA_DIR [--weights W] [--points 1,2,5,10,20,dense]
         [--supports 1,2,4] [--seeds 3] [--datasets a,b] [--out-dir docs/benchmarks]
@@ -38,6 +40,7 @@ class Spec:
     held_out_whole: bool  # not used in training at all
     volumetric: bool  # consecutive planes are neighbours in z or time
     task: str
+    invert: bool = False  # dark objects on a light background (brightfield)
 
 
 DATASETS = {
@@ -45,7 +48,7 @@ DATASETS = {
     "usiigaci_phase": Spec(None, False, False, "whole cells (labels > 0)"),
     "isbi2012_em": Spec(0, False, True, "membranes (labels == 0)"),
     "plant_cells_3d": Spec(7414, False, True, "one cell (id 7414) through z"),
-    "miccai2015_he": Spec(None, True, False, "nuclei (labels > 0), RGB, centre crops"),
+    "miccai2015_he": Spec(None, True, False, "nuclei (labels > 0), RGB, centre crops", True),
 }
 MAX_SUPPORT = 4
 
@@ -119,6 +122,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     label_value=spec.label_value,
                     baselines=() if (args.no_rf or local) else ("rf",),
                     local=local,
+                    invert=spec.invert,
                 )
                 print(
                     f"{name}: {k} support(s), {len(queries)} queries"

@@ -79,6 +79,11 @@ def _add_image_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="on-disk feature store (zarr folder) to reuse across runs",
     )
+    p.add_argument(
+        "--invert",
+        action="store_true",
+        help="dark objects on a light background (brightfield, H&E): reverse intensities",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the clicks also act by position on the query slices (for z-stacks and "
         "time-lapses; see `revolver segment --local`)",
     )
+    p.add_argument(
+        "--invert",
+        action="store_true",
+        help="dark objects on a light background (brightfield, H&E): reverse intensities",
+    )
     p.add_argument("--json", action="store_true", help='print one JSON object {"results": [...]}')
     _add_model_args(p)
 
@@ -291,7 +301,7 @@ def _open_image(args: argparse.Namespace, predictor):  # noqa: ANN001, ANN202
     from .core.io import open_volume
 
     src = open_volume(args.image, args.channel)
-    predictor.set_volume(src.data, store=args.store, **src.volume_kwargs)
+    predictor.set_volume(src.data, store=args.store, invert=args.invert, **src.volume_kwargs)
     return src.axes, src.scale
 
 
@@ -456,6 +466,7 @@ def _segment_distributed(
         args.chunk,
         args.batch_size,
         args.local,
+        args.invert,
     )
     bar = Progress(f"segment {_stem(args.image)}")
     device = "cpu" if predictor.device.type == "cpu" else str(predictor.device)
@@ -615,6 +626,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         baselines=args.baseline or (),
         progress=bar.update,
         local=args.local,
+        invert=args.invert,
     )
     if args.json:
         print(json.dumps({"results": [r.to_dict() for r in results]}))

@@ -166,3 +166,23 @@ def test_local_positions_come_from_the_nearest_annotated_slice(
     assert not np.allclose(
         predictor.predict_proba(1, both, local=True), predictor.predict_proba(1, last, local=True)
     )
+
+
+def test_invert_reverses_intensities_and_keys_the_features(predictor: RevolverPredictor) -> None:
+    from napari_revolver.core.preprocess import Preprocessing, normalize_slice
+
+    img = np.random.default_rng(8).random((32, 32)).astype(np.float32)
+    plain = normalize_slice(img)
+    inverted = normalize_slice(img, Preprocessing(invert=True))
+    np.testing.assert_allclose(inverted, -plain, atol=1e-6)
+    assert Preprocessing(invert=True).key() != Preprocessing().key()
+    volume = np.random.default_rng(9).random((2, 48, 48)).astype(np.float32)
+    predictor.set_volume(volume)
+    a = predictor.features(0).coarse
+    predictor.set_volume(volume, invert=True)
+    assert predictor.preprocessing.invert
+    assert "-inv" in predictor.signature().preprocessing
+    assert not torch.allclose(a, predictor.features(0).coarse)
+    # Dark-on-light data inverted gives the same features as its bright-on-dark original.
+    predictor.set_volume(1.0 - volume, invert=True)
+    torch.testing.assert_close(a, predictor.features(0).coarse, atol=2e-3, rtol=0)

@@ -302,6 +302,23 @@ def test_follow_positions_reaches_the_core_and_changes_other_slices(
     assert not np.allclose(far, predictor.predict_proba(0, task), atol=1e-4)
 
 
+def test_invert_checkbox_recomputes_features_and_guides_again(
+    qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
+) -> None:
+    entry = annotate_sample(qtbot, viewer, widget, sample)
+    before = widget.session.image.labels.data[12].copy()
+    widget.invert_check.setChecked(True)
+    wait_idle(qtbot, widget)
+    state = widget.session.image
+    assert state.predictor.preprocessing.invert
+    assert entry.task is not None  # guided again on the inverted features
+    # Bright nuclei read as dark objects now: the same clicks give another result.
+    assert not np.array_equal(state.labels.data[12], before)
+    widget.invert_check.setChecked(False)
+    wait_idle(qtbot, widget)
+    np.testing.assert_array_equal(widget.session.image.labels.data[12], before)
+
+
 def test_toggle_key_is_bound_on_task_points(widget: Any, sample: dict[str, Any]) -> None:
     entry = widget.add_task("k")
     before = L.polarity(entry.points)

@@ -154,6 +154,20 @@ class Session:
             t.task = None
         return state
 
+    def set_invert(self, on: bool, state: ImageState | None = None) -> ImageState:
+        """Reverse intensities of an image (dark objects on a light background) or not.
+
+        Its features are recomputed and the tasks guided again on the next update.
+        """
+        state = state or self.require_image()
+        if state.predictor.preprocessing.invert == bool(on):
+            return state
+        kwargs = {**_volume_kwargs(state), "invert": bool(on)}
+        state.predictor.set_volume(state.geometry.data, **kwargs)
+        for t in self.tasks:
+            t.task = None
+        return state
+
     def forget_layer(self, layer: Any) -> None:
         """Drop state tied to a layer the user deleted."""
         self.images.pop(id(layer), None)
@@ -462,7 +476,10 @@ class Session:
 
 def _volume_kwargs(state: ImageState) -> dict[str, Any]:
     """The ``set_volume`` arguments an image state was opened with."""
-    kwargs: dict[str, Any] = {"rgb": state.geometry.rgb}
+    kwargs: dict[str, Any] = {
+        "rgb": state.geometry.rgb,
+        "invert": state.predictor.preprocessing.invert,
+    }
     channel = state.predictor._channel
     if channel is not None:
         kwargs.update(channel_axis=channel[0], channel=channel[1])

@@ -117,6 +117,12 @@ class RevolverWidget(QWidget):
         srow.addWidget(self.store_button)
         srow.addWidget(self.store_clear)
         form.addRow("Features", srow)
+        self.invert_check = QCheckBox("Dark objects on a light background (invert)")
+        self.invert_check.setToolTip(
+            "Brightfield, H&E: intensities are reversed so objects look like the bright "
+            "objects of fluorescence; features are recomputed"
+        )
+        form.addRow(self.invert_check)
         root.addWidget(box)
 
         box = QGroupBox("Tasks")
@@ -206,6 +212,7 @@ class RevolverWidget(QWidget):
         self.weights_button.clicked.connect(self._choose_weights)
         self.weights_default.clicked.connect(lambda: self._set_weights(None))
         self.store_button.clicked.connect(self._choose_store)
+        self.invert_check.toggled.connect(self.set_invert)
         self.store_clear.clicked.connect(lambda: self.set_store(None))
         self.device_combo.currentTextChanged.connect(
             lambda _: self._set_weights(self.session.weights)
@@ -285,6 +292,9 @@ class RevolverWidget(QWidget):
         except (ValueError, FileNotFoundError, ImportError) as exc:
             self._fail(f"Cannot use image {layer.name!r}: {exc}")
             return
+        self.invert_check.blockSignals(True)
+        self.invert_check.setChecked(state.predictor.preprocessing.invert)
+        self.invert_check.blockSignals(False)
         n_lead = state.geometry.leading_ndim
         first = state.predictor.info.leading_shape[0] if n_lead else 1
         for spin in (self.range_start, self.range_stop):
@@ -349,6 +359,22 @@ class RevolverWidget(QWidget):
             return
         self.weights_label.setText(Path(path).name if path else DEFAULT_WEIGHTS)
         self._on_image_changed()
+        for entry in self.session.tasks:
+            self._guide_quietly(entry)
+
+    def set_invert(self, on: bool) -> None:
+        """Reverse the current image's intensities (dark objects on a light background)."""
+        self.cancel()
+        try:
+            self.session.set_invert(bool(on))
+        except ValueError as exc:
+            self._fail(f"Cannot change the image's intensities: {exc}")
+            return
+        self._set_status(
+            "Intensities reversed: dark objects are segmented like bright ones."
+            if on
+            else "Intensities as recorded."
+        )
         for entry in self.session.tasks:
             self._guide_quietly(entry)
 

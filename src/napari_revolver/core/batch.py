@@ -62,6 +62,8 @@ class BatchJob:
         Slices per network batch inside a task.
     local : bool
         Annotations also act by position on other slices (see ``RevolverPredictor.propagate``).
+    invert : bool
+        Dark objects on a light background: intensities reversed.
     """
 
     image: str
@@ -73,6 +75,7 @@ class BatchJob:
     chunk: int = 8
     batch_size: int = 4
     local: bool = False
+    invert: bool = False
 
 
 def _open_volume(path: str, channel: int | None) -> tuple[Any, dict[str, Any]]:
@@ -94,6 +97,7 @@ def batch_signature(job: BatchJob, fingerprint: str, weights_sha: str) -> str:
                 "threshold": job.threshold,
                 "channel": job.channel,
                 "local": job.local,
+                "invert": job.invert,
                 "format": BATCH_FORMAT_VERSION,
             },
             sort_keys=True,
@@ -132,7 +136,7 @@ def _segment_chunk(job: BatchJob, slices: list[int], weights: bytes, sha: str, d
 
     predictor = _predictor_on_worker(weights, sha, device, job.batch_size)
     data, kwargs = _open_volume(job.image, job.channel)
-    predictor.set_volume(data, **kwargs)
+    predictor.set_volume(data, invert=job.invert, **kwargs)
     group = zarr.open_group(job.output, mode="r+")
     labels, done = group["labels"], group["done"]
     tasks = list(job.tasks)
@@ -240,7 +244,7 @@ def run_batch(
     # to validate the image with the same checks as a single-process run).
     data, kwargs = _open_volume(job.image, job.channel)
     probe = RevolverPredictor(weights_path, "cpu", cache_bytes=1 << 20)
-    info = probe.set_volume(data, **kwargs)
+    info = probe.set_volume(data, invert=job.invert, **kwargs)
     signature = batch_signature(job, data_fingerprint(data), sha)
     out = Path(job.output)
     shape = (*info.leading_shape, *info.slice_shape)

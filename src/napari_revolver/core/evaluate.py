@@ -315,6 +315,7 @@ def evaluate_few_shot(
     progress: Callable[[int, int], None] | None = None,
     local: bool = False,
     queries: Sequence[int] | None = None,
+    invert: bool = False,
 ) -> list[EvalResult]:
     """Score few-shot segmentation of a labelled stack (see the module docstring).
 
@@ -347,6 +348,8 @@ def evaluate_few_shot(
     queries : sequence of int, optional
         Slices to score; default every slice that is not a support slice. Fixing them lets
         runs with different support slices be compared on the same queries.
+    invert : bool
+        Dark objects on a light background: intensities reversed (``set_volume(invert=)``).
 
     Returns
     -------
@@ -418,7 +421,7 @@ def evaluate_few_shot(
         if progress is not None:
             progress(done, total)
 
-    predictor.set_volume(image, rgb=rgb)
+    predictor.set_volume(image, rgb=rgb, invert=invert)
     last = 0
     for d, _ in predictor.precompute():
         tick(d - last)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Generator, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -264,6 +264,7 @@ class RevolverPredictor:
         channel: int | None = None,
         store: str | Path | None = None,
         on_mismatch: Literal["recompute", "raise"] = "recompute",
+        invert: bool = False,
     ) -> VolumeInfo:
         """Set the image data to segment; features are computed lazily, per slice, on use.
 
@@ -281,6 +282,10 @@ class RevolverPredictor:
             On-disk feature store (zarr) to read and fill, reused across runs.
         on_mismatch : {"recompute", "raise"}
             What to do when ``store`` holds features of other data or another model.
+        invert : bool
+            Dark objects on a light background (brightfield): intensities are reversed
+            after normalisation (:class:`Preprocessing`). Tasks guided with one setting
+            should be applied with the same.
 
         Returns
         -------
@@ -326,6 +331,7 @@ class RevolverPredictor:
             raise ValueError(f"the image is empty: shape {shape}")
         with self._lock:
             self._volume = array
+            self.preprocessing = replace(self.preprocessing, invert=bool(invert))
             self._info = VolumeInfo(
                 shape, leading, (int(spatial[0]), int(spatial[1])), bool(rgb), ""
             )

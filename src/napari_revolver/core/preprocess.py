@@ -19,15 +19,20 @@ class Preprocessing:
         Percentiles mapped to 0 and 1 (robust to hot pixels and saturated spots).
     channels : int
         Encoder input channels; grayscale is replicated, RGB kept.
+    invert : bool
+        Reverse intensities after normalising, so dark objects on a light background
+        (brightfield, H&E) look like the bright objects of fluorescence that most training
+        data show; like cellpose's ``invert``.
     """
 
     low: float = 1.0
     high: float = 99.8
     channels: int = 3
+    invert: bool = False
 
     def key(self) -> str:
         """Stable text form for cache signatures."""
-        return f"pct{self.low:g}-{self.high:g}-c{self.channels}"
+        return f"pct{self.low:g}-{self.high:g}-c{self.channels}" + ("-inv" if self.invert else "")
 
 
 def normalize_slice(image: np.ndarray, prep: Preprocessing = Preprocessing()) -> np.ndarray:
@@ -67,6 +72,8 @@ def normalize_slice(image: np.ndarray, prep: Preprocessing = Preprocessing()) ->
         out = np.zeros(x.shape, np.float32)
     else:
         out = (x - np.float32(lo)) * np.float32(1.0 / (hi - lo)) - np.float32(0.5)
+        if prep.invert:
+            out = -out
     out = np.clip(out, np.float32(-1.0), np.float32(2.0)).astype(np.float32, copy=False)
     if rgb:
         out = np.moveaxis(out, -1, 0)
