@@ -60,6 +60,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="slices per batch (default: 4)")
 
 
+def _add_invert_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--invert",
+        action="store_true",
+        help="dark objects on a light background (brightfield, H&E): reverse intensities",
+    )
+
+
 def _add_image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "image",
@@ -79,11 +87,7 @@ def _add_image_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="on-disk feature store (zarr folder) to reuse across runs",
     )
-    p.add_argument(
-        "--invert",
-        action="store_true",
-        help="dark objects on a light background (brightfield, H&E): reverse intensities",
-    )
+    _add_invert_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,11 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the clicks also act by position on the query slices (for z-stacks and "
         "time-lapses; see `revolver segment --local`)",
     )
-    p.add_argument(
-        "--invert",
-        action="store_true",
-        help="dark objects on a light background (brightfield, H&E): reverse intensities",
-    )
+    _add_invert_arg(p)
     p.add_argument("--json", action="store_true", help='print one JSON object {"results": [...]}')
     _add_model_args(p)
 

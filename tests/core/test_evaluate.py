@@ -325,3 +325,18 @@ def test_cli_eval_table_and_errors(
     assert "revolver: error: support slice 9 is out of range" in capsys.readouterr().err
     assert cli.main([*base, "--support-slices", "0,x"]) == 1
     assert "--support-slices expects comma-separated integers" in capsys.readouterr().err
+
+
+def test_cli_eval_local_and_invert_change_the_network_scores(
+    eval_files, capsys: pytest.CaptureFixture[str]
+) -> None:
+    img, lab = eval_files
+    base = ["eval", str(img), str(lab), "--points", "dense"]  # the shipped weights
+    scores = {}
+    for extra in ([], ["--local"], ["--invert"]):
+        assert cli.main([*base, *extra, "--device", "cpu", "--json"]) == 0
+        rows = json.loads(capsys.readouterr().out)["results"]
+        scores[" ".join(extra)] = rows[0]["iou_mean"]
+    assert scores["--local"] != scores[""]
+    # Bright blobs read as dark ones: the network no longer finds them as well.
+    assert scores["--invert"] < scores[""]
