@@ -157,7 +157,8 @@ class Session:
     def set_invert(self, on: bool, state: ImageState | None = None) -> ImageState:
         """Reverse intensities of an image (dark objects on a light background) or not.
 
-        Its features are recomputed and the tasks guided again on the next update.
+        Its features are recomputed (in memory; an on-disk store holds the other setting's
+        features) and the tasks guided again on the next update.
         """
         state = state or self.require_image()
         if state.predictor.preprocessing.invert == bool(on):

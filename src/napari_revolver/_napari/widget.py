@@ -370,6 +370,8 @@ class RevolverWidget(QWidget):
         except ValueError as exc:
             self._fail(f"Cannot change the image's intensities: {exc}")
             return
+        # Features of the other setting cannot be reused: they are kept in memory from now on.
+        self.store_label.setText("in memory")
         self._set_status(
             "Intensities reversed: dark objects are segmented like bright ones."
             if on
