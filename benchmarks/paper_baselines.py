@@ -175,6 +175,7 @@ def main() -> None:
             seeds=args.seeds,
             label_value=spec.label_value,
             local=spec.volumetric,
+            invert=spec.invert,
         )
         for r in res:
             rows.append((name, "guided", r.points, r.iou_mean, r.iou_std, 0.0, r.seconds_per_slice))

@@ -652,17 +652,15 @@ class RevolverPredictor:
             keys |= {tuple(r) for r in np.rint(task.points[:, :n_lead]).astype(int).tolist()}
         return keys
 
+    @staticmethod
     def _prior_sources(
-        self, task: Task, key: tuple[int, ...], local: bool
+        keys: set[tuple[int, ...]], key: tuple[int, ...], local: bool
     ) -> tuple[tuple[int, ...], ...]:
-        """Annotated slices whose positions apply to slice ``key``.
+        """Of the annotated slices ``keys``, those whose positions apply to slice ``key``.
 
         The slice itself if annotated; with ``local``, otherwise the nearest annotated slices
         (an object drifts, so the closest annotation says most about where it is).
         """
-        if not (self.model.config.local_prior and task.source == self.info.fingerprint):
-            return ()
-        keys = self._annotated_slices(task)
         if key in keys:
             return (key,)
         if not local or not keys:
@@ -704,12 +702,16 @@ class RevolverPredictor:
         """
         if not self.model.config.local_prior:
             return None
+        # Slices carrying each task's annotations, on this volume only (computed once per call).
+        annotated = [
+            self._annotated_slices(t) if t.source == self.info.fingerprint else set() for t in tasks
+        ]
         memo: dict[tuple[int, tuple[tuple[int, ...], ...]], torch.Tensor] = {}
         rows: list[torch.Tensor | None] = []
         for k in ks:
             key = self.info.unflat(k)
             for i, t in enumerate(tasks):
-                sources = self._prior_sources(t, key, local)
+                sources = self._prior_sources(annotated[i], key, local)
                 if not sources:
                     rows.append(None)
                     continue
