@@ -2,9 +2,12 @@
 
 For every data set, its suggested task is scored on its held-out split: the last 25% of the
 planes or images (training never sees them), or every image but the first four for a data set
-held out whole. The queries are fixed; the support is the 1, 2 or 4 slices just before them (for
-a z-stack, the neighbouring planes; for a collection, other images of the same kind), so runs
-with more support slices are scored on the same queries. P positive and P negative points are
+held out whole. The queries are fixed, and so are the four candidate support slices just before
+them (for a z-stack, the neighbouring planes; for a collection, other images of the same kind).
+With k = 1, 2 or 4 support slices the candidates are split into 4 / k disjoint runs of k
+consecutive slices, each run is scored, and the results are averaged: every candidate is used
+once for every k, so more support slices are compared with fewer on the same annotations and the
+same queries, not against one lucky or unlucky slice. P positive and P negative points are
 drawn at random from each support slice's foreground and background (P = 1, 2, 5, 10, 20), or the
 whole support mask guides the network (dense). The random forest gets the same points.
 
@@ -14,7 +17,8 @@ H&E is read with ``--invert`` (dark objects on a light background); the forest g
 original image (its filters do not care about the sign).
 
     python benchmarks/accuracy.py DATA_DIR [--weights W] [--points 1,2,5,10,20,dense]
-        [--supports 1,2,4] [--seeds 3] [--datasets a,b] [--out-dir docs/benchmarks]
+        [--supports 1,2,4] [--seeds 3] [--datasets a,b] [--nearest-only] [--no-rf]
+        [--out-dir docs/benchmarks]
 
 Writes ``accuracy.md`` (tables), ``accuracy.json`` (every row) and ``accuracy.png`` (IoU vs
 points, one line per method and support count) to ``--out-dir``.
@@ -92,6 +96,27 @@ def split(n: int, spec: Spec) -> tuple[int, list[int]]:
     return start, list(range(first_query - start, n - start))
 
 
+def support_groups(first_query: int, k: int, nearest_only: bool = False) -> list[list[int]]:
+    """The support sets scored for ``k`` support slices.
+
+    The ``MAX_SUPPORT`` slices just before the queries are split into ``MAX_SUPPORT // k``
+    disjoint runs of ``k`` consecutive slices, so every candidate slice is used exactly once for
+    each ``k`` and a result is not the luck of one slice. ``nearest_only``: only the run that ends
+    next to the queries.
+    """
+    if k < 1 or MAX_SUPPORT % k:
+        raise ValueError(f"support slices must divide {MAX_SUPPORT}; got {k}")
+    first = first_query - MAX_SUPPORT
+    groups = [list(range(first + g * k, first + (g + 1) * k)) for g in range(MAX_SUPPORT // k)]
+    return groups[-1:] if nearest_only else groups
+
+
+def pooled(means: list[float], stds: list[float]) -> tuple[float, float]:
+    """Mean and standard deviation over groups of seeds (within plus between variance)."""
+    m = float(np.mean(means))
+    return m, float(np.sqrt(np.mean(np.square(stds)) + np.var(means)))
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     from napari_revolver import RevolverPredictor
     from napari_revolver.core.evaluate import evaluate_few_shot
@@ -105,34 +130,38 @@ def run(args: argparse.Namespace) -> list[dict]:
         image, labels = load(args.data, name)
         start, queries = split(len(image), spec)
         image, labels = image[start:], labels[start:]
-        first_query = queries[0]
         for k in supports:
-            support = list(range(first_query - k, first_query))
+            groups = support_groups(queries[0], k, args.nearest_only)
             modes = [False, True] if spec.volumetric else [False]
             for local in modes:
                 t = time.perf_counter()
-                res = evaluate_few_shot(
-                    predictor,
-                    image,
-                    labels,
-                    support=support,
-                    queries=queries,
-                    points=points,
-                    seeds=args.seeds,
-                    label_value=spec.label_value,
-                    baselines=() if (args.no_rf or local) else ("rf",),
-                    local=local,
-                    invert=spec.invert,
-                )
+                per_group = [
+                    evaluate_few_shot(
+                        predictor,
+                        image,
+                        labels,
+                        support=support,
+                        queries=queries,
+                        points=points,
+                        seeds=args.seeds,
+                        label_value=spec.label_value,
+                        baselines=() if (args.no_rf or local) else ("rf",),
+                        local=local,
+                        invert=spec.invert,
+                    )
+                    for support in groups
+                ]
                 print(
-                    f"{name}: {k} support(s), {len(queries)} queries"
+                    f"{name}: {k} support(s) x {len(groups)} group(s), {len(queries)} queries"
                     f"{', local' if local else ''}: {time.perf_counter() - t:.0f} s",
                     file=sys.stderr,
                 )
-                for r in res:
+                for results in zip(*per_group, strict=True):
+                    r = results[0]
                     method = r.method
                     if local and method in ("revolver", "dense"):
                         method += "+local"
+                    mean, std = pooled([x.iou_mean for x in results], [x.iou_std for x in results])
                     rows.append(
                         {
                             "dataset": name,
@@ -140,17 +169,27 @@ def run(args: argparse.Namespace) -> list[dict]:
                             "supports": k,
                             "method": method,
                             "points": r.points,
-                            "iou_mean": r.iou_mean,
-                            "iou_std": r.iou_std,
-                            "seconds_per_slice": r.seconds_per_slice,
+                            "iou_mean": mean,
+                            "iou_std": std,
+                            "seconds_per_slice": float(
+                                np.mean([x.seconds_per_slice for x in results])
+                            ),
                             "n_queries": r.n_queries,
-                            "support_slices": [start + s for s in r.support],
                             "seeds": r.seeds,
+                            "groups": [
+                                {
+                                    "support_slices": [start + s for s in x.support],
+                                    "iou_mean": x.iou_mean,
+                                    "iou_std": x.iou_std,
+                                }
+                                for x in results
+                            ],
                         }
                     )
                     print(
-                        f"  {method:15s} P={r.points:5s} IoU {r.iou_mean:.3f} ± {r.iou_std:.3f}"
-                        f" ({1000 * r.seconds_per_slice:.0f} ms/slice)",
+                        f"  {method:15s} P={r.points:5s} IoU {mean:.3f} ± {std:.3f} ("
+                        + ", ".join(f"{x.iou_mean:.3f}" for x in results)
+                        + f"; {1000 * rows[-1]['seconds_per_slice']:.0f} ms/slice)",
                         file=sys.stderr,
                     )
     return rows
@@ -272,7 +311,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("data", type=Path)
+    ap.add_argument("data", type=Path, nargs="?", help="folder of data sets (not with --rows)")
     ap.add_argument("--weights", default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--points", default="1,2,5,10,20,dense")
@@ -280,9 +319,27 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--no-rf", action="store_true")
+    ap.add_argument(
+        "--nearest-only",
+        action="store_true",
+        help="score only the support slice(s) next to the queries, not every disjoint group",
+    )
     ap.add_argument("--out-dir", type=Path, default=None, help="write accuracy.md/.json/.png")
+    ap.add_argument(
+        "--rows",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="render the tables and plot from earlier runs' accuracy.json files (e.g. data sets "
+        "run in parallel) instead of running",
+    )
     args = ap.parse_args()
-    rows = run(args)
+    if args.rows:
+        rows = [r for f in args.rows for r in json.loads(f.read_text())["rows"]]
+    elif args.data is None:
+        ap.error("give the data folder, or --rows")
+    else:
+        rows = run(args)
     text = summary(rows) + "\n\n" + table(rows)
     print(text)
     if args.out_dir:
