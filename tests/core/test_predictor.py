@@ -400,6 +400,30 @@ def test_task_save_and_load_round_trip(
     assert not list(tmp_path.glob("*.part"))
 
 
+def test_task_keeps_its_intensity_convention(
+    predictor: RevolverPredictor, stack: np.ndarray, task: Task, tmp_path: Path
+) -> None:
+    assert not task.invert
+    predictor.set_volume(stack, invert=True)
+    inverted = predictor.guide([[1, 24, 24], [1, 5, 5]], [1, 0], name="dark")
+    assert inverted.invert
+    back = load_task(inverted.save(tmp_path / "dark.json"))
+    assert back.invert
+    # Vectors pooled on reversed intensities mean nothing on plain ones, and vice versa.
+    with pytest.raises(ValueError, match=r"invert=False.*invert=True.*intensity conventions"):
+        task.merge(back)
+    predictor.predict_slice(1, back)
+    with pytest.raises(ValueError, match=r"'blob' was guided on intensities unchanged"):
+        predictor.predict_slice(1, task)
+    predictor.set_volume(stack)
+    with pytest.raises(ValueError, match=r"set_volume\(\.\.\., invert=True\)"):
+        next(iter(predictor.propagate(back)))
+    # Task files written before the field existed read as not inverted.
+    old = task.to_dict()
+    del old["invert"]
+    assert not Task.from_dict(old).invert
+
+
 def test_load_task_refuses_other_files(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")

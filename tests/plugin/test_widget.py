@@ -319,6 +319,24 @@ def test_invert_checkbox_recomputes_features_and_guides_again(
     np.testing.assert_array_equal(widget.session.image.labels.data[12], before)
 
 
+def test_loading_an_inverted_task_inverts_the_image(
+    qtbot: Any, tmp_path: Path, viewer: Any, widget: Any, sample: dict[str, Any], notes: list
+) -> None:
+    annotate_sample(qtbot, viewer, widget, sample)
+    widget.invert_check.setChecked(True)
+    wait_idle(qtbot, widget)
+    path = widget.save_task(tmp_path / "dark.json")
+    widget.invert_check.setChecked(False)
+    wait_idle(qtbot, widget)
+    loaded = widget.load_task(path)
+    wait_idle(qtbot, widget)
+    assert loaded is not None and loaded.task is not None and loaded.task.invert
+    assert widget.session.image.predictor.preprocessing.invert
+    assert widget.invert_check.isChecked()
+    assert any(kind == "info" and "inverted" in msg for kind, msg in notes)
+    assert not [n for n in notes if n[0] == "error"]
+
+
 def test_toggle_key_is_bound_on_task_points(widget: Any, sample: dict[str, Any]) -> None:
     entry = widget.add_task("k")
     before = L.polarity(entry.points)

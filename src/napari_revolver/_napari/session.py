@@ -435,7 +435,11 @@ class Session:
         return entry.task.save(path, overwrite=True)
 
     def load_task(self, path: str | Path) -> TaskEntry:
-        """Load a saved task: its points become a new task's Points layer on this image."""
+        """Load a saved task: its points become a new task's Points layer on this image.
+
+        A task guided on inverted intensities switches the image to inverted reading (and back),
+        since its vectors only apply to features read that way.
+        """
         from ..core.task import load_task
 
         task = load_task(path)
@@ -459,6 +463,9 @@ class Session:
                 }
             )
             entry.points.refresh_colors()
+        if task.invert != state.predictor.preprocessing.invert:
+            # The saved vectors only mean something on intensities read the same way.
+            self.set_invert(task.invert, state)
         # The saved guidance is kept as is (it may come from another image).
         entry.task = (
             task.renamed(entry.name, entry.label_value)

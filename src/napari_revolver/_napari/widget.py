@@ -292,9 +292,7 @@ class RevolverWidget(QWidget):
         except (ValueError, FileNotFoundError, ImportError) as exc:
             self._fail(f"Cannot use image {layer.name!r}: {exc}")
             return
-        self.invert_check.blockSignals(True)
-        self.invert_check.setChecked(state.predictor.preprocessing.invert)
-        self.invert_check.blockSignals(False)
+        self._sync_invert(state.predictor.preprocessing.invert)
         n_lead = state.geometry.leading_ndim
         first = state.predictor.info.leading_shape[0] if n_lead else 1
         for spin in (self.range_start, self.range_stop):
@@ -751,13 +749,31 @@ class RevolverWidget(QWidget):
         if path:
             self.load_task(path)
 
+    def _sync_invert(self, on: bool) -> None:
+        """Show the image's invert setting without acting on it."""
+        self.invert_check.blockSignals(True)
+        self.invert_check.setChecked(on)
+        self.invert_check.blockSignals(False)
+
     def load_task(self, path: str | Path) -> TaskEntry | None:
+        image = self.session.image
+        was_inverted = image is not None and image.predictor.preprocessing.invert
         try:
             entry = self.session.load_task(path)
         except (ValueError, OSError) as exc:
             self._refresh_tasks()
             self._fail(f"Could not load the task: {exc}")
             return None
+        image = self.session.image
+        if image is not None and image.predictor.preprocessing.invert != was_inverted:
+            on = image.predictor.preprocessing.invert
+            self._sync_invert(on)
+            _notify(
+                "info",
+                f"Task {entry.name!r} was made on "
+                f"{'inverted' if on else 'non-inverted'} intensities: the image is now read "
+                f"{'inverted' if on else 'as is'} too.",
+            )
         self._watch(entry)
         self._refresh_tasks()
         self._schedule_update()

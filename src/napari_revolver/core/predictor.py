@@ -642,6 +642,7 @@ class RevolverPredictor:
             label_value=label_value,
             source=self.info.fingerprint,
             support_masks=support_masks,
+            invert=self.preprocessing.invert,
         )
 
     def _annotated_slices(self, task: Task) -> set[tuple[int, ...]]:
@@ -730,6 +731,15 @@ class RevolverPredictor:
                     f"task {t.name!r} was guided with model {t.model_key} (weights "
                     f"{t.weights_sha256[:12]}), this predictor runs {self.model_key} (weights "
                     f"{self.weights.sha256[:12]}); guide it again with these weights"
+                )
+            if t.invert != self.preprocessing.invert:
+                how = "reversed" if t.invert else "unchanged"
+                this = "reversed" if self.preprocessing.invert else "unchanged"
+                raise ValueError(
+                    f"task {t.name!r} was guided on intensities {how} (invert={t.invert}), this "
+                    f"volume is read with intensities {this} (invert={self.preprocessing.invert});"
+                    f" open the volume with set_volume(..., invert={t.invert}) (CLI: "
+                    f"{'--invert' if t.invert else 'no --invert'}; widget: the invert checkbox)"
                 )
         d = self.device
         return GuideOutput(

@@ -47,6 +47,9 @@ class Task:
     support_masks : tuple of (tuple of int, np.ndarray)
         Dense support masks as ``(slice index, (2, h, w) float32 fine-grid weights)``, for the
         local prior of tasks guided by a mask; not written to task files.
+    invert : bool
+        The vectors were pooled from features of reversed intensities (dark objects on a light
+        background, ``set_volume(invert=True)``); they apply only to volumes read the same way.
     """
 
     name: str
@@ -61,6 +64,7 @@ class Task:
     package_version: str = field(default=__version__)
     source: str = ""
     support_masks: tuple[tuple[tuple[int, ...], np.ndarray], ...] = ()
+    invert: bool = False
 
     def __post_init__(self) -> None:
         for name in ("sum_coarse", "sum_fine"):
@@ -106,12 +110,19 @@ class Task:
         Raises
         ------
         ValueError
-            If the tasks belong to different models.
+            If the tasks belong to different models, or one was guided on inverted intensities
+            and the other not.
         """
         if (self.model_key, self.weights_sha256) != (other.model_key, other.weights_sha256):
             raise ValueError(
                 f"cannot merge tasks of different models: {self.model_key}/"
                 f"{self.weights_sha256[:12]} vs {other.model_key}/{other.weights_sha256[:12]}"
+            )
+        if self.invert != other.invert:
+            raise ValueError(
+                f"cannot merge task {self.name!r} (invert={self.invert}) with task "
+                f"{other.name!r} (invert={other.invert}): their features were read with "
+                "different intensity conventions"
             )
         same_dims = self.points.shape[1] == other.points.shape[1]
         same_source = self.source == other.source
@@ -143,6 +154,7 @@ class Task:
             "points_ndim": int(self.points.shape[1]),
             "labels": self.labels.astype(int).tolist(),
             "source": self.source,
+            "invert": self.invert,
         }
 
     @classmethod
@@ -170,6 +182,7 @@ class Task:
             label_value=int(d.get("label_value", 1)),  # type: ignore[arg-type]
             package_version=str(d.get("package_version", "")),
             source=str(d.get("source", "")),
+            invert=bool(d.get("invert", False)),
         )
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
