@@ -11,8 +11,9 @@
   to the queries. Its time includes the fine-tuning, and every query must be encoded again with
   the tuned encoder: nothing can be cached across clicks.
 
-Protocol, queries and point draws are those of ``accuracy.py`` (one support slice, the slice
-just before the held-out queries; P positive + P negative random points; seeds 0..N-1).
+Protocol, queries and point draws are those of ``accuracy.py --nearest-only`` (one support
+slice, the slice just before the held-out queries; P positive + P negative random points; seeds
+0..N-1): fine-tuning costs seconds per task, so one support run, not four.
 
     python benchmarks/paper_baselines.py DATA_DIR --fgbg-weights RUN/best.safetensors
         [--weights W] [--datasets dsb2018_u2os,isbi2012_em] [--points 1,5,dense] [--seeds 3]
