@@ -29,8 +29,9 @@ __all__ = [
     "sample_points",
 ]
 
-#: Point counts per polarity drawn for an episode ("0" = dense mask).
-SHOT_SIZES = (1, 1, 2, 3, 5, 5, 10, 20, 50, 0)
+#: Point counts per polarity drawn for an episode ("0" = dense mask). One and two clicks are
+#: the commonest: they are what people start with and where guidance is most ambiguous.
+SHOT_SIZES = (1, 1, 1, 2, 2, 3, 5, 10, 20, 0)
 
 
 @dataclass(frozen=True)
