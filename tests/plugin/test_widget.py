@@ -58,6 +58,21 @@ def test_clicks_update_the_current_slice(
     assert labels.data[0].max() == 0
 
 
+def test_a_click_on_a_cached_slice_updates_before_returning(
+    qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
+) -> None:
+    entry = annotate_sample(qtbot, viewer, widget, sample)
+    labels = widget.session.image.labels
+    before = labels.data[12].copy()
+    # A negative click in the middle of a segmented object: no event loop turn in between.
+    inside = np.argwhere(before > 0)[len(np.argwhere(before > 0)) // 2]
+    L.set_polarity(entry.points, L.NEGATIVE)
+    entry.points.add(np.array([[12, *inside]]))
+    assert entry.task is not None and len(entry.task.points) == 10
+    assert not widget._update_timer.isActive()
+    assert not np.array_equal(labels.data[12], before)
+
+
 def test_propagation_matches_the_core_and_the_truth(
     qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
 ) -> None:

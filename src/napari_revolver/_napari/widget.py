@@ -497,7 +497,11 @@ class RevolverWidget(QWidget):
             return
         entry.task = None  # stale: re-guided on the next update
         self._refresh_tasks()
-        self._schedule_update()
+        # One event per finished gesture: update at once rather than after the events the
+        # point queued (the points layer's own redraw among them), so both repaint together.
+        if self.live_check.isChecked():
+            self._update_timer.stop()
+            self.update_now()
 
     def _on_step(self, event: Any = None) -> None:
         if self.session.guided_tasks() or any(len(t.points.data) for t in self.session.tasks):
