@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RandomForestBaseline, median_ms, timeit  # noqa: E402
+from _common import RandomForestBaseline, median_ms, timeit
 
 
 def synthetic_stack(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

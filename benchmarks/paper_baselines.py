@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import DATASETS, load, split  # noqa: E402
+from accuracy import DATASETS, load, split
 
 
 def trainable_model(path: str) -> torch.nn.Module:
@@ -64,7 +64,7 @@ def prepare(plane: np.ndarray) -> torch.Tensor:
     return x
 
 
-def no_guidance(model: torch.nn.Module):  # noqa: ANN201
+def no_guidance(model: torch.nn.Module):
     from napari_revolver.core.model.guide import GuideOutput
 
     c = model.config

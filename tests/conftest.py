@@ -96,7 +96,7 @@ def count_encoder_calls(
         calls: list[int] = []
         original = predictor._encode
 
-        def counting(images):  # noqa: ANN001, ANN202
+        def counting(images):
             calls.append(len(images))
             return original(images)
 

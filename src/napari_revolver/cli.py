@@ -297,7 +297,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_image(args: argparse.Namespace, predictor):  # noqa: ANN001, ANN202
+def _open_image(args: argparse.Namespace, predictor):
     from .core.io import open_volume
 
     src = open_volume(args.image, args.channel)
@@ -305,7 +305,7 @@ def _open_image(args: argparse.Namespace, predictor):  # noqa: ANN001, ANN202
     return src.axes, src.scale
 
 
-def _predictor(args: argparse.Namespace):  # noqa: ANN202
+def _predictor(args: argparse.Namespace):
     from .core.predictor import RevolverPredictor
 
     predictor = RevolverPredictor(args.weights, args.device, batch_size=args.batch_size)
@@ -392,7 +392,7 @@ def _segment_local(
     args: argparse.Namespace,
     predictor,
     tasks,
-    output: Path,  # noqa: ANN001
+    output: Path,
     axes: str | None,
     scale: tuple[float, ...] | None,
 ) -> None:
@@ -445,9 +445,9 @@ def _segment_distributed(
     args: argparse.Namespace,
     predictor,
     tasks,
-    output: Path,  # noqa: ANN001
+    output: Path,
     client=None,
-) -> None:  # noqa: ANN001
+) -> None:
     from .core.batch import BatchJob, run_batch
 
     if output.suffix != ".zarr":
@@ -495,7 +495,8 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .core.train import TrainConfig, resolve_device, train
+    from .core.device import resolve_device
+    from .core.train import TrainConfig, train
 
     if args.crop % 32:
         raise ValueError(f"--crop must be a multiple of 32; got {args.crop}")
@@ -524,7 +525,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--init weights {args.init} do not exist")
     bar = Progress("train")
 
-    def show(p) -> None:  # noqa: ANN001
+    def show(p) -> None:
         bar.update(p.step, cfg.steps)
         if p.val_iou is not None:
             print(

@@ -11,9 +11,9 @@ import tifffile
 pytest.importorskip("distributed", reason="needs dask.distributed (pip install .[dask])")
 zarr = pytest.importorskip("zarr")
 
-from napari_revolver import RevolverPredictor, cli  # noqa: E402
-from napari_revolver.core.batch import BatchJob, run_batch  # noqa: E402
-from napari_revolver.core.synthetic import sample_stack  # noqa: E402
+from napari_revolver import RevolverPredictor, cli
+from napari_revolver.core.batch import BatchJob, run_batch
+from napari_revolver.core.synthetic import sample_stack
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_failed_chunks_are_retried_and_leave_no_gaps(
     marks = tmp_path / "failed"
     marks.mkdir()
 
-    def flaky(job, slices, *args):  # noqa: ANN001, ANN202
+    def flaky(job, slices, *args):
         # Each chunk dies once half-way, after writing some of its slices. The marks live on
         # disk because Dask hands the function to workers as a serialised copy.
         mark = marks / str(slices[0])

@@ -148,7 +148,7 @@ def test_points_are_drawn_per_support_slice_from_foreground_and_background(
     guided: list[tuple[np.ndarray, np.ndarray]] = []
     real_guide = tiny_predictor.guide
 
-    def spy(points, labels_, **kwargs):  # noqa: ANN001, ANN202
+    def spy(points, labels_, **kwargs):
         guided.append((np.asarray(points), np.asarray(labels_)))
         return real_guide(points, labels_, **kwargs)
 
@@ -174,7 +174,7 @@ def test_dense_baseline_merges_every_support_mask(
     masked: list[int] = []
     real = tiny_predictor.guide_mask
 
-    def spy(index, mask, **kwargs):  # noqa: ANN001, ANN202
+    def spy(index, mask, **kwargs):
         masked.append(int(index))
         np.testing.assert_array_equal(mask, labels[index] > 0)
         return real(index, mask, **kwargs)

@@ -247,10 +247,10 @@ class RevolverWidget(QWidget):
         ):
             try:
                 sig.disconnect(slot)
-            except Exception:  # noqa: BLE001  (already gone with the viewer)
+            except Exception:
                 pass
 
-    def closeEvent(self, event: Any) -> None:  # noqa: N802  (Qt API)
+    def closeEvent(self, event: Any) -> None:
         self.cancel()
         self._disconnect_viewer()
         super().closeEvent(event)
@@ -420,7 +420,7 @@ class RevolverWidget(QWidget):
         entry.points.events.data.connect(lambda event, e=entry: self._on_points(e, event))
         try:
             entry.points.bind_key(TOGGLE_KEY, lambda layer: self.toggle_polarity(), overwrite=True)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             logger.debug("could not bind %s: %s", TOGGLE_KEY, exc)
 
     def _rename_clicked(self) -> None:

@@ -252,7 +252,7 @@ def run_batch(
     if out.exists():
         try:
             stored = dict(zarr.open_group(str(out), mode="r").attrs)
-        except Exception:  # noqa: BLE001  (not a store of ours)
+        except Exception:
             stored = {}
         if stored.get("signature") != signature:
             if not overwrite:

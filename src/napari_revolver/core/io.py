@@ -734,7 +734,7 @@ def write_label_zarr(
         )
         lead = shape[:-2]
         count = 0
-        for count, page in enumerate(pages, start=1):  # noqa: B007
+        for count, page in enumerate(pages, start=1):
             page = np.asarray(page)
             if page.shape != shape[-2:]:
                 raise ValueError(f"page {count - 1} has shape {page.shape}; expected {shape[-2:]}")
@@ -848,7 +848,7 @@ def _atomic_write(
     mode = (target.stat().st_mode & 0o7777) if exists else (0o666 & ~_current_umask())
 
     open_kwargs: dict[str, Any] = {} if binary else {"newline": "", "encoding": "utf-8"}
-    tmp = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed explicitly below
+    tmp = tempfile.NamedTemporaryFile(
         mode="wb" if binary else "w",
         dir=parent,
         prefix=f".{target.name}.",

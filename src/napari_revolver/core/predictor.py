@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .device import resolve_device
 from .features import FeatureCache, FeatureSignature, FeatureStore, data_fingerprint
 from .instances import mask_to_instances
 from .model.encoder import EncoderOutput
@@ -31,7 +32,6 @@ from .model.guide import GuideOutput, dense_masks, local_prior, point_masks
 from .model.guided_net import GuidedNet
 from .preprocess import Preprocessing, normalize_slice
 from .task import Task
-from .train import resolve_device
 from .weights import LoadedWeights, load_weights
 
 logger = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .device import resolve_device
 from .episodes import (
     Episode,
     EpisodeConfig,
@@ -148,7 +149,8 @@ def evaluate(
     guidance: bool = True,
 ) -> float:
     """Mean foreground IoU (threshold 0.5) over validation batches (``guidance=False``: the
-    annotations withheld, as for the foreground-background baseline)."""
+    annotations withheld, as for the foreground-background baseline).
+    """
     model.eval()
     ious = []
     for s, m, q, t, a in batches:
@@ -220,25 +222,6 @@ def warm_start(model: torch.nn.Module, path: str | Path) -> list[str]:
         widened.append(name)
     model.load_state_dict(new)
     return widened + added
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; an unavailable explicit choice raises."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
-        raise ValueError(f"device must be one of auto, cpu, cuda, mps; got {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but torch sees no CUDA GPU; use --device cpu")
-    if name == "mps" and not (
-        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-    ):
-        raise ValueError("device 'mps' was requested but is not available; use --device cpu")
-    return torch.device(name)
 
 
 def train(cfg: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | None = None) -> Path:

@@ -30,7 +30,7 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _import_torchvision():  # noqa: ANN202
+def _import_torchvision():
     try:
         import torchvision
     except Exception as exc:  # ImportError, or a CUDA-only build failing to load
@@ -41,7 +41,7 @@ def _import_torchvision():  # noqa: ANN202
     return torchvision
 
 
-def _imagenet_state(tv, name: str) -> dict[str, torch.Tensor] | None:  # noqa: ANN001
+def _imagenet_state(tv, name: str) -> dict[str, torch.Tensor] | None:
     """ImageNet weights from ``REVOLVER_TV_WEIGHTS`` or torchvision's cache; never downloaded."""
     path = os.environ.get("REVOLVER_TV_WEIGHTS")
     if not path:
@@ -96,7 +96,7 @@ class TorchvisionEncoder(nn.Module):
         return EncoderOutput(F.relu(self.coarse_proj(coarse)), F.relu(self.fine_proj(fine)))
 
 
-def _builder(key: str):  # noqa: ANN202
+def _builder(key: str):
     def build() -> GuidedNet:
         config = ModelConfig(key=key)
         return GuidedNet(
