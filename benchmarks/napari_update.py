@@ -118,7 +118,7 @@ def main() -> None:
             time.sleep(0.0005)
         threaded.append(done[0] - t0)
 
-    med = lambda xs: 1000 * statistics.median(xs)
+    med = lambda xs: 1000 * statistics.median(xs)  # noqa: E731
     print(f"slice {args.size}x{args.size}, features cached, {args.repeat} clicks")
     print(f"click -> labels repainted in the viewer, median {med(gui):7.1f} ms  (target <= 100 ms)")
     print(f"engine update (guide + predict_slice), median {med(engine):7.1f} ms")

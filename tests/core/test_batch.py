@@ -11,9 +11,9 @@ import tifffile
 pytest.importorskip("distributed", reason="needs dask.distributed (pip install .[dask])")
 zarr = pytest.importorskip("zarr")
 
-from napari_revolver import RevolverPredictor, cli
-from napari_revolver.core.batch import BatchJob, run_batch
-from napari_revolver.core.synthetic import sample_stack
+from napari_revolver import RevolverPredictor, cli  # noqa: E402
+from napari_revolver.core.batch import BatchJob, run_batch  # noqa: E402
+from napari_revolver.core.synthetic import sample_stack  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -218,7 +218,7 @@ def test_segment_broadcasts_one_query_over_several_tasks_and_crops(tiny_model: G
 
 def test_torchvision_model_without_torchvision_raises_helpful_import_error() -> None:
     try:
-        import torchvision
+        import torchvision  # noqa: F401
     except Exception:
         pass
     else:

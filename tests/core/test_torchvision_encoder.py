@@ -6,7 +6,7 @@ import pytest
 import torch
 
 try:
-    import torchvision
+    import torchvision  # noqa: F401
 except Exception as exc:  # ImportError, or a build that does not match torch failing to load
     pytest.skip(f"torchvision is not importable here: {exc}", allow_module_level=True)
 

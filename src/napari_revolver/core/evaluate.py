@@ -52,8 +52,8 @@ _BENCH_HINT = (
 def _require_bench() -> None:
     """Raise an ``ImportError`` naming the extra to install when the RF deps are missing."""
     try:
-        import skimage.feature
-        import sklearn.ensemble
+        import skimage.feature  # noqa: F401
+        import sklearn.ensemble  # noqa: F401
     except ImportError as exc:
         raise ImportError(f"{_BENCH_HINT} ({exc})") from exc
 

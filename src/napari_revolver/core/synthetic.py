@@ -344,7 +344,7 @@ def make_scene(rng: np.random.Generator, style: SceneStyle, shape: tuple[int, in
     if centers:
         all_c = np.concatenate(centers)
         order = rng.permutation(len(all_c))
-        sel = lambda a: np.concatenate(a)[order]
+        sel = lambda a: np.concatenate(a)[order]  # noqa: E731
         scene = Scene(
             style,
             shape,

@@ -37,7 +37,7 @@ def register_model(key: str, builder: Callable[[], GuidedNet]) -> None:
 
 def available_models() -> list[str]:
     """Keys accepted by :func:`build_model`."""
-    from . import torchvision_encoder
+    from . import torchvision_encoder  # noqa: F401  (registers its builders lazily)
 
     return sorted(_BUILDERS)
 
@@ -51,7 +51,7 @@ def build_model(key: str = DEFAULT_MODEL) -> GuidedNet:
         If ``key`` is unknown; the message lists the known keys.
     """
     if key not in _BUILDERS and key.startswith("tv-"):
-        from . import torchvision_encoder
+        from . import torchvision_encoder  # noqa: F401
 
     if key not in _BUILDERS:
         raise ValueError(f"unknown model {key!r}; expected one of {available_models()}")
