@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +32,7 @@ __all__ = [
     "FeatureStore",
     "SignatureMismatch",
     "data_fingerprint",
+    "fingerprint_planes",
 ]
 
 STORE_FORMAT_VERSION = 1
@@ -51,18 +53,44 @@ def data_fingerprint(volume: Any, n_samples: int = 3, *, rgb: bool = False) -> s
     ----------
     volume : array-like
         ``(..., Y, X[, C])`` numpy, dask or zarr array.
+    n_samples : int
+        3 samples the first, middle and last slices; fewer samples only the first.
     rgb : bool
         Whether the last axis holds RGB(A) samples (so slices are ``(Y, X, C)``, not rows).
+
+    Returns
+    -------
+    str
+        32 hex digits.
     """
-    h = hashlib.sha256()
-    h.update(repr((tuple(volume.shape), str(volume.dtype))).encode())
     plane_ndim = 3 if rgb else 2
     lead = tuple(volume.shape[:-plane_ndim]) if volume.ndim >= plane_ndim else ()
     n = int(np.prod(lead)) if lead else 1
     picks = sorted({0, n // 2, n - 1}) if n_samples >= 3 else [0]
-    for k in picks:
-        idx = np.unravel_index(k, lead) if lead else ()
-        plane = np.asarray(volume[idx])
+    planes = [np.asarray(volume[np.unravel_index(k, lead) if lead else ()]) for k in picks]
+    return fingerprint_planes(tuple(volume.shape), volume.dtype, planes)
+
+
+def fingerprint_planes(shape: tuple[int, ...], dtype: Any, planes: Sequence[np.ndarray]) -> str:
+    """Compute the fingerprint of :func:`data_fingerprint` from slices already read.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Shape of the whole volume.
+    dtype : dtype
+        Its dtype.
+    planes : sequence of np.ndarray
+        Its first, middle and last slices (the distinct ones, in that order).
+
+    Returns
+    -------
+    str
+        32 hex digits.
+    """
+    h = hashlib.sha256()
+    h.update(repr((tuple(int(s) for s in shape), str(dtype))).encode())
+    for plane in planes:
         h.update(np.ascontiguousarray(plane[::7, ::7]).tobytes())
     return h.hexdigest()[:32]
 

@@ -25,20 +25,32 @@ import torch
 import torch.nn.functional as F
 
 from .device import resolve_device
-from .features import FeatureCache, FeatureSignature, FeatureStore, data_fingerprint
+from .features import FeatureCache, FeatureSignature, FeatureStore
 from .instances import mask_to_instances
 from .model.encoder import EncoderOutput
 from .model.guide import GuideOutput, dense_masks, local_prior, point_masks
 from .model.guided_net import GuidedNet
 from .preprocess import Preprocessing, normalize_slice
 from .task import Task
+from .volume import (
+    Index,
+    VolumeInfo,
+    VolumeSpec,
+    check_and_fingerprint,
+    describe_volume,
+    read_slice,
+)
 from .weights import LoadedWeights, load_weights
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PropagationStep", "RevolverPredictor", "VolumeInfo", "labels_from_probabilities"]
-
-Index = int | tuple[int, ...]
+__all__ = [
+    "PropagationStep",
+    "RevolverPredictor",
+    "VolumeInfo",
+    "VolumeSpec",
+    "labels_from_probabilities",
+]
 
 #: Slices above this many pixels are encoded in overlapping tiles to bound memory.
 MAX_TILE_PIXELS = 2048 * 2048
@@ -47,68 +59,6 @@ TILE_OVERLAP = 96
 #: Overlap of segmentor tiles, in coarse cells: the head sees 1 + 2 cells around a position,
 #: 1 + 2 + 4 + 8 with the wide context, plus the fine refinement and upsampling.
 HEAD_OVERLAP = 17
-
-
-@dataclass(frozen=True)
-class VolumeInfo:
-    """Geometry of the volume set on a predictor.
-
-    Attributes
-    ----------
-    shape : tuple of int
-        Shape of the array as given.
-    leading_shape : tuple of int
-        Shape of the slice-indexing axes (``()`` for a single 2D image).
-    slice_shape : tuple of int
-        ``(H, W)``.
-    rgb : bool
-        Whether the last axis holds RGB(A) samples.
-    fingerprint : str
-        Cheap data identity used by feature-cache signatures.
-    """
-
-    shape: tuple[int, ...]
-    leading_shape: tuple[int, ...]
-    slice_shape: tuple[int, int]
-    rgb: bool
-    fingerprint: str
-
-    @property
-    def n_slices(self) -> int:
-        return int(np.prod(self.leading_shape)) if self.leading_shape else 1
-
-    @property
-    def ndim(self) -> int:
-        """Dimensionality of point coordinates: leading axes + 2."""
-        return len(self.leading_shape) + 2
-
-    def flat(self, index: Index) -> int:
-        """Flat slice number of ``index`` (an int is taken as already flat)."""
-        if isinstance(index, (int, np.integer)):
-            k = int(index)
-            if not 0 <= k < self.n_slices:
-                raise IndexError(f"slice {k} is out of range for {self.n_slices} slices")
-            return k
-        index = tuple(int(i) for i in index)
-        if len(index) != len(self.leading_shape):
-            raise IndexError(
-                f"slice index {index} has {len(index)} axes; this volume has "
-                f"{len(self.leading_shape)} leading axes {self.leading_shape}"
-            )
-        for i, n in zip(index, self.leading_shape, strict=True):
-            if not 0 <= i < n:
-                raise IndexError(
-                    f"slice index {index} is out of range for leading shape {self.leading_shape}"
-                )
-        return int(np.ravel_multi_index(index, self.leading_shape)) if index else 0
-
-    def unflat(self, k: int) -> tuple[int, ...]:
-        """Leading-axes index of flat slice ``k``."""
-        return (
-            tuple(int(i) for i in np.unravel_index(k, self.leading_shape))
-            if self.leading_shape
-            else ()
-        )
 
 
 @dataclass(frozen=True)
@@ -167,8 +117,9 @@ class RevolverPredictor:
 
     Parameters
     ----------
-    weights : str or Path, optional
-        A checkpoint written by ``revolver train``; default the weights shipped in the package.
+    weights : str, Path or LoadedWeights, optional
+        A checkpoint written by ``revolver train``, or weights loaded already (shared, not
+        reloaded); default the weights shipped in the package.
     device : {"auto", "cpu", "cuda", "mps"}
         ``auto`` picks CUDA, then MPS, then CPU.
     model : GuidedNet, optional
@@ -177,6 +128,8 @@ class RevolverPredictor:
         Memory budget of the per-slice feature cache.
     batch_size : int
         Slices per encoder / segmentor batch during propagation.
+    preprocessing : Preprocessing, optional
+        Intensity normalisation; its ``invert`` is the default of :meth:`set_volume`.
 
     Examples
     --------
@@ -191,7 +144,7 @@ class RevolverPredictor:
 
     def __init__(
         self,
-        weights: str | Path | None = None,
+        weights: str | Path | LoadedWeights | None = None,
         device: str = "auto",
         *,
         model: GuidedNet | None = None,
@@ -199,44 +152,41 @@ class RevolverPredictor:
         batch_size: int = 4,
         preprocessing: Preprocessing | None = None,
     ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         self.device = resolve_device(device)
         if model is not None:
             if weights is not None:
                 raise ValueError("pass either weights or model, not both")
             model = model.to(self.device).for_inference()
-            self.weights = LoadedWeights(model, "<in-memory model>", _model_digest(model), {})
-        else:
-            self.weights = load_weights(weights, self.device)
-        self.model = self.weights.model
+            weights = LoadedWeights(model, "<in-memory model>", _model_digest(model), {})
+        elif not isinstance(weights, LoadedWeights):
+            weights = load_weights(weights, self.device)
+        self.weights = weights
+        self.model = weights.model.to(self.device)
+        #: How slices are normalised; ``invert`` follows the volume's :class:`VolumeSpec`.
         self.preprocessing = preprocessing or Preprocessing(channels=self.model.config.in_channels)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        self._preprocessing = self.preprocessing
         self.batch_size = batch_size
         self.cache_bytes = cache_bytes
         self._lock = threading.RLock()
         self._volume: Any = None
         self._info: VolumeInfo | None = None
-        self._channel: tuple[int, int] | None = None
+        self._spec: VolumeSpec | None = None
         self.cache = FeatureCache(cache_bytes)
 
     def clone(self) -> RevolverPredictor:
-        """A predictor for another volume sharing this one's model and weights (no reload).
+        """Make a predictor for another volume, sharing this one's model and weights.
 
-        Tasks guided with either apply to both; each keeps its own feature cache.
+        Tasks guided with either apply to both; each keeps its own volume and feature cache.
         """
-        other = object.__new__(RevolverPredictor)
-        other.device = self.device
-        other.weights = self.weights
-        other.model = self.model
-        other.preprocessing = self.preprocessing
-        other.batch_size = self.batch_size
-        other.cache_bytes = self.cache_bytes
-        other._lock = threading.RLock()
-        other._volume = None
-        other._info = None
-        other._channel = None
-        other.cache = FeatureCache(self.cache_bytes)
-        return other
+        return RevolverPredictor(
+            self.weights,
+            str(self.device),
+            cache_bytes=self.cache_bytes,
+            batch_size=self.batch_size,
+            preprocessing=self._preprocessing,
+        )
 
     @property
     def has_volume(self) -> bool:
@@ -255,16 +205,29 @@ class RevolverPredictor:
     def model_key(self) -> str:
         return self.model.config.key
 
+    @property
+    def spec(self) -> VolumeSpec:
+        """How the current volume is read (resolved: ``rgb`` is a bool)."""
+        if self._spec is None:
+            raise RuntimeError("no volume set; call set_volume(array) first")
+        return self._spec
+
+    @property
+    def fingerprint(self) -> str:
+        """Data identity of the current volume as read (channel view, samples axis)."""
+        return self.info.fingerprint
+
     def set_volume(
         self,
         array: Any,
+        spec: VolumeSpec | None = None,
         *,
+        store: str | Path | None = None,
+        on_mismatch: Literal["recompute", "raise"] = "recompute",
         rgb: bool | None = None,
         channel_axis: int | None = None,
         channel: int | None = None,
-        store: str | Path | None = None,
-        on_mismatch: Literal["recompute", "raise"] = "recompute",
-        invert: bool = False,
+        invert: bool | None = None,
     ) -> VolumeInfo:
         """Set the image data to segment; features are computed lazily, per slice, on use.
 
@@ -273,19 +236,16 @@ class RevolverPredictor:
         array : array-like
             ``(..., Y, X)`` grayscale or ``(..., Y, X, 3|4)`` RGB(A); numpy, dask or zarr
             (read one slice at a time, never whole).
-        rgb : bool, optional
-            Whether the last axis is RGB; default: guessed as napari does (last axis of size 3
-            or 4 on an array of 3 or more dimensions).
-        channel_axis, channel : int, optional
-            For multichannel data: the axis holding channels and the channel to segment.
+        spec : VolumeSpec, optional
+            How to read it: RGB, the channel of a multichannel array, inverted intensities.
+            Default: RGB guessed as napari does, no channel axis, and the ``invert`` of the
+            ``preprocessing`` the predictor was made with.
         store : path, optional
             On-disk feature store (zarr) to read and fill, reused across runs.
         on_mismatch : {"recompute", "raise"}
             What to do when ``store`` holds features of other data or another model.
-        invert : bool
-            Dark objects on a light background (brightfield): intensities are reversed
-            after normalisation (:class:`Preprocessing`). Tasks guided with one setting
-            should be applied with the same.
+        rgb, channel_axis, channel, invert : optional
+            Fields of ``spec`` given one by one (they override ``spec``'s).
 
         Returns
         -------
@@ -294,78 +254,20 @@ class RevolverPredictor:
         Raises
         ------
         ValueError
-            Unsupported dimensions or dtype, empty or constant data.
+            Unsupported dimensions or dtype, empty or constant data, a spec that does not fit.
         """
-        shape = tuple(int(s) for s in getattr(array, "shape", ()))
-        dtype = np.dtype(getattr(array, "dtype", np.float64))
-        if len(shape) < 2:
-            raise ValueError(
-                f"expected an image with at least 2 dimensions (..., Y, X); got shape {shape}"
-            )
-        if dtype.kind not in "buif":
-            raise ValueError(
-                f"expected a real-valued image (bool, integer or float); got dtype {dtype}"
-            )
-        if channel_axis is not None:
-            ax = channel_axis % len(shape)
-            if channel is None or not 0 <= channel < shape[ax]:
-                raise ValueError(
-                    f"channel must be in [0, {shape[ax] - 1}] for channel_axis "
-                    f"{channel_axis}; got {channel}"
-                )
-            self._channel = (ax, channel)
-            shape = shape[:ax] + shape[ax + 1 :]
-        else:
-            self._channel = None
-        if rgb is None:
-            rgb = len(shape) >= 3 and shape[-1] in (3, 4)
-        if rgb and shape[-1] not in (3, 4):
-            raise ValueError(f"rgb=True needs a last axis of size 3 or 4; got shape {shape}")
-        spatial = shape[-3:-1] if rgb else shape[-2:]
-        leading = shape[:-3] if rgb else shape[:-2]
-        if min(spatial) < 8 or (rgb and len(shape) < 3):
-            raise ValueError(
-                f"slices must be at least 8x8 pixels; got (Y, X) = {spatial} from shape {shape}"
-            )
-        if any(n == 0 for n in leading):
-            raise ValueError(f"the image is empty: shape {shape}")
+        if spec is None:
+            spec = VolumeSpec(invert=self._preprocessing.invert)
+        overrides = {"rgb": rgb, "channel_axis": channel_axis, "channel": channel, "invert": invert}
+        spec = replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+        info, spec = describe_volume(array, spec)
+        info = check_and_fingerprint(array, info, spec)
         with self._lock:
-            self._volume = array
-            self.preprocessing = replace(self.preprocessing, invert=bool(invert))
-            self._info = VolumeInfo(
-                shape, leading, (int(spatial[0]), int(spatial[1])), bool(rgb), ""
-            )
-            # Read a few planes once to catch unusable data before any work is done.
-            picks = sorted({0, self._info.n_slices // 2, self._info.n_slices - 1})
-            constant = True
-            for k in picks:
-                plane = self._read(k)
-                if plane.dtype.kind == "f" and not np.isfinite(plane).all():
-                    self._volume = self._info = None
-                    raise ValueError(
-                        f"slice {k} contains NaN or infinite values; replace them "
-                        "(e.g. numpy.nan_to_num) before segmenting"
-                    )
-                lo, hi = float(plane.min()), float(plane.max())
-                constant = constant and lo == hi
-            if constant:
-                self._volume = self._info = None
-                raise ValueError(
-                    f"the image is constant (every sampled pixel is {lo:g}); nothing to segment"
-                )
-            fingerprint = data_fingerprint(
-                self._channel_view(array) if self._channel else array, rgb=bool(rgb)
-            )
-            self._info = VolumeInfo(shape, leading, self._info.slice_shape, bool(rgb), fingerprint)
-            feature_store = None
-            if store is not None:
-                feature_store = self._open_store(store, on_mismatch)
+            self._volume, self._info, self._spec = array, info, spec
+            self.preprocessing = replace(self._preprocessing, invert=spec.invert)
+            feature_store = self._open_store(store, on_mismatch) if store is not None else None
             self.cache = FeatureCache(self.cache_bytes, feature_store)
-        return self._info
-
-    def _channel_view(self, array: Any) -> Any:
-        ax, ch = self._channel  # type: ignore[misc]
-        return _ChannelView(array, ax, ch)
+        return info
 
     def _open_store(
         self, path: str | Path, on_mismatch: Literal["recompute", "raise"]
@@ -395,23 +297,12 @@ class RevolverPredictor:
 
     def _read(self, k: int) -> np.ndarray:
         """Slice ``k`` as ``(H, W)`` or ``(H, W, 3)`` numpy (reads one slice of lazy data)."""
-        info = self.info
-        idx = info.unflat(k)
-        if self._channel is not None:
-            plane = np.asarray(_ChannelView(self._volume, *self._channel)[idx])
-        else:
-            plane = np.asarray(self._volume[idx] if idx else self._volume)
-        if info.rgb:
-            plane = plane[..., :3]
-        if plane.dtype == bool:
-            plane = plane.astype(np.uint8)
-        return plane
+        return read_slice(self._volume, self.info, self.spec, k)
 
     def reset(self) -> None:
         """Forget the volume and its cached features."""
         with self._lock:
-            self._volume = None
-            self._info = None
+            self._volume = self._info = self._spec = None
             self.cache = FeatureCache(self.cache_bytes)
 
     # ---------------------------------------------------------------- features
@@ -970,24 +861,6 @@ class RevolverPredictor:
             out[step.index] = step.result
         assert out is not None
         return out
-
-
-class _ChannelView:
-    """Lazy selection of one channel of a multichannel array."""
-
-    def __init__(self, array: Any, axis: int, channel: int) -> None:
-        self.array, self.axis, self.channel = array, axis, channel
-        shape = tuple(array.shape)
-        self.shape = shape[:axis] + shape[axis + 1 :]
-        self.dtype = array.dtype
-        self.ndim = len(self.shape)
-
-    def __getitem__(self, idx: tuple[int, ...]) -> np.ndarray:
-        idx = tuple(idx) if isinstance(idx, tuple) else (idx,)
-        full = list(idx[: self.axis]) + [self.channel] + list(idx[self.axis :])
-        if len(idx) < self.axis:
-            full = list(idx) + [slice(None)] * (self.axis - len(idx)) + [self.channel]
-        return np.asarray(self.array[tuple(full)])
 
 
 def _round_up(n: int, m: int) -> int:
