@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -706,49 +705,70 @@ def write_label_zarr(
 ) -> Path:
     """Write a label volume page by page into a zarr array, one chunk per page.
 
-    The array is built in a temporary sibling folder and renamed when complete, so an
-    interruption leaves no partial output.
-    """
-    import shutil
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Target zarr folder. Its parent directory must exist.
+    pages : iterable of np.ndarray
+        ``(Y, X)`` planes in C order of the leading axes of ``shape``; consumed lazily.
+    shape : tuple of int
+        Full shape ``(..., Y, X)``.
+    dtype : dtype
+        dtype of the array (page values must fit).
+    overwrite : bool, optional
+        Replace an existing file or folder at ``path``.
 
+    Returns
+    -------
+    pathlib.Path
+        The written path.
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is False.
+    FileNotFoundError
+        If the parent directory of ``path`` does not exist.
+    ValueError
+        If a page has the wrong shape, or there are more or fewer pages than ``shape`` holds.
+
+    Notes
+    -----
+    The array is built in a temporary sibling folder and renamed when complete
+    (:func:`napari_revolver.core.atomic.atomic_directory`), so an interruption leaves no
+    partial output under ``path``.
+    """
     import zarr
 
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise FileNotFoundError(f"parent directory {target.parent} of {target} does not exist")
-    if target.exists() and not overwrite:
-        raise FileExistsError(
-            f"{target} already exists; pass overwrite=True (--overwrite on the "
-            "command line) to replace it"
-        )
+    from .atomic import atomic_directory
+
     shape = tuple(int(s) for s in shape)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
-    try:
+    if len(shape) < 2:
+        raise ValueError(f"shape must have at least 2 dimensions (Y, X); got {shape}")
+    lead = shape[:-2]
+    n = int(np.prod(lead)) if lead else 1
+
+    def build(tmp: Path) -> None:
         arr = zarr.create_array(
             str(tmp),
             shape=shape,
-            chunks=(1,) * (len(shape) - 2) + shape[-2:],
+            chunks=(1,) * len(lead) + shape[-2:],
             dtype=np.dtype(dtype),
             fill_value=0,
             overwrite=True,
         )
-        lead = shape[:-2]
         count = 0
         for count, page in enumerate(pages, start=1):
             page = np.asarray(page)
             if page.shape != shape[-2:]:
                 raise ValueError(f"page {count - 1} has shape {page.shape}; expected {shape[-2:]}")
+            if count > n:
+                raise ValueError(f"got more than {n} pages for shape {shape}")
             arr[np.unravel_index(count - 1, lead) if lead else ()] = page
-        n = int(np.prod(lead)) if lead else 1
         if count != n:
             raise ValueError(f"got {count} pages; expected {n} for shape {shape}")
-        if target.exists():
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    return atomic_directory(path, build, overwrite=overwrite)
 
 
 def _default_axes(ndim: int) -> str:
@@ -828,64 +848,14 @@ def _atomic_write(
     suffix: str,
     overwrite: bool,
 ) -> Path:
-    """Write via a temporary sibling file renamed over ``path`` on success."""
-    target = Path(path)
-    parent = target.parent
-    if not parent.is_dir():
-        raise FileNotFoundError(
-            f"parent directory {parent} of {target} does not exist; create it first"
-        )
-    if target.is_dir():
-        raise IsADirectoryError(f"cannot write {target}: it is a directory")
-    exists = target.exists()
-    if exists and not overwrite:
-        raise FileExistsError(
-            f"{target} already exists; pass overwrite=True (--overwrite on the command line) "
-            "to replace it"
-        )
-    # NamedTemporaryFile creates files 0600; give the result the permissions
-    # the user would expect from a normal open() (or keep the replaced file's).
-    mode = (target.stat().st_mode & 0o7777) if exists else (0o666 & ~_current_umask())
+    """Write one file atomically with :func:`napari_revolver.core.atomic.atomic_write`.
 
-    open_kwargs: dict[str, Any] = {} if binary else {"newline": "", "encoding": "utf-8"}
-    tmp = tempfile.NamedTemporaryFile(
-        mode="wb" if binary else "w",
-        dir=parent,
-        prefix=f".{target.name}.",
-        suffix=suffix,
-        delete=False,
-        **open_kwargs,
-    )
-    try:
-        with tmp as fh:
-            write(fh)
-            fh.flush()
-            # Without fsync a power loss after the rename can leave an empty
-            # target on some filesystems, defeating the point of the rename.
-            os.fsync(fh.fileno())
-        with contextlib.suppress(OSError):
-            os.chmod(tmp.name, mode)
-        os.replace(tmp.name, target)
-    except BaseException:
-        # BaseException so Ctrl-C (KeyboardInterrupt) also cleans up.
-        with contextlib.suppress(OSError):
-            os.unlink(tmp.name)
-        raise
-    return target
+    ``suffix`` is accepted for the callers above and ignored: temporary names are made by
+    :mod:`napari_revolver.core.atomic`, which recognises and removes those of killed runs.
+    """
+    from .atomic import atomic_write
 
-
-def _current_umask() -> int:
-    """Return the process umask without changing it where possible."""
-    # os.umask can only be read by setting it, which briefly affects files
-    # created concurrently by other threads; /proc avoids that on Linux.
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    current = os.umask(0o022)
-    os.umask(current)
-    return current
+    return atomic_write(path, write, binary=binary, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------- #

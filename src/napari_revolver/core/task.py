@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from .atomic import atomic_write
 
 __all__ = ["TASK_FORMAT_VERSION", "Task", "load_task"]
 
@@ -67,6 +68,7 @@ class Task:
     invert: bool = False
 
     def __post_init__(self) -> None:
+        """Check the shapes and freeze private copies of the arrays."""
         for name in ("sum_coarse", "sum_fine"):
             a = getattr(self, name)
             if a.ndim != 2 or a.shape[0] != 2:
@@ -89,14 +91,16 @@ class Task:
 
     @property
     def n_positive(self) -> int:
+        """Number of positive support points."""
         return int((self.labels == 1).sum())
 
     @property
     def n_negative(self) -> int:
+        """Number of negative support points."""
         return int((self.labels == 0).sum())
 
     def renamed(self, name: str, label_value: int | None = None) -> Task:
-        """A copy with another name (and label value)."""
+        """Return a copy with another name (and label value)."""
         return replace(
             self, name=name, label_value=self.label_value if label_value is None else label_value
         )
@@ -186,18 +190,29 @@ class Task:
         )
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-        """Write the task as JSON (atomically; refuses to overwrite unless asked)."""
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        tmp = path.with_name(f".{path.name}.part")
-        try:
-            tmp.write_text(json.dumps(self.to_dict()))
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        """Write the task as JSON, atomically.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Target file; its parent directory must exist.
+        overwrite : bool
+            Replace an existing file at ``path``.
+
+        Returns
+        -------
+        pathlib.Path
+            ``path``.
+
+        Raises
+        ------
+        FileExistsError
+            If ``path`` exists and ``overwrite`` is False.
+        FileNotFoundError
+            If the parent directory of ``path`` does not exist.
+        """
+        text = json.dumps(self.to_dict())
+        return atomic_write(path, lambda fh: fh.write(text), binary=False, overwrite=overwrite)
 
 
 def load_task(path: str | os.PathLike[str]) -> Task:

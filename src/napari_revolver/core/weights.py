@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write
 from .model.guided_net import GuidedNet, ModelConfig
 from .model.registry import DEFAULT_MODEL, build_from_config
 
@@ -32,6 +33,7 @@ class LoadedWeights:
 
     @property
     def model_key(self) -> str:
+        """Architecture key of the model (e.g. ``"revolver-tiny"``)."""
         return self.model.config.key
 
 
@@ -45,26 +47,40 @@ def sha256_file(path: str | Path) -> str:
 
 
 def save_weights(model: GuidedNet, path: str | Path, extra: dict[str, str] | None = None) -> Path:
-    """Write ``model``'s parameters and buffers to a safetensors file with its config.
+    """Write ``model``'s parameters and buffers to a safetensors file with its config, atomically.
 
-    Must be called on an unfused model (before :meth:`GuidedNet.for_inference`).
+    Parameters
+    ----------
+    model : GuidedNet
+        An unfused model (before :meth:`GuidedNet.for_inference`).
+    path : str or Path
+        Target file, replaced if it exists; its parent directory must exist.
+    extra : dict of str to str, optional
+        More metadata to store beside the format version and the config.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    RuntimeError
+        If the model's batch norms were folded for inference.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if getattr(model, "_fused", False):
         raise RuntimeError("cannot save a model whose batch norms were folded for inference")
-    path = Path(path)
     meta = {"format_version": FORMAT_VERSION, "config": json.dumps(model.config.to_dict())}
     meta.update(extra or {})
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".part")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    payload = save(state, metadata=meta)
+    return atomic_write(path, lambda fh: fh.write(payload), binary=True, overwrite=True)
 
 
 def default_weights_path() -> Path:
-    """The weights that ship with the package."""
+    """Return the path of the weights that ship with the package."""
     return Path(
         str(resources.files("napari_revolver") / "weights" / f"{DEFAULT_MODEL}.safetensors")
     )
