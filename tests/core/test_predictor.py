@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_revolver.core import predictor as predictor_module
+from napari_revolver.core import tiling as tiling_module
 from napari_revolver.core.instances import mask_to_instances
 from napari_revolver.core.predictor import (
     PropagationStep,
@@ -502,9 +502,9 @@ def test_tiled_encoding_matches_untiled_shapes_and_correlates(
         tiled_calls.append(tuple(x.shape[-2:]))
         return original_encode(x)
 
-    monkeypatch.setattr(predictor_module, "MAX_TILE_PIXELS", 64 * 64)
-    monkeypatch.setattr(predictor_module, "TILE", 128)
-    monkeypatch.setattr(predictor_module, "TILE_OVERLAP", 32)
+    monkeypatch.setattr(tiling_module, "MAX_TILE_PIXELS", 64 * 64)
+    monkeypatch.setattr(tiling_module, "TILE", 128)
+    monkeypatch.setattr(tiling_module, "TILE_OVERLAP", 32)
     monkeypatch.setattr(predictor.model, "encode", spy)
     predictor.cache.clear()
     tiled = predictor.features(0)
@@ -706,8 +706,8 @@ def test_tiled_segmentor_gives_the_same_probabilities_as_one_pass(
     task = predictor.guide([[100, 100], [200, 300]], [1, 0])
     whole = predictor.predict_proba(0, task)
     # Features are cached now, so only the segmentor runs tiled below.
-    monkeypatch.setattr(predictor_module, "MAX_TILE_PIXELS", 64 * 64)
-    monkeypatch.setattr(predictor_module, "TILE", 128)
+    monkeypatch.setattr(tiling_module, "MAX_TILE_PIXELS", 64 * 64)
+    monkeypatch.setattr(tiling_module, "TILE", 128)
     tiled = predictor.predict_proba(0, task)
     assert tiled.shape == whole.shape == (1, 300, 420)
     np.testing.assert_allclose(tiled, whole, atol=1e-5)

@@ -13,30 +13,35 @@ coordinates first, ``(y, x)`` last, as napari's Points layers hold them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Generator, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from .compat import check_tasks
 from .device import resolve_device
 from .features import FeatureCache, FeatureSignature, FeatureStore
-from .instances import mask_to_instances
+from .labels import labels_from_probabilities
 from .model.encoder import EncoderOutput
-from .model.guide import GuideOutput, dense_masks, local_prior, point_masks
+from .model.guide import GuideOutput, point_masks
 from .model.guided_net import GuidedNet
 from .preprocess import Preprocessing, normalize_slice
+from .prior import dense_support, local_priors
+from .propagation import PropagationStep, finish_slice
 from .task import Task
+from .tiling import encode_slices, feature_shapes, segment_slices
 from .volume import (
     Index,
     VolumeInfo,
     VolumeSpec,
     check_and_fingerprint,
+    check_points,
     describe_volume,
     read_slice,
 )
@@ -51,65 +56,6 @@ __all__ = [
     "VolumeSpec",
     "labels_from_probabilities",
 ]
-
-#: Slices above this many pixels are encoded in overlapping tiles to bound memory.
-MAX_TILE_PIXELS = 2048 * 2048
-TILE = 1024
-TILE_OVERLAP = 96
-#: Overlap of segmentor tiles, in coarse cells: the head sees 1 + 2 cells around a position,
-#: 1 + 2 + 4 + 8 with the wide context, plus the fine refinement and upsampling.
-HEAD_OVERLAP = 17
-
-
-@dataclass(frozen=True)
-class PropagationStep:
-    """One slice's result, yielded by :meth:`RevolverPredictor.propagate`.
-
-    Attributes
-    ----------
-    index : tuple of int
-        Leading-axes index of the slice.
-    result : np.ndarray
-        ``(H, W)`` labels (or ``(T, H, W)`` masks / probabilities, per ``output``).
-    done, total : int
-        Progress.
-    """
-
-    index: tuple[int, ...]
-    result: np.ndarray
-    done: int
-    total: int
-
-
-def labels_from_probabilities(
-    probs: np.ndarray, values: Sequence[int], threshold: float = 0.5
-) -> np.ndarray:
-    """Label image from per-task probabilities: the most probable task above ``threshold`` wins.
-
-    Parameters
-    ----------
-    probs : np.ndarray
-        ``(T, H, W)`` float in [0, 1].
-    values : sequence of int
-        Label value of each task.
-    threshold : float
-        Minimum probability for a pixel to be labelled.
-
-    Returns
-    -------
-    np.ndarray
-        ``(H, W)`` of the smallest unsigned dtype holding ``max(values)``.
-    """
-    if probs.ndim != 3 or probs.shape[0] != len(values):
-        raise ValueError(
-            f"expected probabilities (T, H, W) with T == {len(values)}; got {probs.shape}"
-        )
-    dtype = np.uint8 if max(values) < 256 else np.uint16 if max(values) < 65536 else np.uint32
-    lut = np.asarray(values, dtype)
-    best = probs.argmax(axis=0)
-    out = lut[best]
-    out[probs.max(axis=0) <= threshold] = 0
-    return out
 
 
 class RevolverPredictor:
@@ -203,6 +149,7 @@ class RevolverPredictor:
 
     @property
     def model_key(self) -> str:
+        """Architecture key of the loaded model (e.g. ``revolver-s``)."""
         return self.model.config.key
 
     @property
@@ -272,20 +219,11 @@ class RevolverPredictor:
     def _open_store(
         self, path: str | Path, on_mismatch: Literal["recompute", "raise"]
     ) -> FeatureStore:
-        info = self.info
-        h, w = (_round_up(s, self.model.size_multiple) for s in info.slice_shape)
-        cfg = self.model.config
-        return FeatureStore(
-            path,
-            self.signature(),
-            info.n_slices,
-            (cfg.coarse_channels, h // 8, w // 8),
-            (cfg.fine_channels, h // 4, w // 4),
-            on_mismatch,
-        )
+        coarse, fine = feature_shapes(self.model, self.info.slice_shape)
+        return FeatureStore(path, self.signature(), self.info.n_slices, coarse, fine, on_mismatch)
 
     def signature(self) -> FeatureSignature:
-        """What the current volume's features depend on."""
+        """Describe what the current volume's features depend on (the cache key)."""
         info = self.info
         return FeatureSignature(
             info.fingerprint,
@@ -313,56 +251,40 @@ class RevolverPredictor:
             raise ValueError(f"slice {self.info.unflat(k)}: {exc}") from exc
         return torch.from_numpy(x)
 
-    @torch.inference_mode()
     def _encode(self, images: list[torch.Tensor]) -> EncoderOutput:
         """Encode normalised slices ``[(C, H, W)]`` of one size; returns padded features."""
-        h, w = images[0].shape[-2:]
-        m = self.model.size_multiple
-        ph, pw = _round_up(h, m), _round_up(w, m)
-        x = torch.stack(images).to(self.device)
-        if (ph, pw) != (h, w):
-            mode = "reflect" if ph - h < h and pw - w < w else "replicate"
-            x = F.pad(x, (0, pw - w, 0, ph - h), mode=mode)
-        if ph * pw <= MAX_TILE_PIXELS:
-            return self.model.encode(x)
-        return self._encode_tiled(x)
+        return encode_slices(self.model, images, self.device)
 
-    def _encode_tiled(self, x: torch.Tensor) -> EncoderOutput:
-        """Encode a large padded batch tile by tile, keeping each tile's centre."""
-        b, _, h, w = x.shape
-        cfg = self.model.config
-        coarse = torch.empty(b, cfg.coarse_channels, h // 8, w // 8, device=x.device)
-        fine = torch.empty(b, cfg.fine_channels, h // 4, w // 4, device=x.device)
-        step = TILE - 2 * TILE_OVERLAP
-        for y0 in range(0, h, step):
-            for x0 in range(0, w, step):
-                ty0, tx0 = max(0, y0 - TILE_OVERLAP), max(0, x0 - TILE_OVERLAP)
-                ty1, tx1 = min(h, y0 + step + TILE_OVERLAP), min(w, x0 + step + TILE_OVERLAP)
-                f = self.model.encode(x[:, :, ty0:ty1, tx0:tx1])
-                y1, x1 = min(h, y0 + step), min(w, x0 + step)
-                for feats, out, s in ((f.coarse, coarse, 8), (f.fine, fine, 4)):
-                    out[:, :, y0 // s : y1 // s, x0 // s : x1 // s] = feats[
-                        :, :, (y0 - ty0) // s : (y1 - ty0) // s, (x0 - tx0) // s : (x1 - tx0) // s
-                    ]
-        return EncoderOutput(coarse, fine)
+    def _features(self, ks: Sequence[int], remember: bool = True) -> EncoderOutput:
+        """Features of flat slices ``ks``, from the cache or encoded in one batch.
+
+        Newly encoded slices are cached unless ``remember`` is False and there is no store;
+        either way they carry the cache's float16 rounding, so results never depend on
+        whether a slice was cached.
+        """
+        with self._lock:
+            found = {k: self.cache.get(k) for k in ks}
+        missing = [k for k, f in found.items() if f is None]
+        if missing:
+            f = self._encode([self._prepare(k) for k in missing])
+            with self._lock:
+                for j, k in enumerate(missing):
+                    if remember or self.cache.store is not None:
+                        found[k] = self.cache.put(k, f[j : j + 1])
+                    else:
+                        found[k] = f[j : j + 1].to("cpu", torch.float16)
+        return EncoderOutput.cat([found[k] for k in ks])  # type: ignore[misc]
 
     def features(self, index: Index) -> EncoderOutput:
-        """Cached features of a slice (computed on first use), float16 on the CPU.
+        """Return a slice's features: cached, or computed and cached on first use.
 
         Returns
         -------
         EncoderOutput
-            ``coarse (1, C, H'/8, W'/8)`` and ``fine (1, Cf, H'/4, W'/4)`` where ``H', W'`` are
-            the slice size rounded up to a multiple of 32.
+            float16 on the CPU: ``coarse (1, C, H'/8, W'/8)`` and ``fine (1, Cf, H'/4, W'/4)``
+            where ``H', W'`` are the slice size rounded up to a multiple of 32.
         """
-        k = self.info.flat(index)
-        with self._lock:
-            f = self.cache.get(k)
-        if f is None:
-            f = self._encode([self._prepare(k)])
-            with self._lock:
-                f = self.cache.put(k, f)
-        return f
+        return self._features([self.info.flat(index)])
 
     def precompute(
         self, indices: Iterable[Index] | None = None, *, batch_size: int | None = None
@@ -371,66 +293,17 @@ class RevolverPredictor:
 
         With an on-disk store this is resumable: slices already stored are skipped.
         """
-        ks = self._flat_indices(indices)
+        ks = self.info.flat_indices(indices)
         todo = [k for k in ks if k not in self.cache]
         bs = batch_size or self.batch_size
-        total = len(ks)
-        done = total - len(todo)
-        yield done, total
+        done = len(ks) - len(todo)
+        yield done, len(ks)
         for i in range(0, len(todo), bs):
-            batch = todo[i : i + bs]
-            f = self._encode([self._prepare(k) for k in batch])
-            with self._lock:
-                for j, k in enumerate(batch):
-                    self.cache.put(k, f[j : j + 1])
-            done += len(batch)
-            yield done, total
-
-    def _flat_indices(self, indices: Iterable[Index] | None) -> list[int]:
-        info = self.info
-        if indices is None:
-            return list(range(info.n_slices))
-        return [info.flat(i) for i in indices]
+            self._features(todo[i : i + bs])
+            done += len(todo[i : i + bs])
+            yield done, len(ks)
 
     # ------------------------------------------------------------------- guide
-    def _check_points(self, points: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
-        info = self.info
-        pts = np.asarray(points, dtype=np.float64)
-        if pts.ndim == 1 and pts.size == info.ndim:
-            pts = pts[None]
-        if pts.ndim != 2 or pts.shape[1] != info.ndim:
-            axes = "".join(f"{a}, " for a in ("leading",) * len(info.leading_shape)) + "y, x"
-            raise ValueError(
-                f"points must have shape (N, {info.ndim}) as ({axes}) for an image with "
-                f"slice axes {info.leading_shape} and slices {info.slice_shape}; "
-                f"got shape {pts.shape}"
-            )
-        lab = np.asarray(labels)
-        if lab.shape != (len(pts),):
-            raise ValueError(
-                f"labels must have shape ({len(pts)},) to match the points; got {lab.shape}"
-            )
-        if lab.dtype == bool:
-            lab = lab.astype(np.int8)
-        if not np.isin(lab, (0, 1)).all():
-            raise ValueError(
-                f"labels must be 1 (positive) or 0 (negative); got values {np.unique(lab).tolist()}"
-            )
-        lab = lab.astype(np.int8)
-        if len(pts) == 0 or not (lab == 1).any():
-            raise ValueError("no positive point: click at least one point on the object to segment")
-        if not np.isfinite(pts).all():
-            raise ValueError("points contain NaN or infinite coordinates")
-        bounds = np.asarray((*info.leading_shape, *info.slice_shape), np.float64)
-        outside = ((pts < -0.5) | (pts >= bounds - 0.5)).any(axis=1)
-        if outside.any():
-            i = int(np.argmax(outside))
-            raise ValueError(
-                f"{int(outside.sum())} point(s) lie outside the image; point {i} is at "
-                f"{pts[i].tolist()}, valid ranges are [0, {(bounds - 1).tolist()}]"
-            )
-        return pts, lab
-
     @torch.inference_mode()
     def guide(self, points: Any, labels: Any, *, name: str = "task", label_value: int = 1) -> Task:
         """Turn point annotations into a task.
@@ -452,22 +325,19 @@ class RevolverPredictor:
         -------
         Task
         """
-        pts, lab = self._check_points(points, labels)
         info = self.info
+        pts, lab = check_points(points, labels, info)
         n_lead = len(info.leading_shape)
-        slices = np.rint(pts[:, :n_lead]).astype(int) if n_lead else np.zeros((len(pts), 0), int)
+        slices = np.rint(pts[:, :n_lead]).astype(int)
         total: GuideOutput | None = None
-        for key in sorted({tuple(s) for s in slices.tolist()}):
-            sel = (
-                np.all(slices == np.asarray(key, int), axis=1)
-                if n_lead
-                else np.ones(len(pts), bool)
-            )
+        for key in sorted({tuple(r) for r in slices.tolist()}):
+            sel = (slices == np.asarray(key, int)).all(axis=1)
             f = self.features(key)
+            grid = tuple(f.fine.shape[-2:])
             masks = point_masks(
                 torch.from_numpy(pts[sel, n_lead:]),
                 torch.from_numpy(lab[sel]),
-                tuple(f.fine.shape[-2:]),
+                grid,
                 self.model.fine_stride,
             )
             g = self._guide_features(f, masks)
@@ -479,7 +349,13 @@ class RevolverPredictor:
     def guide_mask(
         self, index: Index, mask: np.ndarray, *, name: str = "task", label_value: int = 1
     ) -> Task:
-        """A task from a dense support mask ``(H, W)`` on slice ``index`` (the densest shot)."""
+        """Turn a dense support mask ``(H, W)`` on slice ``index`` into a task (the densest shot).
+
+        Raises
+        ------
+        ValueError
+            A mask of another shape than the slices, or an empty one.
+        """
         info = self.info
         mask = np.asarray(mask)
         if mask.shape != info.slice_shape:
@@ -487,15 +363,7 @@ class RevolverPredictor:
         if not mask.any():
             raise ValueError("the support mask is empty: it needs at least one foreground pixel")
         f = self.features(index)
-        h, w = f.fine.shape[-2:]
-        s = self.model.fine_stride
-        full = np.zeros((h * s, w * s), np.float32)
-        full[: mask.shape[0], : mask.shape[1]] = mask > 0
-        masks = dense_masks(torch.from_numpy(full), s)
-        # Padding is neither foreground nor background.
-        valid = np.zeros_like(full)
-        valid[: mask.shape[0], : mask.shape[1]] = 1
-        masks = masks * F.avg_pool2d(torch.from_numpy(valid)[None, None], s)[0]
+        masks = dense_support(mask, tuple(f.fine.shape[-2:]), self.model.fine_stride)
         g = self._guide_features(f, masks)
         key = info.unflat(info.flat(index))
         return self._task(
@@ -536,102 +404,8 @@ class RevolverPredictor:
             invert=self.preprocessing.invert,
         )
 
-    def _annotated_slices(self, task: Task) -> set[tuple[int, ...]]:
-        """Slices of the current volume that carry ``task``'s annotations."""
-        n_lead = len(self.info.leading_shape)
-        keys = {tuple(int(v) for v in k) for k, _ in task.support_masks}
-        if len(task.points) and task.points.shape[1] == self.info.ndim:
-            keys |= {tuple(r) for r in np.rint(task.points[:, :n_lead]).astype(int).tolist()}
-        return keys
-
-    @staticmethod
-    def _prior_sources(
-        keys: set[tuple[int, ...]], key: tuple[int, ...], local: bool
-    ) -> tuple[tuple[int, ...], ...]:
-        """Of the annotated slices ``keys``, those whose positions apply to slice ``key``.
-
-        The slice itself if annotated; with ``local``, otherwise the nearest annotated slices
-        (an object drifts, so the closest annotation says most about where it is).
-        """
-        if key in keys:
-            return (key,)
-        if not local or not keys:
-            return ()
-        here = np.asarray(key, float)
-        dist = {k: float(np.linalg.norm(np.asarray(k, float) - here)) for k in keys}
-        best = min(dist.values())
-        return tuple(sorted(k for k, d in dist.items() if d == best))
-
-    def _local_prior(
-        self, task: Task, sources: tuple[tuple[int, ...], ...], grid: tuple[int, int]
-    ) -> torch.Tensor:
-        """``(3, h, w)`` prior from ``task``'s annotations on slices ``sources``."""
-        n_lead = len(self.info.leading_shape)
-        masks = torch.zeros(2, *grid)
-        if len(task.points) and task.points.shape[1] == self.info.ndim:
-            lead = np.rint(task.points[:, :n_lead]).astype(int)
-            sel = np.array([tuple(r) in sources for r in lead.tolist()], bool)
-            if sel.any():
-                masks += point_masks(
-                    torch.from_numpy(task.points[sel, n_lead:]),
-                    torch.from_numpy(task.labels[sel]),
-                    grid,
-                    self.model.fine_stride,
-                )
-        for k, m in task.support_masks:
-            if tuple(int(v) for v in k) in sources and m.shape[-2:] == grid:
-                masks += torch.from_numpy(m)
-        return local_prior(masks[None])[0]
-
-    def _priors(
-        self, tasks: Sequence[Task], ks: Sequence[int], local: bool, grid: tuple[int, int]
-    ) -> torch.Tensor | None:
-        """Local priors ``(S * T, 3, h, w)`` for slices ``ks`` and ``tasks``, or ``None``.
-
-        A task's positions apply to the slices it annotates and, with ``local``, to every other
-        slice of the volume it was annotated on, from the nearest annotated slice(s). They
-        never apply to another volume, nor with weights that predate the local prior.
-        """
-        if not self.model.config.local_prior:
-            return None
-        # Slices carrying each task's annotations, on this volume only (computed once per call).
-        annotated = [
-            self._annotated_slices(t) if t.source == self.info.fingerprint else set() for t in tasks
-        ]
-        memo: dict[tuple[int, tuple[tuple[int, ...], ...]], torch.Tensor] = {}
-        rows: list[torch.Tensor | None] = []
-        for k in ks:
-            key = self.info.unflat(k)
-            for i, t in enumerate(tasks):
-                sources = self._prior_sources(annotated[i], key, local)
-                if not sources:
-                    rows.append(None)
-                    continue
-                if (i, sources) not in memo:
-                    memo[(i, sources)] = self._local_prior(t, sources, grid)
-                rows.append(memo[(i, sources)])
-        if all(r is None for r in rows):
-            return None
-        zero = torch.zeros(3, *grid)
-        return torch.stack([zero if r is None else r for r in rows]).to(self.device)
-
     def _guidance(self, tasks: Sequence[Task]) -> GuideOutput:
-        for t in tasks:
-            if (t.model_key, t.weights_sha256) != (self.model_key, self.weights.sha256):
-                raise ValueError(
-                    f"task {t.name!r} was guided with model {t.model_key} (weights "
-                    f"{t.weights_sha256[:12]}), this predictor runs {self.model_key} (weights "
-                    f"{self.weights.sha256[:12]}); guide it again with these weights"
-                )
-            if t.invert != self.preprocessing.invert:
-                how = "reversed" if t.invert else "unchanged"
-                this = "reversed" if self.preprocessing.invert else "unchanged"
-                raise ValueError(
-                    f"task {t.name!r} was guided on intensities {how} (invert={t.invert}), this "
-                    f"volume is read with intensities {this} (invert={self.preprocessing.invert});"
-                    f" open the volume with set_volume(..., invert={t.invert}) (CLI: "
-                    f"{'--invert' if t.invert else 'no --invert'}; widget: the invert checkbox)"
-                )
+        check_tasks(tasks, self.model_key, self.weights.sha256, self.preprocessing.invert)
         d = self.device
         return GuideOutput(
             torch.from_numpy(np.stack([t.sum_coarse for t in tasks])).to(d),
@@ -642,62 +416,23 @@ class RevolverPredictor:
     # ----------------------------------------------------------------- predict
     @torch.inference_mode()
     def _probabilities(
-        self, feats: EncoderOutput, guidance: GuideOutput, prior: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``(S, T, H, W)`` probabilities for S slices' features and T tasks.
-
-        ``prior`` is ``(S * T, 3, h, w)``, slice-major, or ``None`` (see :meth:`_priors`).
-        """
-        n_s, n_t = feats.coarse.shape[0], guidance.mass.shape[0]
-        f = feats.to(self.device, torch.float32)
-        if n_s > 1 or n_t > 1:
-            f = EncoderOutput(f.coarse.repeat_interleave(n_t, 0), f.fine.repeat_interleave(n_t, 0))
-            guidance = GuideOutput(
-                guidance.sum_coarse.repeat(n_s, 1, 1),
-                guidance.sum_fine.repeat(n_s, 1, 1),
-                guidance.mass.repeat(n_s, 1),
-            )
-        h, w = self.info.slice_shape
-        if h * w <= MAX_TILE_PIXELS:
-            logits = self.model.segment(f, guidance, (h, w), prior=prior)
-        else:
-            logits = self._segment_tiled(f, guidance, (h, w), prior)
-        return torch.sigmoid(logits).reshape(n_s, n_t, *logits.shape[-2:])
-
-    def _segment_tiled(
         self,
-        f: EncoderOutput,
+        feats: EncoderOutput,
+        tasks: Sequence[Task],
         guidance: GuideOutput,
-        out_size: tuple[int, int],
-        prior: torch.Tensor | None = None,
+        ks: Sequence[int],
+        local: bool,
     ) -> torch.Tensor:
-        """The segmentor on a large slice, tile by tile, to bound its activation memory.
-
-        The head sees at most 15 coarse cells around each position (16 with the fine
-        refinement), so tiles overlapping by ``HEAD_OVERLAP`` coarse cells give the same
-        result as one pass.
-        """
-        b = f.coarse.shape[0]
-        hc, wc = f.coarse.shape[-2:]
-        out = torch.empty(b, hc * 8, wc * 8, device=f.coarse.device)
-        step = TILE // 8
-        for y0 in range(0, hc, step):
-            for x0 in range(0, wc, step):
-                ty0, tx0 = max(0, y0 - HEAD_OVERLAP), max(0, x0 - HEAD_OVERLAP)
-                ty1, tx1 = min(hc, y0 + step + HEAD_OVERLAP), min(wc, x0 + step + HEAD_OVERLAP)
-                tile = EncoderOutput(
-                    f.coarse[:, :, ty0:ty1, tx0:tx1],
-                    f.fine[:, :, 2 * ty0 : 2 * ty1, 2 * tx0 : 2 * tx1],
-                )
-                tile_prior = (
-                    None if prior is None else prior[:, :, 2 * ty0 : 2 * ty1, 2 * tx0 : 2 * tx1]
-                )
-                logits = self.model.segment(tile, guidance, prior=tile_prior)
-                y1, x1 = min(hc, y0 + step), min(wc, x0 + step)
-                out[:, 8 * y0 : 8 * y1, 8 * x0 : 8 * x1] = logits[
-                    :, 8 * (y0 - ty0) : 8 * (y1 - ty0), 8 * (x0 - tx0) : 8 * (x1 - tx0)
-                ]
-        return out[:, : out_size[0], : out_size[1]]
+        """``(S, T, H, W)`` probabilities of T tasks on the S slices ``ks`` (features ``feats``)."""
+        n_s, n_t = feats.coarse.shape[0], guidance.mass.shape[0]
+        prior = None
+        if self.model.config.local_prior:
+            grid = tuple(feats.fine.shape[-2:])
+            prior = local_priors(tasks, self.info, ks, local, grid, self.model.fine_stride)  # type: ignore[arg-type]
+            prior = None if prior is None else prior.to(self.device)
+        f = feats.to(self.device, torch.float32)
+        logits = segment_slices(self.model, f, guidance, self.info.slice_shape, prior)
+        return torch.sigmoid(logits).reshape(n_s, n_t, *logits.shape[-2:])
 
     def predict_proba(
         self, index: Index, tasks: Task | Sequence[Task], *, local: bool = False
@@ -709,9 +444,9 @@ class RevolverPredictor:
         tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
         if not tasks:
             raise ValueError("no task given")
-        feats = self.features(index)
-        prior = self._priors(tasks, [self.info.flat(index)], local, tuple(feats.fine.shape[-2:]))
-        return self._probabilities(feats, self._guidance(tasks), prior)[0].cpu().numpy()
+        k = self.info.flat(index)
+        probs = self._probabilities(self._features([k]), tasks, self._guidance(tasks), [k], local)
+        return probs[0].cpu().numpy()
 
     def predict_slice(
         self,
@@ -744,27 +479,13 @@ class RevolverPredictor:
             ``(H, W)`` bool mask, or unsigned label image.
         """
         probs = self.predict_proba(index, task, local=local)
-        return self._finish(
+        return finish_slice(
             probs,
             [task] if isinstance(task, Task) else list(task),
             threshold,
             instances,
             "labels" if not isinstance(task, Task) else "mask",
         )
-
-    def _finish(
-        self, probs: np.ndarray, tasks: list[Task], threshold: float, instances: bool, output: str
-    ) -> np.ndarray:
-        if output == "probabilities":
-            return probs
-        if output == "masks":
-            return probs > threshold
-        if output == "mask" and not instances:
-            return probs[0] > threshold
-        labels = labels_from_probabilities(probs, [t.label_value for t in tasks], threshold)
-        if not instances:
-            return labels
-        return mask_to_instances(labels > 0)
 
     def propagate(
         self,
@@ -820,36 +541,16 @@ class RevolverPredictor:
         if output not in ("labels", "masks", "probabilities"):
             raise ValueError(f"output must be 'labels', 'masks' or 'probabilities'; got {output!r}")
         guidance = self._guidance(task_list)
-        ks = self._flat_indices(indices)
+        ks = self.info.flat_indices(indices)
         bs = batch_size or self.batch_size
         total = len(ks)
         for i in range(0, total, bs):
             batch = ks[i : i + bs]
-            feats = self._batch_features(batch, remember=cache)
-            prior = self._priors(task_list, batch, local, tuple(feats.fine.shape[-2:]))
-            probs = self._probabilities(feats, guidance, prior).cpu().numpy()
+            feats = self._features(batch, remember=cache)
+            probs = self._probabilities(feats, task_list, guidance, batch, local).cpu().numpy()
             for j, k in enumerate(batch):
-                res = self._finish(probs[j], task_list, threshold, instances, output)
+                res = finish_slice(probs[j], task_list, threshold, instances, output)
                 yield PropagationStep(self.info.unflat(k), res, i + j + 1, total)
-
-    def _batch_features(self, batch: list[int], remember: bool = True) -> EncoderOutput:
-        with self._lock:
-            cached = {k: self.cache.get(k) for k in batch}
-        missing = [k for k, f in cached.items() if f is None]
-        if missing:
-            f = self._encode([self._prepare(k) for k in missing])
-            with self._lock:
-                for j, k in enumerate(missing):
-                    if remember or self.cache.store is not None:
-                        cached[k] = self.cache.put(k, f[j : j + 1])
-                    else:
-                        # Same float16 rounding as cached features: results do not depend
-                        # on whether a slice was cached.
-                        cached[k] = EncoderOutput(
-                            f.coarse[j : j + 1].to("cpu", torch.float16),
-                            f.fine[j : j + 1].to("cpu", torch.float16),
-                        )
-        return EncoderOutput.cat([cached[k] for k in batch])  # type: ignore[misc]
 
     def segment(self, tasks: Task | Sequence[Task], **kwargs: Any) -> np.ndarray:
         """Propagate to every slice and return the stacked result ``(*leading, H, W)``."""
@@ -863,14 +564,8 @@ class RevolverPredictor:
         return out
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
 def _model_digest(model: torch.nn.Module) -> str:
     """Content hash of an in-memory model's parameters (stands in for a weights-file sha256)."""
-    import hashlib
-
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())

@@ -20,6 +20,7 @@ __all__ = [
     "VolumeSpec",
     "channel_view",
     "check_and_fingerprint",
+    "check_points",
     "describe_volume",
     "read_raw_slice",
     "read_slice",
@@ -359,3 +360,69 @@ def check_and_fingerprint(array: Any, info: VolumeInfo, spec: VolumeSpec) -> Vol
     source = channel_view(array, spec)
     fingerprint = fingerprint_planes(tuple(source.shape), source.dtype, planes)
     return replace(info, fingerprint=fingerprint)
+
+
+def check_points(points: Any, labels: Any, info: VolumeInfo) -> tuple[np.ndarray, np.ndarray]:
+    """Validate point annotations against a volume.
+
+    Parameters
+    ----------
+    points : array-like
+        ``(N, ndim)`` data-pixel coordinates, leading axes first and ``(y, x)`` last; a single
+        point may be given as ``(ndim,)``.
+    labels : array-like
+        ``(N,)``: 1 (or True) positive, 0 (or False) negative.
+    info : VolumeInfo
+
+    Returns
+    -------
+    points : np.ndarray
+        ``(N, ndim)`` float64.
+    labels : np.ndarray
+        ``(N,)`` int8.
+
+    Raises
+    ------
+    ValueError
+        Wrong shapes, label values other than 0/1, no positive point, non-finite coordinates,
+        or points outside the volume (naming the first).
+    """
+    pts = np.asarray(points, dtype=np.float64)
+    if pts.ndim == 1 and pts.size == info.ndim:
+        pts = pts[None]
+    if pts.ndim != 2 or pts.shape[1] != info.ndim:
+        axes = "leading, " * len(info.leading_shape) + "y, x"
+        raise ValueError(
+            f"points must have shape (N, {info.ndim}) as ({axes}) for an image with "
+            f"slice axes {info.leading_shape} and slices {info.slice_shape}; "
+            f"got shape {pts.shape}"
+        )
+    lab = _check_labels(labels, len(pts))
+    if not np.isfinite(pts).all():
+        raise ValueError("points contain NaN or infinite coordinates")
+    bounds = np.asarray((*info.leading_shape, *info.slice_shape), np.float64)
+    outside = ((pts < -0.5) | (pts >= bounds - 0.5)).any(axis=1)
+    if outside.any():
+        i = int(np.argmax(outside))
+        raise ValueError(
+            f"{int(outside.sum())} point(s) lie outside the image; point {i} is at "
+            f"{pts[i].tolist()}, valid ranges are [0, {(bounds - 1).tolist()}]"
+        )
+    return pts, lab
+
+
+def _check_labels(labels: Any, n: int) -> np.ndarray:
+    """Point labels ``(n,)`` as int8 0/1 with at least one positive."""
+    lab = np.asarray(labels)
+    if lab.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},) to match the points; got {lab.shape}")
+    if lab.dtype == bool:
+        lab = lab.astype(np.int8)
+    if not np.isin(lab, (0, 1)).all():
+        raise ValueError(
+            f"labels must be 1 (positive) or 0 (negative); got values {np.unique(lab).tolist()}"
+        )
+    lab = lab.astype(np.int8)
+    if n == 0 or not (lab == 1).any():
+        raise ValueError("no positive point: give at least one point labelled 1 on the object")
+    return lab
