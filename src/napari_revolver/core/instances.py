@@ -4,33 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+from skimage.segmentation import watershed
 
 __all__ = ["mask_to_instances"]
-
-
-def _watershed(elevation: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Seeded watershed; scikit-image's when installed, else nearest-seed assignment.
-
-    scipy's ``watershed_ift`` mis-floods on 16-bit elevations (a seed can capture almost all of
-    a neighbouring object), so it is not used. Without scikit-image each pixel joins its nearest
-    seed within its component, which splits touching round objects about as well.
-    """
-    try:
-        from skimage.segmentation import watershed
-    except ImportError:
-        comps, _ = ndimage.label(mask)
-        _, (iy, ix) = ndimage.distance_transform_edt(markers == 0, return_indices=True)
-        out = markers[iy, ix].astype(np.int32)
-        # A pixel whose nearest seed lies in another component takes its component's seed.
-        wrong = mask & (comps[iy, ix] != comps)
-        if wrong.any():
-            for c in np.unique(comps[wrong]):
-                in_c = comps == c
-                ids = np.unique(markers[in_c & (markers > 0)])
-                out[wrong & in_c] = ids[0] if len(ids) else 0
-        out[~mask] = 0
-        return out
-    return watershed(elevation, markers, mask=mask).astype(np.int32)
 
 
 def mask_to_instances(mask: np.ndarray, *, min_distance: int = 4, min_size: int = 8) -> np.ndarray:
@@ -71,7 +47,9 @@ def mask_to_instances(mask: np.ndarray, *, min_distance: int = 4, min_size: int 
         lab_extra, n_extra = ndimage.label(extra)
         markers[extra] = lab_extra[extra] + n
         n += n_extra
-    out = _watershed(-dist, markers, mask)
+    # scikit-image's watershed, not scipy's watershed_ift: the latter mis-floods on 16-bit
+    # elevations (a seed can capture almost all of a neighbouring object).
+    out = watershed(-dist, markers, mask=mask).astype(np.int32)
     if min_size > 1:
         counts = np.bincount(out.ravel())
         small = np.nonzero(counts < min_size)[0]
