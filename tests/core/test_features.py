@@ -268,3 +268,177 @@ def test_set_volume_with_stale_store_and_raise_refuses(
     info = p.set_volume(make_blobs((3, 32, 32), seed=1), store=store, on_mismatch="recompute")
     assert info.n_slices == 3
     assert not p.cache.store.done().any()
+
+
+# ---------------------------------------------------------------------------------- healing
+
+
+def _chunk_file(store_path: Path, array: str, index: int) -> Path:
+    return store_path / array / "c" / str(index) / "0" / "0" / "0"
+
+
+def _filled(path: Path, n: int = 3) -> FeatureStore:
+    store = _store(path, n=n)
+    for k in range(n):
+        store.write(k, _feats(float(k + 1)))
+    return store
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("flip", "checksum"),
+        ("truncate", ""),
+        ("garbage", ""),
+        ("delete", "missing"),
+    ],
+)
+def test_unreadable_chunk_is_recomputed_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str, reason: str
+) -> None:
+    path = tmp_path / "s.zarr"
+    _filled(path)
+    chunk = _chunk_file(path, "fine", 1)
+    if damage == "flip":
+        _flip(chunk)
+    elif damage == "truncate":
+        chunk.write_bytes(chunk.read_bytes()[:7])
+    elif damage == "garbage":  # right length and checksum position, wrong compressed stream
+        chunk.write_bytes(b"\x00" * len(chunk.read_bytes()))
+    else:
+        chunk.unlink()
+    cache = FeatureCache(1 << 20, _store(path))
+    assert 1 in cache  # the done flag still says so; the read finds out
+    with caplog.at_level("WARNING", logger="napari_revolver.core.features"):
+        assert cache.get(1) is None
+    assert "slice 1 is unreadable" in caplog.text and reason in caplog.text
+    assert 1 not in cache.store and cache.misses == 1
+    # The other slices are unaffected, and writing the slice again heals the store.
+    assert float(cache.get(2).coarse[0, 0, 0, 0]) == 3.0
+    cache.put(1, _feats(2.0))
+    again = _store(path)
+    assert again.done().all()
+    assert float(again.read(1).fine[0, 0, 0, 0]) == 2.0
+
+
+def test_unreadable_done_flags_are_rebuilt_from_the_chunks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "s.zarr"
+    _filled(path)
+    _chunk_file(path, "coarse", 2).unlink()
+    _flip(path / "done" / "c" / "0")
+    with caplog.at_level("WARNING", logger="napari_revolver.core.features"):
+        store = _store(path)
+        np.testing.assert_array_equal(store.done(), [True, True, False])
+    assert "done flags were unreadable" in caplog.text
+    assert float(store.read(0).coarse[0, 0, 0, 0]) == 1.0
+
+
+def test_unreadable_store_metadata_is_recomputed_or_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    _filled(path)
+    (path / "zarr.json").write_text("{ not json")
+    with pytest.raises(SignatureMismatch, match="unreadable store metadata"):
+        _store(path, on_mismatch="raise")
+    fresh = _store(path)
+    assert not fresh.done().any()
+
+
+def test_store_of_an_older_format_is_recomputed(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    _filled(path)
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["format_version"] = 1
+    with pytest.raises(SignatureMismatch, match="format_version: stored 1"):
+        _store(path, on_mismatch="raise")
+    assert not _store(path).done().any()
+
+
+def test_chunks_are_checksummed(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    _store(path)
+    for name in ("coarse", "fine", "done"):
+        codecs = zarr.open_array(str(path / name), mode="r").metadata.codecs
+        assert any(type(c).__name__ == "Crc32cCodec" for c in codecs), (name, codecs)
+
+
+def test_zarr_temporaries_of_a_killed_writer_are_removed_on_open(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "s.zarr"
+    _filled(path)
+    stale = _chunk_file(path, "fine", 0).with_suffix(".0123abcd.partial")
+    stale.write_bytes(b"half")
+    with caplog.at_level("WARNING", logger="napari_revolver.core.features"):
+        _store(path)
+    assert not stale.exists()
+    assert "left by a killed writer" in caplog.text
+
+
+# ------------------------------------------------------------------------------- two writers
+
+
+def test_two_stores_on_one_path_share_it(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    a, b = _store(path), _store(path)
+    a.write(0, _feats(1.0))
+    b.write(1, _feats(2.0))
+    a.write(2, _feats(3.0))
+    np.testing.assert_array_equal(a.done(), [True, True, True])
+    np.testing.assert_array_equal(b.done(), [True, True, True])
+    assert float(b.read(2).coarse[0, 0, 0, 0]) == 3.0
+
+
+def test_store_replaced_by_another_writer_is_detached_not_mixed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "s.zarr"
+    old = _store(path)
+    old.write(0, _feats(1.0))
+    new = _store(path, _signature(data="other"))  # empties the store for other data
+    cache = FeatureCache(1 << 20, old)
+    with caplog.at_level("WARNING", logger="napari_revolver.core.features"):
+        stored = cache.put(1, _feats(5.0))
+    assert "was replaced" in caplog.text
+    assert not new.done().any()  # the old volume's features did not land in the new store
+    assert cache.get(1) is stored  # still served from memory
+    assert 0 not in old and old.read(0) is None
+
+
+def test_lock_held_by_another_process_times_out_naming_it(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from napari_revolver.core.features import LOCK_NAME, StoreLocked
+
+    path = tmp_path / "s.zarr"
+    _store(path)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            f"f = open({str(path / LOCK_NAME)!r}, 'r+b')\n"
+            "fcntl.flock(f, fcntl.LOCK_EX)\n"
+            "f.seek(0); f.truncate(); f.write(f'{os.getpid()} somehost holder'.encode())\n"
+            "f.flush(); print('locked', flush=True); time.sleep(30)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreLocked, match=rf"locked by process {holder.pid} on somehost"):
+            FeatureStore(path, _signature(), 3, COARSE, FINE, lock_timeout=0.2)
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel releases the lock of a killed process.
+    assert not FeatureStore(path, _signature(), 3, COARSE, FINE, lock_timeout=0.2).done().any()
