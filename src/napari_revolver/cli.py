@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
@@ -19,29 +19,65 @@ logger = logging.getLogger("napari_revolver")
 
 
 class Progress:
-    """A dependency-free progress bar on stderr (quiet when stderr is not a terminal)."""
+    """A tqdm progress bar on stderr, fed ``(done, total)`` by the core's generators.
 
-    def __init__(self, label: str, stream: TextIO = sys.stderr, width: int = 30) -> None:
-        self.label, self.stream, self.width = label, stream, width
-        self.t0 = time.perf_counter()
-        self.tty = stream.isatty()
-        self._last = -1.0
+    On a terminal it redraws continuously; in a log file it writes a line every few seconds.
+    """
+
+    def __init__(self, label: str, unit: str = "slice", stream: TextIO | None = None) -> None:
+        self.label, self.unit = label, unit
+        self.stream = stream if stream is not None else sys.stderr
+        self._bar = None
 
     def update(self, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if not self.tty and done < total and now - self._last < 5:
-            return
-        self._last = now
-        frac = done / total if total else 1.0
-        bar = "#" * int(frac * self.width)
-        elapsed = now - self.t0
-        eta = elapsed / frac - elapsed if frac > 0 else 0.0
-        end = "\n" if done >= total or not self.tty else ""
-        self.stream.write(
-            f"\r{self.label} [{bar:<{self.width}}] {done}/{total} "
-            f"{elapsed:5.1f}s elapsed, {eta:5.1f}s left{end}"
-        )
-        self.stream.flush()
+        """Show that ``done`` of ``total`` items are finished (closes the bar at the end)."""
+        from tqdm import tqdm
+
+        if self._bar is None:
+            tty = self.stream.isatty()
+            self._bar = tqdm(
+                total=total,
+                desc=self.label,
+                unit=self.unit,
+                file=self.stream,
+                mininterval=0.1 if tty else 5.0,
+                dynamic_ncols=tty,
+                leave=True,
+            )
+        self._bar.total = total
+        self._bar.update(done - self._bar.n)
+        if done >= total:
+            self.close()
+
+    def write(self, message: str) -> None:
+        """Print a line above the bar."""
+        from tqdm import tqdm
+
+        tqdm.write(message, file=self.stream)
+
+    def close(self) -> None:
+        """Finish the bar's line."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+#: The core speaks in parameters; the command line in flags.
+_FLAG_WORDS = (
+    (re.compile(r"pass overwrite=True"), "pass --overwrite"),
+    (re.compile(r"choose one with channel=N"), "choose one with --channel N"),
+    (re.compile(r"\bchannel=(\d+) was given"), r"--channel \1 was given"),
+    (re.compile(r"open the volume with set_volume\(\.\.\., invert=True\)"), "pass --invert"),
+    (re.compile(r"open the volume with set_volume\(\.\.\., invert=False\)"), "leave out --invert"),
+    (re.compile(r"scheduler 'local:N'"), "--scheduler local:N"),
+)
+
+
+def _in_flags(message: str) -> str:
+    """Translate the core's parameter names in an error message into this CLI's flags."""
+    for pattern, flag in _FLAG_WORDS:
+        message = pattern.sub(flag, message)
+    return message
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -91,7 +127,7 @@ def _add_image_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``revolver`` argument parser."""
+    """Build the ``revolver`` argument parser."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -282,9 +318,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     image, labels, points, point_labels = sample_stack(seed=args.seed)
     import tifffile
 
-    tmp = out / ".image.tif.part"
-    tifffile.imwrite(tmp, image, imagej=True, metadata={"axes": "ZYX"}, compression="zlib")
-    tmp.replace(targets[0])
+    from .core.atomic import atomic_write
+
+    atomic_write(
+        targets[0],
+        lambda fh: tifffile.imwrite(
+            fh, image, imagej=True, metadata={"axes": "ZYX"}, compression="zlib"
+        ),
+        overwrite=True,
+    )
     write_points(
         targets[1], PointTable(points, point_labels, ("nuclei",) * len(points)), overwrite=True
     )
@@ -300,8 +342,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _open_image(args: argparse.Namespace, predictor):
     from .core.io import open_volume
 
-    src = open_volume(args.image, args.channel)
-    predictor.set_volume(src.data, store=args.store, invert=args.invert, **src.volume_kwargs)
+    src = open_volume(args.image, args.channel, invert=args.invert)
+    predictor.set_volume(src.data, src.spec, store=args.store)
     return src.axes, src.scale
 
 
@@ -322,29 +364,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from .core.io import read_points
 
     many = bool(args.apply_to)
-    if many:
-        args.output.mkdir(parents=True, exist_ok=True)
-    elif args.output.exists() and not args.overwrite and not args.scheduler:
-        # A distributed run resumes its own store; run_batch checks whose store it is.
-        raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
-    if not args.output.parent.exists():
-        raise FileNotFoundError(f"output folder {args.output.parent} does not exist")
-    for extra in args.apply_to:
-        if not extra.exists():
-            raise FileNotFoundError(f"image file not found: {extra}")
+    _check_segment_paths(args, many)
     table = read_points(args.points)
     predictor = _predictor(args)
     axes, scale = _open_image(args, predictor)
-    names = table.task_names()
-    tasks = []
-    for value, name in enumerate(names, start=1):
-        sub = table.select(name) if len(names) > 1 else table
-        try:
-            tasks.append(
-                predictor.guide(sub.points, sub.labels, name=name or "task", label_value=value)
-            )
-        except ValueError as exc:
-            raise ValueError(f"task {name!r}: {exc}" if name else str(exc)) from exc
+    tasks = _guide_tasks(predictor, table)
     logger.info("guided %d task(s): %s", len(tasks), ", ".join(t.name for t in tasks))
     if args.save_task:
         args.save_task.mkdir(parents=True, exist_ok=True)
@@ -380,6 +404,35 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_segment_paths(args: argparse.Namespace, many: bool) -> None:
+    """Refuse outputs that exist (without --overwrite) and inputs that do not, before any work."""
+    if many:
+        args.output.mkdir(parents=True, exist_ok=True)
+    elif args.output.exists() and not args.overwrite and not args.scheduler:
+        # A distributed run resumes its own store; run_batch checks whose store it is.
+        raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
+    if not args.output.parent.exists():
+        raise FileNotFoundError(f"output folder {args.output.parent} does not exist")
+    for extra in args.apply_to:
+        if not extra.exists():
+            raise FileNotFoundError(f"image file not found: {extra}")
+
+
+def _guide_tasks(predictor, table) -> list:
+    """One task per distinct value of the points table's task column, valued 1, 2, ..."""
+    names = table.task_names()
+    tasks = []
+    for value, name in enumerate(names, start=1):
+        sub = table.select(name) if len(names) > 1 else table
+        try:
+            tasks.append(
+                predictor.guide(sub.points, sub.labels, name=name or "task", label_value=value)
+            )
+        except ValueError as exc:
+            raise ValueError(f"task {name!r}: {exc}" if name else str(exc)) from exc
+    return tasks
+
+
 def _stem(path: Path) -> str:
     name = path.name
     for ext in (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".zarr"):
@@ -399,6 +452,7 @@ def _segment_local(
     import numpy as np
 
     from .core.io import write_label_pages, write_label_zarr
+    from .core.labels import label_dtype, offset_instances
 
     info = predictor.info
     shape = (*info.leading_shape, *info.slice_shape)
@@ -407,23 +461,21 @@ def _segment_local(
 
     def pages() -> Iterator[np.ndarray]:
         # Slices stream from the network to the file: memory stays at one slice.
-        from .core.instances import mask_to_instances
-
+        next_id = 1
         for step in predictor.propagate(
-            tasks, threshold=args.threshold, cache=False, local=args.local
+            tasks, threshold=args.threshold, cache=False, local=args.local, instances=args.instances
         ):
             page = step.result
             if args.instances:
-                lab = mask_to_instances(page > 0).astype(np.uint32)
-                page = np.where(lab > 0, lab + counts["objects"], 0).astype(np.uint32)
-                counts["objects"] += int(lab.max(initial=0))
+                page, next_id = offset_instances(page, next_id)
+                counts["objects"] = next_id - 1
             counts["fg"] += int((page > 0).sum())
             bar.update(step.done, step.total)
             yield page
 
     if axes is not None and len(axes) != len(shape):
         axes = None
-    dtype = np.uint32 if args.instances else np.uint8 if len(tasks) < 256 else np.uint16
+    dtype = np.uint32 if args.instances else label_dtype(max(t.label_value for t in tasks))
     if output.suffix == ".zarr":
         write_label_zarr(output, pages(), shape, dtype, overwrite=args.overwrite)
     else:
@@ -477,6 +529,7 @@ def _segment_distributed(
         overwrite=args.overwrite,
         progress=bar.update,
         client=client,
+        predictor=predictor,
     )
     shape = predictor.info.leading_shape + predictor.info.slice_shape
     print(f"wrote {out}/labels {shape} ({len(tasks)} task(s), {args.scheduler})")
@@ -523,15 +576,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     if args.init is not None and not args.init.exists():
         raise FileNotFoundError(f"--init weights {args.init} do not exist")
-    bar = Progress("train")
+    bar = Progress("train", unit="step")
 
     def show(p) -> None:
         bar.update(p.step, cfg.steps)
         if p.val_iou is not None:
-            print(
-                f"\nstep {p.step}: loss {p.loss:.4f}, validation IoU {p.val_iou:.3f}",
-                file=sys.stderr,
-            )
+            bar.write(f"step {p.step}: loss {p.loss:.4f}, validation IoU {p.val_iou:.3f}")
 
     best = train(cfg, on_progress=show)
     print(f"best weights: {best}")
@@ -544,6 +594,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     import numpy as np
     import tifffile
 
+    from .core.evaluate import foreground_iou
+
     for f in (args.prediction, args.truth):
         if not f.exists():
             raise FileNotFoundError(f"{f} does not exist")
@@ -552,19 +604,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if pred.shape != truth.shape:
         raise ValueError(f"shapes differ: prediction {pred.shape}, truth {truth.shape}")
     p, t = pred > 0, truth > 0
-    inter, union = int((p & t).sum()), int((p | t).sum())
-    total = int(p.sum() + t.sum())
+    iou = foreground_iou(p, t)
     res = {
-        "iou": inter / union if union else 1.0,
-        "dice": 2 * inter / total if total else 1.0,
+        "iou": iou,
+        "dice": 2 * iou / (1 + iou),
         "foreground_prediction": float(p.mean()),
         "foreground_truth": float(t.mean()),
     }
     if p.ndim >= 3:
-        per = []
-        for k in range(p.shape[0]):
-            u = int((p[k] | t[k]).sum())
-            per.append(int((p[k] & t[k]).sum()) / u if u else 1.0)
+        per = [foreground_iou(p[k], t[k]) for k in range(p.shape[0])]
         res["iou_per_slice_min"] = float(np.min(per))
         res["iou_per_slice_mean"] = float(np.mean(per))
     if args.json:
@@ -714,7 +762,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         IsADirectoryError,
         RuntimeError,
     ) as exc:
-        print(f"revolver: error: {exc}", file=sys.stderr)
+        print(f"revolver: error: {_in_flags(str(exc))}", file=sys.stderr)
         return 1
 
 

@@ -118,7 +118,7 @@ def test_write_labels_refuses_overwrite(tmp_path: Path) -> None:
     target = tmp_path / "l.tif"
     write_labels(target, np.ones((4, 4), dtype=np.uint8))
 
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="overwrite=True"):
         write_labels(target, np.full((4, 4), 2, dtype=np.uint8))
     np.testing.assert_array_equal(read_image(target).data, 1)
 
@@ -459,7 +459,7 @@ def test_write_points_refuses_overwrite(tmp_path: Path) -> None:
     table = PointTable(points=np.zeros((1, 2)), labels=np.array([1]))
     target = tmp_path / "p.csv"
     write_points(target, table)
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="overwrite=True"):
         write_points(target, table)
     replacement = PointTable(points=np.ones((2, 2)), labels=np.array([0, 0]))
     write_points(target, replacement, overwrite=True)

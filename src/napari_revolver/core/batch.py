@@ -21,17 +21,24 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .compat import check_tasks
+from .labels import label_dtype
 from .task import Task
+from .volume import VolumeInfo, check_and_fingerprint, describe_volume
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .predictor import RevolverPredictor
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["BatchJob", "batch_signature", "open_client", "run_batch"]
 
-BATCH_FORMAT_VERSION = 1
+#: 2: the image fingerprint is of the volume as read (RGB samples, the chosen channel).
+BATCH_FORMAT_VERSION = 2
 
 # Per-worker-process caches: a Dask worker runs many chunk tasks; building the model or
 # re-opening the image for each would dominate small chunks. Keyed by content, so they can
@@ -78,16 +85,22 @@ class BatchJob:
     invert: bool = False
 
 
-def _open_volume(path: str, channel: int | None) -> tuple[Any, dict[str, Any]]:
-    """The image as a lazy array plus ``set_volume`` arguments."""
-    from .io import open_volume
-
-    src = open_volume(path, channel)
-    return src.data, src.volume_kwargs
-
-
 def batch_signature(job: BatchJob, fingerprint: str, weights_sha: str) -> str:
-    """Identity of a batch run's result: resuming is allowed only with the same signature."""
+    """Identify a batch run's result: resuming is allowed only with the same signature.
+
+    Parameters
+    ----------
+    job : BatchJob
+    fingerprint : str
+        Data identity of the image as read (``RevolverPredictor.fingerprint``).
+    weights_sha : str
+        sha256 of the weights.
+
+    Returns
+    -------
+    str
+        Hex sha256.
+    """
     h = hashlib.sha256()
     h.update(
         json.dumps(
@@ -134,9 +147,11 @@ def _segment_chunk(job: BatchJob, slices: list[int], weights: bytes, sha: str, d
     """Dask task: segment ``slices`` (flat numbers) and write them into the output store."""
     import zarr
 
+    from .io import open_volume
+
     predictor = _predictor_on_worker(weights, sha, device, job.batch_size)
-    data, kwargs = _open_volume(job.image, job.channel)
-    predictor.set_volume(data, invert=job.invert, **kwargs)
+    src = open_volume(job.image, job.channel, invert=job.invert)
+    predictor.set_volume(src.data, src.spec)
     group = zarr.open_group(job.output, mode="r+")
     labels, done = group["labels"], group["done"]
     tasks = list(job.tasks)
@@ -151,7 +166,25 @@ def _segment_chunk(job: BatchJob, slices: list[int], weights: bytes, sha: str, d
 
 
 def open_client(scheduler: str) -> tuple[Any, Any]:
-    """A ``distributed.Client`` for ``local:N`` or an address, and the local cluster (or None)."""
+    """Open a ``distributed.Client`` for ``local:N`` or a scheduler address.
+
+    Parameters
+    ----------
+    scheduler : str
+        ``local:N`` starts a local cluster of N single-threaded worker processes; anything
+        else is a scheduler address (``tcp://host:8786``).
+
+    Returns
+    -------
+    client : distributed.Client
+    cluster : distributed.LocalCluster or None
+        The local cluster to close after the client, if one was started.
+
+    Raises
+    ------
+    ValueError
+        ``local:N`` without a positive number.
+    """
     return _client(scheduler)
 
 
@@ -163,7 +196,7 @@ def _client(scheduler: str) -> tuple[Any, Any]:
             n = int(scheduler.split(":", 1)[1])
         except ValueError as exc:
             raise ValueError(
-                f"--scheduler local:N needs a number of workers; got {scheduler!r}"
+                f"scheduler 'local:N' needs a number of workers N; got {scheduler!r}"
             ) from exc
         if n < 1:
             raise ValueError(f"a local cluster needs at least 1 worker; got {n}")
@@ -183,6 +216,7 @@ def run_batch(
     retries: int = 2,
     progress: Callable[[int, int], None] | None = None,
     client: Any = None,
+    predictor: RevolverPredictor | None = None,
 ) -> Path:
     """Segment every slice of ``job.image`` on a Dask cluster into ``job.output``.
 
@@ -202,6 +236,10 @@ def run_batch(
         ``progress(done, total)`` in slices.
     client : distributed.Client, optional
         An open client to use instead of ``scheduler`` (several runs on one cluster).
+    predictor : RevolverPredictor, optional
+        A predictor with ``job.image`` set as its volume and ``job.weights`` loaded: its
+        geometry, fingerprint and weights are used as they are. Without it the image is
+        opened and checked here (no model is loaded on the client).
 
     Returns
     -------
@@ -211,63 +249,84 @@ def run_batch(
     Raises
     ------
     ValueError
-        An output store of another run without ``overwrite``; slices still missing at the end.
+        An output store of another run without ``overwrite``; tasks guided with other weights;
+        slices still missing at the end.
     """
-    import shutil
-
-    import zarr
-    from distributed import as_completed
-
-    from .features import data_fingerprint
-    from .predictor import RevolverPredictor
-    from .weights import default_weights_path, sha256_file
-
     if not job.tasks:
         raise ValueError("no task given")
     if job.chunk < 1:
         raise ValueError(f"chunk must be >= 1 slice; got {job.chunk}")
-    weights_path = Path(job.weights) if job.weights else default_weights_path()
-    if not weights_path.exists():
-        raise FileNotFoundError(f"weights file {weights_path} does not exist")
-    weights = weights_path.read_bytes()
-    sha = hashlib.sha256(weights).hexdigest()
-    if sha != sha256_file(weights_path):  # pragma: no cover (file changed while reading)
-        raise ValueError(f"{weights_path} changed while it was read")
-    for t in job.tasks:
-        if t.weights_sha256 != sha:
-            raise ValueError(
-                f"task {t.name!r} was guided with other weights "
-                f"({t.weights_sha256[:12]}) than {weights_path} ({sha[:12]})"
-            )
-
-    # Geometry from a client-side predictor (reads three slices, loads the model once here
-    # to validate the image with the same checks as a single-process run).
-    data, kwargs = _open_volume(job.image, job.channel)
-    probe = RevolverPredictor(weights_path, "cpu", cache_bytes=1 << 20)
-    info = probe.set_volume(data, invert=job.invert, **kwargs)
-    signature = batch_signature(job, data_fingerprint(data), sha)
+    weights, sha = _weights_bytes(job, predictor)
+    check_tasks(job.tasks, None, sha)
+    info = predictor.info if predictor is not None else _volume_info(job)
     out = Path(job.output)
-    shape = (*info.leading_shape, *info.slice_shape)
-    dtype = np.uint8 if max(t.label_value for t in job.tasks) < 256 else np.uint16
+    group = _output_store(job, out, info, batch_signature(job, info.fingerprint, sha), overwrite)
+    todo = [int(k) for k in np.flatnonzero(~np.asarray(group["done"][:]))]
+    total = info.n_slices
+    if progress:
+        progress(total - len(todo), total)
+    if todo:
+        _run_chunks(job, todo, total, weights, sha, scheduler, device, retries, progress, client)
+    missing = int((~np.asarray(group["done"][:])).sum())
+    if missing:
+        raise ValueError(f"{missing} slice(s) are still missing in {out}; run again to resume")
+    return out
+
+
+def _weights_bytes(job: BatchJob, predictor: RevolverPredictor | None) -> tuple[bytes, str]:
+    """Read the checkpoint's bytes (sent to the workers) and hash them, once."""
+    from .weights import default_weights_path
+
+    if predictor is not None:
+        path = Path(predictor.weights.path)
+    else:
+        path = Path(job.weights) if job.weights else default_weights_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    weights = path.read_bytes()
+    sha = hashlib.sha256(weights).hexdigest()
+    if predictor is not None and sha != predictor.weights.sha256:
+        raise ValueError(f"{path} changed since the predictor loaded it")
+    return weights, sha
+
+
+def _volume_info(job: BatchJob) -> VolumeInfo:
+    """Geometry and fingerprint of the job's image, with the checks of ``set_volume``."""
+    from .io import open_volume
+
+    src = open_volume(job.image, job.channel, invert=job.invert)
+    info, spec = describe_volume(src.data, src.spec)
+    return check_and_fingerprint(src.data, info, spec)
+
+
+def _output_store(
+    job: BatchJob, out: Path, info: VolumeInfo, signature: str, overwrite: bool
+) -> Any:
+    """Open the run's output group, creating it (or replacing another run's, if allowed)."""
+    import shutil
+
+    import zarr
+
     if out.exists():
         try:
             stored = dict(zarr.open_group(str(out), mode="r").attrs)
-        except Exception:
+        except Exception:  # not a store of ours
             stored = {}
         if stored.get("signature") != signature:
             if not overwrite:
                 raise ValueError(
-                    f"{out} exists and holds another run's output; pass overwrite "
+                    f"{out} exists and holds another run's output; pass overwrite=True "
                     "to replace it (a store of the same run resumes)"
                 )
             shutil.rmtree(out) if out.is_dir() else out.unlink()
     if not out.exists():
+        shape = (*info.leading_shape, *info.slice_shape)
         group = zarr.open_group(str(out), mode="w")
         group.create_array(
             "labels",
             shape=shape,
             chunks=(1,) * (len(shape) - 2) + shape[-2:],
-            dtype=dtype,
+            dtype=label_dtype(max(t.label_value for t in job.tasks)),
             fill_value=0,
         )
         group.create_array(
@@ -283,43 +342,43 @@ def run_batch(
                 "label_values": [t.label_value for t in job.tasks],
             }
         )
-    group = zarr.open_group(str(out), mode="r+")
-    done = np.asarray(group["done"][:])
-    todo = [int(k) for k in np.flatnonzero(~done)]
-    total = info.n_slices
+    return zarr.open_group(str(out), mode="r+")
+
+
+def _run_chunks(
+    job: BatchJob,
+    todo: list[int],
+    total: int,
+    weights: bytes,
+    sha: str,
+    scheduler: str,
+    device: str,
+    retries: int,
+    progress: Callable[[int, int], None] | None,
+    client: Any,
+) -> None:
+    """Submit the slices still to do in chunks and wait for them, reporting progress."""
+    from distributed import as_completed
+
+    own = client is None
+    client, cluster = _client(scheduler) if own else (client, None)
     finished = total - len(todo)
-    if progress:
-        progress(finished, total)
-    if todo:
-        own = client is None
-        client, cluster = _client(scheduler) if own else (client, None)
-        try:
-            [w_future] = client.scatter([weights], broadcast=True)
-            job_future = client.scatter(job, broadcast=True)
-            chunks = [todo[i : i + job.chunk] for i in range(0, len(todo), job.chunk)]
-            futures = [
-                client.submit(
-                    _segment_chunk,
-                    job_future,
-                    c,
-                    w_future,
-                    sha,
-                    device,
-                    retries=retries,
-                    pure=False,
-                )
-                for c in chunks
-            ]
-            for fut in as_completed(futures):
-                finished += fut.result()
-                if progress:
-                    progress(finished, total)
-        finally:
-            if own:
-                client.close()
-                if cluster is not None:
-                    cluster.close()
-    missing = int((~np.asarray(group["done"][:])).sum())
-    if missing:
-        raise ValueError(f"{missing} slice(s) are still missing in {out}; run again to resume")
-    return out
+    try:
+        [w_future] = client.scatter([weights], broadcast=True)
+        job_future = client.scatter(job, broadcast=True)
+        chunks = [todo[i : i + job.chunk] for i in range(0, len(todo), job.chunk)]
+        futures = [
+            client.submit(
+                _segment_chunk, job_future, c, w_future, sha, device, retries=retries, pure=False
+            )
+            for c in chunks
+        ]
+        for fut in as_completed(futures):
+            finished += fut.result()
+            if progress:
+                progress(finished, total)
+    finally:
+        if own:
+            client.close()
+            if cluster is not None:
+                cluster.close()

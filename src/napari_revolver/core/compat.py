@@ -28,15 +28,15 @@ class TaskMismatch(ValueError):
 
 
 def check_tasks(
-    tasks: Iterable[Task], model_key: str, weights_sha256: str, invert: bool | None = None
+    tasks: Iterable[Task], model_key: str | None, weights_sha256: str, invert: bool | None = None
 ) -> None:
     """Refuse tasks that do not apply to these weights (and, if given, this intensity reading).
 
     Parameters
     ----------
     tasks : iterable of Task
-    model_key : str
-        Architecture of the weights in use.
+    model_key : str or None
+        Architecture of the weights in use; ``None`` compares the weights' sha256 only.
     weights_sha256 : str
         Their sha256.
     invert : bool, optional
@@ -48,11 +48,12 @@ def check_tasks(
         For the first task that does not apply, naming what to change.
     """
     for t in tasks:
-        if (t.model_key, t.weights_sha256) != (model_key, weights_sha256):
+        key = t.model_key if model_key is None else model_key
+        if (t.model_key, t.weights_sha256) != (key, weights_sha256):
             raise TaskMismatch(
                 f"task {t.name!r} was guided with model {t.model_key} (weights "
-                f"{t.weights_sha256[:12]}), this predictor runs {model_key} (weights "
-                f"{weights_sha256[:12]}); guide it again with these weights",
+                f"{t.weights_sha256[:12]}), these are {key} weights "
+                f"{weights_sha256[:12]}; guide it again with these weights",
                 t.name,
                 "weights",
                 (t.model_key, t.weights_sha256),

@@ -27,18 +27,22 @@ import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
 
 import numpy as np
 import tifffile
 
+from .labels import label_dtype
+from .volume import VolumeSpec
+
 __all__ = [
     "ImageData",
     "LazyArray",
     "PointTable",
     "VolumeSource",
+    "default_axes",
     "open_volume",
     "read_image",
     "read_points",
@@ -135,6 +139,7 @@ class ImageData:
     path: str
 
     def __post_init__(self) -> None:
+        """Check that ``axes`` and ``scale`` match the dimensions of ``data``."""
         ndim = len(self.data.shape)
         if len(self.axes) != ndim:
             raise ValueError(
@@ -221,8 +226,9 @@ class VolumeSource:
     ----------
     data : array-like
         ``(..., Y, X[, S|C])``, read one slice at a time.
-    volume_kwargs : dict
-        Arguments for ``RevolverPredictor.set_volume`` (``rgb``, ``channel_axis``, ``channel``).
+    spec : VolumeSpec
+        How the predictor reads ``data`` (RGB, channel, invert): pass it to
+        ``RevolverPredictor.set_volume(data, spec)``.
     axes : str
         Axes of the label image (``data``'s without channels or samples), e.g. ``"TZYX"``.
     scale : tuple of float
@@ -230,16 +236,29 @@ class VolumeSource:
     """
 
     data: Any
-    volume_kwargs: dict[str, Any]
+    spec: VolumeSpec
     axes: str
     scale: tuple[float, ...]
 
 
-def open_volume(path: PathLike, channel: int | None = None) -> VolumeSource:
+def open_volume(
+    path: PathLike, channel: int | None = None, *, invert: bool = False
+) -> VolumeSource:
     """Open a TIFF or zarr image lazily with its axes ordered for the predictor.
 
-    A multichannel image needs ``channel`` (unless it has a single channel); RGB is detected
-    from the samples axis.
+    Parameters
+    ----------
+    path : str or os.PathLike
+        TIFF (ImageJ or OME axes honoured), zarr array or OME-Zarr image (level 0).
+    channel : int, optional
+        The channel to segment of a multichannel image (not needed for a single channel).
+    invert : bool
+        Dark objects on a light background: intensities reversed (see :class:`VolumeSpec`).
+
+    Returns
+    -------
+    VolumeSource
+        RGB is detected from the samples axis.
 
     Raises
     ------
@@ -248,22 +267,57 @@ def open_volume(path: PathLike, channel: int | None = None) -> VolumeSource:
     """
     img = read_image(path, lazy=True)
     data, axes = to_yx_last(img.data, img.axes)
-    kwargs: dict[str, Any] = {"rgb": axes.endswith("S")}
+    spec = VolumeSpec(rgb=axes.endswith("S"), invert=bool(invert))
     if "C" in axes:
         n = int(data.shape[axes.index("C")])
         if channel is None and n == 1:
             channel = 0  # a single channel needs no choice
         if channel is None:
-            raise ValueError(f"{path} has {n} channels (axes {axes}); choose one with --channel N")
-        kwargs.update(channel_axis=axes.index("C"), channel=channel)
+            raise ValueError(
+                f"{path} has {n} channels (axes {axes}); choose one with channel=N (0 to {n - 1})"
+            )
+        spec = replace(spec, channel_axis=axes.index("C"), channel=channel)
     elif channel is not None:
-        raise ValueError(f"a channel was given but {path} has no channel axis (axes {axes})")
+        raise ValueError(
+            f"channel={channel} was given but {path} has no channel axis (axes {axes})"
+        )
     label_axes = axes.replace("C", "").replace("S", "")
     by_axis = (
         dict(zip(img.axes, img.scale, strict=False)) if len(img.scale) == len(img.axes) else {}
     )
     scale = tuple(float(by_axis.get(a, 1.0)) for a in label_axes)
-    return VolumeSource(data, kwargs, label_axes, scale)
+    return VolumeSource(data, spec, label_axes, scale)
+
+
+def default_axes(ndim: int, *, labels: bool = True) -> str:
+    """Axes assumed for an array without axis metadata.
+
+    Parameters
+    ----------
+    ndim : int
+        Number of dimensions.
+    labels : bool
+        For a label image (no channels): only 2-D ``YX``, 3-D ``ZYX`` and 4-D ``TZYX`` are
+        known. For an image, 5-D is ``TCZYX`` and more leading axes are unknown (``Q``).
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    ValueError
+        A label image of another dimensionality (its axes must be given).
+    """
+    known = {2: "YX", 3: "ZYX", 4: "TZYX"} if labels else {2: "YX", 3: "ZYX", 4: "TZYX", 5: "TCZYX"}
+    if ndim in known:
+        return known[ndim]
+    if labels or ndim < 2:
+        raise ValueError(
+            f"cannot infer axes for {ndim}-D labels (defaults exist for 2-D, 3-D, 4-D); "
+            "pass axes explicitly"
+        )
+    return "Q" * (ndim - 2) + "YX"
 
 
 def _is_zarr(p: Path) -> bool:
@@ -304,7 +358,7 @@ def _read_zarr(p: Path) -> ImageData:
                 scale = tuple(float(v) for v in t["scale"])
     ndim = len(node.shape)
     if axes is None or len(axes) != ndim:
-        axes = {2: "YX", 3: "ZYX", 4: "TZYX", 5: "TCZYX"}.get(ndim, "Q" * (ndim - 2) + "YX")
+        axes = default_axes(ndim, labels=False)
     if scale is None or len(scale) != ndim:
         scale = (1.0,) * ndim
     return ImageData(data=node, axes=axes, scale=scale, path=str(p))
@@ -586,7 +640,7 @@ def write_labels(
     arr = np.asarray(labels)
     if arr.ndim < 2:
         raise ValueError(f"labels must have at least 2 dimensions (Y, X); got shape {arr.shape}")
-    axes = _default_axes(arr.ndim) if axes is None else axes
+    axes = default_axes(arr.ndim) if axes is None else axes
     _validate_axes(axes, arr.ndim)
     scale_t = _validate_scale(scale, arr.ndim)
     arr = _minimal_unsigned(arr)
@@ -672,7 +726,7 @@ def write_label_pages(
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
         raise ValueError(f"shape must have at least 2 dimensions (Y, X); got {shape}")
-    axes = _default_axes(len(shape)) if axes is None else axes
+    axes = default_axes(len(shape)) if axes is None else axes
     _validate_axes(axes, len(shape))
     scale_t = _validate_scale(scale, len(shape))
     kwargs = _tiff_options(shape, dtype, axes, scale_t)
@@ -771,16 +825,6 @@ def write_label_zarr(
     return atomic_directory(path, build, overwrite=overwrite)
 
 
-def _default_axes(ndim: int) -> str:
-    defaults = {2: "YX", 3: "ZYX", 4: "TZYX"}
-    if ndim not in defaults:
-        raise ValueError(
-            f"cannot infer axes for {ndim}-D labels (defaults exist for 2-D, 3-D, 4-D); "
-            "pass axes explicitly"
-        )
-    return defaults[ndim]
-
-
 def _validate_axes(axes: str, ndim: int) -> None:
     if len(axes) != ndim:
         raise ValueError(
@@ -828,11 +872,8 @@ def _minimal_unsigned(arr: np.ndarray) -> np.ndarray:
     lo, hi = arr.min(), arr.max()
     if lo < 0:
         raise ValueError(f"labels must be non-negative; found minimum value {lo}")
-    for dtype in _UNSIGNED_DTYPES:
-        # Compare as Python numbers: numpy would round uint64 max to float.
-        if int(hi) <= int(np.iinfo(dtype).max):
-            return arr.astype(dtype, copy=False)
-    raise ValueError(f"maximum label {hi} exceeds the uint64 maximum {np.iinfo(np.uint64).max}")
+    # As Python numbers: numpy would round uint64 max to float.
+    return arr.astype(label_dtype(int(hi)), copy=False)
 
 
 # --------------------------------------------------------------------------- #
@@ -888,6 +929,7 @@ class PointTable:
     tasks: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
+        """Validate and copy the fields: points ``(N, D)``, labels ``(N,)``, tasks ``N`` or 0."""
         points = np.array(self.points, dtype=np.float64, copy=True)
         if points.ndim != 2 or points.shape[1] < 1:
             raise ValueError(f"points must have shape (N, D) with D >= 1; got shape {points.shape}")
@@ -916,7 +958,7 @@ class PointTable:
         object.__setattr__(self, "tasks", tasks)
 
     def __len__(self) -> int:
-        """Number of points ``N``."""
+        """Return the number of points ``N``."""
         return int(self.points.shape[0])
 
     @property
