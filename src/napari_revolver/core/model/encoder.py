@@ -37,6 +37,7 @@ class EncoderOutput:
         return EncoderOutput(self.coarse.to(*args, **kwargs), self.fine.to(*args, **kwargs))
 
     def __getitem__(self, index: int | slice) -> EncoderOutput:
+        """Select slices along the batch axis of both tensors."""
         return EncoderOutput(self.coarse[index], self.fine[index])
 
     @staticmethod

@@ -50,6 +50,7 @@ class GuideOutput:
     mass: torch.Tensor
 
     def __add__(self, other: GuideOutput) -> GuideOutput:
+        """Pool two annotations together (sums and masses add, as for one merged mask)."""
         return GuideOutput(
             self.sum_coarse + other.sum_coarse,
             self.sum_fine + other.sum_fine,

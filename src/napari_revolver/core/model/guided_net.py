@@ -82,10 +82,12 @@ class GuidedNet(nn.Module):
 
     @property
     def fine_stride(self) -> int:
+        """Stride of the fine features and of the logits before upsampling (4)."""
         return Encoder.fine_stride
 
     @property
     def size_multiple(self) -> int:
+        """What input height and width must be multiples of (32)."""
         return Encoder.size_multiple
 
     def encode(self, images: torch.Tensor) -> EncoderOutput:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,7 @@ from torch import nn
 
 from .encoder import EncoderOutput
 from .guided_net import GuidedNet, ModelConfig
-from .registry import _BUILDERS
+from .registry import register_model
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +32,8 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _import_torchvision():
+def _import_torchvision() -> ModuleType:
+    """Import torchvision, or raise an ``ImportError`` naming the extra to install."""
     try:
         import torchvision
     except Exception as exc:  # ImportError, or a CUDA-only build failing to load
@@ -41,8 +44,11 @@ def _import_torchvision():
     return torchvision
 
 
-def _imagenet_state(tv, name: str) -> dict[str, torch.Tensor] | None:
-    """ImageNet weights from ``REVOLVER_TV_WEIGHTS`` or torchvision's cache; never downloaded."""
+def _imagenet_state(tv: ModuleType, name: str) -> dict[str, torch.Tensor] | None:
+    """Load ImageNet weights from ``REVOLVER_TV_WEIGHTS`` or torchvision's cache.
+
+    Nothing is downloaded: without either, the backbone keeps random weights (``None``).
+    """
     path = os.environ.get("REVOLVER_TV_WEIGHTS")
     if not path:
         enum = tv.models.get_model_weights(name).DEFAULT
@@ -87,6 +93,19 @@ class TorchvisionEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(_IMAGENET_STD)[None, :, None, None])
 
     def forward(self, x: torch.Tensor) -> EncoderOutput:
+        """Encode normalised slices.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``(B, 3, H, W)`` slices normalised to about [-0.5, 0.5], ``H, W`` multiples of 32.
+
+        Returns
+        -------
+        EncoderOutput
+            ``coarse`` ``(B, coarse_channels, H/8, W/8)`` and ``fine``
+            ``(B, fine_channels, H/4, W/4)``.
+        """
         h, w = x.shape[-2:]
         x = ((x + 0.5) - self.mean) / self.std
         fine = self.to_fine(x)
@@ -96,7 +115,9 @@ class TorchvisionEncoder(nn.Module):
         return EncoderOutput(F.relu(self.coarse_proj(coarse)), F.relu(self.fine_proj(fine)))
 
 
-def _builder(key: str):
+def _builder(key: str) -> Callable[[], GuidedNet]:
+    """Return the builder of the named torchvision model."""
+
     def build() -> GuidedNet:
         config = ModelConfig(key=key)
         return GuidedNet(
@@ -107,4 +128,4 @@ def _builder(key: str):
 
 
 for _key in _SPECS:
-    _BUILDERS.setdefault(_key, _builder(_key))
+    register_model(_key, _builder(_key))
