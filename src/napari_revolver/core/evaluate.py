@@ -60,11 +60,12 @@ def _require_bench() -> None:
 
 # --------------------------------------------------------------------------------- sampling
 def sample_support_points(rng: np.random.Generator, mask: np.ndarray, n: int) -> np.ndarray:
-    """``n`` pixels drawn uniformly at random from the ``True`` pixels of ``mask``.
+    """Draw ``n`` pixels uniformly at random from the ``True`` pixels of ``mask``.
 
     Parameters
     ----------
     rng : numpy.random.Generator
+        Source of the draw (one ``choice`` call, so seeded draws are reproducible).
     mask : np.ndarray
         ``(H, W)`` bool (anything non-zero counts).
     n : int
@@ -131,7 +132,19 @@ class RandomForestBaseline:
         )
 
     def features(self, image: np.ndarray) -> np.ndarray:
-        """``(H, W, F)`` float32 features of a ``(H, W)`` or ``(H, W, C)`` slice."""
+        """Compute the pixel features of one slice.
+
+        Parameters
+        ----------
+        image : np.ndarray
+            ``(H, W)`` grayscale or ``(H, W, C)`` slice, any numeric dtype.
+
+        Returns
+        -------
+        np.ndarray
+            ``(H, W, F)`` float32 features of the slice normalised to its 1st-99.8th
+            percentiles.
+        """
         from skimage.feature import multiscale_basic_features
 
         x = np.asarray(image).astype(np.float32)
@@ -150,9 +163,21 @@ class RandomForestBaseline:
     def fit(
         self, features: list[np.ndarray], points: list[np.ndarray], labels: list[np.ndarray]
     ) -> RandomForestBaseline:
-        """Fit on clicked pixels.
+        """Fit the forest on the clicked pixels of one or more slices.
 
-        ``features[i]`` ``(H, W, F)``, ``points[i]`` ``(N, 2)`` (y, x), ``labels[i]`` ``(N,)``.
+        Parameters
+        ----------
+        features : list of np.ndarray
+            ``features[i]`` ``(H, W, F)``: :meth:`features` of slice ``i``.
+        points : list of np.ndarray
+            ``points[i]`` ``(N_i, 2)`` ``(y, x)`` pixel coordinates on slice ``i`` (rounded).
+        labels : list of np.ndarray
+            ``labels[i]`` ``(N_i,)``: 1 foreground, 0 background.
+
+        Returns
+        -------
+        RandomForestBaseline
+            ``self``, fitted.
         """
         xs, ys = [], []
         for f, p, lab in zip(features, points, labels, strict=True):
@@ -163,7 +188,18 @@ class RandomForestBaseline:
         return self
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        """``(H, W)`` bool: pixels whose foreground (label 1) probability exceeds 0.5."""
+        """Predict the foreground of one slice.
+
+        Parameters
+        ----------
+        features : np.ndarray
+            ``(H, W, F)``: :meth:`features` of the slice.
+
+        Returns
+        -------
+        np.ndarray
+            ``(H, W)`` bool: pixels whose foreground (label 1) probability exceeds 0.5.
+        """
         h, w, nf = features.shape
         proba = self.forest.predict_proba(features.reshape(-1, nf))
         cls = list(self.forest.classes_)
@@ -207,7 +243,7 @@ class EvalResult:
     seeds: int
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly form."""
+        """Return the row as JSON-friendly built-in types."""
         return {
             "method": self.method,
             "points": self.points,
@@ -221,14 +257,42 @@ class EvalResult:
 
 
 def foreground_iou(pred: np.ndarray, truth: np.ndarray) -> float:
-    """IoU of two foreground masks; 1 when both are empty."""
+    """Compute the foreground intersection over union of a prediction and its truth.
+
+    This is the package's one IoU: the evaluation, the benchmarks and training's validation
+    score all go through it.
+
+    Parameters
+    ----------
+    pred : np.ndarray
+        Predicted mask, any shape (``(H, W)`` for a slice, ``(Z, H, W)`` for a stack);
+        non-zero is foreground.
+    truth : np.ndarray
+        Ground truth of the same shape as ``pred``; non-zero is foreground.
+
+    Returns
+    -------
+    float
+        ``|pred & truth| / |pred | truth|`` over all pixels, in [0, 1]; 1.0 when both masks
+        are empty (an empty prediction of an empty truth is right).
+
+    Raises
+    ------
+    ValueError
+        If the shapes of ``pred`` and ``truth`` differ.
+    """
     pred, truth = np.asarray(pred) > 0, np.asarray(truth) > 0
+    if pred.shape != truth.shape:
+        raise ValueError(
+            f"pred and truth must have the same shape; got {pred.shape} and {truth.shape}"
+        )
     union = int((pred | truth).sum())
     return float((pred & truth).sum() / union) if union else 1.0
 
 
 # -------------------------------------------------------------------------------- validation
 def _parse_points(points: Iterable[int | str]) -> list[int | str]:
+    """Validate point budgets: positive ints or ``"dense"``, duplicates dropped, order kept."""
     out: list[int | str] = []
     for p in points:
         if isinstance(p, str):
@@ -257,6 +321,7 @@ def _parse_points(points: Iterable[int | str]) -> list[int | str]:
 
 
 def _parse_support(support: int | Iterable[int], n: int) -> tuple[int, ...]:
+    """Validate support slice indices against a stack of ``n`` slices, leaving a query."""
     items = [support] if isinstance(support, (int, np.integer)) else list(support)
     if not items:
         raise ValueError("support needs at least one slice index; got none")
@@ -280,7 +345,7 @@ def _parse_support(support: int | Iterable[int], n: int) -> tuple[int, ...]:
 
 
 def _check_shapes(image: Any, labels: np.ndarray) -> bool:
-    """Validate ``image`` ``(N, H, W[, 3|4])`` against ``labels`` ``(N, H, W)``; returns rgb."""
+    """Validate ``image`` ``(N, H, W[, 3|4])`` against ``labels`` ``(N, H, W)``; return rgb."""
     ishape = tuple(int(s) for s in getattr(image, "shape", ()))
     if len(ishape) not in (3, 4) or (len(ishape) == 4 and ishape[-1] not in (3, 4)):
         raise ValueError(
@@ -365,6 +430,59 @@ def evaluate_few_shot(
     ImportError
         ``"rf"`` without scikit-image / scikit-learn.
     """
+    budgets, use_rf, seeds = _parse_budgets(points, baselines, seeds)
+    labels = np.asarray(labels)
+    rgb = _check_shapes(image, labels)
+    n = labels.shape[0]
+    sup = _parse_support(support, n)
+    fg = labels == label_value if label_value is not None else labels > 0
+    _check_support_classes(fg, sup, label_value)
+    query_list = _parse_queries(queries, n, sup)
+    counts = [b for b in budgets if isinstance(b, int)]
+
+    # Units of work: encode every slice, one propagation per (budget, seed) and for dense,
+    # then the forest: its fits and one feature + prediction pass per query slice.
+    total = n + len(counts) * seeds + ("dense" in budgets)
+    if use_rf:
+        total += len(counts) * seeds + len(query_list)
+    tick = _Progress(progress, total)
+
+    predictor.set_volume(image, rgb=rgb, invert=invert)
+    last = 0
+    for d, _ in predictor.precompute():
+        tick(d - last)
+        last = d
+
+    scorer = _NetworkScorer(predictor, fg, sup, query_list, local)
+    # The same points for the network and the forest: drawn per (budget, seed).
+    draws = _draw_support_points(fg, sup, counts, seeds)
+    rows: dict[tuple[str, int | str], EvalResult] = {}
+    for p in counts:
+        rows[("revolver", p)] = scorer.points_row(
+            p, [draws[(p, seed)] for seed in range(seeds)], tick
+        )
+    if "dense" in budgets:
+        rows[("dense", "dense")] = scorer.dense_row()
+        tick()
+    if use_rf:
+        rows.update(_run_rf(image, fg, sup, query_list, counts, seeds, draws, tick))
+    return _ordered_rows(rows, budgets, use_rf)
+
+
+def _parse_budgets(
+    points: Iterable[int | str], baselines: Sequence[str], seeds: int
+) -> tuple[list[int | str], bool, int]:
+    """Validate the budgets, baselines and seeds of :func:`evaluate_few_shot`.
+
+    Returns
+    -------
+    budgets : list of int or "dense"
+        The point budgets in order, ``"dense"`` appended when the dense baseline asks for it.
+    use_rf : bool
+        Whether random-forest rows are computed (their dependencies are checked).
+    seeds : int
+        ``seeds`` as a plain int.
+    """
     budgets = _parse_points(points)
     base = list(dict.fromkeys(baselines))
     unknown = [b for b in base if b not in BASELINES]
@@ -372,7 +490,6 @@ def evaluate_few_shot(
         raise ValueError(f"unknown baseline(s) {unknown}; expected some of {list(BASELINES)}")
     if isinstance(seeds, bool) or not isinstance(seeds, (int, np.integer)) or seeds < 1:
         raise ValueError(f"seeds must be an integer >= 1; got {seeds!r}")
-    seeds = int(seeds)
     if "dense" in base and "dense" not in budgets:
         budgets.append("dense")
     if not budgets:
@@ -381,12 +498,11 @@ def evaluate_few_shot(
     use_rf = "rf" in base and any(b != "dense" for b in budgets)
     if use_rf:
         _require_bench()
+    return budgets, use_rf, int(seeds)
 
-    labels = np.asarray(labels)
-    rgb = _check_shapes(image, labels)
-    n = labels.shape[0]
-    sup = _parse_support(support, n)
-    fg = labels == label_value if label_value is not None else labels > 0
+
+def _check_support_classes(fg: np.ndarray, sup: tuple[int, ...], label_value: int | None) -> None:
+    """Raise ``ValueError`` unless every support slice has foreground and background pixels."""
     for s in sup:
         n_fg = int(fg[s].sum())
         if n_fg == 0 or n_fg == fg[s].size:
@@ -396,91 +512,112 @@ def evaluate_few_shot(
                 f"support slice {s} has no {what} pixels (foreground: labels {target}); "
                 f"expected both foreground and background on every support slice"
             )
+
+
+def _parse_queries(queries: Sequence[int] | None, n: int, sup: tuple[int, ...]) -> list[int]:
+    """Return the query slices: ``queries`` validated, or every slice that is not a support."""
     if queries is None:
-        queries = [k for k in range(n) if k not in sup]
-    else:
-        queries = [int(q) for q in queries]
-        bad = [q for q in queries if not 0 <= q < n or q in sup]
-        if bad or not queries:
-            raise ValueError(
-                f"queries must be slice indices in [0, {n - 1}] that are not support slices "
-                f"{list(sup)}; got {list(queries)}"
-            )
-    counts = [b for b in budgets if b != "dense"]
+        return [k for k in range(n) if k not in sup]
+    out = [int(q) for q in queries]
+    bad = [q for q in out if not 0 <= q < n or q in sup]
+    if bad or not out:
+        raise ValueError(
+            f"queries must be slice indices in [0, {n - 1}] that are not support slices "
+            f"{list(sup)}; got {list(out)}"
+        )
+    return out
 
-    # Units of work: encode every slice, one propagation per (budget, seed) and for dense,
-    # then the forest: its fits and one feature + prediction pass per query slice.
-    total = n + len(counts) * seeds + ("dense" in budgets)
-    if use_rf:
-        total += len(counts) * seeds + len(queries)
-    done = 0
 
-    def tick(k: int = 1) -> None:
-        nonlocal done
-        done += k
-        if progress is not None:
-            progress(done, total)
+class _Progress:
+    """Count units of work and report ``progress(done, total)`` after each."""
 
-    predictor.set_volume(image, rgb=rgb, invert=invert)
-    last = 0
-    for d, _ in predictor.precompute():
-        tick(d - last)
-        last = d
+    def __init__(self, progress: Callable[[int, int], None] | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
 
-    # The same points for the network and the forest: drawn per (budget, seed).
-    draws: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+    def __call__(self, k: int = 1) -> None:
+        """Record ``k`` more units done."""
+        self.done += k
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+#: Points drawn on each support slice: ``(yx (2P, 2), labels (2P,))``, positives first.
+_SupportDraw = list[tuple[np.ndarray, np.ndarray]]
+
+
+def _draw_support_points(
+    fg: np.ndarray, sup: tuple[int, ...], counts: list[int], seeds: int
+) -> dict[tuple[int, int], _SupportDraw]:
+    """Draw ``P`` positive and ``P`` negative points per support slice, per (budget, seed)."""
+    draws: dict[tuple[int, int], _SupportDraw] = {}
     for p in counts:
         for seed in range(seeds):
             rng = np.random.default_rng(seed)
             per_slice = []
             for s in sup:
-                pos = sample_support_points(rng, fg[s], p)  # type: ignore[arg-type]
-                neg = sample_support_points(rng, ~fg[s], p)  # type: ignore[arg-type]
+                pos = sample_support_points(rng, fg[s], p)
+                neg = sample_support_points(rng, ~fg[s], p)
                 per_slice.append((np.concatenate([pos, neg]), np.array([1] * p + [0] * p, np.int8)))
-            draws[(p, seed)] = per_slice  # type: ignore[index]
+            draws[(p, seed)] = per_slice
+    return draws
 
-    def run_network(task: Task) -> tuple[float, float]:
-        """Query-mean IoU and seconds per query slice of one task."""
+
+@dataclass(frozen=True)
+class _NetworkScorer:
+    """Score tasks of the guided network on the query slices of one labelled stack."""
+
+    predictor: RevolverPredictor
+    fg: np.ndarray
+    support: tuple[int, ...]
+    queries: list[int]
+    local: bool
+
+    def score(self, task: Task) -> tuple[float, float]:
+        """Return the query-mean IoU and seconds per query slice of one task."""
         t0 = time.perf_counter()
         preds = {
             step.index[0]: step.result[0]
-            for step in predictor.propagate(task, indices=queries, output="masks", local=local)
+            for step in self.predictor.propagate(
+                task, indices=self.queries, output="masks", local=self.local
+            )
         }
-        seconds = (time.perf_counter() - t0) / len(queries)
-        ious = [foreground_iou(preds[k], fg[k]) for k in queries]
+        seconds = (time.perf_counter() - t0) / len(self.queries)
+        ious = [foreground_iou(preds[k], self.fg[k]) for k in self.queries]
         return float(np.mean(ious)), seconds
 
-    rows: dict[tuple[str, int | str], EvalResult] = {}
-    for p in counts:
+    def points_row(self, p: int, draws: list[_SupportDraw], tick: Callable[[], None]) -> EvalResult:
+        """Guide with each seed's points (``draws[seed]``) and summarise budget ``p``."""
         ious, secs = [], []
-        for seed in range(seeds):
-            per_slice = draws[(p, seed)]  # type: ignore[index]
+        for seed, per_slice in enumerate(draws):
             pts = np.concatenate(
                 [
                     np.column_stack([np.full(len(yx), s, np.float64), yx])
-                    for s, (yx, _) in zip(sup, per_slice, strict=True)
+                    for s, (yx, _) in zip(self.support, per_slice, strict=True)
                 ]
             )
             lab = np.concatenate([lab for _, lab in per_slice])
-            iou, sec = run_network(predictor.guide(pts, lab, name=f"P={p} seed={seed}"))
+            iou, sec = self.score(self.predictor.guide(pts, lab, name=f"P={p} seed={seed}"))
             ious.append(iou)
             secs.append(sec)
             tick()
-        rows[("revolver", p)] = _row("revolver", str(p), ious, secs, sup, len(queries))
+        return _row("revolver", str(p), ious, secs, self.support, len(self.queries))
 
-    if "dense" in budgets:
+    def dense_row(self) -> EvalResult:
+        """Guide with the whole support mask(s), merged into one task, and score it."""
         task: Task | None = None
-        for s in sup:
-            t = predictor.guide_mask(s, fg[s], name="dense")
+        for s in self.support:
+            t = self.predictor.guide_mask(s, self.fg[s], name="dense")
             task = t if task is None else task.merge(t)
-        assert task is not None
-        iou, sec = run_network(task)
-        rows[("dense", "dense")] = _row("dense", "dense", [iou], [sec], sup, len(queries))
-        tick()
+        if task is None:  # _parse_support guarantees a support slice
+            raise RuntimeError("no support slice to guide with")
+        iou, sec = self.score(task)
+        return _row("dense", "dense", [iou], [sec], self.support, len(self.queries))
 
-    if use_rf:
-        rows.update(_run_rf(image, fg, sup, queries, counts, seeds, draws, tick))
 
+def _ordered_rows(
+    rows: dict[tuple[str, int | str], EvalResult], budgets: list[int | str], use_rf: bool
+) -> list[EvalResult]:
+    """Order rows per budget: ``revolver`` then ``rf``; ``dense`` where it was asked for."""
     out: list[EvalResult] = []
     for b in budgets:
         if b == "dense":
@@ -502,7 +639,7 @@ def _run_rf(
     draws: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]],
     tick: Callable[[], None],
 ) -> dict[tuple[str, int | str], EvalResult]:
-    """Random-forest rows: one forest per (budget, seed), each query's features computed once.
+    """Score the random forest: one per (budget, seed), each query's features computed once.
 
     Seconds per slice = the query's feature time + that forest's prediction time, averaged.
     """
@@ -561,7 +698,19 @@ def _row(
 
 # ------------------------------------------------------------------------------------ table
 def format_table(results: Sequence[EvalResult]) -> str:
-    """A markdown table of results: method, points per class, IoU mean ± std, seeds, timing."""
+    """Format results as a markdown table.
+
+    Parameters
+    ----------
+    results : sequence of EvalResult
+        Rows, in the order to print them.
+
+    Returns
+    -------
+    str
+        One line per row after a header: method, points per class, IoU mean and standard
+        deviation, seeds and milliseconds per query slice (``n/a`` when not finite).
+    """
     lines = [
         "| method | points per class | IoU mean | IoU std | seeds | ms / slice |",
         "|---|---:|---:|---:|---:|---:|",
