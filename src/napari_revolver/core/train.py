@@ -15,11 +15,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_write
 from .device import resolve_device
 from .episodes import (
     Episode,
@@ -28,6 +30,7 @@ from .episodes import (
     SyntheticEpisodes,
     load_labelled_stacks,
 )
+from .evaluate import foreground_iou
 from .model.registry import build_model
 from .weights import save_weights
 
@@ -79,10 +82,22 @@ class TrainProgress:
 
 
 def episode_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Class-balanced BCE + soft Dice.
+    """Compute the training loss: class-balanced binary cross-entropy plus soft Dice.
 
-    ``logits`` and ``target`` are ``(B, H, W)``; each class of each episode weighs half, so a
-    small object is not drowned by its background.
+    Each class of each episode weighs half in the cross-entropy, so a small object is not
+    drowned by its background.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        ``(B, H, W)`` query logits.
+    target : torch.Tensor
+        ``(B, H, W)`` query masks, 1 foreground, 0 background (float).
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar loss, differentiable with respect to ``logits``.
     """
     pos = target.mean(dim=(1, 2), keepdim=True).clamp(0.01, 0.99)
     weight = torch.where(target > 0.5, 0.5 / pos, 0.5 / (1 - pos))
@@ -94,6 +109,7 @@ def episode_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _collate(eps: list[Episode]) -> tuple[torch.Tensor, ...]:
+    """Stack episodes into ``(support, masks, query, target, aligned)`` batch tensors."""
     return (
         torch.from_numpy(np.stack([e.support for e in eps])),
         torch.from_numpy(np.stack([e.masks for e in eps])),
@@ -128,8 +144,7 @@ class _Mixed(torch.utils.data.IterableDataset):
 
 
 def _validation_set(cfg: TrainConfig) -> list[tuple[torch.Tensor, ...]]:
-    """Fixed, seeded validation batches: synthetic, and the held-out split of real data."""
-    vcfg = TrainConfig(**{**asdict(cfg), "batch": 8})
+    """Draw fixed, seeded validation batches: synthetic, and the held-out split of real data."""
     synth = SyntheticEpisodes(EpisodeConfig(crop=cfg.crop), seed=10_000 + cfg.seed)
     n = max(1, cfg.val_episodes // 8)
     batches = [_collate([next(synth) for _ in range(8)]) for _ in range(n)]
@@ -137,7 +152,6 @@ def _validation_set(cfg: TrainConfig) -> list[tuple[torch.Tensor, ...]]:
         stacks = load_labelled_stacks(cfg.data, cfg.datasets or None, "val")
         real = StackEpisodes(stacks, EpisodeConfig(crop=cfg.crop), seed=20_000 + cfg.seed)
         batches += [_collate([next(real) for _ in range(8)]) for _ in range(n)]
-    del vcfg
     return batches
 
 
@@ -148,21 +162,38 @@ def evaluate(
     device: torch.device,
     guidance: bool = True,
 ) -> float:
-    """Mean foreground IoU (threshold 0.5) over validation batches (``guidance=False``: the
-    annotations withheld, as for the foreground-background baseline).
+    """Score a model on validation batches: the mean foreground IoU of their episodes.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A :class:`~napari_revolver.core.model.guided_net.GuidedNet`; it is left in training
+        mode.
+    batches : list of tuple of torch.Tensor
+        ``(support (B, C, H, W), masks (B, 2, H/4, W/4), query (B, C, H, W), target (B, H, W),
+        aligned (B,))`` batches, as from the validation set of :func:`train`.
+    device : torch.device
+        Where the model runs.
+    guidance : bool
+        ``False`` withholds the annotations (masks and alignment zeroed), as for the
+        foreground-background baseline.
+
+    Returns
+    -------
+    float
+        The mean over episodes of :func:`~napari_revolver.core.evaluate.foreground_iou`
+        between the predicted mask (logit > 0, probability > 0.5) and ``target > 0.5``.
     """
     model.eval()
     ious = []
     for s, m, q, t, a in batches:
         if not guidance:
             m, a = torch.zeros_like(m), torch.zeros_like(a)
-        pred = model(s.to(device), m.to(device), q.to(device), a.to(device)) > 0
-        t = t.to(device) > 0.5
-        inter = (pred & t).sum(dim=(1, 2)).float()
-        union = (pred | t).sum(dim=(1, 2)).float()
-        ious.append(torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union)))
+        pred = (model(s.to(device), m.to(device), q.to(device), a.to(device)) > 0).cpu().numpy()
+        truth = (t > 0.5).numpy()
+        ious.extend(foreground_iou(p, g) for p, g in zip(pred, truth, strict=True))
     model.train()
-    return float(torch.cat(ious).mean())
+    return float(np.mean(ious))
 
 
 def warm_start(model: torch.nn.Module, path: str | Path) -> list[str]:
@@ -224,6 +255,95 @@ def warm_start(model: torch.nn.Module, path: str | Path) -> list[str]:
     return widened + added
 
 
+#: Steps of linear learning-rate warm-up before the cosine decay.
+_WARMUP = 300
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    """Return the learning rate of ``step``: linear warm-up, then cosine decay to 0."""
+    if step < _WARMUP:
+        return cfg.lr * (step + 1) / _WARMUP
+    progress = min(1.0, (step - _WARMUP) / max(1, cfg.steps - _WARMUP))
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _prepare_run(cfg: TrainConfig) -> tuple[Path, torch.device]:
+    """Create the run folder, write ``config.json``, set threads; return folder and device."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return out, resolve_device(cfg.device)
+
+
+def _initial_model(cfg: TrainConfig, ckpt: Path, device: torch.device) -> torch.nn.Module:
+    """Build the model, warm-started from ``cfg.init`` unless a checkpoint will be resumed."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model)
+    if cfg.init and not ckpt.exists():
+        widened = warm_start(model, cfg.init)
+        logger.info("started from %s (widened: %s)", cfg.init, ", ".join(widened) or "none")
+    return model.to(device)
+
+
+def _resume(
+    ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device
+) -> tuple[int, float]:
+    """Load ``ckpt`` into ``model`` and ``opt`` if it exists; return (step, best val IoU)."""
+    if not ckpt.exists():
+        return 0, -1.0
+    # Our own checkpoint, still never unpickled as code.
+    state = torch.load(ckpt, map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    step, best = int(state["step"]), float(state["best"])
+    logger.info("resumed %s at step %d (best val IoU %.3f)", ckpt, step, best)
+    return step, best
+
+
+def _save_checkpoint(
+    ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, best: float
+) -> None:
+    """Write the resumable state atomically: a run killed mid-write keeps its last checkpoint."""
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "best": best}
+    atomic_write(ckpt, lambda fh: torch.save(state, fh), overwrite=True)
+
+
+def _train_step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, ...],
+    cfg: TrainConfig,
+    step: int,
+    device: torch.device,
+) -> float:
+    """Take one optimiser step on ``batch`` at the learning rate of ``step``; return the loss."""
+    s, m, q, t, a = (x.to(device, non_blocking=True) for x in batch)
+    if not cfg.guidance:
+        m, a = torch.zeros_like(m), torch.zeros_like(a)
+    for g in opt.param_groups:
+        g["lr"] = _lr_at(cfg, step)
+    loss = episode_loss(model(s, m, q, a), t)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    opt.step()
+    return float(loss.detach())
+
+
+def _training_batches(cfg: TrainConfig, step: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Return an endless iterator of training batches, seeded by the step a run starts at."""
+    loader = torch.utils.data.DataLoader(
+        _Mixed(cfg, cfg.seed * 1000 + step),
+        batch_size=None,
+        num_workers=cfg.workers,
+        persistent_workers=cfg.workers > 0,
+        prefetch_factor=4 if cfg.workers else None,
+    )
+    return iter(loader)
+
+
 def train(cfg: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | None = None) -> Path:
     """Run (or resume) episodic training.
 
@@ -240,103 +360,50 @@ def train(cfg: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | No
     Path
         The exported best weights.
     """
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model)
-    if cfg.init and not (out / "checkpoint.pt").exists():
-        widened = warm_start(model, cfg.init)
-        logger.info("started from %s (widened: %s)", cfg.init, ", ".join(widened) or "none")
-    model = model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, best = 0, -1.0
+    out, device = _prepare_run(cfg)
     ckpt = out / "checkpoint.pt"
-    if ckpt.exists():
-        # Our own checkpoint, still never unpickled as code.
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step, best = int(state["step"]), float(state["best"])
-        logger.info("resumed %s at step %d (best val IoU %.3f)", ckpt, step, best)
-    warmup = 300
-
-    def lr_at(s: int) -> float:
-        if s < warmup:
-            return cfg.lr * (s + 1) / warmup
-        return (
-            cfg.lr
-            * 0.5
-            * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, cfg.steps - warmup))))
-        )
-
+    best_path = out / "best.safetensors"
+    model = _initial_model(cfg, ckpt, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, best = _resume(ckpt, model, opt, device)
     val = _validation_set(cfg)
-    loader = torch.utils.data.DataLoader(
-        _Mixed(cfg, cfg.seed * 1000 + step),
-        batch_size=None,
-        num_workers=cfg.workers,
-        persistent_workers=cfg.workers > 0,
-        prefetch_factor=4 if cfg.workers else None,
-    )
-    it = iter(loader)
+    it = _training_batches(cfg, step)
     model.train()
-    log = (out / "log.jsonl").open("a")
     t0 = time.perf_counter()
-    running = None
-    try:
+    running: float | None = None
+    with (out / "log.jsonl").open("a") as log:
         while step < cfg.steps:
-            s, m, q, t, a = (x.to(device, non_blocking=True) for x in next(it))
-            if not cfg.guidance:
-                m, a = torch.zeros_like(m), torch.zeros_like(a)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            loss = episode_loss(model(s, m, q, a), t)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
+            lv = _train_step(model, opt, next(it), cfg, step, device)
             step += 1
-            lv = float(loss.detach())
             running = lv if running is None else 0.98 * running + 0.02 * lv
             val_iou = None
             if step % cfg.val_every == 0 or step == cfg.steps:
                 val_iou = evaluate(model, val, device, cfg.guidance)
                 if val_iou > best:
                     best = val_iou
-                    save_weights(
-                        model,
-                        out / "best.safetensors",
-                        extra={"step": str(step), "val_iou": f"{val_iou:.4f}"},
-                    )
+                    extra = {"step": str(step), "val_iou": f"{val_iou:.4f}"}
+                    save_weights(model, best_path, extra=extra)
             if step % 20 == 0 or val_iou is not None:
                 rec = TrainProgress(step, running, time.perf_counter() - t0, val_iou)
-                log.write(json.dumps(asdict(rec)) + "\n")
-                log.flush()
-                logger.info(
-                    "step %d loss %.4f%s",
-                    step,
-                    running,
-                    f" val IoU {val_iou:.3f}" if val_iou is not None else "",
-                )
-                if on_progress:
-                    on_progress(rec)
+                _log_progress(log, rec, on_progress)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                tmp = ckpt.with_suffix(".pt.part")
-                torch.save(
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "step": step,
-                        "best": best,
-                    },
-                    tmp,
-                )
-                tmp.replace(ckpt)
-    finally:
-        log.close()
-    if not (out / "best.safetensors").exists():
-        save_weights(model, out / "best.safetensors", extra={"step": str(step)})
-    return out / "best.safetensors"
+                _save_checkpoint(ckpt, model, opt, step, best)
+    if not best_path.exists():
+        save_weights(model, best_path, extra={"step": str(step)})
+    return best_path
+
+
+def _log_progress(
+    log: IO[str], rec: TrainProgress, on_progress: Callable[[TrainProgress], None] | None
+) -> None:
+    """Append ``rec`` to the run's ``log.jsonl``, log it and pass it to ``on_progress``."""
+    log.write(json.dumps(asdict(rec)) + "\n")
+    log.flush()
+    logger.info(
+        "step %d loss %.4f%s",
+        rec.step,
+        rec.loss,
+        f" val IoU {rec.val_iou:.3f}" if rec.val_iou is not None else "",
+    )
+    if on_progress:
+        on_progress(rec)
