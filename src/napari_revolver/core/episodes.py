@@ -79,10 +79,24 @@ class Episode:
 
 
 def sample_points(rng: np.random.Generator, mask: np.ndarray, n: int) -> np.ndarray:
-    """Draw ``n`` pixel positions ``(n, 2)`` (y, x) inside ``mask``, half of them away from edges.
+    """Draw ``n`` pixel positions inside ``mask``, about half of them away from its edges.
 
     People click inside objects, not on their rims; random pixels of the label (the evaluation
     protocol) include rims. Mixing both keeps the model honest for either.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        Source of the draws.
+    mask : np.ndarray
+        ``(H, W)`` bool.
+    n : int
+        Number of points (drawn with replacement).
+
+    Returns
+    -------
+    np.ndarray
+        ``(n, 2)`` float64 ``(y, x)`` pixel positions; ``(0, 2)`` when ``mask`` is empty.
     """
     ys, xs = np.nonzero(mask)
     if len(ys) == 0:
@@ -101,6 +115,7 @@ def sample_points(rng: np.random.Generator, mask: np.ndarray, n: int) -> np.ndar
 
 
 def _footprints(points: np.ndarray, labels: np.ndarray, grid: int, stride: int) -> np.ndarray:
+    """Rasterise ``(N, 2)`` points with ``(N,)`` labels into ``(2, grid, grid)`` weights."""
     import torch
 
     from .model.guide import point_masks
@@ -111,7 +126,26 @@ def _footprints(points: np.ndarray, labels: np.ndarray, grid: int, stride: int) 
 
 
 def annotate(rng: np.random.Generator, mask: np.ndarray, cfg: EpisodeConfig) -> np.ndarray:
-    """Sparsify a support mask ``(S, S)`` into fine-grid annotation weights ``(2, S/4, S/4)``."""
+    """Sparsify a support mask into the fine-grid annotation weights of an episode.
+
+    A shot size is drawn from ``SHOT_SIZES``; a dense shot (or probability ``cfg.p_dense``)
+    keeps the whole mask, otherwise that many positive points and about as many negative ones
+    (none with probability ``cfg.p_no_negative``) are drawn with :func:`sample_points`.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        Source of the draws.
+    mask : np.ndarray
+        ``(S, S)`` bool support mask, ``S`` a multiple of ``cfg.fine_stride``.
+    cfg : EpisodeConfig
+        Sampling probabilities and the fine stride.
+
+    Returns
+    -------
+    np.ndarray
+        ``(2, S/stride, S/stride)`` float32 weights, ``[0]`` positive, ``[1]`` negative.
+    """
     from .model.guide import dense_masks
 
     s = cfg.fine_stride
@@ -173,6 +207,7 @@ def _make_episode(
     q_mask: np.ndarray,
     aligned: bool = False,
 ) -> Episode:
+    """Augment a support/query pair (shared geometry when aligned) and annotate the support."""
     s_img, s_mask, geometry = _augment_pair(rng, s_img, s_mask)
     q_img, q_mask, _ = _augment_pair(rng, q_img, q_mask, geometry if aligned else None)
     masks = annotate(rng, s_mask, cfg)
@@ -212,9 +247,17 @@ class SyntheticEpisodes:
         self.rng = np.random.default_rng(seed)
 
     def __iter__(self) -> Iterator[Episode]:
+        """Return the iterator itself (it never ends)."""
         return self
 
     def __next__(self) -> Episode:
+        """Draw the next episode from a freshly generated sample.
+
+        Raises
+        ------
+        RuntimeError
+            If 50 samples in a row give no task with both classes on the support.
+        """
         rng, c = self.rng, self.cfg.crop
         for _ in range(50):
             style = synthetic.random_style(rng)
@@ -258,6 +301,7 @@ class LabelledStack:
 
 
 def _classify_labels(labels: Sequence[np.ndarray]) -> bool:
+    """Tell semantic labels (at most 8 values in all) from instance ids."""
     values = np.unique(np.concatenate([np.unique(lab) for lab in labels]))
     return len(values) <= 8
 
@@ -281,6 +325,7 @@ def _is_volumetric(
         return False
 
     def corr(i: int, j: int) -> float:
+        """Pearson correlation of planes ``i`` and ``j``."""
         x, y = images[i].astype(np.float32).ravel(), images[j].astype(np.float32).ravel()
         return float(np.corrcoef(x, y)[0, 1])
 
@@ -305,10 +350,20 @@ def load_labelled_stacks(
     split : {"train", "val", "all"}
         The last ``val_fraction`` of the planes or images of each data set is the validation
         split; it never appears in training.
+    val_fraction : float
+        Share of each data set held out for validation (at least one plane or image).
 
     Returns
     -------
     list of LabelledStack
+        One per data set, images ``(N, H, W[, 3])`` and labels ``(N, H, W)`` of the split.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``root`` or a data set's files are missing.
+    ValueError
+        If a data set's labels do not match its image's shape.
     """
     import tifffile
 
@@ -349,6 +404,7 @@ def load_labelled_stacks(
 
 
 def _boundaries(lab: np.ndarray) -> np.ndarray:
+    """Mark pixels of ``(H, W)`` labels that touch a different label (both sides of an edge)."""
     g = np.zeros(lab.shape, bool)
     g[:-1] |= lab[:-1] != lab[1:]
     g[1:] |= lab[:-1] != lab[1:]
@@ -370,11 +426,17 @@ class StackEpisodes:
         self.rng = np.random.default_rng(seed)
 
     def __iter__(self) -> Iterator[Episode]:
+        """Return the iterator itself (it never ends)."""
         return self
 
     def _crop(
         self, img: np.ndarray, lab: np.ndarray, scale: float, at: tuple[float, float] | None
     ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+        """Crop ``img`` and ``lab`` at relative position ``at`` (random if None), resized.
+
+        Returns the ``(3, S, S)`` normalised crop, its ``(S, S)`` labels (nearest neighbour)
+        and the position used, so a neighbouring slice can be cropped at the same place.
+        """
         import torch
         import torch.nn.functional as F
 
@@ -396,50 +458,71 @@ class StackEpisodes:
         return im, lb, at
 
     def __next__(self) -> Episode:
-        rng = self.rng
+        """Draw the next episode (retrying draws whose support mask lacks a class).
+
+        Raises
+        ------
+        RuntimeError
+            If 100 draws in a row give no usable task.
+        """
         for _ in range(100):
-            st = self.stacks[int(rng.integers(len(self.stacks)))]
-            n = len(st.images)
-            i = int(rng.integers(n))
-            same_slice = rng.random() < self.cfg.p_same_slice
-            if same_slice:
-                j = i
-            elif st.volumetric and rng.random() < 0.7:
-                j = int(np.clip(i + rng.choice([-1, 1]) * rng.integers(1, 9), 0, n - 1))
-            else:
-                j = int(rng.integers(n))
-            if j == i and n > 1 and not same_slice:
-                j = (i + 1) % n
-            scale = float(np.exp(rng.uniform(*np.log(self.cfg.scale_range))))
-            s_img, s_lab, at = self._crop(st.images[i], st.labels[i], scale, None)
-            aligned = same_slice or (st.volumetric and rng.random() < 0.5)
-            if same_slice:
-                q_img, q_lab = s_img, s_lab
-            else:
-                q_img, q_lab, _ = self._crop(
-                    st.images[j], st.labels[j], scale, at if aligned else None
-                )
-            if st.semantic:
-                values = np.unique(s_lab)
-                v = rng.choice(values)
-                sm, qm = s_lab == v, q_lab == v
-            elif aligned and rng.random() < self.cfg.p_instance:
-                # One object: only where positions identify it (the same place in the stack).
-                ids = np.intersect1d(np.unique(s_lab), np.unique(q_lab))
-                if len(ids) == 0:
-                    continue
-                obj = rng.choice(ids)
-                sm, qm = s_lab == obj, q_lab == obj
-            else:
-                r = rng.random()
-                if r < 0.35:
-                    sm, qm = _boundaries(s_lab), _boundaries(q_lab)
-                else:
-                    bg = np.bincount(np.ravel(s_lab == 0)).argmax() == 0
-                    if (s_lab == 0).mean() < 0.05 or not bg and (s_lab == 0).mean() < 0.05:
-                        continue
-                    sm, qm = s_lab > 0, q_lab > 0
-            if sm.sum() < 4 or (~sm).sum() < 4:
-                continue
-            return _make_episode(rng, self.cfg, s_img, sm, q_img, qm, aligned=aligned)
+            episode = self._draw()
+            if episode is not None:
+                return episode
         raise RuntimeError("could not draw an episode from the labelled stacks in 100 tries")
+
+    def _pick_slices(self, n: int, volumetric: bool) -> tuple[int, int, bool]:
+        """Pick support and query planes ``(i, j)`` of a stack of ``n``; also whether i == j."""
+        rng = self.rng
+        i = int(rng.integers(n))
+        same_slice = rng.random() < self.cfg.p_same_slice
+        if same_slice:
+            j = i
+        elif volumetric and rng.random() < 0.7:
+            j = int(np.clip(i + rng.choice([-1, 1]) * rng.integers(1, 9), 0, n - 1))
+        else:
+            j = int(rng.integers(n))
+        if j == i and n > 1 and not same_slice:
+            j = (i + 1) % n
+        return i, j, same_slice
+
+    def _pick_task(
+        self, semantic: bool, s_lab: np.ndarray, q_lab: np.ndarray, aligned: bool
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Pick a task on a pair of label crops; return its support and query masks, or None.
+
+        Semantic labels give a class task; instance labels an object task (aligned pairs
+        only: there positions identify the object), a boundary task or a foreground task.
+        """
+        rng = self.rng
+        if semantic:
+            v = rng.choice(np.unique(s_lab))
+            return s_lab == v, q_lab == v
+        if aligned and rng.random() < self.cfg.p_instance:
+            ids = np.intersect1d(np.unique(s_lab), np.unique(q_lab))
+            if len(ids) == 0:
+                return None
+            obj = rng.choice(ids)
+            return s_lab == obj, q_lab == obj
+        if rng.random() < 0.35:
+            return _boundaries(s_lab), _boundaries(q_lab)
+        if (s_lab == 0).mean() < 0.05:  # hardly any background: no foreground task
+            return None
+        return s_lab > 0, q_lab > 0
+
+    def _draw(self) -> Episode | None:
+        """Draw one episode, or None when the drawn task is unusable."""
+        rng = self.rng
+        st = self.stacks[int(rng.integers(len(self.stacks)))]
+        i, j, same_slice = self._pick_slices(len(st.images), st.volumetric)
+        scale = float(np.exp(rng.uniform(*np.log(self.cfg.scale_range))))
+        s_img, s_lab, at = self._crop(st.images[i], st.labels[i], scale, None)
+        aligned = same_slice or (st.volumetric and rng.random() < 0.5)
+        if same_slice:
+            q_img, q_lab = s_img, s_lab
+        else:
+            q_img, q_lab, _ = self._crop(st.images[j], st.labels[j], scale, at if aligned else None)
+        task = self._pick_task(st.semantic, s_lab, q_lab, aligned)
+        if task is None or task[0].sum() < 4 or (~task[0]).sum() < 4:
+            return None
+        return _make_episode(rng, self.cfg, s_img, task[0], q_img, task[1], aligned=aligned)
