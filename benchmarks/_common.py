@@ -6,10 +6,10 @@ import statistics
 import time
 from collections.abc import Callable
 
-import numpy as np
-
-# The random-forest baseline lives in the library (napari-revolver[bench]); re-exported here.
+# The random-forest baseline lives in the library (napari-revolver[bench]), and so does the
+# one IoU of the package; both are re-exported here.
 from napari_revolver.core.evaluate import RandomForestBaseline
+from napari_revolver.core.evaluate import foreground_iou as iou
 
 __all__ = ["RandomForestBaseline", "iou", "median_ms", "timeit"]
 
@@ -28,9 +28,3 @@ def timeit(fn: Callable[[], object], repeat: int, warmup: int = 1) -> list[float
 
 def median_ms(xs: list[float]) -> float:
     return 1000 * statistics.median(xs)
-
-
-def iou(pred: np.ndarray, truth: np.ndarray) -> float:
-    pred, truth = pred > 0, truth > 0
-    union = (pred | truth).sum()
-    return float((pred & truth).sum() / union) if union else 1.0

@@ -33,8 +33,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from napari_revolver.core.evaluate import foreground_iou
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import DATASETS, load, split
+from accuracy import DATASETS, Spec, load, split
+
+#: One table row: data set, method, points, IoU mean, IoU std, set-up seconds, seconds / slice.
+Row = tuple[str, str, str, float, float, float, float]
 
 
 def trainable_model(path: str) -> torch.nn.Module:
@@ -77,12 +82,6 @@ def logits_of(model: torch.nn.Module, x: torch.Tensor, size: tuple[int, int]) ->
     return model.segment(model.encode(x), no_guidance(model), size)[0]
 
 
-def iou(pred: np.ndarray, truth: np.ndarray) -> float:
-    from napari_revolver.core.evaluate import foreground_iou
-
-    return foreground_iou(pred, truth)
-
-
 def score(
     model: torch.nn.Module, image: np.ndarray, fg: np.ndarray, queries: list[int]
 ) -> tuple[float, float]:
@@ -92,7 +91,7 @@ def score(
     with torch.no_grad():
         for k in queries:
             logit = logits_of(model, prepare(image[k]), fg.shape[1:])
-            ious.append(iou(logit.numpy() > 0, fg[k]))
+            ious.append(foreground_iou(logit.numpy() > 0, fg[k]))
     return float(np.mean(ious)), (time.perf_counter() - t0) / len(queries)
 
 
@@ -134,7 +133,7 @@ def fine_tune(
     return model.eval()
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -148,76 +147,112 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="markdown file for the table")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return ap.parse_args()
 
-    from napari_revolver import RevolverPredictor
-    from napari_revolver.core.evaluate import evaluate_few_shot, sample_support_points
 
-    guided = RevolverPredictor(args.weights, "cpu")
-    fgbg = trainable_model(args.fgbg_weights)
-    budgets = [p if p == "dense" else int(p) for p in args.points.split(",")]
-    rows = []
-    for name in args.datasets.split(","):
-        spec = DATASETS[name]
-        image, labels = load(args.data, name)
-        start, queries = split(len(image), spec)
-        image, labels = image[start:], labels[start:]
-        s = queries[0] - 1
-        fg = labels == spec.label_value if spec.label_value is not None else labels > 0
-        res = evaluate_few_shot(
-            guided,
-            image,
-            labels,
-            support=[s],
-            queries=queries,
-            points=budgets,
-            seeds=args.seeds,
-            label_value=spec.label_value,
-            local=spec.volumetric,
-            invert=spec.invert,
+def guided_rows(
+    name: str,
+    guided,
+    image: np.ndarray,
+    labels: np.ndarray,
+    spec: Spec,
+    support: int,
+    queries: list[int],
+    budgets: list[int | str],
+    seeds: int,
+) -> list[Row]:
+    """The guided network through ``evaluate_few_shot`` (no set-up time: nothing is tuned)."""
+    from napari_revolver.core.evaluate import evaluate_few_shot
+
+    res = evaluate_few_shot(
+        guided,
+        image,
+        labels,
+        support=[support],
+        queries=queries,
+        points=budgets,
+        seeds=seeds,
+        label_value=spec.label_value,
+        local=spec.volumetric,
+        invert=spec.invert,
+    )
+    return [
+        (name, "guided", r.points, r.iou_mean, r.iou_std, 0.0, r.seconds_per_slice) for r in res
+    ]
+
+
+def support_annotation(
+    fg: np.ndarray, p: int | str, seed: int
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """``(yx, labels, mask)`` of one fine-tuning task: points of budget ``p``, or the mask."""
+    from napari_revolver.core.evaluate import sample_support_points
+
+    if p == "dense":
+        return None, None, fg
+    rng = np.random.default_rng(seed)  # the same draws as evaluate_few_shot
+    pos = sample_support_points(rng, fg, p)
+    neg = sample_support_points(rng, ~fg, p)
+    return np.concatenate([pos, neg]), np.array([1] * p + [0] * p), None
+
+
+def fine_tune_row(
+    name: str,
+    fgbg: torch.nn.Module,
+    image: np.ndarray,
+    fg: np.ndarray,
+    support: int,
+    queries: list[int],
+    p: int | str,
+    args: argparse.Namespace,
+) -> Row:
+    """Fine-tune the fg-bg network per seed on budget ``p`` and score the queries."""
+    ious, tune_s, slice_s = [], [], []
+    for seed in range(1 if p == "dense" else args.seeds):
+        yx, lab, mask = support_annotation(fg[support], p, seed)
+        t0 = time.perf_counter()
+        tuned = fine_tune(fgbg, image[support], yx, lab, mask, args.steps, args.lr)
+        tune_s.append(time.perf_counter() - t0)
+        v, sec = score(tuned, image, fg, queries)
+        ious.append(v)
+        slice_s.append(sec)
+    return (
+        name,
+        "fine-tune",
+        str(p),
+        float(np.mean(ious)),
+        float(np.std(ious)),
+        float(np.mean(tune_s)),
+        float(np.mean(slice_s)),
+    )
+
+
+def dataset_rows(
+    name: str, args: argparse.Namespace, guided, fgbg: torch.nn.Module, budgets: list[int | str]
+) -> list[Row]:
+    """Every method's rows on one data set, its support slice the one before the queries."""
+    spec = DATASETS[name]
+    image, labels = load(args.data, name)
+    start, queries = split(len(image), spec)
+    image, labels = image[start:], labels[start:]
+    s = queries[0] - 1
+    fg = labels == spec.label_value if spec.label_value is not None else labels > 0
+    rows = guided_rows(name, guided, image, labels, spec, s, queries, budgets, args.seeds)
+    base_iou, base_sec = score(fgbg, image, fg, queries)
+    rows += [(name, "fg-bg", str(p), base_iou, 0.0, 0.0, base_sec) for p in budgets]
+    rows += [fine_tune_row(name, fgbg, image, fg, s, queries, p, args) for p in budgets]
+    return rows
+
+
+def print_rows(rows: list[Row]) -> None:
+    for row in rows:
+        print(
+            f"{row[0]:16s} {row[1]:10s} P={row[2]:5s} IoU {row[3]:.3f} ± {row[4]:.3f}"
+            f"  tune {row[5]:.1f} s  {1000 * row[6]:.0f} ms/slice",
+            file=sys.stderr,
         )
-        for r in res:
-            rows.append((name, "guided", r.points, r.iou_mean, r.iou_std, 0.0, r.seconds_per_slice))
-        base_iou, base_sec = score(fgbg, image, fg, queries)
-        for p in budgets:
-            rows.append((name, "fg-bg", str(p), base_iou, 0.0, 0.0, base_sec))
-        for p in budgets:
-            ious, tune_s, slice_s = [], [], []
-            for seed in range(1 if p == "dense" else args.seeds):
-                if p == "dense":
-                    yx = lab = None
-                    mask = fg[s]
-                else:
-                    rng = np.random.default_rng(seed)  # the same draws as evaluate_few_shot
-                    pos = sample_support_points(rng, fg[s], p)
-                    neg = sample_support_points(rng, ~fg[s], p)
-                    yx, lab, mask = np.concatenate([pos, neg]), np.array([1] * p + [0] * p), None
-                t0 = time.perf_counter()
-                tuned = fine_tune(fgbg, image[s], yx, lab, mask, args.steps, args.lr)
-                tune_s.append(time.perf_counter() - t0)
-                v, sec = score(tuned, image, fg, queries)
-                ious.append(v)
-                slice_s.append(sec)
-            rows.append(
-                (
-                    name,
-                    "fine-tune",
-                    str(p),
-                    float(np.mean(ious)),
-                    float(np.std(ious)),
-                    float(np.mean(tune_s)),
-                    float(np.mean(slice_s)),
-                )
-            )
-        for row in rows:
-            if row[0] == name:
-                print(
-                    f"{row[0]:16s} {row[1]:10s} P={row[2]:5s} IoU {row[3]:.3f} ± {row[4]:.3f}"
-                    f"  tune {row[5]:.1f} s  {1000 * row[6]:.0f} ms/slice",
-                    file=sys.stderr,
-                )
+
+
+def markdown_table(rows: list[Row]) -> str:
     lines = [
         "| data set | method | points (+/-) | IoU mean | IoU std | set-up per task (s) | "
         "ms / query slice |",
@@ -227,7 +262,25 @@ def main() -> None:
         lines.append(
             f"| {name} | {method} | {p} | {m:.3f} | {sd:.3f} | {tune:.1f} | {1000 * sec:.0f} |"
         )
-    table = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from napari_revolver import RevolverPredictor
+
+    guided = RevolverPredictor(args.weights, "cpu")
+    fgbg = trainable_model(args.fgbg_weights)
+    budgets = [p if p == "dense" else int(p) for p in args.points.split(",")]
+    rows: list[Row] = []
+    for name in args.datasets.split(","):
+        new = dataset_rows(name, args, guided, fgbg, budgets)
+        print_rows(new)
+        rows += new
+    table = markdown_table(rows)
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
