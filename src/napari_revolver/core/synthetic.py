@@ -158,7 +158,22 @@ def stain_rgb(
 
 
 def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
-    """Zero-mean, unit-variance random field with correlation length ``scale`` pixels."""
+    """Draw a smooth zero-mean, unit-variance random field.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        Source of the coarse noise.
+    shape : tuple of int
+        ``(H, W)`` of the field.
+    scale : float
+        Correlation length in pixels (at least 1).
+
+    Returns
+    -------
+    np.ndarray
+        ``(H, W)`` float32: coarse Gaussian noise upsampled with cubic splines, standardised.
+    """
     scale = max(float(scale), 1.0)
     small = (max(2, int(np.ceil(shape[0] / scale)) + 2), max(2, int(np.ceil(shape[1] / scale)) + 2))
     coarse = rng.standard_normal(small).astype(np.float32)
@@ -168,14 +183,23 @@ def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float)
 
 
 def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
+    """Draw one uniform float in ``[lo, hi)``."""
     return float(rng.uniform(lo, hi))
 
 
 def random_class_style(rng: np.random.Generator, kind: str | None = None) -> ClassStyle:
     """Draw the look of an object class.
 
-    ``kind`` is one of ``nuclei``, ``cells`` (phase contrast), ``spots``, ``organelles`` or
-    ``blobs``; default random.
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        Source of the draws.
+    kind : {"nuclei", "cells", "spots", "organelles", "blobs"}, optional
+        The kind of object (``cells``: phase contrast); default random.
+
+    Returns
+    -------
+    ClassStyle
     """
     kind = kind or str(rng.choice(["nuclei", "cells", "spots", "organelles", "blobs"]))
     if kind == "nuclei":
@@ -266,7 +290,17 @@ def random_class_style(rng: np.random.Generator, kind: str | None = None) -> Cla
 
 
 def random_style(rng: np.random.Generator) -> SceneStyle:
-    """Draw a sample kind: fluorescence, phase contrast, EM- or tissue-like, 1-3 classes."""
+    """Draw a sample kind: fluorescence, phase contrast, EM- or tissue-like, 1-3 classes.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        Source of the draws.
+
+    Returns
+    -------
+    SceneStyle
+    """
     modality = str(
         rng.choice(
             ["fluorescence", "phase", "em", "tissue", "mixed"], p=[0.3, 0.15, 0.2, 0.15, 0.2]
@@ -313,7 +347,22 @@ def random_style(rng: np.random.Generator) -> SceneStyle:
 
 
 def make_scene(rng: np.random.Generator, style: SceneStyle, shape: tuple[int, int, int]) -> Scene:
-    """Lay out objects and membrane seeds of ``style`` in a volume of ``shape`` ``(Z, Y, X)``."""
+    """Lay out the objects and membrane seeds of a sample.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        Source of the layout (and of the scene's per-slice noise seed).
+    style : SceneStyle
+        The look of the sample.
+    shape : tuple of int
+        ``(Z, Y, X)`` of the volume in pixels.
+
+    Returns
+    -------
+    Scene
+        Geometry only; planes are drawn with :func:`render_slice`.
+    """
     nz, ny, nx = shape
     area = ny * nx / 1e4
     centers, radii, angles, classes, harms, gains, spots = [], [], [], [], [], [], []
@@ -393,7 +442,23 @@ def make_scene(rng: np.random.Generator, style: SceneStyle, shape: tuple[int, in
 
 
 def render_slice(scene: Scene, z: float, rng: np.random.Generator | None = None) -> SliceRender:
-    """Render plane ``z`` of ``scene`` with noise drawn from ``rng`` (default: seeded by z)."""
+    """Render one plane of a scene.
+
+    Parameters
+    ----------
+    scene : Scene
+        From :func:`make_scene`.
+    z : float
+        Plane position in pixels, fractional values between planes allowed.
+    rng : numpy.random.Generator, optional
+        Source of the noise; default one seeded by the scene and ``z``, so a plane renders
+        the same every time.
+
+    Returns
+    -------
+    SliceRender
+        ``(Y, X)`` image and labels of the plane.
+    """
     style = scene.style
     _, ny, nx = scene.shape
     if rng is None:
@@ -482,7 +547,18 @@ def render_slice(scene: Scene, z: float, rng: np.random.Generator | None = None)
 
 
 def render_volume(scene: Scene) -> SliceRender:
-    """Render every plane; the fields of the result carry a leading z axis."""
+    """Render every plane of a scene, each with its own seeded noise.
+
+    Parameters
+    ----------
+    scene : Scene
+        From :func:`make_scene`.
+
+    Returns
+    -------
+    SliceRender
+        Fields of shape ``(Z, Y, X)``.
+    """
     planes = [render_slice(scene, float(z)) for z in range(scene.shape[0])]
     return SliceRender(
         *(
@@ -495,7 +571,14 @@ def render_volume(scene: Scene) -> SliceRender:
 def sample_stack(
     seed: int = 0, shape: tuple[int, int, int] = (24, 256, 256)
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The demo stack: fluorescent nuclei among bright debris, with a few clicks on one slice.
+    """Make the demo stack: fluorescent nuclei among bright debris, a few clicks on one slice.
+
+    Parameters
+    ----------
+    seed : int
+        Seed of the whole stack (layout, noise and clicks).
+    shape : tuple of int
+        ``(Z, Y, X)`` of the stack.
 
     Returns
     -------

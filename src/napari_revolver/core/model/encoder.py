@@ -42,7 +42,18 @@ class EncoderOutput:
 
     @staticmethod
     def cat(items: list[EncoderOutput]) -> EncoderOutput:
-        """Concatenate along the batch axis."""
+        """Concatenate features along the batch axis.
+
+        Parameters
+        ----------
+        items : list of EncoderOutput
+            Features with equal channels and spatial sizes.
+
+        Returns
+        -------
+        EncoderOutput
+            Batch ``sum(len(i) for i in items)``, in order.
+        """
         return EncoderOutput(
             torch.cat([i.coarse for i in items]), torch.cat([i.fine for i in items])
         )
@@ -102,7 +113,19 @@ class Encoder(nn.Module):
         self.coarse_out = ConvBNReLU(coarse_channels, coarse_channels)
 
     def forward(self, x: torch.Tensor) -> EncoderOutput:
-        """Encode ``x`` of shape ``(B, in_channels, H, W)``."""
+        """Encode a batch of normalised slices.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``(B, in_channels, H, W)``, ``H`` and ``W`` multiples of :attr:`size_multiple`.
+
+        Returns
+        -------
+        EncoderOutput
+            ``coarse`` ``(B, coarse_channels, H/8, W/8)`` and ``fine``
+            ``(B, fine_channels, H/4, W/4)``.
+        """
         s4 = self.stem(x)
         s8 = self.stage8(s4)
         s16 = self.stage16(s8)

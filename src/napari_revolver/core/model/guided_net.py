@@ -32,12 +32,27 @@ class ModelConfig:
     wide_context: bool = False
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-friendly form."""
+        """Return the configuration as a dict of built-in types, ready for JSON."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> ModelConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        """Read a configuration written by :meth:`to_dict`.
+
+        Parameters
+        ----------
+        d : dict
+            Field names to values; missing fields take their defaults.
+
+        Returns
+        -------
+        ModelConfig
+
+        Raises
+        ------
+        ValueError
+            If ``d`` has a field this version does not know.
+        """
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
@@ -91,11 +106,35 @@ class GuidedNet(nn.Module):
         return Encoder.size_multiple
 
     def encode(self, images: torch.Tensor) -> EncoderOutput:
-        """Features of ``images`` ``(B, in_channels, H, W)``, ``H, W`` multiples of 32."""
+        """Encode slices into the features the guide and the segmentor share.
+
+        Parameters
+        ----------
+        images : torch.Tensor
+            ``(B, in_channels, H, W)`` normalised slices, ``H, W`` multiples of 32.
+
+        Returns
+        -------
+        EncoderOutput
+            ``coarse`` ``(B, C_coarse, H/8, W/8)`` and ``fine`` ``(B, C_fine, H/4, W/4)``.
+        """
         return self.encoder(images)
 
     def guide_from_masks(self, features: EncoderOutput, masks_fine: torch.Tensor) -> GuideOutput:
-        """Pool support ``features`` under ``masks_fine`` ``(B, 2, H/4, W/4)``."""
+        """Pool support features under the annotation masks into guidance.
+
+        Parameters
+        ----------
+        features : EncoderOutput
+            Support features, batch ``B``.
+        masks_fine : torch.Tensor
+            ``(B, 2, H/4, W/4)`` positive (``[:, 0]``) and negative weights on the fine grid.
+
+        Returns
+        -------
+        GuideOutput
+            ``B`` tasks.
+        """
         return self.guide(features.coarse, features.fine, masks_fine)
 
     def segment(

@@ -54,6 +54,16 @@ def fuse_batchnorm(module: nn.Module) -> nn.Module:
     """Replace every :class:`ConvBNReLU` below ``module`` by its folded form, in place.
 
     Only valid for inference (``module.eval()``): the running statistics become constants.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The network (or part of it) to fold.
+
+    Returns
+    -------
+    nn.Module
+        ``module`` itself, folded.
     """
     for name, child in list(module.named_children()):
         if isinstance(child, ConvBNReLU):

@@ -34,6 +34,7 @@ class _WideContext(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Widen the context of ``(B, width, h, w)`` features (same shape out)."""
         return F.relu(x + self.out(F.relu(self.conv(x))))
 
 
