@@ -13,7 +13,8 @@ Baselines: ``"rf"``, an ilastik-style pixel classifier (multiscale filter featur
 forest, :class:`RandomForestBaseline`) trained on the pixels under the same points; ``"dense"``,
 the dense row above.
 
-No napari or Qt here; scikit-image and scikit-learn are imported only for the random forest.
+No napari or Qt here; scikit-image and scikit-learn (the ``bench`` extra) are imported only for
+the random forest.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ __all__ = [
 BASELINES = ("rf", "dense")
 
 _BENCH_HINT = (
-    "the random-forest baseline needs scikit-image and scikit-learn; "
+    "the random-forest baseline needs scikit-learn (and scikit-image, a core dependency); "
     "install them with `pip install napari-revolver[bench]`"
 )
 
@@ -117,7 +118,7 @@ class RandomForestBaseline:
     Raises
     ------
     ImportError
-        scikit-image or scikit-learn is missing (``pip install napari-revolver[bench]``).
+        scikit-learn (or scikit-image) is missing (``pip install napari-revolver[bench]``).
     """
 
     def __init__(
@@ -428,7 +429,7 @@ def evaluate_few_shot(
         Mismatched shapes, fewer than 2 slices, a support index out of range, a support slice
         without foreground or background, ``P < 1``, ``seeds < 1``, an unknown baseline.
     ImportError
-        ``"rf"`` without scikit-image / scikit-learn.
+        ``"rf"`` without scikit-learn (``pip install napari-revolver[bench]``).
     """
     budgets, use_rf, seeds = _parse_budgets(points, baselines, seeds)
     labels = np.asarray(labels)

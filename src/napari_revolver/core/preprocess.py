@@ -31,7 +31,13 @@ class Preprocessing:
     invert: bool = False
 
     def key(self) -> str:
-        """Stable text form for cache signatures."""
+        """Return a stable text form of the settings, for cache signatures.
+
+        Returns
+        -------
+        str
+            For example ``"pct1-99.8-c3"``, with ``"-inv"`` appended when inverting.
+        """
         return f"pct{self.low:g}-{self.high:g}-c{self.channels}" + ("-inv" if self.invert else "")
 
 
