@@ -753,15 +753,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    except (
-        ValueError,
-        FileNotFoundError,
-        FileExistsError,
-        IndexError,
-        ImportError,
-        IsADirectoryError,
-        RuntimeError,
-    ) as exc:
+    except (ValueError, IndexError, ImportError, RuntimeError, OSError) as exc:
+        # OSError covers missing and existing files, and a full disk (nothing is left half
+        # written: outputs are renamed into place only when complete).
         print(f"revolver: error: {_in_flags(str(exc))}", file=sys.stderr)
         return 1
 

@@ -150,3 +150,24 @@ def load_weights(
         )
     model = model.to(device).for_inference()
     return LoadedWeights(model, str(path), digest, meta)
+
+
+def in_memory_weights(model: GuidedNet) -> LoadedWeights:
+    """Wrap a model built in memory (tests, experiments) as weights with a content hash.
+
+    Parameters
+    ----------
+    model : GuidedNet
+        Moved to nothing and left in its mode; the caller prepares it.
+
+    Returns
+    -------
+    LoadedWeights
+        ``path`` is ``"<in-memory model>"`` and ``sha256`` hashes the parameters, so tasks
+        guided with this model apply only to it.
+    """
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return LoadedWeights(model, "<in-memory model>", h.hexdigest(), {})
