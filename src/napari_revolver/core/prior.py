@@ -144,10 +144,8 @@ def local_priors(
         Flat slice numbers.
     local : bool
         See :func:`prior_sources`.
-    grid : tuple of int
-        ``(h, w)`` of the fine feature grid.
-    fine_stride : int
-        Pixels per fine cell.
+    grid, fine_stride
+        As for :func:`task_prior`.
 
     Returns
     -------
