@@ -1,4 +1,5 @@
-"""Fixtures for the plugin tests: a real viewer (Xvfb on CI), the widget opened via its manifest."""
+"""Fixtures for the plugin tests: a real viewer (Xvfb on CI), the widget docked from the
+Plugins menu path, as users get it (napari hands it a proxy of the viewer)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,22 @@ import pytest
 
 napari = pytest.importorskip("napari", reason="the plugin tests need napari (pip install .[dev])")
 
+WAIT_MS = 60_000
+
 
 @pytest.fixture
-def notes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """Every notification the widget shows, as (kind, message)."""
-    from napari_revolver._napari import widget as widget_module
+def notes() -> Any:
+    """Every napari notification shown during the test, as (severity, message)."""
+    from napari.utils.notifications import notification_manager
 
     seen: list[tuple[str, str]] = []
-    monkeypatch.setattr(widget_module, "_notify", lambda kind, msg: seen.append((kind, msg)))
-    return seen
+
+    def record(notification: Any) -> None:
+        seen.append((str(notification.severity).lower(), str(notification.message)))
+
+    notification_manager.notification_ready.connect(record)
+    yield seen
+    notification_manager.notification_ready.disconnect(record)
 
 
 @pytest.fixture
@@ -33,19 +41,32 @@ def sample(viewer: Any) -> dict[str, Any]:
     return {"image": by_type["Image"], "truth": by_type["Labels"], "points": by_type["Points"]}
 
 
-@pytest.fixture
-def widget(viewer: Any, sample: dict[str, Any], notes: list[tuple[str, str]]) -> Any:
-    """The Revolver dock widget, opened through the manifest, on the sample image."""
+def dock(viewer: Any) -> Any:
+    """The Revolver widget, docked from the Plugins menu path."""
     _, w = viewer.window.add_plugin_dock_widget("napari-revolver", "Revolver")
-    w.image_combo.setCurrentText(sample["image"].name)
     return w
 
 
-def click_points(widget: Any, points: np.ndarray, labels: np.ndarray) -> Any:
-    """Add the sample clicks to a new task's Points layer, as a user would."""
+@pytest.fixture
+def widget(viewer: Any, sample: dict[str, Any], notes: list[tuple[str, str]]) -> Any:
+    """The Revolver dock widget on the sample image (its clicks are task ``nuclei``)."""
+    w = dock(viewer)
+    w.image_box.image_combo.setCurrentText(sample["image"].name)
+    return w
+
+
+def wait_idle(qtbot: Any, widget: Any) -> None:
+    qtbot.waitUntil(
+        lambda: widget.session.run is None and not widget._update_timer.isActive(),
+        timeout=WAIT_MS,
+    )
+
+
+def click_points(widget: Any, points: np.ndarray, labels: np.ndarray, name: str) -> Any:
+    """Add clicks to a new task's Points layer, as a user would."""
     from napari_revolver._napari import layers as L
 
-    entry = widget.add_task("nuclei")
+    entry = widget.add_task(name)
     for p, lab in zip(points, labels, strict=True):
         L.set_polarity(entry.points, L.POSITIVE if lab else L.NEGATIVE)
         entry.points.add(np.asarray(p)[None])
@@ -55,3 +76,7 @@ def click_points(widget: Any, points: np.ndarray, labels: np.ndarray) -> Any:
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a) > 0, np.asarray(b) > 0
     return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def errors(notes: list[tuple[str, str]]) -> list[str]:
+    return [m for k, m in notes if k == "error"]

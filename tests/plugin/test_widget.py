@@ -1,4 +1,4 @@
-"""The dock widget in a real viewer: clicks in, labels out."""
+"""The dock widget in a real viewer, docked from the Plugins menu path: clicks in, labels out."""
 
 from __future__ import annotations
 
@@ -11,51 +11,53 @@ import tifffile
 
 from napari_revolver._napari import layers as L
 
-from .conftest import click_points, iou
-
-WAIT_MS = 60_000
-
-
-def wait_idle(qtbot: Any, widget: Any) -> None:
-    qtbot.waitUntil(
-        lambda: (
-            widget._worker is None
-            and widget._feature_worker is None
-            and not widget._update_timer.isActive()
-        ),
-        timeout=WAIT_MS,
-    )
+from .conftest import WAIT_MS, click_points, dock, errors, iou, wait_idle
 
 
 def annotate_sample(qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]) -> Any:
-    """The sample's nine clicks on slice 12, as a new task; waits for the live update."""
+    """The sample's task (nine clicks on slice 12) on screen; waits for the live update."""
     viewer.dims.current_step = (12, 0, 0)
-    entry = click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
+    widget.update_now()
     wait_idle(qtbot, widget)
-    return entry
+    return widget.session.tasks[0]
 
 
 def propagate_and_wait(qtbot: Any, widget: Any, *args: int) -> None:
-    with qtbot.waitSignal(widget.propagate(*args).finished, timeout=WAIT_MS):
+    worker = widget.propagate(*args)
+    assert worker is not None
+    with qtbot.waitSignal(worker.finished, timeout=WAIT_MS):
         pass
     wait_idle(qtbot, widget)
 
 
-def test_manifest_opens_the_widget_and_sample_data(widget: Any, sample: dict[str, Any]) -> None:
-    assert widget.image_combo.currentText() == sample["image"].name
-    assert sample["image"].data.shape == (24, 256, 256)
-    assert len(sample["points"].data) == 9
+def test_the_sample_with_clicks_opens_as_a_ready_task(
+    qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
+) -> None:
+    assert widget.image_box.image_combo.currentText() == sample["image"].name
+    [entry] = widget.session.tasks
+    assert entry.name == "nuclei" and entry.points is sample["points"]
+    assert entry.image is sample["image"]
+    assert L.point_labels(sample["points"]).tolist().count(0) == 5
+    entry = annotate_sample(qtbot, viewer, widget, sample)
+    assert iou(widget.session.image.labels.data[12], sample["truth"].data[12]) > 0.7
 
 
-def test_clicks_update_the_current_slice(
+def test_the_sample_opened_after_docking_is_taken_up_too(viewer: Any, notes: list) -> None:
+    w = dock(viewer)
+    viewer.open_sample("napari-revolver", "nuclei_points")
+    assert [t.name for t in w.session.tasks] == ["nuclei"]
+    assert "nuclei" in w.tasks_box.task_list.item(0).text()
+
+
+def test_clicks_update_the_current_slice_and_status_is_prose(
     qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
 ) -> None:
     annotate_sample(qtbot, viewer, widget, sample)
     labels = widget.session.image.labels
     assert labels is not None and labels.data.shape == (24, 256, 256)
     assert iou(labels.data[12], sample["truth"].data[12]) > 0.7
-    # Only the slice on screen was computed.
-    assert labels.data[0].max() == 0
+    assert labels.data[0].max() == 0  # only the slice on screen was computed
+    assert widget.status.text() == "Updated slice 12."
 
 
 def test_a_click_on_a_cached_slice_updates_before_returning(
@@ -64,7 +66,6 @@ def test_a_click_on_a_cached_slice_updates_before_returning(
     entry = annotate_sample(qtbot, viewer, widget, sample)
     labels = widget.session.image.labels
     before = labels.data[12].copy()
-    # A negative click in the middle of a segmented object: no event loop turn in between.
     inside = np.argwhere(before > 0)[len(np.argwhere(before > 0)) // 2]
     L.set_polarity(entry.points, L.NEGATIVE)
     entry.points.add(np.array([[12, *inside]]))
@@ -73,24 +74,31 @@ def test_a_click_on_a_cached_slice_updates_before_returning(
     assert not np.array_equal(labels.data[12], before)
 
 
-def test_propagation_matches_the_core_and_the_truth(
+def test_propagation_matches_the_core_and_shows_progress(
     qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
 ) -> None:
     from napari_revolver import RevolverPredictor
 
     entry = annotate_sample(qtbot, viewer, widget, sample)
+    seen: list[tuple[int, int, str]] = []
+    bar = widget.propagate_box.progress
+    widget.session.events.run_progressed.connect(
+        lambda run: seen.append((bar.value(), bar.maximum(), widget.propagate_box.eta_label.text()))
+    )
     propagate_and_wait(qtbot, widget)
     out = np.asarray(widget.session.image.labels.data)
     assert iou(out, sample["truth"].data) > 0.7
+    assert [s[0] for s in seen] == list(range(1, 25)) and {s[1] for s in seen} == {24}
+    assert any(s[2].endswith("left") for s in seen)
+    assert bar.text().startswith("done: 24 / 24")
+    assert widget.status.text() == "Propagated to 24 slice(s)."
 
-    # The same points through the core (as `revolver segment` does) give the same labels.
     predictor = RevolverPredictor(device="cpu")
     predictor.set_volume(sample["image"].data)
     task = predictor.guide(
         sample["points"].data, L.point_labels(sample["points"]), label_value=entry.label_value
     )
-    expected = predictor.segment(task)
-    np.testing.assert_array_equal(out > 0, expected > 0)
+    np.testing.assert_array_equal(out > 0, predictor.segment(task) > 0)
 
 
 def test_widget_propagation_equals_revolver_segment(
@@ -107,21 +115,8 @@ def test_widget_propagation_equals_revolver_segment(
     write_points(
         tmp_path / "points.csv", PointTable(sample["points"].data, L.point_labels(sample["points"]))
     )
-    assert (
-        cli.main(
-            [
-                "segment",
-                str(tmp_path / "image.tif"),
-                "--points",
-                str(tmp_path / "points.csv"),
-                "-o",
-                str(tmp_path / "cli.tif"),
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    args = ["segment", str(tmp_path / "image.tif"), "--points", str(tmp_path / "points.csv")]
+    assert cli.main([*args, "-o", str(tmp_path / "cli.tif"), "--device", "cpu"]) == 0
     np.testing.assert_array_equal(
         tifffile.imread(tmp_path / "cli.tif"), widget.session.image.labels.data
     )
@@ -130,56 +125,140 @@ def test_widget_propagation_equals_revolver_segment(
 def test_two_tasks_switch_and_label_values(
     qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
 ) -> None:
-    viewer.dims.current_step = (12, 0, 0)
-    first = click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
-    second = widget.add_task("background")
+    first = annotate_sample(qtbot, viewer, widget, sample)
+    negatives = sample["points"].data[L.point_labels(sample["points"]) == 0]
+    second = click_points(widget, negatives[:3], np.ones(3, int), "background")
     assert widget.session.active == 1 and second.label_value == 2
-    # Background: positives where the first task had negatives.
-    L.set_polarity(second.points, L.POSITIVE)
-    second.points.add(sample["points"].data[L.point_labels(sample["points"]) == 0][:3])
     wait_idle(qtbot, widget)
-    values = set(np.unique(widget.session.image.labels.data[12]).tolist())
-    assert {1, 2} <= values
-    widget.select_task(0)
+    assert {1, 2} <= set(np.unique(widget.session.image.labels.data[12]).tolist())
+    widget.tasks_box.select_task(0)
     assert widget.session.active_task() is first
-    assert viewer.layers.selection.active.name == first.points.name
+    assert viewer.layers.selection.active is first.points
     before = L.polarity(first.points)
-    widget.toggle_polarity()
+    widget.tasks_box.toggle_polarity()
     assert L.polarity(first.points) != before
-    assert widget.polarity_button.text().split()[1] == L.polarity(first.points)
-    widget.rename_task("nuclei 2")
+    assert widget.tasks_box.polarity_button.text().split()[1] == L.polarity(first.points)
+    widget.tasks_box.rename_task("nuclei 2")
     assert first.points.name == "nuclei 2 points"
-    widget.delete_task()
+    assert "nuclei 2" in widget.tasks_box.task_list.item(0).text()
+    widget.tasks_box.delete_task()
     assert [t.name for t in widget.session.tasks] == ["background"]
 
 
-def test_cancel_stops_a_propagation(qtbot: Any, viewer: Any, widget: Any, notes: list) -> None:
+def test_the_polarity_button_shows_the_new_task_polarity_after_add(
+    viewer: Any, widget: Any
+) -> None:
+    widget.tasks_box.toggle_polarity()  # the sample task: next point negative
+    assert "negative" in widget.tasks_box.polarity_button.text()
+    entry = widget.add_task("second")
+    assert L.polarity(entry.points) == L.POSITIVE
+    assert "positive" in widget.tasks_box.polarity_button.text()
+    assert not widget.tasks_box.polarity_button.isChecked()
+
+
+def test_deleting_a_task_layer_from_the_layer_list_leaves_no_ghost(
+    qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any], notes: list
+) -> None:
+    annotate_sample(qtbot, viewer, widget, sample)
+    extra = widget.add_task("extra")
+    extra.points.add(np.array([[12, 40, 40]]))
+    wait_idle(qtbot, widget)
+    # The user deletes the Points layer in the layer list (the viewer, not the widget's proxy).
+    viewer.layers.remove(viewer.layers[extra.points.name])
+    assert [t.name for t in widget.session.tasks] == ["nuclei"]
+    assert widget.tasks_box.task_list.count() == 1
+    assert 2 not in np.unique(widget.session.image.labels.data[12])
+    # Close all layers, open a new image: no task is left to segment it, nothing fails.
+    viewer.layers.select_all()
+    viewer.layers.remove_selected()
+    assert widget.session.tasks == [] and widget.session.images == {}
+    rng = np.random.default_rng(1)
+    viewer.add_image(rng.random((4, 64, 64)).astype(np.float32), name="new")
+    wait_idle(qtbot, widget)
+    assert widget.image_box.image_combo.currentText() == "new"
+    assert not [x for x in viewer.layers if "[revolver]" in x.name]
+    assert not errors(notes)
+
+
+class FlakyStack(np.ndarray):
+    """A stack whose slice 1 cannot be read once armed (a disk or network that fails)."""
+
+    armed = False
+
+    def __getitem__(self, key: Any) -> Any:
+        out = super().__getitem__(key)
+        k = key[0] if isinstance(key, tuple) else key
+        if FlakyStack.armed and isinstance(k, (int, np.integer)) and int(k) == 1:
+            raise OSError("slice 1 could not be read")
+        return out
+
+
+def test_a_failed_run_is_shown_once_and_leaves_no_empty_layer(
+    qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any], notes: list
+) -> None:
+    from napari_revolver.core.synthetic import sample_stack
+
+    annotate_sample(qtbot, viewer, widget, sample)
+    image, _, _, _ = sample_stack(seed=2, shape=(8, 96, 96))
+    layer = viewer.add_image(image.view(FlakyStack), name="flaky")
+    FlakyStack.armed = True
+    try:
+        worker = widget.propagate_box.apply_to_target("flaky")
+        with qtbot.waitSignal(worker.finished, timeout=WAIT_MS):
+            pass
+        wait_idle(qtbot, widget)
+    finally:
+        FlakyStack.armed = False
+    failed = errors(notes)
+    assert len(failed) == 1 and "slice 1 could not be read" in failed[0]
+    assert widget.status.text().startswith("Propagation of 'flaky' failed")
+    assert widget.propagate_box.progress.text() == "failed"
+    assert not [x for x in viewer.layers if x.name == "flaky [revolver]"]
+    assert layer in viewer.layers and widget.session.run is None
+
+
+def test_cancel_stops_a_propagation(qtbot: Any, viewer: Any, widget: Any) -> None:
     rng = np.random.default_rng(0)
     big = viewer.add_image(rng.random((300, 96, 96)).astype(np.float32), name="big")
-    widget.image_combo.setCurrentText("big")
+    widget.image_box.image_combo.setCurrentText("big")
     entry = widget.add_task("x")
     entry.points.add(np.array([[0, 40, 40]]))
     wait_idle(qtbot, widget)
     worker = widget.propagate()
     with qtbot.waitSignal(worker.finished, timeout=WAIT_MS):
-        widget.cancel()
+        widget.propagate_box.cancel_button.click()
     assert "cancelled" in widget.status.text()
-    written = widget.session.images[id(big)].labels.data
-    assert written.shape == (300, 96, 96)
+    assert "cancelled" in widget.propagate_box.progress.text()
+    assert widget.session.images[id(big)].labels.data.shape == (300, 96, 96)
 
 
-def test_painted_slices_are_kept(
+def test_painted_slices_are_kept_marked_and_undo_clears_the_mark(
     qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
 ) -> None:
     annotate_sample(qtbot, viewer, widget, sample)
     labels = widget.session.image.labels
+    viewer.dims.current_step = (5, 0, 0)
+    wait_idle(qtbot, widget)
     labels.paint((5, 100, 100), 1, refresh=True)
+    box = widget.propagate_box
+    assert widget.session.image.painted == {(5,)}
+    assert box.strip.painted == {5} and box.painted_label.text() == "Painted by hand: 5"
     painted = labels.data[5].copy()
     propagate_and_wait(qtbot, widget)
     np.testing.assert_array_equal(labels.data[5], painted)
-    widget.recompute_check.setChecked(True)
+    # Undo the stroke (napari's key binding): the slice is no longer marked as painted.
+    labels.paint((5, 30, 30), 1, refresh=True)
+    viewer.layers.selection.active = labels
+    labels.undo()
+    assert widget.session.image.painted == {(5,)}  # the first stroke is still there
+    labels.undo()
+    assert widget.session.image.painted == set()
+    assert box.strip.painted == set() and box.painted_label.text() == "Painted by hand: none"
+    box.recompute_check.setChecked(True)
+    labels.paint((5, 100, 100), 1, refresh=True)
     propagate_and_wait(qtbot, widget)
     assert not np.array_equal(labels.data[5], painted)
+    assert widget.session.image.painted == set()
 
 
 def test_apply_tasks_to_another_image(
@@ -190,7 +269,7 @@ def test_apply_tasks_to_another_image(
     annotate_sample(qtbot, viewer, widget, sample)
     other, truth, _, _ = sample_stack(seed=3, shape=(6, 192, 160))
     layer = viewer.add_image(other, name="other")
-    with qtbot.waitSignal(widget.apply_to_target("other").finished, timeout=WAIT_MS):
+    with qtbot.waitSignal(widget.propagate_box.apply_to_target("other").finished, timeout=WAIT_MS):
         pass
     wait_idle(qtbot, widget)
     out = widget.session.images[id(layer)].labels
@@ -198,40 +277,111 @@ def test_apply_tasks_to_another_image(
     assert iou(out.data, truth) > 0.6
 
 
-def test_save_labels_and_task_round_trip(
+def test_an_inverted_task_reads_other_images_inverted(
+    qtbot: Any, tmp_path: Path, viewer: Any, widget: Any, sample: dict[str, Any], notes: list
+) -> None:
+    from napari_revolver import RevolverPredictor
+    from napari_revolver.core.synthetic import sample_stack
+
+    entry = annotate_sample(qtbot, viewer, widget, sample)
+    widget.image_box.invert_check.setChecked(True)
+    wait_idle(qtbot, widget)
+    assert entry.spec.invert and entry.task is not None and entry.task.invert
+    other, _, _, _ = sample_stack(seed=3, shape=(6, 128, 128))
+    layer = viewer.add_image(other, name="other")
+    worker = widget.propagate_box.apply_to_target("other")
+    assert worker is not None
+    with qtbot.waitSignal(worker.finished, timeout=WAIT_MS):
+        pass
+    wait_idle(qtbot, widget)
+    assert not errors(notes)
+    # As `revolver segment --invert --apply-to other.tif`: the same task, the image inverted.
+    predictor = RevolverPredictor(device="cpu")
+    predictor.set_volume(other, invert=True)
+    expected = predictor.segment(entry.task)
+    np.testing.assert_array_equal(widget.session.images[id(layer)].labels.data > 0, expected > 0)
+    # A new task on the other, non-inverted image works on every click.
+    widget.image_box.image_combo.setCurrentText("other")
+    assert not widget.image_box.invert_check.isChecked()
+    viewer.dims.current_step = (2, 0, 0)
+    fresh = widget.add_task("fresh")
+    fresh.points.add(np.array([[2, 64, 64]]))
+    fresh.points.add(np.array([[2, 10, 10]]))
+    wait_idle(qtbot, widget)
+    assert fresh.task is not None and not fresh.task.invert
+    assert not errors(notes)
+
+
+def test_labels_round_trip_through_the_plugin_writer_and_reader(
     qtbot: Any, tmp_path: Path, viewer: Any, widget: Any, sample: dict[str, Any]
 ) -> None:
     annotate_sample(qtbot, viewer, widget, sample)
-    path = widget.save_labels(tmp_path / "labels.tif")
-    np.testing.assert_array_equal(tifffile.imread(path), widget.session.image.labels.data)
-    task_path = widget.save_task(tmp_path / "nuclei.revolver-task.json")
-    loaded = widget.load_task(task_path)
+    labels = widget.session.image.labels
+    labels.scale = (2.0, 0.5, 0.5)
+    path = tmp_path / "nuclei.labels.tif"
+    # File > Save Selected Layers with no plugin named: the plugin's writer is the default.
+    viewer.layers.selection = {labels}
+    written = viewer.layers.save(str(path), selected=True)
+    assert written == [str(path)]
+    with tifffile.TiffFile(path) as tif:
+        assert tif.series[0].axes == "ZYX" and tif.series[0].dtype == np.uint8
+    [opened] = viewer.open(str(path), plugin="napari-revolver")
+    assert type(opened).__name__ == "Labels"
+    np.testing.assert_array_equal(opened.data, labels.data)
+    np.testing.assert_allclose(opened.scale, (2.0, 0.5, 0.5))
+    # The widget's Save labels writes the same file.
+    out = widget.io_box.save_labels(tmp_path / "again.labels.tif")
+    np.testing.assert_array_equal(tifffile.imread(out), labels.data)
+
+
+def test_save_and_load_a_task(
+    qtbot: Any, tmp_path: Path, viewer: Any, widget: Any, sample: dict[str, Any]
+) -> None:
+    annotate_sample(qtbot, viewer, widget, sample)
+    task_path = widget.io_box.save_task(tmp_path / "nuclei.revolver-task.json")
+    loaded = widget.io_box.load_task(task_path)
     assert loaded is not None and loaded.task is not None
     assert len(loaded.points.data) == 9
-    # The reader contribution opens the same file as a Points layer.
-    layers = viewer.open(str(task_path), plugin="napari-revolver")
-    assert len(layers[0].data) == 9
+    # The reader contribution opens the same file as a task.
+    [layer] = viewer.open(str(task_path), plugin="napari-revolver")
+    assert len(layer.data) == 9
+    assert widget.session.tasks[-1].points is layer
 
 
-def test_no_positive_point_is_a_notification(
-    qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any], notes: list
-) -> None:
+def test_no_positive_point_is_a_notification(viewer: Any, widget: Any, qtbot: Any, notes: list) -> None:
     entry = widget.add_task("neg only")
     L.set_polarity(entry.points, L.NEGATIVE)
     entry.points.add(np.array([[12, 10, 10]]))
     wait_idle(qtbot, widget)
     assert any(kind == "warning" and "no positive point" in msg for kind, msg in notes)
+    widget.session.remove_task(0)
     assert widget.propagate() is None
     assert any("no task has a positive point" in msg for _, msg in notes)
 
 
-def test_points_outside_the_image_are_a_notification(
+def test_points_outside_the_image_are_a_warning_once_per_task(
     qtbot: Any, viewer: Any, widget: Any, notes: list
 ) -> None:
     entry = widget.add_task("outside")
     entry.points.add(np.array([[12, 10, 10], [12, 400, 400]]))
     wait_idle(qtbot, widget)
-    assert any("outside the image" in msg for _, msg in notes)
+    for yx in ([12, 30, 30], [12, 60, 60]):
+        entry.points.add(np.array([yx]))
+        wait_idle(qtbot, widget)
+    outside = [m for _, m in notes if "outside" in m]
+    assert len(outside) == 1 and "'outside'" in outside[0]
+    assert not errors(notes)
+    assert entry.task is not None and len(entry.task.points) == 3
+
+
+def test_the_channel_axis_choices_are_not_cut_off(qtbot: Any, viewer: Any, widget: Any) -> None:
+    viewer.add_image(np.random.default_rng(0).random((3, 5, 64, 64)), name="multi")
+    widget.image_box.image_combo.setCurrentText("multi")
+    widget.show()
+    qtbot.waitExposed(widget)
+    combo = widget.image_box.channel_axis
+    longest = max(combo.itemText(i) for i in range(combo.count()))
+    assert combo.width() > combo.fontMetrics().horizontalAdvance(longest)
 
 
 def test_rgb_image_is_segmented(qtbot: Any, viewer: Any, widget: Any, notes: list) -> None:
@@ -239,17 +389,17 @@ def test_rgb_image_is_segmented(qtbot: Any, viewer: Any, widget: Any, notes: lis
     yy, xx = np.mgrid[:96, :96]
     rgb[(yy - 48) ** 2 + (xx - 48) ** 2 < 300] = (200, 40, 160)
     viewer.add_image(rgb, name="rgb", rgb=True)
-    widget.image_combo.setCurrentText("rgb")
+    widget.image_box.image_combo.setCurrentText("rgb")
     entry = widget.add_task("blob")
     entry.points.add(np.array([[48, 48]]))
     wait_idle(qtbot, widget)
-    labels = widget.session.image.labels
-    assert labels.data.shape == (96, 96)
-    assert not [n for n in notes if n[0] == "error"]
+    assert widget.session.image.labels.data.shape == (96, 96)
+    assert widget.status.text() == "Updated the image."
+    assert not errors(notes)
 
 
 def test_deleting_the_image_mid_propagation_is_handled(
-    qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
+    qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any], notes: list
 ) -> None:
     annotate_sample(qtbot, viewer, widget, sample)
     worker = widget.propagate()
@@ -257,9 +407,9 @@ def test_deleting_the_image_mid_propagation_is_handled(
         viewer.layers.remove(sample["image"])
     wait_idle(qtbot, widget)
     assert widget.session.image is None
-    assert sample["image"].name not in [
-        widget.image_combo.itemText(i) for i in range(widget.image_combo.count())
-    ]
+    names = [widget.image_box.image_combo.itemText(i) for i in range(widget.image_box.image_combo.count())]
+    assert sample["image"].name not in names
+    assert not errors(notes)
 
 
 def test_closing_the_widget_stops_its_work(
@@ -269,24 +419,15 @@ def test_closing_the_widget_stops_its_work(
     worker = widget.propagate()
     with qtbot.waitSignal(worker.finished, timeout=WAIT_MS):
         widget.close()
-    # No callbacks into the closed widget after that.
-    viewer.dims.current_step = (3, 0, 0)
-
-
-@pytest.mark.parametrize("scale", [(2.0, 0.5, 0.5)])
-def test_points_on_a_scaled_image_map_to_data_pixels(viewer: Any, scale: tuple) -> None:
-    img = viewer.add_image(np.zeros((4, 32, 32), np.float32), scale=scale, translate=(0, 5, 5))
-    pts = viewer.add_points(np.array([[2.0 * 2, 5 + 0.5 * 10, 5 + 0.5 * 20]]))  # world coords
-    got = L.to_image_data(pts, pts.data, img, L.world_point(viewer))
-    np.testing.assert_allclose(got, [[2, 10, 20]])
+    viewer.dims.current_step = (3, 0, 0)  # no callbacks into the closed widget
+    viewer.layers.remove(sample["points"])
 
 
 def test_instances_give_one_id_per_object_unique_across_slices(
     qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
 ) -> None:
-    viewer.dims.current_step = (12, 0, 0)
-    click_points(widget, sample["points"].data, L.point_labels(sample["points"]))
-    widget.instances_check.setChecked(True)
+    annotate_sample(qtbot, viewer, widget, sample)
+    widget.propagate_box.instances_check.setChecked(True)
     wait_idle(qtbot, widget)
     propagate_and_wait(qtbot, widget, 10, 13)
     data = widget.session.image.labels.data
@@ -295,84 +436,67 @@ def test_instances_give_one_id_per_object_unique_across_slices(
     assert not ids[0] & ids[1]
 
 
-def test_follow_positions_reaches_the_core_and_changes_other_slices(
+def test_follow_positions_reaches_the_core(
     qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
 ) -> None:
     from napari_revolver import RevolverPredictor
 
     entry = annotate_sample(qtbot, viewer, widget, sample)
-    widget.local_check.setChecked(True)
+    widget.propagate_box.local_check.setChecked(True)
     assert widget.session.local
     wait_idle(qtbot, widget)
     propagate_and_wait(qtbot, widget)
     out = np.asarray(widget.session.image.labels.data)
     predictor = RevolverPredictor(device="cpu")
-    assert predictor.model.config.local_prior  # the shipped weights see positions
     predictor.set_volume(sample["image"].data)
     task = predictor.guide(
         sample["points"].data, L.point_labels(sample["points"]), label_value=entry.label_value
     )
     np.testing.assert_array_equal(out > 0, predictor.segment(task, local=True) > 0)
-    far = predictor.predict_proba(0, task, local=True)
-    assert not np.allclose(far, predictor.predict_proba(0, task), atol=1e-4)
 
 
-def test_invert_checkbox_recomputes_features_and_guides_again(
+def test_invert_checkbox_guides_the_image_tasks_again(
     qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
 ) -> None:
     entry = annotate_sample(qtbot, viewer, widget, sample)
     before = widget.session.image.labels.data[12].copy()
-    widget.invert_check.setChecked(True)
+    widget.image_box.invert_check.setChecked(True)
     wait_idle(qtbot, widget)
     state = widget.session.image
-    assert state.predictor.preprocessing.invert
-    assert entry.task is not None  # guided again on the inverted features
-    # Bright nuclei read as dark objects now: the same clicks give another result.
+    assert state.spec.invert and entry.task is not None and entry.task.invert
     assert not np.array_equal(state.labels.data[12], before)
-    widget.invert_check.setChecked(False)
+    assert "inverted" in widget.tasks_box.task_list.item(0).text()
+    widget.image_box.invert_check.setChecked(False)
     wait_idle(qtbot, widget)
     np.testing.assert_array_equal(widget.session.image.labels.data[12], before)
 
 
-def test_loading_an_inverted_task_inverts_the_image(
+def test_a_loaded_inverted_task_keeps_its_reading(
     qtbot: Any, tmp_path: Path, viewer: Any, widget: Any, sample: dict[str, Any], notes: list
 ) -> None:
     annotate_sample(qtbot, viewer, widget, sample)
-    widget.invert_check.setChecked(True)
+    widget.image_box.invert_check.setChecked(True)
     wait_idle(qtbot, widget)
-    path = widget.save_task(tmp_path / "dark.json")
-    widget.invert_check.setChecked(False)
+    path = widget.io_box.save_task(tmp_path / "dark.json")
+    widget.image_box.invert_check.setChecked(False)
     wait_idle(qtbot, widget)
-    loaded = widget.load_task(path)
+    loaded = widget.io_box.load_task(path)
     wait_idle(qtbot, widget)
     assert loaded is not None and loaded.task is not None and loaded.task.invert
-    assert widget.session.image.predictor.preprocessing.invert
-    assert widget.invert_check.isChecked()
+    assert loaded.spec.invert and not widget.session.image.spec.invert
     assert any(kind == "info" and "inverted" in msg for kind, msg in notes)
-    assert not [n for n in notes if n[0] == "error"]
+    assert not errors(notes)
 
 
-def test_toggle_key_is_bound_on_task_points(widget: Any, sample: dict[str, Any]) -> None:
+def test_toggle_key_is_bound_on_task_points(widget: Any) -> None:
+    from napari_revolver._napari.tasks_box import TOGGLE_KEY
+
     entry = widget.add_task("k")
     before = L.polarity(entry.points)
     bound = {str(k): f for k, f in entry.points.keymap.items()}
-    bound[widget_module().TOGGLE_KEY.upper()](entry.points)
+    bound[TOGGLE_KEY.upper()](entry.points)
     assert L.polarity(entry.points) != before
-
-
-def test_two_dimensional_points_over_a_stack_use_the_slice_on_screen(viewer: Any) -> None:
-    img = viewer.add_image(np.zeros((6, 32, 32), np.float32))
-    viewer.dims.current_step = (4, 0, 0)
-    pts = viewer.add_points(np.array([[10.0, 20.0]]))
-    np.testing.assert_allclose(
-        L.to_image_data(pts, pts.data, img, L.world_point(viewer)), [[4, 10, 20]]
-    )
-
-
-def widget_module() -> Any:
-    from napari_revolver._napari import widget as module
-
-    return module
+    assert L.polarity(entry.points) in widget.tasks_box.polarity_button.text()
 
 
 def test_corrupt_weights_are_a_notification_and_the_model_stays(
@@ -380,9 +504,9 @@ def test_corrupt_weights_are_a_notification_and_the_model_stays(
 ) -> None:
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint")
-    widget._set_weights(str(bad))
-    assert any(kind == "error" and "Cannot use these weights" in msg for kind, msg in notes)
-    assert widget.weights_label.text() == "shipped weights"
+    widget.image_box.set_weights(str(bad))
+    assert len([m for m in errors(notes) if "Cannot use these weights" in m]) == 1
+    assert widget.image_box.weights_label.text() == "shipped weights"
     annotate_sample(qtbot, viewer, widget, sample)
     assert widget.session.image.labels.data[12].any()
 
@@ -393,16 +517,13 @@ def test_dask_backed_layer_is_segmented(qtbot: Any, viewer: Any, widget: Any, no
 
     image, truth, points, labels = sample_stack(seed=4, shape=(6, 128, 128))
     viewer.add_image(da.from_array(image, chunks=(1, 128, 128)), name="lazy")
-    widget.image_combo.setCurrentText("lazy")
+    widget.image_box.image_combo.setCurrentText("lazy")
     viewer.dims.current_step = (3, 0, 0)
-    entry = widget.add_task("nuclei")
-    for p, lab in zip(points, labels, strict=True):
-        L.set_polarity(entry.points, L.POSITIVE if lab else L.NEGATIVE)
-        entry.points.add(np.asarray(p)[None])
+    click_points(widget, points, labels, "lazy nuclei")
     wait_idle(qtbot, widget)
     propagate_and_wait(qtbot, widget)
     assert iou(widget.session.image.labels.data, truth) > 0.6
-    assert not [n for n in notes if n[0] == "error"]
+    assert not errors(notes)
 
 
 def test_feature_store_is_shared_with_the_cli(
@@ -411,25 +532,25 @@ def test_feature_store_is_shared_with_the_cli(
     from napari_revolver import RevolverPredictor
 
     store = tmp_path / "features.zarr"
-    # Filled outside napari, as `revolver precompute` does.
     predictor = RevolverPredictor(device="cpu")
     predictor.set_volume(sample["image"].data, store=store)
     for _ in predictor.precompute():
         pass
-    widget.set_store(str(store))
+    widget.image_box.set_store(str(store))
     state = widget.session.image
     assert widget.session.missing_features([(z,) for z in range(24)]) == []
     annotate_sample(qtbot, viewer, widget, sample)
-    assert widget._feature_worker is None
     assert iou(state.labels.data[12], sample["truth"].data[12]) > 0.7
 
 
-def test_manifest_is_valid_npe2() -> None:
+def test_manifest_is_valid_and_the_writer_has_a_clean_name() -> None:
     npe2 = pytest.importorskip("npe2")
     manifest = npe2.PluginManifest.from_distribution("napari-revolver")
     manifest.validate_imports()
     assert {w.display_name for w in manifest.contributions.widgets} == {"Revolver"}
-    assert manifest.contributions.writers and manifest.contributions.readers
+    titles = {f"{manifest.display_name} {w.display_name}" for w in manifest.contributions.writers}
+    assert titles == {"Revolver labels TIFF"}
+    assert len(manifest.contributions.readers) == 2
 
 
 def test_a_task_added_later_gets_its_colour_in_the_labels_layer(
@@ -437,6 +558,5 @@ def test_a_task_added_later_gets_its_colour_in_the_labels_layer(
 ) -> None:
     annotate_sample(qtbot, viewer, widget, sample)
     second = widget.add_task("later")
-    colormap = widget.session.image.labels.colormap
-    rgba = np.asarray(colormap.map(np.array([second.label_value])))[0]
-    assert rgba[3] > 0  # visible, not the transparent default
+    rgba = np.asarray(widget.session.image.labels.colormap.map(np.array([second.label_value])))[0]
+    assert rgba[3] > 0

@@ -1,63 +1,182 @@
-"""npe2 reader for saved tasks and writer for label layers (no Qt)."""
+"""npe2 readers (tasks, label TIFFs) and the label writer (no Qt).
+
+The writer writes through the core's :func:`~napari_revolver.core.io.write_labels` (smallest
+integer type, axes and pixel size in the file); the label reader opens what it writes as a
+Labels layer with its scale. Label files are named ``<name>.labels.tif``, as ``revolver
+segment --apply-to`` names them: for that name npe2 picks this writer (the longest matching
+extension wins), and the label reader is offered.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:  # pragma: no cover
+    from napari.layers import Labels
+
 TASK_SUFFIX = ".revolver-task.json"
+LABELS_SUFFIXES = (".labels.tif", ".labels.tiff")
+
+LayerData = tuple[Any, dict[str, Any], str]
 
 
-def get_task_reader(path: str | list[str]) -> Callable[[str], list[Any]] | None:
-    """npe2 reader contribution: a saved task becomes a Points layer with its clicks."""
+def get_task_reader(path: str | list[str]) -> Callable[[str], list[LayerData]] | None:
+    """npe2 reader contribution: a saved task becomes a task's Points layer.
+
+    Parameters
+    ----------
+    path : str or list of str
+        What napari asks about.
+
+    Returns
+    -------
+    callable or None
+        :func:`read_task` for a ``.revolver-task.json`` file.
+    """
     if isinstance(path, list) or not str(path).endswith(TASK_SUFFIX):
         return None
     return read_task
 
 
-def read_task(path: str) -> list[tuple[Any, dict[str, Any], str]]:
+def read_task(path: str) -> list[LayerData]:
+    """A task file as a Points layer that the dock widget takes up as a task.
+
+    Parameters
+    ----------
+    path : str
+        A ``.revolver-task.json`` file.
+
+    Returns
+    -------
+    list of LayerData
+        One Points layer: the task's clicks ``(N, D)`` with their ``label`` feature.
+    """
     from ..core.task import load_task
-    from .layers import NEGATIVE, NEGATIVE_COLOR, POSITIVE, POSITIVE_COLOR
+    from .layers import NEGATIVE, POSITIVE
+    from .session import TASK_METADATA
 
     task = load_task(path)
     labels = np.where(task.labels == 1, POSITIVE, NEGATIVE)
-    colors = np.where(
-        task.labels[:, None] == 1, [list(_rgba(POSITIVE_COLOR))], [list(_rgba(NEGATIVE_COLOR))]
-    )
     return [
         (
             task.points,
             {
                 "name": f"{task.name} points",
                 "features": {"label": labels},
-                "face_color": colors,
-                "metadata": {"revolver_task": str(path)},
+                "metadata": {
+                    TASK_METADATA: {"name": task.name, "invert": task.invert, "path": str(path)}
+                },
             },
             "points",
         )
     ]
 
 
-def _rgba(hex_color: str) -> tuple[float, float, float, float]:
-    h = hex_color.lstrip("#")
-    return tuple(int(h[i : i + 2], 16) / 255 for i in (0, 2, 4)) + (1.0,)  # type: ignore[return-value]
+def get_labels_reader(path: str | list[str]) -> Callable[[str], list[LayerData]] | None:
+    """npe2 reader contribution: a label TIFF written by the plugin (or the CLI).
+
+    Parameters
+    ----------
+    path : str or list of str
+        What napari asks about.
+
+    Returns
+    -------
+    callable or None
+        :func:`read_labels` for a ``.labels.tif`` file holding integer labels.
+    """
+    if isinstance(path, list) or not str(path).lower().endswith(LABELS_SUFFIXES):
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            dtype = tif.series[0].dtype
+    except (OSError, tifffile.TiffFileError, IndexError):
+        return None
+    return read_labels if np.issubdtype(dtype, np.integer) else None
+
+
+def read_labels(path: str) -> list[LayerData]:
+    """A label TIFF as a Labels layer with the pixel size of the file.
+
+    Parameters
+    ----------
+    path : str
+        A TIFF of integer labels ``(..., Y, X)``.
+
+    Returns
+    -------
+    list of LayerData
+        One Labels layer.
+    """
+    from ..core.io import read_image
+
+    image = read_image(path)
+    name = Path(path).name
+    for suffix in LABELS_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    meta = {"name": f"{name} labels", "scale": tuple(float(s) for s in image.scale)}
+    return [(np.asarray(image.data), meta, "labels")]
 
 
 def write_labels_tiff(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
-    """npe2 writer contribution: a Labels layer to a compressed TIFF with axes and scale."""
+    """npe2 writer contribution: a Labels layer to a compressed TIFF with axes and scale.
+
+    Parameters
+    ----------
+    path : str
+        Target file (``.labels.tif``, ``.tif`` or ``.tiff``).
+    data : array-like
+        ``(..., Y, X)`` labels.
+    meta : dict
+        The layer's attributes (``scale`` is used).
+
+    Returns
+    -------
+    list of str
+        The path written.
+    """
     from ..core.io import write_labels
 
     arr = np.asarray(data)
-    axes = {2: "YX", 3: "ZYX", 4: "TZYX"}.get(arr.ndim)
     scale = meta.get("scale")
     out = write_labels(
         Path(path),
         arr,
-        axes=axes,
-        scale=tuple(float(s) for s in scale) if scale is not None and axes else None,
+        scale=tuple(float(s) for s in scale) if scale is not None else None,
         overwrite=True,
     )
     return [str(out)]
+
+
+def write_labels_layer(path: str | Path, layer: Labels, *, overwrite: bool = True) -> Path:
+    """Write a Labels layer with the writer above (the widget's *Save labels*).
+
+    Parameters
+    ----------
+    path : str or Path
+        Target file.
+    layer : napari.layers.Labels
+        The layer; its scale is written as the pixel size.
+    overwrite : bool
+        Replace an existing file.
+
+    Returns
+    -------
+    Path
+        The path written.
+    """
+    from ..core.io import write_labels
+
+    return write_labels(
+        Path(path),
+        np.asarray(layer.data),
+        scale=tuple(float(s) for s in layer.scale),
+        overwrite=overwrite,
+    )

@@ -143,25 +143,61 @@ def _data_shape(image: Image) -> tuple[int, ...]:
 
 def new_points_layer(viewer: napari.Viewer, name: str, image: Image, edge_color: str) -> Points:
     """A Points layer over ``image`` whose points carry a positive/negative ``label``."""
-    import pandas as pd
-
-    features = pd.DataFrame({"label": pd.Categorical([], categories=[POSITIVE, NEGATIVE])})
     layer = viewer.add_points(
         np.zeros((0, image.ndim)),
         name=name,
-        features=features,
-        face_color="label",
-        face_color_cycle={POSITIVE: POSITIVE_COLOR, NEGATIVE: NEGATIVE_COLOR},
-        border_color=edge_color,
-        border_width=0.25,
         size=max(5.0, min(_data_shape(image)[-2:]) / 40),
         scale=image.scale,
         translate=image.translate,
         ndim=image.ndim,
     )
+    style_task_points(layer, edge_color)
+    return layer
+
+
+def style_task_points(layer: Points, edge_color: str) -> None:
+    """Make ``layer`` a task's Points layer: a ``label`` feature coloured by polarity.
+
+    Points without the feature (a plain Points layer) become positive.
+    """
+    import pandas as pd
+
+    labels = np.where(point_labels(layer) == 1, POSITIVE, NEGATIVE)
+    layer.features = pd.DataFrame(
+        {"label": pd.Categorical(labels, categories=[POSITIVE, NEGATIVE])}
+    )
+    layer.face_color_cycle = {POSITIVE: POSITIVE_COLOR, NEGATIVE: NEGATIVE_COLOR}
+    layer.face_color = "label"
+    layer.border_color = edge_color
+    layer.border_width = 0.25
     layer.feature_defaults = {"label": POSITIVE}
     layer.mode = "add"
-    return layer
+
+
+def set_points(layer: Points, points: np.ndarray, labels: np.ndarray) -> None:
+    """Replace a task layer's points ``(N, layer.ndim)`` and their labels ``(N,)`` (1/0)."""
+    import pandas as pd
+
+    with layer.events.data.blocker():
+        layer.data = np.asarray(points, dtype=np.float64)
+    layer.features = pd.DataFrame(
+        {
+            "label": pd.Categorical(
+                np.where(np.asarray(labels) == 1, POSITIVE, NEGATIVE),
+                categories=[POSITIVE, NEGATIVE],
+            )
+        }
+    )
+    layer.refresh_colors()
+
+
+def refresh_slice(layer: Labels) -> None:
+    """Redraw the slice of ``layer`` on screen after its data changed in place.
+
+    Only the displayed slice is read again; the thumbnail, the extent (unchanged) and the
+    highlight are left, which is most of what a full ``refresh()`` costs per click.
+    """
+    layer.refresh(thumbnail=False, highlight=False, extent=False)
 
 
 def set_polarity(layer: Points, polarity: str) -> None:
@@ -206,5 +242,58 @@ def drop_channel(coords: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
 
 
 def is_alive(viewer: napari.Viewer, layer: Labels | Points | Image | None) -> bool:
-    """Whether ``layer`` is still in ``viewer``."""
-    return layer is not None and layer in viewer.layers
+    """Whether ``layer`` is still in ``viewer`` (compared by identity, proxies unwrapped)."""
+    if layer is None:
+        return False
+    layer = unwrap(layer)
+    return any(unwrap(other) is layer for other in unwrap(viewer).layers)
+
+
+def unwrap(obj: Any) -> Any:
+    """The napari object behind the proxies napari hands to plugins.
+
+    A widget docked from the Plugins menu gets the viewer wrapped in a proxy, and every layer
+    reached through it is wrapped again, in a new proxy each time: identity comparisons only
+    hold between the objects behind them.
+    """
+    import wrapt
+
+    while issubclass(type(obj), wrapt.ObjectProxy):
+        obj = obj.__wrapped__
+    return obj
+
+
+def inside_image(coords: np.ndarray, bounds: Sequence[int]) -> np.ndarray:
+    """``(N,)`` bool: which data-pixel points ``(N, D)`` fall inside an image of ``bounds``.
+
+    A point counts as inside when it rounds to a valid pixel (the core's own rule).
+    """
+    coords = np.asarray(coords, dtype=np.float64).reshape(len(coords), -1)
+    b = np.asarray(bounds, dtype=np.float64)
+    return ((coords >= -0.5) & (coords < b - 0.5)).all(axis=1)
+
+
+def slice_text(index: Sequence[int]) -> str:
+    """A slice index as prose: ``(12,)`` -> ``slice 12``; ``()`` -> ``the image``."""
+    if not len(index):
+        return "the image"
+    return "slice " + ", ".join(str(int(i)) for i in index)
+
+
+def slices_text(indices: Sequence[Sequence[int]], limit: int = 8) -> str:
+    """Several slice indices as prose with runs: ``[(1,), (2,), (3,), (7,)]`` -> ``1-3, 7``."""
+    items = sorted(tuple(int(v) for v in i) for i in indices)
+    if not items:
+        return "none"
+    if len(items[0]) != 1:
+        words = [", ".join(map(str, i)) for i in items]
+        return "; ".join(words[:limit]) + (f" and {len(words) - limit} more" if len(words) > limit else "")
+    runs: list[tuple[int, int]] = []
+    for (v,) in items:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], v)
+        else:
+            runs.append((v, v))
+    words = [str(a) if a == b else f"{a}-{b}" for a, b in runs]
+    more = f" and {len(words) - limit} more" if len(words) > limit else ""
+    return ", ".join(words[:limit]) + more

@@ -18,21 +18,29 @@ def nuclei_stack() -> list[LayerData]:
 
 
 def nuclei_stack_with_points() -> list[LayerData]:
-    """The synthetic nuclei stack with clicks on its middle slice and the ground truth."""
+    """The synthetic nuclei stack, its ground truth (hidden) and a ready task: nine clicks.
+
+    The clicks' Points layer is marked as a task, so the dock widget takes it up as task
+    ``nuclei`` on the stack (docked before or after the sample is opened).
+    """
     from ..core.synthetic import sample_stack
+    from .session import TASK_METADATA
 
     image, labels, points, point_labels = sample_stack()
-    colors = np.where(point_labels[:, None] == 1, [[0.0, 0.9, 0.2, 1.0]], [[0.95, 0.15, 0.15, 1.0]])
+    name = "nuclei (synthetic)"
     return [
-        (image, {"name": "nuclei (synthetic)", "colormap": "gray"}, "image"),
+        (image, {"name": name, "colormap": "gray"}, "image"),
         (labels, {"name": "ground truth", "visible": False, "opacity": 0.5}, "labels"),
         (
             points,
             {
                 "name": "nuclei points",
-                "properties": {"label": np.where(point_labels == 1, "positive", "negative")},
-                "face_color": colors,
+                "features": {"label": np.where(point_labels == 1, "positive", "negative")},
+                "face_color": np.where(
+                    point_labels[:, None] == 1, [[0.18, 0.9, 0.35, 1.0]], [[1.0, 0.23, 0.23, 1.0]]
+                ),
                 "size": 7,
+                "metadata": {TASK_METADATA: {"name": "nuclei", "image": name}},
             },
             "points",
         ),

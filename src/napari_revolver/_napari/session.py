@@ -1,19 +1,28 @@
-"""Per-viewer state of the plugin: images, tasks, their Points layers and the output labels.
+"""Per-viewer state of the plugin as an evented model: tasks, images, painted slices, runs.
 
-No Qt widgets here: the dock widget drives a :class:`Session`, and long work is handed to
-:mod:`.workers`. Coordinates cross from napari to the core in :mod:`.layers` only.
+No Qt here. :class:`Session` owns the tasks, the active task, the slices painted by hand and
+which image (read how) each task was guided on; it emits a psygnal event for every change, and
+the dock widget only listens. It tracks layers through the viewer's own layer events, by the
+identity of the layers behind napari's plugin proxies. Long work is described by a
+:class:`Run` (a core generator plus its progress); :mod:`.workers` runs it in a thread, and
+:meth:`Session.run_inline` runs it here, for scripts and tests. Coordinates cross from napari to
+the core in :mod:`.layers` only.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator, Iterable
-from dataclasses import dataclass, field
+import time
+import zlib
+from collections.abc import Generator, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from psygnal import Signal, SignalGroup
 
+from ..core.volume import VolumeSpec
 from . import layers as L
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -25,30 +34,117 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
+#: Metadata key marking a Points layer as a Revolver task (sample data, task files).
+TASK_METADATA = "revolver_task"
+
 
 @dataclass(eq=False)
 class TaskEntry:
-    """One concept the user annotates: its name, label value, colour and Points layer."""
+    """One concept the user annotates.
+
+    Attributes
+    ----------
+    name, label_value, color
+        Shown in the task list; ``label_value`` is the task's value in the Labels layer.
+    points : napari.layers.Points
+        The task's clicks (the layer itself, never a proxy of it).
+    image : napari.layers.Image or None
+        The image the task is guided on (``None`` once that layer is deleted: the next edit
+        of the points guides it on the current image).
+    spec : VolumeSpec
+        How images are read for this task (channel, invert); ``rgb`` is left to each image.
+        Applying the task to another image reads that image the same way.
+    task : Task or None
+        The guidance; ``None`` while stale (points changed since it was guided).
+    """
 
     name: str
     label_value: int
     color: str
     points: Points
+    image: Image | None
+    spec: VolumeSpec
     task: Task | None = None
+    #: Whether the user was told that some of this task's points are outside its image.
+    warned_outside: bool = False
 
 
 @dataclass(eq=False)
 class ImageState:
-    """A segmented image layer: its predictor (own feature cache) and output Labels layer."""
+    """A segmented image layer: how it is read, its predictors, its output Labels layer."""
 
     layer: Image
     geometry: L.ImageGeometry
-    predictor: RevolverPredictor
+    #: How the image is read for tasks guided on it (the image controls of the widget).
+    spec: VolumeSpec
+    #: One predictor (and feature cache) per way of reading the image, keyed by resolved spec.
+    predictors: dict[VolumeSpec, RevolverPredictor] = field(default_factory=dict)
+    store: str | Path | None = None
     labels: Labels | None = None
     #: Slices the user painted by hand; never overwritten unless asked.
-    edited: set[tuple[int, ...]] = field(default_factory=set)
+    painted: set[tuple[int, ...]] = field(default_factory=set)
+    #: Checksum of each slice as last written by the plugin (unpainted state of the slice).
+    written: dict[tuple[int, ...], int] = field(default_factory=dict)
     #: Next free instance id (instance ids are unique across slices).
     next_id: int = 1
+
+    @property
+    def predictor(self) -> RevolverPredictor:
+        """The predictor reading the image with its own spec."""
+        return self.predictors[self.spec]
+
+
+@dataclass(eq=False)
+class Run:
+    """Long work on one image: encoding slices or propagating tasks.
+
+    Attributes
+    ----------
+    kind : {"encode", "propagate"}
+    state : ImageState
+    steps : generator
+        Yields one item per slice; stopping it cancels.
+    total, done : int
+        Slice count and progress.
+    description : str
+        What the run does, as prose.
+    """
+
+    kind: str
+    state: ImageState
+    steps: Generator[Any, None, None]
+    total: int
+    description: str
+    done: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    failed: str | None = None
+    finished: bool = False
+
+    def seconds_left(self) -> float | None:
+        """Estimated time to finish (``None`` before the first slice)."""
+        if self.done == 0:
+            return None
+        per = (time.perf_counter() - self.started) / self.done
+        return per * (self.total - self.done)
+
+
+class SessionEvents(SignalGroup):
+    """What a :class:`Session` tells its listeners."""
+
+    task_added = Signal(object)  #: TaskEntry
+    task_removed = Signal(object)  #: TaskEntry
+    task_changed = Signal(object)  #: TaskEntry: name, points, polarity or guidance changed
+    task_stale = Signal(object)  #: TaskEntry: its points changed; it must be guided again
+    active_changed = Signal(int)  #: index of the active task (-1: none)
+    image_changed = Signal(object)  #: ImageState or None
+    painted_changed = Signal(object)  #: ImageState whose hand-painted slices changed
+    run_started = Signal(object)  #: Run
+    run_progressed = Signal(object)  #: Run
+    run_finished = Signal(object)  #: Run (``run.cancelled`` says how it ended)
+    run_failed = Signal(object, str)  #: Run, what failed (as prose)
+    warned = Signal(str)  #: a problem to show once (points outside the image, ...)
+    status = Signal(str)  #: what just happened, as prose
 
 
 class Session:
@@ -56,7 +152,8 @@ class Session:
 
     Parameters
     ----------
-    viewer : napari.Viewer
+    viewer : napari.Viewer or napari.components.ViewerModel
+        The viewer, as napari hands it to the plugin (a proxy is unwrapped).
     weights : path, optional
         Checkpoint; default the shipped weights.
     device : str
@@ -66,7 +163,8 @@ class Session:
     def __init__(
         self, viewer: napari.Viewer, weights: str | Path | None = None, device: str = "auto"
     ) -> None:
-        self.viewer = viewer
+        self.events = SessionEvents()
+        self.viewer = L.unwrap(viewer)
         self.weights = weights
         self.device = device
         self._base: RevolverPredictor | None = None
@@ -74,73 +172,150 @@ class Session:
         self.image: ImageState | None = None
         self.tasks: list[TaskEntry] = []
         self.active: int = -1
+        self.run: Run | None = None
         #: Output instance ids (touching objects split) instead of task label values.
         self.instances = False
         #: Clicks also act by position on other slices of their stack (follow one object).
         self.local = False
+        layers = self.viewer.layers
+        layers.events.removed.connect(self._on_layer_removed)
+        layers.events.inserted.connect(self._on_layer_inserted)
+        for layer in list(layers):
+            self._adopt_if_task(layer)
+
+    def close(self) -> None:
+        """Stop listening to the viewer and stop telling listeners (the widget was closed)."""
+        if self.viewer is None:
+            return
+        self.cancel_run()
+        self.events.disconnect()
+        layers = self.viewer.layers
+        layers.events.removed.disconnect(self._on_layer_removed)
+        layers.events.inserted.disconnect(self._on_layer_inserted)
+        for entry in self.tasks:
+            entry.points.events.data.disconnect(self._points_changed)
+        for state in self.images.values():
+            self._unwatch_labels(state)
+        self.viewer = None  # type: ignore[assignment]
 
     # --------------------------------------------------------------- model
     def set_model(self, weights: str | Path | None, device: str) -> None:
-        """Use other weights or another device; tasks must be guided again."""
+        """Use other weights or another device; tasks are guided again from their points."""
         if (weights, device) == (self.weights, self.device) and self._base is not None:
             return
         self.weights, self.device = weights, device
         self._base = None
-        for t in self.tasks:
-            t.task = None
+        self.base_predictor()
         # Each image keeps its output layer and the slices painted by hand; only the
-        # predictor (and with it the feature cache) is replaced.
+        # predictors (and with them the feature caches) are replaced.
         for state in self.images.values():
-            kwargs = _volume_kwargs(state)
-            state.predictor = self.base_predictor().clone()
-            state.predictor.set_volume(state.geometry.data, **kwargs)
+            state.predictors.clear()
+            self.predictor_for(state, state.spec)
+        self._mark_all_stale()
 
     def base_predictor(self) -> RevolverPredictor:
-        """The loaded model (loaded once, shared by every image's predictor)."""
+        """The loaded model (loaded once, shared by every image's predictors)."""
         if self._base is None:
             from ..core.predictor import RevolverPredictor
 
             self._base = RevolverPredictor(self.weights, self.device)
         return self._base
 
+    def predictor_for(self, state: ImageState, spec: VolumeSpec) -> RevolverPredictor:
+        """The predictor reading ``state``'s image as ``spec`` says, made on first use.
+
+        Raises
+        ------
+        ValueError
+            ``spec`` does not fit the image (a channel axis it lacks, a channel out of range).
+        """
+        spec = self._image_spec(state, spec)
+        predictor = state.predictors.get(spec)
+        if predictor is None:
+            predictor = self.base_predictor().clone()
+            store = state.store if spec == state.spec else None
+            predictor.set_volume(state.geometry.data, spec, store=store)
+            state.predictors[spec] = predictor
+        return predictor
+
+    @staticmethod
+    def _image_spec(state: ImageState, spec: VolumeSpec) -> VolumeSpec:
+        """``spec`` for this image: its RGB setting, checked against its channel axis."""
+        if spec.channel_axis != state.geometry.channel_axis:
+            raise ValueError(
+                f"it reads channel {spec.channel} of axis {spec.channel_axis}, and "
+                f"{state.layer.name!r} is read "
+                + (
+                    "without a channel axis"
+                    if state.geometry.channel_axis is None
+                    else f"with channel axis {state.geometry.channel_axis}"
+                )
+            )
+        return replace(spec, rgb=state.geometry.rgb)
+
     # --------------------------------------------------------------- images
     def set_image(
         self, layer: Image, channel_axis: int | None = None, channel: int | None = None
     ) -> ImageState:
-        """Make ``layer`` the image being segmented (its features are kept if seen before)."""
+        """Make ``layer`` the image being segmented (features are kept if seen before).
+
+        Tasks guided on this image follow a change of its channel.
+        """
+        layer = L.unwrap(layer)
         state = self.state_for(layer, channel_axis, channel)
-        self.image = state
+        if state is not self.image:
+            self.image = state
+            self.events.image_changed.emit(state)
         return state
 
     def state_for(
         self, layer: Image, channel_axis: int | None = None, channel: int | None = None
     ) -> ImageState:
-        """The :class:`ImageState` of ``layer``, created on first use."""
-        key = id(layer)
-        state = self.images.get(key)
-        if (
-            state is not None
-            and state.geometry.channel_axis == channel_axis
-            and (channel_axis is None or state.predictor._channel == (channel_axis, channel))
-        ):
-            return state
+        """The :class:`ImageState` of ``layer``, created (or re-read) on first use."""
+        layer = L.unwrap(layer)
+        old = self.images.get(id(layer))
+        invert = old.spec.invert if old is not None else False
+        spec = VolumeSpec(None, channel_axis, channel if channel_axis is not None else None, invert)
+        if old is not None and replace(old.spec, rgb=None) == spec:
+            return old
         geometry = L.image_geometry(layer, channel_axis)
-        predictor = self.base_predictor().clone()
-        kwargs: dict[str, Any] = {"rgb": geometry.rgb}
-        if channel_axis is not None:
-            kwargs.update(channel_axis=channel_axis, channel=channel)
-        predictor.set_volume(geometry.data, **kwargs)
-        state = ImageState(layer, geometry, predictor)
+        state = ImageState(layer, geometry, replace(spec, rgb=geometry.rgb))
+        if old is not None:
+            state.store = old.store if old.geometry.channel_axis == channel_axis else None
+        self.predictor_for(state, state.spec)
+        if old is not None and old.geometry.channel_axis == channel_axis:
+            # Same geometry: keep the output layer and the painted slices.
+            state.labels, state.painted, state.written = old.labels, old.painted, old.written
+            state.next_id = old.next_id
+            self._unwatch_labels(old)
+            if state.labels is not None:
+                self._watch_labels(state)
+        else:
+            self._reuse_labels_layer(state)
+        self.images[id(layer)] = state
+        if self.image is old and old is not None:
+            self.image = state
+        self._rebind(old, state)
+        return state
+
+    def _rebind(self, old: ImageState | None, new: ImageState) -> None:
+        """Tasks guided on ``old`` read the image as ``new`` does from now on."""
+        if old is None:
+            return
+        for entry in self.tasks:
+            if entry.image is old.layer:
+                entry.spec = replace(new.spec, rgb=None)
+                self._stale(entry)
+
+    def _reuse_labels_layer(self, state: ImageState) -> None:
         # Keep writing into the output layer of an earlier model or channel choice.
-        name = f"{layer.name} [revolver]"
-        shape = L.labels_shape(layer, geometry)
+        name = f"{state.layer.name} [revolver]"
+        shape = L.labels_shape(state.layer, state.geometry)
         for existing in self.viewer.layers:
             if existing.name == name and tuple(existing.data.shape) == shape:
                 state.labels = existing
-                existing.events.paint.connect(lambda event, s=state: self._on_paint(s, event))
+                self._watch_labels(state)
                 break
-        self.images[key] = state
-        return state
 
     def use_store(self, path: str | Path | None, state: ImageState | None = None) -> ImageState:
         """Read and fill an on-disk feature store (zarr) for an image, e.g. one made by
@@ -149,81 +324,176 @@ class Session:
         A store made for other data or another model is recomputed, never reused.
         """
         state = state or self.require_image()
-        state.predictor.set_volume(state.geometry.data, store=path, **_volume_kwargs(state))
-        for t in self.tasks:
-            t.task = None
+        state.store = path
+        state.predictors.pop(state.spec, None)
+        self.predictor_for(state, state.spec)
         return state
 
     def set_invert(self, on: bool, state: ImageState | None = None) -> ImageState:
-        """Reverse intensities of an image (dark objects on a light background) or not.
+        """Read an image with reversed intensities (dark objects on a light background) or not.
 
-        Its features are recomputed (in memory; an on-disk store holds the other setting's
-        features) and the tasks guided again on the next update.
+        Tasks guided on this image are guided again, on features of the new reading; tasks
+        guided on other images keep theirs (and read this image as they were guided).
         """
         state = state or self.require_image()
-        if state.predictor.preprocessing.invert == bool(on):
+        if state.spec.invert == bool(on):
             return state
-        kwargs = {**_volume_kwargs(state), "invert": bool(on)}
-        state.predictor.set_volume(state.geometry.data, **kwargs)
-        for t in self.tasks:
-            t.task = None
+        old_spec = state.spec
+        state.spec = replace(state.spec, invert=bool(on))
+        # An on-disk store holds the other setting's features: this reading stays in memory.
+        state.store = None
+        state.predictors.pop(old_spec, None)
+        self.predictor_for(state, state.spec)
+        for entry in self.tasks:
+            if entry.image is state.layer:
+                entry.spec = replace(entry.spec, invert=bool(on))
+                self._stale(entry)
         return state
 
-    def forget_layer(self, layer: Any) -> None:
-        """Drop state tied to a layer the user deleted."""
-        self.images.pop(id(layer), None)
-        if self.image is not None and self.image.layer is layer:
-            self.image = None
-        for state in self.images.values():
-            if state.labels is layer:
-                state.labels = None
-                state.edited.clear()
-        for i in reversed(range(len(self.tasks))):
-            if self.tasks[i].points is layer:
-                self.remove_task(i, delete_layer=False)
-
     def require_image(self) -> ImageState:
+        """The current image's state; ``ValueError`` (what to do) when there is none."""
         if self.image is None or not L.is_alive(self.viewer, self.image.layer):
             raise ValueError("choose an image layer to segment first")
         return self.image
 
+    # ---------------------------------------------------------- layer events
+    def _on_layer_removed(self, event: Any) -> None:
+        layer = L.unwrap(event.value)
+        if self.run is not None and layer in (self.run.state.layer, self.run.state.labels):
+            self.cancel_run()
+        state = self.images.pop(id(layer), None)
+        if state is not None and state.layer is layer:
+            self._unwatch_labels(state)
+            for entry in self.tasks:
+                if entry.image is layer:
+                    entry.image = None
+            if self.image is state:
+                self.image = None
+                self.events.image_changed.emit(None)
+        elif state is not None:  # an id reused by another object: put it back
+            self.images[id(layer)] = state
+        for other in self.images.values():
+            if other.labels is layer:
+                self._unwatch_labels(other)
+                other.labels = None
+                other.written.clear()
+                if other.painted:
+                    other.painted.clear()
+                    self.events.painted_changed.emit(other)
+        for entry in list(self.tasks):
+            if entry.points is layer:
+                self.remove_task(entry, delete_layer=False)
+
+    def _on_layer_inserted(self, event: Any) -> None:
+        self._adopt_if_task(L.unwrap(event.value))
+
+    def _adopt_if_task(self, layer: Any) -> None:
+        """A Points layer marked as a task (sample data, a task file) becomes a task."""
+        from napari.layers import Points
+
+        meta = getattr(layer, "metadata", None) or {}
+        if not isinstance(layer, Points) or TASK_METADATA not in meta:
+            return
+        if any(t.points is layer for t in self.tasks):
+            return
+        info = meta[TASK_METADATA] if isinstance(meta[TASK_METADATA], dict) else {}
+        name = self.unique_name(str(info.get("name") or layer.name.removesuffix(" points")))
+        image = self._image_named(info.get("image"))
+        try:
+            self.adopt_points(layer, name, image=image, invert=bool(info.get("invert", False)))
+        except ValueError as exc:
+            self.events.warned.emit(f"Points layer {layer.name!r} is not used as a task: {exc}")
+
+    def _image_named(self, name: Any) -> Image | None:
+        from napari.layers import Image
+
+        for layer in self.viewer.layers:
+            if isinstance(layer, Image) and layer.name == name:
+                return layer
+        return None
+
     # ---------------------------------------------------------------- tasks
+    def _new_task_fields(self, name: str | None) -> tuple[str, int, str]:
+        used = {t.label_value for t in self.tasks}
+        value = next(v for v in range(1, 10_000) if v not in used)
+        name = (name or f"task {value}").strip()
+        if any(t.name == name for t in self.tasks):
+            raise ValueError(f"a task named {name!r} exists already")
+        return name, value, L.TASK_COLORS[(value - 1) % len(L.TASK_COLORS)]
+
+    def unique_name(self, name: str) -> str:
+        """``name``, or ``name (2)``, ``name (3)``, ... if a task has it already."""
+        out, k = name, 2
+        while any(t.name == out for t in self.tasks):
+            out, k = f"{name} ({k})", k + 1
+        return out
+
     def add_task(self, name: str | None = None) -> TaskEntry:
         """A new task with its own Points layer over the current image; it becomes active."""
         state = self.require_image()
-        used = {t.label_value for t in self.tasks}
-        value = next(v for v in range(1, 10_000) if v not in used)
-        name = name or f"task {value}"
-        if any(t.name == name for t in self.tasks):
-            raise ValueError(f"a task named {name!r} exists already")
-        color = L.TASK_COLORS[(value - 1) % len(L.TASK_COLORS)]
-        points = L.new_points_layer(self.viewer, f"{name} points", state.layer, color)
-        entry = TaskEntry(name, value, color, points)
-        self.tasks.append(entry)
-        self.active = len(self.tasks) - 1
-        for other in self.images.values():
-            if other.labels is not None and L.is_alive(self.viewer, other.labels):
-                self._recolor(other.labels)
+        name, value, color = self._new_task_fields(name)
+        points = L.unwrap(
+            L.new_points_layer(self.viewer, f"{name} points", state.layer, color)
+        )
+        entry = TaskEntry(name, value, color, points, state.layer, replace(state.spec, rgb=None))
+        self._add_entry(entry)
         return entry
 
-    def remove_task(self, index: int, *, delete_layer: bool = True) -> None:
-        entry = self.tasks.pop(index)
+    def adopt_points(
+        self, layer: Points, name: str, *, image: Image | None = None, invert: bool = False
+    ) -> TaskEntry:
+        """Make an existing Points layer a task (its ``label`` feature gives the polarity)."""
+        layer = L.unwrap(layer)
+        if image is None and self.image is not None:
+            image = self.image.layer
+        base = self.images.get(id(image)) if image is not None else None
+        name, value, color = self._new_task_fields(name)
+        spec = replace(base.spec, rgb=None) if base is not None else VolumeSpec()
+        entry = TaskEntry(name, value, color, layer, image, replace(spec, invert=invert))
+        L.style_task_points(layer, color)
+        self._add_entry(entry)
+        return entry
+
+    def _add_entry(self, entry: TaskEntry) -> None:
+        self.tasks.append(entry)
+        entry.points.events.data.connect(self._points_changed)
+        self.events.task_added.emit(entry)
+        self.set_active(len(self.tasks) - 1)
+        for other in self.images.values():
+            if other.labels is not None:
+                self._recolor(other.labels)
+
+    def remove_task(self, entry: TaskEntry | int, *, delete_layer: bool = True) -> None:
+        """Forget a task; its pixels go, except on slices painted by hand."""
+        if isinstance(entry, int):
+            entry = self.tasks[entry]
+        if entry not in self.tasks:
+            return
+        if self.run is not None:
+            self.cancel_run()
+        self.tasks.remove(entry)
+        entry.points.events.data.disconnect(self._points_changed)
         if delete_layer and L.is_alive(self.viewer, entry.points):
             self.viewer.layers.remove(entry.points)
-        self.active = min(self.active, len(self.tasks) - 1)
-        # The task's pixels go, except on slices the user painted by hand.
         for state in self.images.values():
-            if state.labels is None or not L.is_alive(self.viewer, state.labels):
-                continue
-            data = state.labels.data
-            n = state.geometry.leading_ndim
-            for k in np.ndindex(*data.shape[:n]):
-                if k not in state.edited:
-                    plane = data[k]
-                    plane[plane == entry.label_value] = 0
-            state.labels.refresh()
+            if state.labels is not None:
+                self._erase_value(state, entry.label_value)
+        self.events.task_removed.emit(entry)
+        self.set_active(min(self.active, len(self.tasks) - 1))
+
+    def _erase_value(self, state: ImageState, value: int) -> None:
+        assert state.labels is not None
+        data = state.labels.data
+        n = state.geometry.leading_ndim
+        for k in np.ndindex(*data.shape[:n]):
+            if k not in state.painted:
+                plane = data[k]
+                plane[plane == value] = 0
+                state.written[k] = _checksum(plane)
+        state.labels.refresh()
 
     def rename_task(self, index: int, name: str) -> None:
+        """Rename a task and its Points layer; ``ValueError`` for an empty or taken name."""
         name = name.strip()
         if not name:
             raise ValueError("a task name cannot be empty")
@@ -234,46 +504,132 @@ class Session:
         entry.points.name = f"{name} points"
         if entry.task is not None:
             entry.task = entry.task.renamed(name)
+        self.events.task_changed.emit(entry)
+
+    def set_active(self, index: int) -> None:
+        """Make task ``index`` the one clicks go to (``-1``: none); its layer is selected."""
+        index = index if 0 <= index < len(self.tasks) else -1
+        changed = index != self.active
+        self.active = index
+        entry = self.active_task()
+        if entry is not None and L.is_alive(self.viewer, entry.points):
+            self.viewer.layers.selection.active = entry.points
+            entry.points.mode = "add"
+        if changed or entry is not None:
+            self.events.active_changed.emit(index)
 
     def active_task(self) -> TaskEntry | None:
+        """The task clicks go to, if any."""
         return self.tasks[self.active] if 0 <= self.active < len(self.tasks) else None
+
+    def toggle_polarity(self, entry: TaskEntry | None = None) -> str | None:
+        """Switch the next point of a task (default the active one); returns the new polarity."""
+        entry = entry or self.active_task()
+        if entry is None:
+            return None
+        new = L.NEGATIVE if L.polarity(entry.points) == L.POSITIVE else L.POSITIVE
+        L.set_polarity(entry.points, new)
+        self.events.task_changed.emit(entry)
+        return new
+
+    def _points_changed(self, event: Any) -> None:
+        action = str(getattr(event, "action", "")).lower()
+        if action.endswith("ing"):  # adding, changing, removing: wait for the final event
+            return
+        source = L.unwrap(getattr(event, "source", None))
+        entry = next((t for t in self.tasks if t.points is source), None)
+        if entry is None:
+            return
+        if entry.image is None or not L.is_alive(self.viewer, entry.image):
+            # Its image is gone: the points now guide it on the image on screen.
+            entry.image = self.image.layer if self.image is not None else None
+        self._stale(entry)
+
+    def _stale(self, entry: TaskEntry) -> None:
+        entry.task = None
+        self.events.task_stale.emit(entry)
+        self.events.task_changed.emit(entry)
+
+    def _mark_all_stale(self) -> None:
+        for entry in self.tasks:
+            self._stale(entry)
+
+    def image_state_of(self, entry: TaskEntry) -> ImageState:
+        """The state of the image ``entry`` is guided on; ``ValueError`` when it is gone."""
+        if entry.image is None or not L.is_alive(self.viewer, entry.image):
+            raise ValueError(
+                f"task {entry.name!r} has lost the image it was guided on: move or add a point "
+                "to guide it on the image on screen"
+            )
+        state = self.images.get(id(entry.image))
+        if state is None or state.layer is not entry.image:
+            state = self.state_for(entry.image)
+        return state
 
     def task_points(
         self, entry: TaskEntry, state: ImageState | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Points of ``entry`` in the data coordinates of the image ``(N, leading + 2)``."""
-        state = state or self.require_image()
+        """Points of ``entry`` in data pixels of an image ``(N, leading + 2)`` and labels.
+
+        Default: the image the task is guided on. Points outside it are left out.
+        """
+        state = state or self.image_state_of(entry)
         pts = np.asarray(entry.points.data, dtype=np.float64)
         if len(pts) == 0:
             return np.zeros((0, state.geometry.slice_ndim)), np.zeros(0, np.int8)
         coords = L.to_image_data(entry.points, pts, state.layer, L.world_point(self.viewer))
-        return L.drop_channel(coords, state.geometry), L.point_labels(entry.points)
+        coords = L.drop_channel(coords, state.geometry)
+        labels = L.point_labels(entry.points)
+        keep = L.inside_image(coords, L.labels_shape(state.layer, state.geometry))
+        if not keep.all():
+            if not entry.warned_outside:
+                entry.warned_outside = True
+                self.events.warned.emit(
+                    f"Task {entry.name!r}: {int((~keep).sum())} point(s) lie outside "
+                    f"{state.layer.name!r} and are left out."
+                )
+        else:
+            entry.warned_outside = False
+        return coords[keep], labels[keep]
 
     def support_slices(self, entry: TaskEntry) -> set[tuple[int, ...]]:
-        """Leading indices of the slices ``entry`` has points on."""
-        state = self.require_image()
+        """Leading indices of the slices ``entry`` has points on, in its own image."""
+        state = self.image_state_of(entry)
         pts, _ = self.task_points(entry, state)
         n = state.geometry.leading_ndim
         return {tuple(int(v) for v in np.rint(p[:n])) for p in pts}
 
     def guide(self, entry: TaskEntry) -> Task | None:
-        """Re-guide ``entry`` from its points; ``None`` when it has no positive point yet.
-
-        Raises
-        ------
-        ValueError
-            Points outside the image (message names the point).
-        """
-        state = self.require_image()
+        """Guide ``entry`` again from its points; ``None`` when it has no positive point yet."""
+        state = self.image_state_of(entry)
         pts, lab = self.task_points(entry, state)
         if not (lab == 1).any():
             entry.task = None
             return None
-        entry.task = state.predictor.guide(pts, lab, name=entry.name, label_value=entry.label_value)
+        predictor = self.predictor_for(state, entry.spec)
+        entry.task = predictor.guide(pts, lab, name=entry.name, label_value=entry.label_value)
+        self.events.task_changed.emit(entry)
         return entry.task
 
-    def guided_tasks(self) -> list[Task]:
-        return [t.task for t in self.tasks if t.task is not None]
+    def guide_stale(self) -> list[str]:
+        """Guide every stale task that has points; returns the problems, as prose."""
+        problems = []
+        for entry in self.tasks:
+            if entry.task is not None or not len(entry.points.data):
+                continue
+            try:
+                if self.guide(entry) is None:
+                    problems.append(
+                        f"Task {entry.name!r} has no positive point yet: click on the object "
+                        "with the positive polarity."
+                    )
+            except ValueError as exc:
+                problems.append(f"Task {entry.name!r}: {exc}")
+        return problems
+
+    def guided_tasks(self) -> list[TaskEntry]:
+        """Tasks with guidance, in list order."""
+        return [t for t in self.tasks if t.task is not None]
 
     # --------------------------------------------------------------- labels
     def labels_layer(self, state: ImageState | None = None) -> Labels:
@@ -283,24 +639,42 @@ class Session:
             return state.labels
         shape = L.labels_shape(state.layer, state.geometry)
         dtype = np.uint8 if len(self.tasks) < 255 else np.uint16
-        layer = self.viewer.add_labels(
-            np.zeros(shape, dtype),
-            name=f"{state.layer.name} [revolver]",
-            opacity=0.5,
-            **L.spatial_transform(state.layer, state.geometry),
+        layer = L.unwrap(
+            self.viewer.add_labels(
+                np.zeros(shape, dtype),
+                name=f"{state.layer.name} [revolver]",
+                opacity=0.5,
+                **L.spatial_transform(state.layer, state.geometry),
+            )
         )
-        layer.events.paint.connect(lambda event, s=state: self._on_paint(s, event))
         state.labels = layer
-        state.edited.clear()
+        state.written.clear()
+        if state.painted:
+            state.painted.clear()
+            self.events.painted_changed.emit(state)
+        self._watch_labels(state)
         self._recolor(layer)
         # Keep the task's Points layers on top so the clicks stay visible and clickable.
         for t in self.tasks:
             if L.is_alive(self.viewer, t.points):
                 self.viewer.layers.move(self.viewer.layers.index(t.points), len(self.viewer.layers))
-        self.viewer.layers.selection.active = (
-            self.tasks[self.active].points if self.active_task() else layer
-        )
+        active = self.active_task()
+        self.viewer.layers.selection.active = active.points if active else layer
         return layer
+
+    def _watch_labels(self, state: ImageState) -> None:
+        assert state.labels is not None
+        state.labels.events.paint.connect(self._on_paint)
+        state.labels.events.set_data.connect(self._on_labels_data)
+
+    def _unwatch_labels(self, state: ImageState) -> None:
+        if state.labels is not None:
+            state.labels.events.paint.disconnect(self._on_paint)
+            state.labels.events.set_data.disconnect(self._on_labels_data)
+
+    def _state_of_labels(self, layer: Any) -> ImageState | None:
+        layer = L.unwrap(layer)
+        return next((s for s in self.images.values() if s.labels is layer), None)
 
     def _recolor(self, layer: Labels) -> None:
         try:
@@ -312,16 +686,42 @@ class Session:
         except Exception as exc:  # older napari: keep its automatic colours
             logger.debug("could not set task colours on the labels layer: %s", exc)
 
-    def _on_paint(self, state: ImageState, event: Any) -> None:
+    def _on_paint(self, event: Any) -> None:
+        state = self._state_of_labels(event.source)
+        if state is None or state.labels is None:
+            return
         n = state.geometry.leading_ndim
-        # napari gives a list of (indices, old values[, new value]) per paint stroke.
+        before = set(state.painted)
+        # napari gives a list of history atoms per stroke; each starts with its indices.
         for item in getattr(event, "value", None) or []:
-            indices = item[0]
-            state.edited.update(
-                _painted_slices(
-                    indices, n, state.labels.data.shape[:n] if state.labels is not None else ()
-                )
-            )
+            state.painted.update(_painted_slices(item[0], n, state.labels.data.shape[:n]))
+        if state.painted != before:
+            self.events.painted_changed.emit(state)
+
+    def _on_labels_data(self, event: Any) -> None:
+        """After an undo or redo: a slice is painted when it differs from what was written."""
+        state = self._state_of_labels(event.source)
+        if state is None or state.labels is None or not L.is_alive(self.viewer, state.layer):
+            return
+        data = state.labels.data
+        check = set(state.painted)
+        if state.geometry.leading_ndim:
+            check.add(L.current_slice(self.viewer, state.layer, state.geometry))
+        changed = False
+        for k in check:
+            painted = _checksum(data[k]) != state.written.get(k, _zero_checksum(data[k]))
+            if painted != (k in state.painted):
+                (state.painted.add if painted else state.painted.discard)(k)
+                changed = True
+        if changed:
+            self.events.painted_changed.emit(state)
+
+    def forget_painted(self, state: ImageState | None = None) -> None:
+        """Let live updates and propagation write over the slices painted by hand again."""
+        state = state or self.require_image()
+        if state.painted:
+            state.painted.clear()
+            self.events.painted_changed.emit(state)
 
     def write_slice(
         self,
@@ -334,17 +734,16 @@ class Session:
     ) -> bool:
         """Put a slice's result into the Labels layer unless the user painted that slice.
 
-        Returns whether the slice was written.
+        Only the slice on screen is redrawn (``refresh``); returns whether it was written.
         """
         state = state or self.require_image()
-        if index in state.edited and not force:
+        if index in state.painted and not force:
             return False
         layer = self.labels_layer(state)
-        if force:
-            state.edited.discard(index)
+        if force and index in state.painted:
+            state.painted.discard(index)
+            self.events.painted_changed.emit(state)
         data = layer.data
-        if result.dtype == bool:
-            result = result.astype(data.dtype)
         if self.instances:
             n = int(result.max(initial=0))
             result = np.where(result > 0, result.astype(np.uint32) + (state.next_id - 1), 0)
@@ -354,82 +753,276 @@ class Session:
             layer.data = data.astype(np.uint16 if top < 65536 else np.uint32)
             data = layer.data
         data[index] = result
-        if refresh:
-            layer.refresh()
+        state.written[index] = _checksum(data[index])
+        if refresh and self._on_screen(state, index):
+            L.refresh_slice(layer)
         return True
 
-    def predict_current(
-        self, index: tuple[int, ...], state: ImageState | None = None
-    ) -> np.ndarray | None:
-        """Label image of every guided task on one slice (``None`` without tasks)."""
-        state = state or self.require_image()
-        tasks = self.guided_tasks()
-        if not tasks:
-            return None
-        return state.predictor.predict_slice(
-            index, tasks, instances=self.instances, local=self.local
-        )
+    def _on_screen(self, state: ImageState, index: tuple[int, ...]) -> bool:
+        if not state.geometry.leading_ndim or self.viewer.dims.ndisplay == 3:
+            return True
+        return L.current_slice(self.viewer, state.layer, state.geometry) == index
 
     def clear_slice(self, index: tuple[int, ...], state: ImageState | None = None) -> None:
         """Blank a slice's labels after the last positive point is gone."""
         state = state or self.require_image()
-        if state.labels is not None and index not in state.edited:
+        if state.labels is not None and index not in state.painted:
             state.labels.data[index] = 0
-            state.labels.refresh()
+            state.written[index] = _checksum(state.labels.data[index])
+            L.refresh_slice(state.labels)
+
+    # ------------------------------------------------------------ predicting
+    def _groups(self, state: ImageState) -> list[tuple[RevolverPredictor, list[Task]]]:
+        """Guided tasks grouped by how they read ``state``'s image (one predictor each).
+
+        Tasks that cannot read this image (another channel axis) are left out with a warning.
+        """
+        groups: dict[VolumeSpec, list[Task]] = {}
+        for entry in self.guided_tasks():
+            try:
+                spec = self._image_spec(state, entry.spec)
+            except ValueError as exc:
+                self.events.warned.emit(f"Task {entry.name!r} is not applied: {exc}.")
+                continue
+            assert entry.task is not None
+            groups.setdefault(spec, []).append(entry.task)
+        return [(self.predictor_for(state, spec), tasks) for spec, tasks in groups.items()]
 
     def missing_features(
         self, indices: Iterable[tuple[int, ...]], state: ImageState | None = None
-    ) -> list[tuple[int, ...]]:
-        """Which of ``indices`` have no cached features yet."""
+    ) -> list[tuple[RevolverPredictor, tuple[int, ...]]]:
+        """``(predictor, index)`` pairs without cached features, for the tasks of an image.
+
+        Covers the slices ``indices`` of ``state`` for every reading its tasks need, and the
+        support slices of stale tasks on the images they are guided on.
+        """
         state = state or self.require_image()
-        info = state.predictor.info
-        out = []
-        for idx in indices:
+        readings = {state.spec} | {
+            self._image_spec(state, t.spec)
+            for t in self.tasks
+            if (t.task is not None or len(t.points.data))
+            and t.spec.channel_axis == state.geometry.channel_axis
+        }
+        jobs = [(self.predictor_for(state, spec), idx) for spec in readings for idx in indices]
+        for entry in self.tasks:
+            if entry.task is None and len(entry.points.data):
+                try:
+                    own = self.image_state_of(entry)
+                    support = self.support_slices(entry)
+                except ValueError:
+                    continue
+                predictor = self.predictor_for(own, entry.spec)
+                jobs.extend((predictor, idx) for idx in sorted(support))
+        out, seen = [], set()
+        for predictor, idx in jobs:
+            key = (id(predictor), idx)
+            if key in seen:
+                continue
+            seen.add(key)
             try:
-                k = info.flat(idx)
+                k = predictor.info.flat(idx)
             except IndexError:
                 continue
-            if k not in state.predictor.cache:
-                out.append(idx)
+            if k not in predictor.cache:
+                out.append((predictor, idx))
         return out
 
-    # ---------------------------------------------------------- propagation
+    def predict(self, index: tuple[int, ...], state: ImageState | None = None) -> np.ndarray | None:
+        """Label image of every guided task on one slice of an image (``None`` without tasks)."""
+        state = state or self.require_image()
+        groups = self._groups(state)
+        if not groups:
+            return None
+        probs = [p.predict_proba(index, tasks, local=self.local) for p, tasks in groups]
+        return self._labels(probs, [t for _, tasks in groups for t in tasks])
+
+    def _labels(self, probs: list[np.ndarray], tasks: list[Task]) -> np.ndarray:
+        from ..core.instances import mask_to_instances
+        from ..core.predictor import labels_from_probabilities
+
+        labels = labels_from_probabilities(
+            np.concatenate(probs, axis=0), [t.label_value for t in tasks]
+        )
+        return mask_to_instances(labels > 0) if self.instances else labels
+
+    def update_slice(self, index: tuple[int, ...] | None = None) -> str:
+        """Guide stale tasks and repaint one slice (default the one on screen) of the image.
+
+        Features must be cached (see :meth:`missing_features`). Returns what happened, as
+        prose; problems with tasks are emitted as ``warned``.
+        """
+        state = self.require_image()
+        if index is None:
+            index = L.current_slice(self.viewer, state.layer, state.geometry)
+        for problem in self.guide_stale():
+            self.events.warned.emit(problem)
+        result = self.predict(index, state)
+        where = L.slice_text(index)
+        if result is None:
+            self.clear_slice(index, state)
+            return f"No task has a positive point yet; {where} is blank."
+        if self.write_slice(index, result, state=state):
+            return f"Updated {where}."
+        return (
+            f"{where[0].upper()}{where[1:]} was painted by hand and is kept; propagate with "
+            "'Also recompute slices I painted' to replace it."
+        )
+
+    # ---------------------------------------------------------------- runs
+    def encoding(self, jobs: list[tuple[RevolverPredictor, tuple[int, ...]]]) -> Run:
+        """A run that encodes the slices of ``jobs`` (from :meth:`missing_features`)."""
+        state = self.require_image()
+
+        def steps() -> Generator[tuple[int, ...], None, None]:
+            for predictor, idx in jobs:
+                predictor.features(idx)
+                yield idx
+
+        n = len(jobs)
+        return self._start(Run("encode", state, steps(), n, f"Encoding {n} slice(s)"))
+
     def propagation(
         self,
-        indices: list[tuple[int, ...]] | None = None,
+        first: int | None = None,
+        last: int | None = None,
         *,
         state: ImageState | None = None,
-        recompute_edited: bool = False,
-    ) -> Generator[Any, None, None]:
-        """Core generator over slices to segment (edited slices skipped unless asked)."""
+        recompute_painted: bool = False,
+    ) -> Run:
+        """A run that segments slices ``first..last`` (first axis, inclusive) of an image.
+
+        Every guided task takes part, each reading the image as it was guided (the image
+        need not be the one the tasks were guided on). Painted slices are skipped unless
+        ``recompute_painted``.
+
+        Raises
+        ------
+        ValueError
+            No guided task, an empty range, or a task that cannot read the image.
+        """
         state = state or self.require_image()
-        tasks = self.guided_tasks()
-        if not tasks:
+        for problem in self.guide_stale():
+            self.events.warned.emit(problem)
+        if not self.guided_tasks():
             raise ValueError("no task has a positive point yet: click on an object first")
         info = state.predictor.info
-        if indices is None:
-            indices = [info.unflat(k) for k in range(info.n_slices)]
-        if not recompute_edited:
-            indices = [i for i in indices if i not in state.edited]
-        return state.predictor.propagate(tasks, indices, instances=self.instances, local=self.local)
+        indices = [info.unflat(k) for k in range(info.n_slices)]
+        if info.leading_shape and (first is not None or last is not None):
+            a = 0 if first is None else first
+            b = info.leading_shape[0] - 1 if last is None else last
+            if a > b:
+                raise ValueError(
+                    f"the slice range {a} to {b} is empty; the first slice must not come "
+                    "after the last"
+                )
+            indices = [i for i in indices if a <= i[0] <= b]
+        if not recompute_painted:
+            indices = [i for i in indices if i not in state.painted]
+        groups = self._groups(state)
+        if not groups:
+            raise ValueError(f"no task can be applied to {state.layer.name!r}")
+        tasks = [t for _, ts in groups for t in ts]
+        gens = [
+            p.propagate(ts, indices, output="probabilities", local=self.local) for p, ts in groups
+        ]
+
+        def steps() -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+            for parts in zip(*gens, strict=True):
+                yield parts[0].index, self._labels([s.result for s in parts], tasks)
+
+        name = state.layer.name
+        where = "" if state is self.image else f" of {name!r}"
+        return self._start(
+            Run("propagate", state, steps(), len(indices), f"Propagating to {len(indices)} "
+                f"slice(s){where}")
+        )
+
+    def _start(self, run: Run) -> Run:
+        if self.run is not None and not self.run.finished:
+            raise ValueError("a run is in progress; wait for it or cancel it")
+        self.run = run
+        self.events.run_started.emit(run)
+        return run
+
+    def run_step(self, run: Run, item: Any) -> None:
+        """Apply one step of a run on the main thread (a propagated slice is written)."""
+        if run is not self.run or run.finished or self.viewer is None:
+            return
+        if run.kind == "propagate":
+            index, result = item
+            if not L.is_alive(self.viewer, run.state.layer):
+                self.cancel_run()
+                return
+            self.write_slice(index, result, state=run.state, force=True)
+        run.done += 1
+        self.events.run_progressed.emit(run)
+
+    def finish_run(self, run: Run) -> None:
+        """End a run that stopped (done or cancelled); a failed run has ended already."""
+        if run.finished:
+            return
+        run.finished = True
+        if self.run is run:
+            self.run = None
+        if self.viewer is None:  # closed
+            return
+        state = run.state
+        if run.kind == "propagate" and state.labels is not None:
+            if L.is_alive(self.viewer, state.labels):
+                state.labels.refresh()
+        if run.kind == "propagate":
+            self.events.status.emit(
+                f"Propagation cancelled after {run.done} of {run.total} slices; they are kept."
+                if run.cancelled
+                else f"Propagated to {run.done} slice(s)."
+            )
+        self.events.run_finished.emit(run)
+
+    def fail_run(self, run: Run, exc: BaseException) -> None:
+        """End a run with an error: one ``run_failed`` event saying what failed."""
+        if run.finished:
+            return
+        run.finished, run.failed = True, str(exc)
+        if self.run is run:
+            self.run = None
+        if self.viewer is None:  # closed: nobody to tell
+            return
+        what = "Encoding slices" if run.kind == "encode" else "Propagation"
+        where = run.state.layer.name
+        message = f"{what} of {where!r} failed after {run.done} of {run.total} slices: {exc}"
+        logger.debug("run failed", exc_info=exc)
+        self.events.run_failed.emit(run, message)
+
+    def cancel_run(self) -> None:
+        """Ask the running run to stop (a worker stops at the next slice)."""
+        if self.run is not None:
+            self.run.cancelled = True
+
+    def run_inline(self, run: Run) -> Run:
+        """Run ``run`` to its end on this thread (scripts, tests; the widget uses a worker)."""
+        try:
+            for item in run.steps:
+                if run.cancelled:
+                    break
+                self.run_step(run, item)
+        except Exception as exc:
+            self.fail_run(run, exc)
+        else:
+            self.finish_run(run)
+        return run
 
     # ------------------------------------------------------------------ io
     def save_labels(self, path: str | Path, *, overwrite: bool = True) -> Path:
-        from ..core.io import write_labels
+        """Write the current image's labels as a TIFF with axes and pixel size."""
+        from .io import write_labels_layer
 
         state = self.require_image()
         if state.labels is None:
             raise ValueError("there are no labels to save yet: add points or propagate first")
-        axes = _axes_for(state.labels.ndim)
-        return write_labels(
-            path,
-            np.asarray(state.labels.data),
-            axes=axes,
-            scale=tuple(float(s) for s in state.labels.scale),
-            overwrite=overwrite,
-        )
+        return write_labels_layer(path, state.labels, overwrite=overwrite)
 
     def save_task(self, entry: TaskEntry, path: str | Path) -> Path:
+        """Write a task file (guidance, points, provenance)."""
         if entry.task is None:
             raise ValueError(f"task {entry.name!r} has no positive point yet; nothing to save")
         return entry.task.save(path, overwrite=True)
@@ -437,42 +1030,25 @@ class Session:
     def load_task(self, path: str | Path) -> TaskEntry:
         """Load a saved task: its points become a new task's Points layer on this image.
 
-        A task guided on inverted intensities switches the image to inverted reading (and back),
-        since its vectors only apply to features read that way.
+        The task keeps the intensity reading it was guided with (invert), whatever the
+        current image's own setting, so its saved vectors keep their meaning.
         """
         from ..core.task import load_task
 
         task = load_task(path)
         state = self.require_image()
-        name = task.name
-        k = 2
-        while any(t.name == name for t in self.tasks):
-            name, k = f"{task.name} ({k})", k + 1
-        entry = self.add_task(name)
-        pts = task.points
-        if len(pts) and pts.shape[1] == state.layer.ndim:
-            import pandas as pd
-
-            entry.points.data = pts
-            entry.points.features = pd.DataFrame(
-                {
-                    "label": pd.Categorical(
-                        np.where(task.labels == 1, L.POSITIVE, L.NEGATIVE),
-                        categories=[L.POSITIVE, L.NEGATIVE],
-                    )
-                }
-            )
-            entry.points.refresh_colors()
-        if task.invert != state.predictor.preprocessing.invert:
-            # The saved vectors only mean something on intensities read the same way.
-            self.set_invert(task.invert, state)
+        entry = self.add_task(self.unique_name(task.name))
+        entry.spec = replace(entry.spec, invert=task.invert)
+        if len(task.points) and task.points.shape[1] == state.layer.ndim:
+            L.set_points(entry.points, task.points, task.labels)
         # The saved guidance is kept as is (it may come from another image).
-        entry.task = (
-            task.renamed(entry.name, entry.label_value)
-            if (task.model_key, task.weights_sha256)
-            == (state.predictor.model_key, state.predictor.weights.sha256)
-            else None
+        predictor = self.predictor_for(state, entry.spec)
+        same_model = (task.model_key, task.weights_sha256) == (
+            predictor.model_key,
+            predictor.weights.sha256,
         )
+        entry.task = task.renamed(entry.name, entry.label_value) if same_model else None
+        self.events.task_changed.emit(entry)
         if entry.task is None:
             raise ValueError(
                 f"{path} was guided with other weights ({task.model_key}, "
@@ -482,16 +1058,14 @@ class Session:
         return entry
 
 
-def _volume_kwargs(state: ImageState) -> dict[str, Any]:
-    """The ``set_volume`` arguments an image state was opened with."""
-    kwargs: dict[str, Any] = {
-        "rgb": state.geometry.rgb,
-        "invert": state.predictor.preprocessing.invert,
-    }
-    channel = state.predictor._channel
-    if channel is not None:
-        kwargs.update(channel_axis=channel[0], channel=channel[1])
-    return kwargs
+def _checksum(plane: np.ndarray) -> int:
+    """Checksum of a label slice's values (the same whatever its integer dtype)."""
+    a = np.ascontiguousarray(np.asarray(plane), dtype=np.uint32)
+    return zlib.crc32(a.view(np.uint8))
+
+
+def _zero_checksum(plane: np.ndarray) -> int:
+    return _checksum(np.zeros(np.shape(plane), np.uint32))
 
 
 def _painted_slices(
@@ -513,7 +1087,3 @@ def _painted_slices(
         else:
             ranges.append(sorted({int(v) for v in np.asarray(i).ravel()}))
     return set(itertools.product(*ranges))
-
-
-def _axes_for(ndim: int) -> str:
-    return {2: "YX", 3: "ZYX", 4: "TZYX"}.get(ndim, "Q" * (ndim - 2) + "YX")

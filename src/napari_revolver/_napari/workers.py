@@ -1,74 +1,62 @@
-"""The only module that creates napari workers.
+"""The only module that creates thread workers: a :class:`~.session.Run` in a thread.
 
-Long work (encoding slices, propagation) runs in napari thread workers with napari's progress
-bar. The per-click update runs inline when its features are cached: it takes about 15 ms for a
+The run's generator (the core's encoding or propagation) runs in a worker thread; each step
+comes back to the main thread, where the session writes it. Errors have one handler, the
+session's :meth:`~.session.Session.fail_run`, which emits one ``run_failed`` event: the worker
+is given that handler, so nothing re-raises the error in the main thread (which would show it
+a second time, and makes PyQt6 abort outside napari's event loop), and superqt's worker is used
+rather than napari's, whose workers also relay every error as a notification of their own.
+
+The per-click update runs inline when its features are cached: it takes about 15 ms for a
 512 x 512 slice, a worker adds 1-6 ms to that (idle vs busy 2-core CPU, measured with
 ``benchmarks/napari_update.py``), and inline updates are applied strictly in click order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Generator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from napari.qt.threading import GeneratorWorker
+    from superqt.utils import GeneratorWorker
 
-    from ..core.predictor import RevolverPredictor
-
-
-def _encode(
-    predictor: RevolverPredictor, indices: list[tuple[int, ...]]
-) -> Generator[int, None, None]:
-    for idx in indices:
-        predictor.features(idx)
-        yield 1
+    from .session import Run, Session
 
 
-def features_worker(
-    predictor: RevolverPredictor,
-    indices: Iterable[tuple[int, ...]],
-    *,
-    on_done: Callable[[], None],
-    on_error: Callable[[Exception], None],
-) -> GeneratorWorker:
-    """Encode ``indices`` in a thread with a progress bar; ``on_done`` runs on the main thread."""
-    from napari.qt.threading import create_worker
-
-    todo = list(indices)
-    worker = create_worker(
-        _encode,
-        predictor,
-        todo,
-        _progress={"total": len(todo), "desc": "Revolver: encoding slices"},
-    )
-    worker.finished.connect(on_done)
-    worker.errored.connect(on_error)
-    worker.start()
-    return worker
+def _iterate(run: Run) -> Generator[Any, None, None]:
+    for item in run.steps:
+        yield item
+        if run.cancelled:
+            return
 
 
-def propagation_worker(
-    steps: Generator[Any, None, None],
-    total: int,
-    *,
-    on_step: Callable[[Any], None],
-    on_done: Callable[[], None],
-    on_error: Callable[[Exception], None],
-    desc: str = "Revolver: propagating",
-) -> GeneratorWorker:
-    """Run a core propagation generator in a thread; ``on_step`` gets each step on the main thread.
+def start(session: Session, run: Run) -> GeneratorWorker:
+    """Run ``run`` in a thread; steps, the end and any error go back to ``session``.
 
-    ``worker.quit()`` cancels at the next slice.
+    Parameters
+    ----------
+    session : Session
+        Owner of the run.
+    run : Run
+        From :meth:`Session.propagation` or :meth:`Session.encoding`.
+
+    Returns
+    -------
+    GeneratorWorker
+        Started; ``session.cancel_run()`` stops it at the next slice.
     """
-    from napari.qt.threading import create_worker
+    from superqt.utils import create_worker
 
-    def run() -> Generator[Any, None, None]:
-        yield from steps
-
-    worker = create_worker(run, _progress={"total": total, "desc": desc})
-    worker.yielded.connect(on_step)
-    worker.finished.connect(on_done)
-    worker.errored.connect(on_error)
+    worker = create_worker(
+        _iterate,
+        run,
+        _start_thread=False,
+        _connect={
+            "yielded": partial(session.run_step, run),
+            "errored": partial(session.fail_run, run),
+            "finished": partial(session.finish_run, run),
+        },
+    )
     worker.start()
     return worker

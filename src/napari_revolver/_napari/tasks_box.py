@@ -1,0 +1,197 @@
+"""The *Tasks* group: the task list, add / rename / delete, and the next point's polarity."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from qtpy.QtGui import QColor
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QGroupBox,
+    QHBoxLayout,
+    QInputDialog,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QVBoxLayout,
+)
+
+from . import layers as L
+from .session import Session, TaskEntry
+
+TOGGLE_KEY = "t"
+
+
+def task_text(entry: TaskEntry) -> str:
+    """One line of the task list: name, label value, clicks, and where it was guided."""
+    labels = L.point_labels(entry.points)
+    pos = int((labels == 1).sum())
+    neg = len(labels) - pos
+    where = f"on {entry.image.name!r}" if entry.image is not None else "image deleted"
+    reading = []
+    if entry.spec.channel_axis is not None:
+        reading.append(f"channel {entry.spec.channel}")
+    if entry.spec.invert:
+        reading.append("inverted")
+    read = f", {' '.join(reading)}" if reading else ""
+    return f"■ {entry.name}  (label {entry.label_value}; +{pos} / −{neg}; {where}{read})"
+
+
+class TasksBox(QGroupBox):
+    """Shows the session's tasks and edits them; listens to the session's task events.
+
+    Parameters
+    ----------
+    session : Session
+    report : callable
+        ``report(kind, message)``.
+    """
+
+    def __init__(self, session: Session, report: Callable[[str, str], None]) -> None:
+        super().__init__("Tasks")
+        self.session = session
+        self.report = report
+        v = QVBoxLayout(self)
+        self.task_list = QListWidget()
+        self.task_list.setMaximumHeight(110)
+        self.task_list.setToolTip(
+            "Each task is one concept; its points live in its own Points layer. "
+            "It is guided on the image named here and applies to others read the same way."
+        )
+        v.addWidget(self.task_list)
+        row = QHBoxLayout()
+        self.add_button = QPushButton("Add")
+        self.rename_button = QPushButton("Rename")
+        self.delete_button = QPushButton("Delete")
+        for b in (self.add_button, self.rename_button, self.delete_button):
+            row.addWidget(b)
+        v.addLayout(row)
+        row = QHBoxLayout()
+        self.polarity_button = QPushButton()
+        self.polarity_button.setCheckable(True)
+        self.polarity_button.setToolTip(
+            f"Polarity of the next point (key: {TOGGLE_KEY.upper()} on a task's Points layer)"
+        )
+        row.addWidget(QLabel("Next point"))
+        row.addWidget(self.polarity_button, 1)
+        v.addLayout(row)
+        self.live_check = QCheckBox("Live update of the current slice")
+        self.live_check.setChecked(True)
+        v.addWidget(self.live_check)
+
+        self.add_button.clicked.connect(lambda: self.add_task())
+        self.rename_button.clicked.connect(self._rename_clicked)
+        self.delete_button.clicked.connect(self.delete_task)
+        self.task_list.currentRowChanged.connect(self._row_chosen)
+        self.polarity_button.clicked.connect(self.toggle_polarity)
+        ev = session.events
+        ev.task_added.connect(self._on_task_added)
+        ev.task_removed.connect(self._refresh)
+        ev.task_changed.connect(self._on_task_changed)
+        ev.active_changed.connect(self._on_active)
+        self._refresh()
+
+    # -------------------------------------------------------------- actions
+    def add_task(self, name: str | None = None) -> TaskEntry | None:
+        """Add a task with its own Points layer and make it active."""
+        try:
+            entry = self.session.add_task(name)
+        except ValueError as exc:
+            self.report("error", str(exc))
+            return None
+        self.report(
+            "status",
+            f"Task {entry.name!r}: click on the object (positive) or around it "
+            f"(negative; press {TOGGLE_KEY.upper()} or the button to switch).",
+        )
+        return entry
+
+    def _rename_clicked(self) -> None:
+        entry = self.session.active_task()
+        if entry is None:
+            return
+        name, ok = QInputDialog.getText(self, "Rename task", "Name", text=entry.name)
+        if ok:
+            self.rename_task(name)
+
+    def rename_task(self, name: str) -> None:
+        """Rename the active task."""
+        try:
+            self.session.rename_task(self.session.active, name)
+        except ValueError as exc:
+            self.report("error", str(exc))
+
+    def delete_task(self) -> None:
+        """Delete the active task and its Points layer."""
+        entry = self.session.active_task()
+        if entry is not None:
+            self.session.remove_task(entry)
+
+    def select_task(self, index: int) -> None:
+        """Make task ``index`` active, as a click in the list does."""
+        self.task_list.setCurrentRow(index)
+
+    def toggle_polarity(self) -> None:
+        """Switch the next point of the active task between positive and negative."""
+        self.session.toggle_polarity()
+
+    def _row_chosen(self, row: int) -> None:
+        if 0 <= row < len(self.session.tasks):
+            self.session.set_active(row)
+
+    # --------------------------------------------------------------- events
+    def _on_task_added(self, entry: TaskEntry) -> None:
+        try:
+            entry.points.bind_key(
+                TOGGLE_KEY, lambda layer: self.session.toggle_polarity(), overwrite=True
+            )
+        except Exception as exc:  # a napari without per-layer key bindings
+            self.report("debug", f"could not bind {TOGGLE_KEY}: {exc}")
+        self._refresh()
+
+    def _on_task_changed(self, entry: TaskEntry) -> None:
+        if entry not in self.session.tasks:
+            return
+        row = self.session.tasks.index(entry)
+        item = self.task_list.item(row)
+        if item is not None:
+            item.setText(task_text(entry))
+        if entry is self.session.active_task():
+            self._show_polarity(L.polarity(entry.points))
+
+    def _on_active(self, index: int) -> None:
+        self.task_list.blockSignals(True)
+        self.task_list.setCurrentRow(index)
+        self.task_list.blockSignals(False)
+        self._enable()
+        entry = self.session.active_task()
+        self._show_polarity(L.polarity(entry.points) if entry else L.POSITIVE)
+
+    def _refresh(self, *_: Any) -> None:
+        self.task_list.blockSignals(True)
+        self.task_list.clear()
+        for entry in self.session.tasks:
+            item = QListWidgetItem(task_text(entry))
+            item.setForeground(QColor(entry.color))
+            self.task_list.addItem(item)
+        self.task_list.setCurrentRow(self.session.active)
+        self.task_list.blockSignals(False)
+        self._enable()
+        entry = self.session.active_task()
+        self._show_polarity(L.polarity(entry.points) if entry else L.POSITIVE)
+
+    def _enable(self) -> None:
+        has = self.session.active_task() is not None
+        for b in (self.rename_button, self.delete_button, self.polarity_button):
+            b.setEnabled(has)
+
+    def _show_polarity(self, polarity: str) -> None:
+        positive = polarity == L.POSITIVE
+        self.polarity_button.setChecked(not positive)
+        color = L.POSITIVE_COLOR if positive else L.NEGATIVE_COLOR
+        self.polarity_button.setText(
+            "● positive (object)" if positive else "● negative (not object)"
+        )
+        self.polarity_button.setStyleSheet(f"color: {color}; font-weight: bold;")
