@@ -23,10 +23,9 @@ import contextlib
 import csv
 import logging
 import math
-import os
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
@@ -34,6 +33,7 @@ from typing import IO, Any, Protocol, runtime_checkable
 import numpy as np
 import tifffile
 
+from .atomic import PathLike, atomic_write
 from .labels import label_dtype
 from .volume import VolumeSpec
 
@@ -54,8 +54,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-PathLike = str | os.PathLike[str]
 
 # Axis order ImageJ hyperstacks can represent; anything else must be written
 # as a plain ("shaped") tifffile TIFF.
@@ -622,10 +620,9 @@ def write_labels(
 
     Raises
     ------
-    FileExistsError
-        If ``path`` exists and ``overwrite`` is False.
-    FileNotFoundError
-        If the parent directory of ``path`` does not exist.
+    FileExistsError, FileNotFoundError
+        As :func:`.atomic.atomic_write`: an existing ``path`` without ``overwrite``, or a
+        missing parent directory.
     ValueError
         If ``labels`` has negative or non-integer values, an unsupported
         dtype, fewer than 2 dimensions, or ``axes``/``scale`` do not match
@@ -633,9 +630,9 @@ def write_labels(
 
     Notes
     -----
-    The data are written to ``<name>.<random>.tif.part`` in the same
-    directory and renamed over ``path`` only when complete, so an
-    interruption (including Ctrl-C) never leaves a truncated target.
+    The data are written to a temporary sibling (:mod:`.atomic`) and renamed over ``path``
+    only when complete, so an interruption (including Ctrl-C or SIGKILL) never leaves a
+    truncated target.
     """
     arr = np.asarray(labels)
     if arr.ndim < 2:
@@ -651,7 +648,7 @@ def write_labels(
     def _write(fh: IO[Any]) -> None:
         tifffile.imwrite(fh, arr, **kwargs)
 
-    return _atomic_write(path, _write, binary=True, suffix=".tif.part", overwrite=overwrite)
+    return atomic_write(path, _write, binary=True, overwrite=overwrite)
 
 
 def _tiff_options(
@@ -746,7 +743,7 @@ def write_label_pages(
     def _write(fh: IO[Any]) -> None:
         tifffile.imwrite(fh, checked(), shape=shape, dtype=dtype, **kwargs)
 
-    return _atomic_write(path, _write, binary=True, suffix=".tif.part", overwrite=overwrite)
+    return atomic_write(path, _write, binary=True, overwrite=overwrite)
 
 
 def write_label_zarr(
@@ -874,29 +871,6 @@ def _minimal_unsigned(arr: np.ndarray) -> np.ndarray:
         raise ValueError(f"labels must be non-negative; found minimum value {lo}")
     # As Python numbers: numpy would round uint64 max to float.
     return arr.astype(label_dtype(int(hi)), copy=False)
-
-
-# --------------------------------------------------------------------------- #
-# Atomic writes
-# --------------------------------------------------------------------------- #
-
-
-def _atomic_write(
-    path: PathLike,
-    write: Callable[[IO[Any]], None],
-    *,
-    binary: bool,
-    suffix: str,
-    overwrite: bool,
-) -> Path:
-    """Write one file atomically with :func:`napari_revolver.core.atomic.atomic_write`.
-
-    ``suffix`` is accepted for the callers above and ignored: temporary names are made by
-    :mod:`napari_revolver.core.atomic`, which recognises and removes those of killed runs.
-    """
-    from .atomic import atomic_write
-
-    return atomic_write(path, write, binary=binary, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------- #
@@ -1092,14 +1066,12 @@ def write_points(path: PathLike, table: PointTable, *, overwrite: bool = False) 
     Returns
     -------
     pathlib.Path
-        The written path.
+        ``path``.
 
     Raises
     ------
-    FileExistsError
-        If ``path`` exists and ``overwrite`` is False.
-    FileNotFoundError
-        If the parent directory of ``path`` does not exist.
+    FileExistsError, FileNotFoundError
+        As for :func:`write_labels`.
     ValueError
         If ``table`` is empty: :func:`read_points` rejects header-only files,
         so writing one would produce a file that cannot be read back.
@@ -1124,7 +1096,7 @@ def write_points(path: PathLike, table: PointTable, *, overwrite: bool = False) 
                 row.append(task)
             writer.writerow(row)
 
-    return _atomic_write(path, _write, binary=False, suffix=".csv.part", overwrite=overwrite)
+    return atomic_write(path, _write, binary=False, overwrite=overwrite)
 
 
 def _parse_header(columns: list[str], path: Path) -> tuple[list[int], int | None, int | None]:
