@@ -398,11 +398,6 @@ def test_full_disk_while_writing_labels_leaves_nothing_and_a_rerun_completes(
     np.testing.assert_array_equal(tifffile.imread(out), labels)
 
 
-@pytest.mark.xfail(
-    reason="cli.main does not catch OSError: ENOSPC ends `revolver segment` with a "
-    "traceback instead of a `revolver: error:` line",
-    strict=True,
-)
 def test_full_disk_is_reported_by_the_cli_in_one_line(
     data: dict, small_disk, capsys: pytest.CaptureFixture[str]
 ) -> None:
