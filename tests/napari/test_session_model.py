@@ -1,0 +1,233 @@
+"""The Session model on a napari ViewerModel, without Qt: events, layer tracking, runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari", reason="the napari tier needs napari (pip install .[dev])")
+
+from napari.components import ViewerModel  # noqa: E402
+
+from napari_revolver._napari import layers as L  # noqa: E402
+from napari_revolver._napari.session import Session  # noqa: E402
+
+
+class Recorder:
+    """Every event a session emits, as (name, args)."""
+
+    def __init__(self, session: Session) -> None:
+        self.seen: list[tuple[str, tuple[Any, ...]]] = []
+        for name in (
+            "task_added",
+            "task_removed",
+            "task_changed",
+            "task_stale",
+            "painted_changed",
+            "run_started",
+            "run_progressed",
+            "run_finished",
+            "run_failed",
+            "warned",
+        ):
+            getattr(session.events, name).connect(
+                lambda *args, name=name: self.seen.append((name, args))
+            )
+
+    def names(self) -> list[str]:
+        return [n for n, _ in self.seen]
+
+    def count(self, name: str) -> int:
+        return self.names().count(name)
+
+
+@pytest.fixture
+def model() -> ViewerModel:
+    return ViewerModel()
+
+
+@pytest.fixture
+def sample(model: ViewerModel) -> dict[str, Any]:
+    from napari_revolver._napari.sample_data import nuclei_stack_with_points
+
+    out = {}
+    for data, meta, kind in nuclei_stack_with_points():
+        out[kind] = getattr(model, f"add_{kind}")(data, **meta)
+    model.dims.current_step = (12, 0, 0)
+    return out
+
+
+@pytest.fixture
+def session(model: ViewerModel, sample: dict[str, Any]) -> Session:
+    s = Session(model, device="cpu")
+    s.set_image(sample["image"])
+    return s
+
+
+def test_the_sample_points_are_taken_up_as_a_task(session: Session, sample: dict) -> None:
+    [entry] = session.tasks
+    assert entry.name == "nuclei" and entry.points is sample["points"]
+    assert entry.image is sample["image"] and session.active == 0
+    assert L.point_labels(entry.points).sum() == 4
+
+
+def test_clicks_make_a_task_stale_and_an_update_guides_it(session: Session) -> None:
+    rec = Recorder(session)
+    entry = session.tasks[0]
+    assert session.missing_features([(12,)])  # nothing encoded yet
+    session.run_inline(session.encoding(session.missing_features([(12,)])))
+    assert session.update_slice() == "Updated slice 12."
+    assert entry.task is not None
+    entry.points.add(np.array([[12, 5, 5]]))
+    assert entry.task is None and rec.count("task_stale") == 1
+    assert session.update_slice() == "Updated slice 12."
+    assert entry.task is not None and len(entry.task.points) == 10
+
+
+def test_removing_a_points_layer_removes_its_task(model: ViewerModel, session: Session) -> None:
+    rec = Recorder(session)
+    extra = session.add_task("extra")
+    assert rec.count("task_added") == 1 and session.active == 1
+    model.layers.remove(extra.points)
+    assert [t.name for t in session.tasks] == ["nuclei"]
+    assert rec.count("task_removed") == 1 and session.active == 0
+
+
+def test_removal_is_matched_behind_the_plugin_proxy(model: ViewerModel, sample: dict) -> None:
+    from napari.utils._proxies import PublicOnlyProxy
+
+    proxy = PublicOnlyProxy(model)
+    session = Session(proxy, device="cpu")
+    session.set_image(proxy.layers[sample["image"].name])
+    entry = session.add_task("x")
+    assert entry.points is L.unwrap(entry.points)  # stored without a proxy
+    proxy.layers.remove(proxy.layers[entry.points.name])
+    assert [t.name for t in session.tasks] == ["nuclei"]
+    model.layers.remove(sample["image"])
+    assert session.image is None and session.images == {}
+
+
+def test_closing_every_layer_leaves_no_state(model: ViewerModel, session: Session) -> None:
+    session.run_inline(session.propagation(12, 12))
+    model.layers.select_all()
+    model.layers.remove_selected()
+    assert session.tasks == [] and session.images == {} and session.image is None
+    layer = model.add_image(np.random.default_rng(0).random((3, 32, 32)), name="new")
+    session.set_image(layer)
+    with pytest.raises(ValueError, match="no task has a positive point"):
+        session.propagation()
+    assert len(model.layers) == 1
+
+
+def test_a_run_reports_start_progress_and_end(session: Session) -> None:
+    rec = Recorder(session)
+    run = session.run_inline(session.propagation(10, 13))
+    assert run.done == run.total == 4 and not run.failed
+    assert rec.count("run_started") == 1 and rec.count("run_finished") == 1
+    assert rec.count("run_progressed") == 4 and session.run is None
+    labels = session.image.labels
+    assert all(labels.data[z].any() for z in range(10, 14)) and not labels.data[0].any()
+
+
+class Broken(np.ndarray):
+    def __getitem__(self, key: Any) -> Any:
+        k = key[0] if isinstance(key, tuple) else key
+        if isinstance(k, (int, np.integer)) and int(k) == 1:
+            raise OSError("cannot read slice 1")
+        return super().__getitem__(key)
+
+
+def test_a_failed_run_is_one_event_and_leaves_no_layer(
+    model: ViewerModel, session: Session
+) -> None:
+    from napari_revolver.core.synthetic import sample_stack
+
+    image, _, _, _ = sample_stack(seed=5, shape=(5, 64, 64))
+    other = model.add_image(image.view(Broken), name="broken")
+    n_layers = len(model.layers)
+    rec = Recorder(session)
+    run = session.run_inline(session.propagation(state=session.state_for(other)))
+    assert run.failed == "cannot read slice 1"
+    [(_, (failed_run, message))] = [x for x in rec.seen if x[0] == "run_failed"]
+    assert failed_run is run and "Propagation of 'broken' failed" in message
+    assert rec.count("run_finished") == 0 and session.run is None
+    assert len(model.layers) == n_layers
+
+
+def test_painting_marks_a_slice_and_undo_clears_it(session: Session) -> None:
+    session.run_inline(session.propagation(5, 6))
+    rec = Recorder(session)
+    labels = session.image.labels
+    labels.paint((5, 10, 10), 1)
+    assert session.image.painted == {(5,)} and rec.count("painted_changed") == 1
+    labels.undo()
+    assert session.image.painted == set() and rec.count("painted_changed") == 2
+    labels.paint((6, 10, 10), 1)
+    session.run_inline(session.propagation(5, 6))
+    assert session.image.painted == {(6,)}  # kept, and still marked
+    session.forget_painted()
+    assert session.image.painted == set()
+
+
+def test_points_outside_the_image_warn_once_per_task(session: Session) -> None:
+    rec = Recorder(session)
+    entry = session.add_task("out")
+    entry.points.add(np.array([[12, 500, 500], [12, 20, 20]]))
+    session.guide(entry)
+    entry.points.add(np.array([[12, 30, 30]]))
+    session.guide(entry)
+    assert rec.count("warned") == 1
+    assert entry.task is not None and len(entry.task.points) == 2
+
+
+def test_an_inverted_task_is_applied_as_revolver_segment_apply_to_does(
+    model: ViewerModel, session: Session
+) -> None:
+    from napari_revolver import RevolverPredictor
+    from napari_revolver.core.synthetic import sample_stack
+
+    entry = session.tasks[0]
+    session.set_invert(True)
+    assert entry.spec.invert and entry.task is None
+    session.guide(entry)
+    image, _, _, _ = sample_stack(seed=6, shape=(4, 96, 96))
+    other = model.add_image(image, name="other")
+    state = session.state_for(other)
+    assert not state.spec.invert  # the image's own reading is unchanged
+    run = session.run_inline(session.propagation(state=state))
+    assert not run.failed
+    predictor = RevolverPredictor(device="cpu")
+    predictor.set_volume(image, invert=True)
+    np.testing.assert_array_equal(state.labels.data > 0, predictor.segment(entry.task) > 0)
+    # A task guided on the other image reads it as it is, next to the inverted one.
+    session.set_image(other)
+    model.dims.current_step = (1, 0, 0)
+    fresh = session.add_task("fresh")
+    fresh.points.add(np.array([[1, 48, 48]]))
+    session.run_inline(session.encoding(session.missing_features([(1,)])))
+    assert session.update_slice() == "Updated slice 1."
+    assert fresh.task is not None and not fresh.task.invert
+
+
+def test_writer_and_reader_round_trip(tmp_path: Path) -> None:
+    import npe2
+
+    from napari_revolver._napari import io
+
+    labels = np.zeros((3, 16, 16), np.uint32)
+    labels[1, 4:8, 4:8] = 7
+    path = tmp_path / "cells.labels.tif"
+    io.write_labels_tiff(str(path), labels, {"scale": (3.0, 0.5, 0.5)})
+    pm = npe2.PluginManager.instance()
+    pm.discover()
+    writer, _ = pm.get_writer(str(path), ["labels"])
+    assert writer is not None and writer.plugin_name == "napari-revolver"
+    reader = io.get_labels_reader(str(path))
+    assert reader is not None and io.get_labels_reader(str(tmp_path / "x.tif")) is None
+    [(data, meta, kind)] = reader(str(path))
+    assert kind == "labels" and data.dtype == np.uint8
+    np.testing.assert_array_equal(data, labels)
+    assert meta["scale"] == (3.0, 0.5, 0.5) and meta["name"] == "cells labels"
