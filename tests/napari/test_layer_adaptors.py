@@ -7,9 +7,9 @@ import pytest
 
 pytest.importorskip("napari", reason="the napari tier needs napari (pip install .[dev])")
 
-from napari.components import ViewerModel  # noqa: E402
+from napari.components import ViewerModel
 
-from napari_revolver._napari import layers as L  # noqa: E402
+from napari_revolver._napari import layers as L
 
 
 def test_points_on_a_scaled_image_map_to_data_pixels() -> None:

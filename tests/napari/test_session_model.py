@@ -10,10 +10,10 @@ import pytest
 
 pytest.importorskip("napari", reason="the napari tier needs napari (pip install .[dev])")
 
-from napari.components import ViewerModel  # noqa: E402
+from napari.components import ViewerModel
 
-from napari_revolver._napari import layers as L  # noqa: E402
-from napari_revolver._napari.session import Session  # noqa: E402
+from napari_revolver._napari import layers as L
+from napari_revolver._napari.session import Session
 
 
 class Recorder:

@@ -348,7 +348,9 @@ def test_save_and_load_a_task(
     assert widget.session.tasks[-1].points is layer
 
 
-def test_no_positive_point_is_a_notification(viewer: Any, widget: Any, qtbot: Any, notes: list) -> None:
+def test_no_positive_point_is_a_notification(
+    viewer: Any, widget: Any, qtbot: Any, notes: list
+) -> None:
     entry = widget.add_task("neg only")
     L.set_polarity(entry.points, L.NEGATIVE)
     entry.points.add(np.array([[12, 10, 10]]))
@@ -407,7 +409,10 @@ def test_deleting_the_image_mid_propagation_is_handled(
         viewer.layers.remove(sample["image"])
     wait_idle(qtbot, widget)
     assert widget.session.image is None
-    names = [widget.image_box.image_combo.itemText(i) for i in range(widget.image_box.image_combo.count())]
+    names = [
+        widget.image_box.image_combo.itemText(i)
+        for i in range(widget.image_box.image_combo.count())
+    ]
     assert sample["image"].name not in names
     assert not errors(notes)
 

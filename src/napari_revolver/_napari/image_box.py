@@ -19,14 +19,13 @@ from qtpy.QtWidgets import (
     QSpinBox,
 )
 
-from . import layers as L
 from .session import ImageState, Session
 
 DEFAULT_WEIGHTS = "shipped weights"
 
 
 def image_layers(viewer: Any) -> list[Any]:
-    """The viewer's Image layers, in layer-list order."""
+    """Return the viewer's Image layers, in layer-list order."""
     from napari.layers import Image
 
     return [layer for layer in viewer.layers if isinstance(layer, Image)]
@@ -121,7 +120,7 @@ class ImageBox(QGroupBox):
             self._image_chosen()
 
     def layer_named(self, name: str) -> Any:
-        """The Image layer called ``name`` (``None`` if there is none)."""
+        """Return the Image layer called ``name`` (``None`` if there is none)."""
         return next((x for x in image_layers(self.session.viewer) if x.name == name), None)
 
     def _image_chosen(self, *_: Any) -> None:
@@ -229,8 +228,10 @@ class ImageBox(QGroupBox):
         self.store_label.setText(Path(path).name if path else "in memory")
         self.report(
             "status",
-            f"Features of this image are kept in {path}." if path else "Features are kept in memory.",
+            f"Features of this image are kept in {path}."
+            if path
+            else "Features are kept in memory.",
         )
 
 
-__all__ = ["DEFAULT_WEIGHTS", "ImageBox", "image_layers", "L"]
+__all__ = ["DEFAULT_WEIGHTS", "ImageBox", "image_layers"]

@@ -43,7 +43,7 @@ def get_task_reader(path: str | list[str]) -> Callable[[str], list[LayerData]] |
 
 
 def read_task(path: str) -> list[LayerData]:
-    """A task file as a Points layer that the dock widget takes up as a task.
+    """Read a task file as a Points layer that the dock widget takes up as a task.
 
     Parameters
     ----------
@@ -102,7 +102,7 @@ def get_labels_reader(path: str | list[str]) -> Callable[[str], list[LayerData]]
 
 
 def read_labels(path: str) -> list[LayerData]:
-    """A label TIFF as a Labels layer with the pixel size of the file.
+    """Read a label TIFF as a Labels layer with the pixel size of the file.
 
     Parameters
     ----------

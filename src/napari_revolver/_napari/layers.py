@@ -71,7 +71,7 @@ def image_geometry(layer: Image, channel_axis: int | None = None) -> ImageGeomet
 
 
 def world_point(viewer: napari.Viewer) -> np.ndarray:
-    """The viewer's current position in world coordinates ``(ndim_world,)``."""
+    """Return the viewer's current position in world coordinates ``(ndim_world,)``."""
     return np.asarray(viewer.dims.point, dtype=np.float64)
 
 
@@ -142,7 +142,7 @@ def _data_shape(image: Image) -> tuple[int, ...]:
 
 
 def new_points_layer(viewer: napari.Viewer, name: str, image: Image, edge_color: str) -> Points:
-    """A Points layer over ``image`` whose points carry a positive/negative ``label``."""
+    """Add a Points layer over ``image`` whose points carry a positive/negative ``label``."""
     layer = viewer.add_points(
         np.zeros((0, image.ndim)),
         name=name,
@@ -250,7 +250,7 @@ def is_alive(viewer: napari.Viewer, layer: Labels | Points | Image | None) -> bo
 
 
 def unwrap(obj: Any) -> Any:
-    """The napari object behind the proxies napari hands to plugins.
+    """Return the napari object behind the proxies napari hands to plugins.
 
     A widget docked from the Plugins menu gets the viewer wrapped in a proxy, and every layer
     reached through it is wrapped again, in a new proxy each time: identity comparisons only
@@ -274,7 +274,7 @@ def inside_image(coords: np.ndarray, bounds: Sequence[int]) -> np.ndarray:
 
 
 def slice_text(index: Sequence[int]) -> str:
-    """A slice index as prose: ``(12,)`` -> ``slice 12``; ``()`` -> ``the image``."""
+    """Write a slice index as prose: ``(12,)`` -> ``slice 12``; ``()`` -> ``the image``."""
     if not len(index):
         return "the image"
     return "slice " + ", ".join(str(int(i)) for i in index)
@@ -287,7 +287,8 @@ def slices_text(indices: Sequence[Sequence[int]], limit: int = 8) -> str:
         return "none"
     if len(items[0]) != 1:
         words = [", ".join(map(str, i)) for i in items]
-        return "; ".join(words[:limit]) + (f" and {len(words) - limit} more" if len(words) > limit else "")
+        more = f" and {len(words) - limit} more" if len(words) > limit else ""
+        return "; ".join(words[:limit]) + more
     runs: list[tuple[int, int]] = []
     for (v,) in items:
         if runs and v == runs[-1][1] + 1:

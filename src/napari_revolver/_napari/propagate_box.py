@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from qtpy.QtCore import QRectF, Qt, Signal
+from qtpy.QtCore import QRectF, Signal
 from qtpy.QtGui import QColor, QPainter, QPen
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -177,8 +177,11 @@ class PropagateBox(QGroupBox):
     def apply_to_target(self, name: str | None = None) -> Any:
         """Segment another image layer with the tasks, each reading it as it was guided."""
         layer = next(
-            (x for x in image_layers(self.session.viewer)
-             if x.name == (name or self.target_combo.currentText())),
+            (
+                x
+                for x in image_layers(self.session.viewer)
+                if x.name == (name or self.target_combo.currentText())
+            ),
             None,
         )
         if layer is None:

@@ -10,7 +10,7 @@ LayerData = tuple[Any, dict[str, Any], str]
 
 
 def nuclei_stack() -> list[LayerData]:
-    """The synthetic nuclei stack alone, to annotate from scratch."""
+    """Make the synthetic nuclei stack alone, to annotate from scratch."""
     from ..core.synthetic import sample_stack
 
     image, _, _, _ = sample_stack()
@@ -18,7 +18,7 @@ def nuclei_stack() -> list[LayerData]:
 
 
 def nuclei_stack_with_points() -> list[LayerData]:
-    """The synthetic nuclei stack, its ground truth (hidden) and a ready task: nine clicks.
+    """Make the synthetic nuclei stack, its ground truth (hidden) and a ready task of nine clicks.
 
     The clicks' Points layer is marked as a task, so the dock widget takes it up as task
     ``nuclei`` on the stack (docked before or after the sample is opened).

@@ -214,7 +214,7 @@ class Session:
         self._mark_all_stale()
 
     def base_predictor(self) -> RevolverPredictor:
-        """The loaded model (loaded once, shared by every image's predictors)."""
+        """Return the loaded model (loaded once, shared by every image's predictors)."""
         if self._base is None:
             from ..core.predictor import RevolverPredictor
 
@@ -222,7 +222,7 @@ class Session:
         return self._base
 
     def predictor_for(self, state: ImageState, spec: VolumeSpec) -> RevolverPredictor:
-        """The predictor reading ``state``'s image as ``spec`` says, made on first use.
+        """Return the predictor reading ``state``'s image as ``spec`` says, made on first use.
 
         Raises
         ------
@@ -271,7 +271,7 @@ class Session:
     def state_for(
         self, layer: Image, channel_axis: int | None = None, channel: int | None = None
     ) -> ImageState:
-        """The :class:`ImageState` of ``layer``, created (or re-read) on first use."""
+        """Return the :class:`ImageState` of ``layer``, created (or re-read) on first use."""
         layer = L.unwrap(layer)
         old = self.images.get(id(layer))
         invert = old.spec.invert if old is not None else False
@@ -318,8 +318,9 @@ class Session:
                 break
 
     def use_store(self, path: str | Path | None, state: ImageState | None = None) -> ImageState:
-        """Read and fill an on-disk feature store (zarr) for an image, e.g. one made by
-        ``revolver precompute`` on another machine; ``None`` goes back to memory only.
+        """Read and fill an on-disk feature store (zarr) for an image; ``None``: memory only.
+
+        The store may come from ``revolver precompute`` on another machine.
 
         A store made for other data or another model is recomputed, never reused.
         """
@@ -351,7 +352,7 @@ class Session:
         return state
 
     def require_image(self) -> ImageState:
-        """The current image's state; ``ValueError`` (what to do) when there is none."""
+        """Return the current image's state; ``ValueError`` (what to do) when there is none."""
         if self.image is None or not L.is_alive(self.viewer, self.image.layer):
             raise ValueError("choose an image layer to segment first")
         return self.image
@@ -361,34 +362,40 @@ class Session:
         layer = L.unwrap(event.value)
         if self.run is not None and layer in (self.run.state.layer, self.run.state.labels):
             self.cancel_run()
-        state = self.images.pop(id(layer), None)
-        if state is not None and state.layer is layer:
-            self._unwatch_labels(state)
-            for entry in self.tasks:
-                if entry.image is layer:
-                    entry.image = None
-            if self.image is state:
-                self.image = None
-                self.events.image_changed.emit(None)
-        elif state is not None:  # an id reused by another object: put it back
-            self.images[id(layer)] = state
+        self._forget_image(layer)
         for other in self.images.values():
             if other.labels is layer:
-                self._unwatch_labels(other)
-                other.labels = None
-                other.written.clear()
-                if other.painted:
-                    other.painted.clear()
-                    self.events.painted_changed.emit(other)
+                self._forget_labels(other)
         for entry in list(self.tasks):
             if entry.points is layer:
                 self.remove_task(entry, delete_layer=False)
+
+    def _forget_image(self, layer: Any) -> None:
+        state = self.images.get(id(layer))
+        if state is None or state.layer is not layer:
+            return
+        del self.images[id(layer)]
+        self._unwatch_labels(state)
+        for entry in self.tasks:
+            if entry.image is layer:
+                entry.image = None
+        if self.image is state:
+            self.image = None
+            self.events.image_changed.emit(None)
+
+    def _forget_labels(self, state: ImageState) -> None:
+        self._unwatch_labels(state)
+        state.labels = None
+        state.written.clear()
+        if state.painted:
+            state.painted.clear()
+            self.events.painted_changed.emit(state)
 
     def _on_layer_inserted(self, event: Any) -> None:
         self._adopt_if_task(L.unwrap(event.value))
 
     def _adopt_if_task(self, layer: Any) -> None:
-        """A Points layer marked as a task (sample data, a task file) becomes a task."""
+        """Take up a Points layer marked as a task (sample data, a task file)."""
         from napari.layers import Points
 
         meta = getattr(layer, "metadata", None) or {}
@@ -429,12 +436,10 @@ class Session:
         return out
 
     def add_task(self, name: str | None = None) -> TaskEntry:
-        """A new task with its own Points layer over the current image; it becomes active."""
+        """Add a task with its own Points layer over the current image; it becomes active."""
         state = self.require_image()
         name, value, color = self._new_task_fields(name)
-        points = L.unwrap(
-            L.new_points_layer(self.viewer, f"{name} points", state.layer, color)
-        )
+        points = L.unwrap(L.new_points_layer(self.viewer, f"{name} points", state.layer, color))
         entry = TaskEntry(name, value, color, points, state.layer, replace(state.spec, rgb=None))
         self._add_entry(entry)
         return entry
@@ -519,7 +524,7 @@ class Session:
             self.events.active_changed.emit(index)
 
     def active_task(self) -> TaskEntry | None:
-        """The task clicks go to, if any."""
+        """Return the task clicks go to, if any."""
         return self.tasks[self.active] if 0 <= self.active < len(self.tasks) else None
 
     def toggle_polarity(self, entry: TaskEntry | None = None) -> str | None:
@@ -555,7 +560,7 @@ class Session:
             self._stale(entry)
 
     def image_state_of(self, entry: TaskEntry) -> ImageState:
-        """The state of the image ``entry`` is guided on; ``ValueError`` when it is gone."""
+        """Return the state of the image ``entry`` is guided on; ``ValueError`` when it is gone."""
         if entry.image is None or not L.is_alive(self.viewer, entry.image):
             raise ValueError(
                 f"task {entry.name!r} has lost the image it was guided on: move or add a point "
@@ -633,7 +638,7 @@ class Session:
 
     # --------------------------------------------------------------- labels
     def labels_layer(self, state: ImageState | None = None) -> Labels:
-        """The output Labels layer of an image, created on first use."""
+        """Return the output Labels layer of an image, created on first use."""
         state = state or self.require_image()
         if state.labels is not None and L.is_alive(self.viewer, state.labels):
             return state.labels
@@ -870,7 +875,7 @@ class Session:
 
     # ---------------------------------------------------------------- runs
     def encoding(self, jobs: list[tuple[RevolverPredictor, tuple[int, ...]]]) -> Run:
-        """A run that encodes the slices of ``jobs`` (from :meth:`missing_features`)."""
+        """Make a run that encodes the slices of ``jobs`` (from :meth:`missing_features`)."""
         state = self.require_image()
 
         def steps() -> Generator[tuple[int, ...], None, None]:
@@ -889,7 +894,7 @@ class Session:
         state: ImageState | None = None,
         recompute_painted: bool = False,
     ) -> Run:
-        """A run that segments slices ``first..last`` (first axis, inclusive) of an image.
+        """Make a run that segments slices ``first..last`` (first axis, inclusive) of an image.
 
         Every guided task takes part, each reading the image as it was guided (the image
         need not be the one the tasks were guided on). Painted slices are skipped unless
@@ -933,8 +938,13 @@ class Session:
         name = state.layer.name
         where = "" if state is self.image else f" of {name!r}"
         return self._start(
-            Run("propagate", state, steps(), len(indices), f"Propagating to {len(indices)} "
-                f"slice(s){where}")
+            Run(
+                "propagate",
+                state,
+                steps(),
+                len(indices),
+                f"Propagating to {len(indices)} slice(s){where}",
+            )
         )
 
     def _start(self, run: Run) -> Run:

@@ -43,7 +43,7 @@ def notify(kind: str, message: str) -> None:
 
 
 def _closer(session: Session, signals: list[tuple[Any, Any]]) -> Any:
-    """A callable that cancels the session's run and disconnects everything, once."""
+    """Make a callable that cancels the session's run and disconnects everything, once."""
 
     def close(*_: Any) -> None:
         if session.viewer is None:
