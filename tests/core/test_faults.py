@@ -314,12 +314,6 @@ def test_input_tiff_cut_in_its_header_is_refused_clearly(
     assert not out.exists() and _temporaries(out) == []
 
 
-@pytest.mark.xfail(
-    reason="a TIFF cut in its image data opens as its first page alone (tifffile logs the "
-    "truncation and falls back); the run then fails on the points' shape instead of naming "
-    "the damaged file",
-    strict=True,
-)
 def test_input_tiff_cut_in_its_data_is_refused_clearly(
     data: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

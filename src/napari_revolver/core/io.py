@@ -197,6 +197,7 @@ def read_image(path: PathLike, *, lazy: bool = False) -> ImageData:
             if not tif.series:
                 raise ValueError("file contains no image series")
             series = tif.series[0]
+            _check_complete(tif, series, p)
             raw_axes = str(series.axes)
             shape = tuple(int(n) for n in series.shape)
             scale = _read_scale(tif, raw_axes)
@@ -214,6 +215,30 @@ def read_image(path: PathLike, *, lazy: bool = False) -> ImageData:
         data = _open_lazy(p, shape)
 
     return ImageData(data=data, axes=_normalise_axes(raw_axes), scale=scale, path=str(p))
+
+
+def _check_complete(tif: tifffile.TiffFile, series: Any, path: Path) -> None:
+    """Refuse a TIFF whose image data end before what its metadata promise (a cut file).
+
+    tifffile falls back to the pages it can read (often only the first) with a log message;
+    segmenting that would silently treat one plane as the whole stack.
+    """
+    size = path.stat().st_size
+    found = int(np.prod(series.shape))
+    if tif.is_imagej:
+        images = int((tif.imagej_metadata or {}).get("images", 0) or 0)
+        page = int(np.prod(tif.pages.first.shape))
+        if images * page > found:
+            raise ValueError(
+                f"the file is truncated or corrupt: its ImageJ metadata describe {images} "
+                f"planes, the file holds {found // max(page, 1)}"
+            )
+    offset = getattr(series, "dataoffset", None)
+    if offset is not None and offset + series.nbytes > size:
+        raise ValueError(
+            f"the file is truncated or corrupt: its image data end at byte "
+            f"{offset + series.nbytes}, the file has {size} bytes"
+        )
 
 
 @dataclass(frozen=True, eq=False)
