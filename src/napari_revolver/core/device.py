@@ -12,7 +12,7 @@ def _mps_available() -> bool:
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
-    """The torch device for ``name``.
+    """Return the torch device for ``name``.
 
     Parameters
     ----------

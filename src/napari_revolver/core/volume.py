@@ -200,7 +200,7 @@ class ChannelView:
 
 
 def channel_view(array: Any, spec: VolumeSpec) -> Any:
-    """The array as the predictor reads it: one channel of it with a ``channel_axis``.
+    """Return the array as the predictor reads it: one channel of it with a ``channel_axis``.
 
     Parameters
     ----------
