@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["RevolverPredictor", "Task", "__version__"]
+__all__ = ["RevolverPredictor", "Task", "VolumeSpec", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core.predictor import RevolverPredictor
     from .core.task import Task
+    from .core.volume import VolumeSpec
 
 
 def __getattr__(name: str) -> Any:
@@ -28,4 +29,8 @@ def __getattr__(name: str) -> Any:
         from .core.task import Task
 
         return Task
+    if name == "VolumeSpec":
+        from .core.volume import VolumeSpec
+
+        return VolumeSpec
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
