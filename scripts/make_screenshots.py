@@ -1,6 +1,9 @@
 """Screenshots of the plugin at work for docs/usage-napari.md (run under a display).
 
 xvfb-run -a -s "-screen 0 1500x950x24" python scripts/make_screenshots.py [--out docs/images]
+
+The widget is docked from the Plugins menu path and the sample with clicks is opened, as a new
+user does; its nine clicks are the ready task ``nuclei``.
 """
 
 from __future__ import annotations
@@ -8,8 +11,24 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+
+def pump(app: Any, seconds: float = 0.3) -> None:
+    end = time.time() + seconds
+    while time.time() < end:
+        app.processEvents()
+        time.sleep(0.01)
+
+
+def idle(app: Any, widget: Any) -> None:
+    for _ in range(3000):
+        pump(app, 0.02)
+        if widget.session.run is None and not widget._update_timer.isActive():
+            break
+    pump(app, 0.5)
 
 
 def main() -> None:
@@ -26,67 +45,65 @@ def main() -> None:
     viewer = napari.Viewer(title="napari-revolver")
     viewer.window._qt_window.resize(1500, 950)
     app = QApplication.instance()
-
-    def pump(seconds: float = 0.3) -> None:
-        end = time.time() + seconds
-        while time.time() < end:
-            app.processEvents()
-            time.sleep(0.01)
-
-    def idle(widget: object) -> None:
-        for _ in range(3000):
-            pump(0.02)
-            busy = widget._worker or widget._feature_worker or widget._update_timer.isActive()  # type: ignore[attr-defined]
-            if not busy:
-                break
-        pump(0.5)
-
-    layers = viewer.open_sample("napari-revolver", "nuclei_points")
-    image = next(layer for layer in layers if layer.name.startswith("nuclei ("))
-    clicks = next(layer for layer in layers if layer.name == "nuclei points")
+    viewer.open_sample("napari-revolver", "nuclei_points")
     _, widget = viewer.window.add_plugin_dock_widget("napari-revolver", "Revolver")
-    widget.image_combo.setCurrentText(image.name)
     viewer.dims.current_step = (12, 0, 0)
-    pump(1)
-    viewer.window._qt_viewer.canvas.view.camera.zoom = 1.0
+    pump(app, 1)
     viewer.reset_view()
-    clicks.visible = False
+    session = widget.session
+    [nuclei] = session.tasks
 
-    # 1. Clicks on one slice, live update of that slice.
-    entry = widget.add_task("nuclei")
-    labels = L.point_labels(clicks)
-    for p, lab in zip(clicks.data, labels, strict=True):
-        L.set_polarity(entry.points, L.POSITIVE if lab else L.NEGATIVE)
-        entry.points.add(np.asarray(p)[None])
-        pump(0.05)
-    L.set_polarity(entry.points, L.POSITIVE)
-    widget._show_polarity(L.POSITIVE)
-    idle(widget)
+    # 1. The sample's clicks on one slice as a task, live update of that slice.
+    widget.update_now()
+    idle(app, widget)
     viewer.screenshot(str(args.out / "01-clicks-live-update.png"), canvas_only=False)
 
-    # 2. Propagated through the stack: another slice.
-    widget.propagate()
-    idle(widget)
-    viewer.dims.current_step = (4, 0, 0)
-    pump(1)
-    viewer.screenshot(str(args.out / "02-propagated-slice-4.png"), canvas_only=False)
+    # 2. Propagation under way: the progress bar with the slice count and the time left.
+    shots: list[int] = []
 
-    # 3. A second task next to the first: the background, from the sample's background clicks
-    #    (positives here) and two nuclei clicks (negatives). Each pixel takes the likelier task.
+    def midway(run: Any) -> None:
+        if run.kind == "propagate" and run.done >= run.total // 2 and not shots:
+            shots.append(run.done)
+            widget.propagate_box._last_progress = 0.0
+            widget.propagate_box._on_progress(run)
+            pump(app, 0.05)
+            viewer.screenshot(str(args.out / "02-propagating.png"), canvas_only=False)
+
+    session.events.run_progressed.connect(midway)
+    widget.propagate()
+    idle(app, widget)
+    session.events.run_progressed.disconnect(midway)
+
+    # 3. A slice corrected by hand: painted slices are marked on the strip and kept.
+    viewer.dims.current_step = (4, 0, 0)
+    pump(app, 0.5)
+    labels = session.image.labels
+    labels.brush_size = 12
+    for y, x in ((60, 60), (66, 64), (72, 68), (78, 72)):
+        labels.paint((4, y, x), nuclei.label_value, refresh=True)
+    viewer.layers.selection.active = labels
+    pump(app, 0.5)
+    viewer.screenshot(str(args.out / "03-painted-slice-4.png"), canvas_only=False)
+
+    # 4. A second task next to the first: the background, from the sample's background
+    #    clicks (positives here) and two nuclei clicks (negatives).
     viewer.dims.current_step = (12, 0, 0)
-    pump(0.5)
+    pump(app, 0.5)
+    points = nuclei.points.data
+    polarity = L.point_labels(nuclei.points)
     background = widget.add_task("background")
-    for p in clicks.data[labels == 0][:3]:
+    for p in points[polarity == 0][:3]:
         background.points.add(np.asarray(p)[None])
-        pump(0.05)
+        pump(app, 0.05)
     L.set_polarity(background.points, L.NEGATIVE)
-    for p in clicks.data[labels == 1][:2]:
+    for p in points[polarity == 1][:2]:
         background.points.add(np.asarray(p)[None])
-        pump(0.05)
+        pump(app, 0.05)
     L.set_polarity(background.points, L.POSITIVE)
-    widget._show_polarity(L.POSITIVE)
-    idle(widget)
-    viewer.screenshot(str(args.out / "03-two-tasks.png"), canvas_only=False)
+    session.set_active(1)
+    idle(app, widget)
+    pump(app, 0.5)
+    viewer.screenshot(str(args.out / "04-two-tasks.png"), canvas_only=False)
     viewer.close()
     print(f"screenshots written to {args.out}")
 

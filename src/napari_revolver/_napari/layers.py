@@ -98,6 +98,9 @@ def to_image_data(
         ``(N, image.ndim)`` data coordinates of ``image``, not rounded.
     """
     coords = np.atleast_2d(np.asarray(coords, dtype=np.float64))
+    if _same_grid(layer, image):
+        # A task's Points layer is made on its image's grid: data pixels are shared.
+        return coords.copy()
     out = np.empty((len(coords), image.ndim))
     n_world = len(viewer_point)
     for i, c in enumerate(coords):
@@ -108,6 +111,20 @@ def to_image_data(
         full[n_world - k :] = world[len(world) - k :]
         out[i] = np.asarray(image.world_to_data(full[n_world - image.ndim :]), dtype=np.float64)
     return out
+
+
+def _same_grid(layer: Any, image: Any) -> bool:
+    """Whether two layers share data coordinates (same dimensions and data-to-world map)."""
+    if layer.ndim != image.ndim:
+        return False
+    a, b = layer.affine, image.affine
+    return bool(
+        np.array_equal(layer.scale, image.scale)
+        and np.array_equal(layer.translate, image.translate)
+        and np.array_equal(np.asarray(a.affine_matrix), np.asarray(b.affine_matrix))
+        and np.array_equal(np.asarray(layer.rotate), np.asarray(image.rotate))
+        and np.array_equal(np.asarray(layer.shear), np.asarray(image.shear))
+    )
 
 
 def point_labels(layer: Points) -> np.ndarray:

@@ -757,6 +757,7 @@ class Session:
         if top > np.iinfo(data.dtype).max:
             layer.data = data.astype(np.uint16 if top < 65536 else np.uint32)
             data = layer.data
+            state.written = {k: _checksum(data[k]) for k in state.written}
         data[index] = result
         state.written[index] = _checksum(data[index])
         if refresh and self._on_screen(state, index):
@@ -1069,13 +1070,13 @@ class Session:
 
 
 def _checksum(plane: np.ndarray) -> int:
-    """Checksum of a label slice's values (the same whatever its integer dtype)."""
-    a = np.ascontiguousarray(np.asarray(plane), dtype=np.uint32)
-    return zlib.crc32(a.view(np.uint8))
+    """Checksum of a label slice's values and dtype (a dtype change reads as a change)."""
+    a = np.ascontiguousarray(np.asarray(plane))
+    return zlib.crc32(a.view(np.uint8), zlib.crc32(a.dtype.str.encode()))
 
 
 def _zero_checksum(plane: np.ndarray) -> int:
-    return _checksum(np.zeros(np.shape(plane), np.uint32))
+    return _checksum(np.zeros(np.shape(plane), np.asarray(plane).dtype))
 
 
 def _painted_slices(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from qtpy.QtCore import QTimer
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -81,6 +82,14 @@ class TasksBox(QGroupBox):
         self.live_check.setChecked(True)
         v.addWidget(self.live_check)
 
+        # A click changes its task's line (the point counts); the line is redrawn just after
+        # the labels, not before: a list repaint costs as much as the rest of the update.
+        self._changed: set[int] = set()
+        self._line_timer = QTimer(self)
+        self._line_timer.setSingleShot(True)
+        self._line_timer.setInterval(150)
+        self._line_timer.timeout.connect(self._flush_lines)
+
         self.add_button.clicked.connect(lambda: self.add_task())
         self.rename_button.clicked.connect(self._rename_clicked)
         self.delete_button.clicked.connect(self.delete_task)
@@ -154,12 +163,20 @@ class TasksBox(QGroupBox):
     def _on_task_changed(self, entry: TaskEntry) -> None:
         if entry not in self.session.tasks:
             return
-        row = self.session.tasks.index(entry)
-        item = self.task_list.item(row)
-        if item is not None:
-            item.setText(task_text(entry))
+        self._changed.add(id(entry))
+        if not self._line_timer.isActive():
+            self._line_timer.start()
         if entry is self.session.active_task():
             self._show_polarity(L.polarity(entry.points))
+
+    def _flush_lines(self) -> None:
+        for row, entry in enumerate(self.session.tasks):
+            item = self.task_list.item(row)
+            if id(entry) in self._changed and item is not None:
+                text = task_text(entry)
+                if item.text() != text:
+                    item.setText(text)
+        self._changed.clear()
 
     def _on_active(self, index: int) -> None:
         self.task_list.blockSignals(True)
@@ -190,8 +207,9 @@ class TasksBox(QGroupBox):
     def _show_polarity(self, polarity: str) -> None:
         positive = polarity == L.POSITIVE
         self.polarity_button.setChecked(not positive)
+        text = "● positive (object)" if positive else "● negative (not object)"
+        if self.polarity_button.text() == text:
+            return  # a restyle repaints the dock: only on a change
         color = L.POSITIVE_COLOR if positive else L.NEGATIVE_COLOR
-        self.polarity_button.setText(
-            "● positive (object)" if positive else "● negative (not object)"
-        )
+        self.polarity_button.setText(text)
         self.polarity_button.setStyleSheet(f"color: {color}; font-weight: bold;")

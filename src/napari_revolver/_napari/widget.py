@@ -158,8 +158,8 @@ class RevolverWidget(QWidget):
         if self.tasks_box.live_check.isChecked():
             self._update_timer.start()
 
-    def update_now(self) -> None:
-        """Guide stale tasks and repaint the slice on screen.
+    def update_now(self, *, quiet: bool = False) -> None:
+        """Guide stale tasks and repaint the slice on screen (``quiet``: keep the status).
 
         Runs inline when the features it needs are cached (guide + head only); otherwise the
         missing slices are encoded in a worker first and this runs again when it finishes.
@@ -168,16 +168,21 @@ class RevolverWidget(QWidget):
         state = session.image
         if state is None or not L.is_alive(self.viewer, state.layer) or not session.tasks:
             return
-        if session.run is not None:
+        if session.run is not None and session.run.kind == "encode":
             self._pending_update = True
             return
         try:
             index = L.current_slice(self.viewer, state.layer, state.geometry)
             missing = session.missing_features([index])
             if missing:
-                self._worker = workers.start(session, session.encoding(missing))
+                if session.run is not None:  # a propagation: encode after it
+                    self._pending_update = True
+                else:
+                    self._worker = workers.start(session, session.encoding(missing))
                 return
-            self.report("status", session.update_slice(index))
+            text = session.update_slice(index)
+            if not quiet:
+                self.report("status", text)
         except ValueError as exc:
             self.report("error", str(exc))
             return
@@ -198,7 +203,8 @@ class RevolverWidget(QWidget):
             # changed meanwhile.
             stale = any(t.task is None and len(t.points.data) for t in self.session.tasks)
             if run.kind != "propagate" or run.cancelled or stale:
-                self._schedule_update()
+                # The run's own message (cancelled, done) stays in the status line.
+                QTimer.singleShot(0, lambda: self.update_now(quiet=True))
 
     def _on_run_failed(self, run: Run, message: str) -> None:
         self._worker = None

@@ -24,7 +24,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .session import Run, Session
 
 
-def _iterate(run: Run) -> Generator[Any, None, None]:
+def _iterate(run: Run, threads: int) -> Generator[Any, None, None]:
+    import torch
+
+    torch.set_num_threads(threads)
     for item in run.steps:
         yield item
         if run.cancelled:
@@ -46,11 +49,18 @@ def start(session: Session, run: Run) -> GeneratorWorker:
     GeneratorWorker
         Started; ``session.cancel_run()`` stops it at the next slice.
     """
+    import torch
     from superqt.utils import create_worker
 
+    # A propagation leaves a core to the main thread, whose live clicks run the network
+    # too (intra-op threads are set per thread: this slows only the run).
+    threads = torch.get_num_threads()
+    if run.kind == "propagate":
+        threads = max(1, threads - 1)
     worker = create_worker(
         _iterate,
         run,
+        threads,
         _start_thread=False,
         _connect={
             "yielded": partial(session.run_step, run),
