@@ -245,10 +245,11 @@ class PropagateBox(QGroupBox):
         if run.failed:
             self.progress.setFormat("failed")
         elif run.cancelled:
-            self.progress.setFormat(f"cancelled at %v / %m ({run.description.lower()})")
+            self.progress.setValue(run.done)
+            self.progress.setFormat("cancelled at %v / %m slices")
         else:
             self.progress.setValue(self.progress.maximum())
-            self.progress.setFormat(f"done: %v / %m ({run.description.lower()})")
+            self.progress.setFormat("done: %v / %m slices")
         self.eta_label.setText("")
 
     def _on_image(self, state: ImageState | None) -> None:
