@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Generator, Iterable, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from . import objects
 from .compat import check_tasks
 from .encoding import VolumeEncoder
 from .labels import labels_from_probabilities
@@ -29,6 +31,7 @@ from .prior import dense_support, local_priors
 from .propagation import PropagationStep, finish_slice
 from .task import Task
 from .tiling import segment_slices
+from .tracking import InstanceLinker
 from .volume import (
     Index,
     VolumeInfo,
@@ -79,7 +82,15 @@ class RevolverPredictor(VolumeEncoder):
 
     # ------------------------------------------------------------------- guide
     @torch.inference_mode()
-    def guide(self, points: Any, labels: Any, *, name: str = "task", label_value: int = 1) -> Task:
+    def guide(
+        self,
+        points: Any,
+        labels: Any,
+        *,
+        name: str = "task",
+        label_value: int = 1,
+        kind: Literal["class", "object"] = "class",
+    ) -> Task:
         """Turn point annotations into a task.
 
         Parameters
@@ -94,11 +105,17 @@ class RevolverPredictor(VolumeEncoder):
             Task name.
         label_value : int
             Value of the task in label images.
+        kind : {"class", "object"}
+            ``class``: everything like the positives. ``object``: the one object under the
+            positive clicks, followed through the stack by :meth:`propagate` (negatives act
+            by position only; see :mod:`.objects`).
 
         Returns
         -------
         Task
         """
+        if kind not in ("class", "object"):
+            raise ValueError(f"kind must be 'class' or 'object'; got {kind!r}")
         info = self.info
         pts, lab = check_points(points, labels, info)
         n_lead = len(info.leading_shape)
@@ -106,6 +123,13 @@ class RevolverPredictor(VolumeEncoder):
         total: GuideOutput | None = None
         for key in sorted({tuple(r) for r in slices.tolist()}):
             sel = (slices == np.asarray(key, int)).all(axis=1)
+            if kind == "object":
+                # The object's appearance is what its first positive click on a slice
+                # shows; corrections and negatives act by position only (.objects).
+                first = np.flatnonzero(sel & (lab == 1))[:1]
+                if not len(first):
+                    continue
+                sel = np.isin(np.arange(len(sel)), first)
             f = self.features(key)
             grid = tuple(f.fine.shape[-2:])
             masks = point_masks(
@@ -117,7 +141,7 @@ class RevolverPredictor(VolumeEncoder):
             g = self._guide_features(f, masks)
             total = g if total is None else total + g
         assert total is not None
-        return self._task(total, name, label_value, pts, lab)
+        return replace(self._task(total, name, label_value, pts, lab), kind=kind)
 
     @torch.inference_mode()
     def guide_mask(
@@ -148,6 +172,39 @@ class RevolverPredictor(VolumeEncoder):
             np.zeros(0, np.int8),
             ((key, masks.numpy().astype(np.float32)),),
         )
+
+    def guide_features(self, f: EncoderOutput, masks: torch.Tensor) -> GuideOutput:
+        """Pool features ``f`` (batch 1) under guide masks ``(2, h, w)`` on the fine grid."""
+        return self._guide_features(f, masks)
+
+    def guidance_of(self, tasks: Sequence[Task]) -> GuideOutput:
+        """Return the guidance of ``tasks`` (batch T) on this predictor's device, checked."""
+        return self._guidance(tasks)
+
+    @torch.inference_mode()
+    def probability_with(
+        self, index: Index, guidance: GuideOutput, prior: torch.Tensor | None = None
+    ) -> np.ndarray:
+        """Probability ``(H, W)`` on one slice under one guidance and an optional prior.
+
+        ``prior`` is ``(1, 3, h, w)`` (:func:`.model.guide.local_prior`).
+        """
+        f = self.features(index).to(self.device, torch.float32)
+        prior = None if prior is None else prior.to(self.device)
+        logits = segment_slices(self.model, f, guidance, self.info.slice_shape, prior)
+        return torch.sigmoid(logits)[0].cpu().numpy()
+
+    def object_mask(self, index: Index, task: Task, *, threshold: float = 0.5) -> np.ndarray:
+        """Select an object task's object on one of its clicked slices: ``(H, W)`` bool."""
+        key = self.info.unflat(self.info.flat(index))
+        pts, lab = objects.clicks_on(task, key, self.info)
+        if not (lab == 1).any():
+            raise ValueError(
+                f"object task {task.name!r} has no positive click on slice {key}; "
+                "use propagate(task) to follow it there"
+            )
+        prob = self.predict_proba(index, task)[0]
+        return objects.select_object(prob, pts, lab, threshold=threshold)
 
     def _guide_features(self, f: EncoderOutput, masks: torch.Tensor) -> GuideOutput:
         return self.model.guide_from_masks(
@@ -253,6 +310,9 @@ class RevolverPredictor(VolumeEncoder):
         np.ndarray
             ``(H, W)`` bool mask, or unsigned label image.
         """
+        task_list = [task] if isinstance(task, Task) else list(task)
+        if _kinds(task_list) == "object":
+            return self._predict_objects(index, task_list, threshold, isinstance(task, Task))
         probs = self.predict_proba(index, task, local=local)
         return finish_slice(
             probs,
@@ -292,7 +352,8 @@ class RevolverPredictor(VolumeEncoder):
             ``labels``: ``(H, W)`` label image (one task: 0/label_value); ``masks``:
             ``(T, H, W)`` bool; ``probabilities``: ``(T, H, W)`` float32.
         instances : bool
-            With ``labels``: instance ids instead of task values.
+            With ``labels``: instance ids instead of task values, linked through z and t by
+            overlap with the neighbouring slice (:mod:`.tracking`).
         batch_size : int, optional
             Slices per batch (default the predictor's).
         cache : bool
@@ -313,7 +374,14 @@ class RevolverPredictor(VolumeEncoder):
             raise ValueError("no task given")
         if output not in ("labels", "masks", "probabilities"):
             raise ValueError(f"output must be 'labels', 'masks' or 'probabilities'; got {output!r}")
+        if _kinds(task_list) == "object":
+            if output != "labels":
+                raise ValueError(f"object tasks give output='labels'; got {output!r}")
+            self._guidance(task_list)  # the compatibility check
+            yield from objects.follow_objects(self, task_list, indices, threshold=threshold)
+            return
         guidance = self._guidance(task_list)
+        linker = InstanceLinker(self.info) if instances and output == "labels" else None
         ks = self.info.flat_indices(indices)
         bs = batch_size or self.batch_size
         total = len(ks)
@@ -323,7 +391,23 @@ class RevolverPredictor(VolumeEncoder):
             probs = self._probabilities(feats, task_list, guidance, batch, local).cpu().numpy()
             for j, k in enumerate(batch):
                 res = finish_slice(probs[j], task_list, threshold, instances, output)
-                yield PropagationStep(self.info.unflat(k), res, i + j + 1, total)
+                key = self.info.unflat(k)
+                if linker is not None:
+                    res = linker.link(key, res)
+                yield PropagationStep(key, res, i + j + 1, total)
+
+    def _predict_objects(
+        self, index: Index, tasks: list[Task], threshold: float, one: bool
+    ) -> np.ndarray:
+        """Object tasks on one slice: clicked objects directly, others followed there."""
+        key = self.info.unflat(self.info.flat(index))
+        if one and (objects.clicks_on(tasks[0], key, self.info)[1] == 1).any():
+            return self.object_mask(index, tasks[0], threshold=threshold)
+        result = None
+        for step in self.propagate(tasks, [key], threshold=threshold):
+            result = step.result
+        assert result is not None
+        return result == tasks[0].label_value if one else result
 
     def segment(self, tasks: Task | Sequence[Task], **kwargs: Any) -> np.ndarray:
         """Propagate to every slice and return the stacked result ``(*leading, H, W)``."""
@@ -335,3 +419,11 @@ class RevolverPredictor(VolumeEncoder):
             out[step.index] = step.result
         assert out is not None
         return out
+
+
+def _kinds(tasks: Sequence[Task]) -> str:
+    """``"class"`` or ``"object"``: the one kind of ``tasks`` (mixing them is refused)."""
+    kinds = {t.kind for t in tasks}
+    if len(kinds) > 1:
+        raise ValueError("tasks mix kind='class' and kind='object'; apply them separately")
+    return kinds.pop()

@@ -112,6 +112,9 @@ def task_prior(
     if len(task.points) and task.points.shape[1] == info.ndim:
         lead = np.rint(task.points[:, :n_lead]).astype(int)
         sel = np.array([tuple(r) in sources for r in lead.tolist()], bool)
+        if task.kind == "object":
+            # An object's negative clicks are competitor seeds (.objects), not a prior.
+            sel &= task.labels == 1
         if sel.any():
             masks += point_masks(
                 torch.from_numpy(task.points[sel, n_lead:]),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -11,7 +11,29 @@ from .instances import mask_to_instances
 from .labels import labels_from_probabilities
 from .task import Task
 
-__all__ = ["PropagationStep", "finish_slice"]
+__all__ = ["ObjectEvent", "PropagationStep", "finish_slice"]
+
+
+@dataclass(frozen=True)
+class ObjectEvent:
+    """A followed object ended: it is not continued onto slice ``index`` (nor beyond it).
+
+    Attributes
+    ----------
+    task : str
+        The object task's name.
+    label_value : int
+        Its id in the label images.
+    index : tuple of int
+        The slice it did not continue onto.
+    reason : str
+        Why, in words (nothing probable there, an area jump, too little overlap).
+    """
+
+    task: str
+    label_value: int
+    index: tuple[int, ...]
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -26,12 +48,15 @@ class PropagationStep:
         ``(H, W)`` labels (or ``(T, H, W)`` masks / probabilities, per ``output``).
     done, total : int
         Progress.
+    events : tuple of ObjectEvent
+        Object tasks that ended on this slice (empty for class tasks).
     """
 
     index: tuple[int, ...]
     result: np.ndarray
     done: int
     total: int
+    events: tuple[ObjectEvent, ...] = field(default=())
 
 
 def finish_slice(

@@ -6,6 +6,7 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -51,6 +52,10 @@ class Task:
     invert : bool
         The vectors were pooled from features of reversed intensities (dark objects on a light
         background, ``set_volume(invert=True)``); they apply only to volumes read the same way.
+    kind : {"class", "object"}
+        ``class``: everything like the annotated pixels. ``object``: the one object under the
+        positive clicks, followed through z and t (:mod:`.objects`); its vectors pool the
+        positives only, and negative clicks act by position.
     """
 
     name: str
@@ -66,6 +71,7 @@ class Task:
     source: str = ""
     support_masks: tuple[tuple[tuple[int, ...], np.ndarray], ...] = ()
     invert: bool = False
+    kind: Literal["class", "object"] = "class"
 
     def __post_init__(self) -> None:
         """Check the shapes and freeze private copies of the arrays."""
@@ -82,6 +88,8 @@ class Task:
             )
         if self.label_value < 1:
             raise ValueError(f"label_value must be >= 1; got {self.label_value}")
+        if self.kind not in ("class", "object"):
+            raise ValueError(f"kind must be 'class' or 'object'; got {self.kind!r}")
         for name in ("sum_coarse", "sum_fine", "mass", "points", "labels"):
             # Own a copy: freezing the caller's array (a napari layer's points, say) would
             # make it read-only for them too.
@@ -159,6 +167,7 @@ class Task:
             "labels": self.labels.astype(int).tolist(),
             "source": self.source,
             "invert": self.invert,
+            "kind": self.kind,
         }
 
     @classmethod
@@ -187,6 +196,8 @@ class Task:
             package_version=str(d.get("package_version", "")),
             source=str(d.get("source", "")),
             invert=bool(d.get("invert", False)),
+            # Files written before object tasks existed hold class tasks.
+            kind=str(d.get("kind", "class")),  # type: ignore[arg-type]
         )
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:

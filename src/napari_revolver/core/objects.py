@@ -1,0 +1,486 @@
+"""Object tasks: the one object under the clicks, and that object followed through z and t.
+
+A class task says "things like these"; an object task says "this one". The network's class
+probability (guided by the object's positive clicks, with the local prior on the clicked slice)
+says what looks like the object; the geometry here says which of those pixels are *it*:
+
+* On a clicked slice (:func:`select_object`), a seeded watershed on the distance transform of
+  the probable region picks the object: its marker is the positive clicks, competitors are the
+  other confident cores, the negative clicks and, where the clicked region is a clump much
+  larger than the disc at the click, the other distance peaks in it. A negative click is a
+  competitor marker, never a negative in the guide: on a look-alike neighbour it would teach
+  the network that the object's own appearance is background (the clicked object would shrink
+  with it).
+* Through the stack (:func:`follow_objects`), every object moves outward from its annotated
+  slices one slice at a time. On each slice one head pass serves all objects, guided by the
+  clicks and by the masks just predicted on the neighbouring slice (dense support: the memory
+  of their appearance; the local prior: of their position). A joint watershed seeded by each
+  object's eroded previous mask assigns every pixel to at most one object. An object stops
+  where its marker finds nothing probable, where its area jumps, or where the new region
+  overlaps the previous one too little (a look-alike neighbour): the step reports where and why.
+
+No napari or Qt here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from scipy import ndimage
+from skimage.segmentation import watershed
+
+from .evaluate import foreground_iou
+from .model.guide import GuideOutput, local_prior
+from .prior import annotated_slices, dense_support
+from .propagation import ObjectEvent, PropagationStep
+from .task import Task
+from .volume import VolumeInfo
+
+if TYPE_CHECKING:
+    from .predictor import RevolverPredictor
+
+__all__ = [
+    "FollowParams",
+    "clicks_on",
+    "follow_objects",
+    "object_order",
+    "select_object",
+]
+
+Key = tuple[int, ...]
+
+#: Confident cores: probability above this is an object's centre, not its rim.
+CORE = 0.8
+#: Background marker: probability below this is background for sure.
+BACKGROUND = 0.1
+
+
+@dataclass(frozen=True)
+class FollowParams:
+    """How objects are followed from slice to slice.
+
+    Attributes
+    ----------
+    min_overlap : float
+        The new mask must cover at least this share of the previous one's eroded core, and
+        IoU with the previous mask at least ``min_iou``; otherwise the object has ended (or
+        what is there is another object).
+    min_iou : float
+        See ``min_overlap``.
+    max_growth, max_shrink : float
+        Largest area ratio new / previous (and previous / new) accepted in one step.
+    erosion : float
+        The previous mask is eroded by this share of its radius to seed the next slice
+        (objects drift; the core of the last mask is still inside them).
+    reach : float
+        The new mask stays within the previous one dilated by this share of its radius (an
+        object moves and grows a little from one slice to the next; a leak into a
+        neighbour's territory stops there).
+    """
+
+    min_overlap: float = 0.3
+    min_iou: float = 0.25
+    max_growth: float = 2.5
+    max_shrink: float = 4.0
+    erosion: float = 0.3
+    reach: float = 0.3
+
+
+# ------------------------------------------------------------------------- clicked slice
+def _disc(mask: np.ndarray, yx: Sequence[tuple[int, int]], r: int, value: int) -> None:
+    """Set discs of radius ``r`` around points ``yx`` of ``mask`` to ``value`` (in place)."""
+    h, w = mask.shape
+    for y, x in yx:
+        y0, y1, x0, x1 = max(0, y - r), min(h, y + r + 1), max(0, x - r), min(w, x + r + 1)
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        mask[y0:y1, x0:x1][(yy - y) ** 2 + (xx - x) ** 2 <= r * r] = value
+
+
+def _markers(prob: np.ndarray, pos: np.ndarray, neg: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Watershed markers: 1 the object (its clicks and cores), 2 background, 3+ competitors."""
+    cores, n = ndimage.label(prob > CORE)
+    pos_cores = set(cores[tuple(pos.T)].tolist()) - {0}
+    lut = np.arange(n + 1, dtype=np.int32) + 2  # other cores compete (3, 4, ...)
+    lut[0] = 0
+    lut[list(pos_cores)] = 1
+    markers = lut[cores]
+    dist = ndimage.distance_transform_edt(region)
+    r = max(float(dist[tuple(pos[0])]), 2.0)
+    obj = markers == 1
+    if obj.sum() > 2.5 * np.pi * r * r:
+        # A clump far larger than the disc at the click: its other distance peaks are other
+        # objects, and the object is only what floods from the clicks.
+        size = int(2 * r) | 1
+        peaks = (dist == ndimage.maximum_filter(dist, size=size)) & obj & (dist >= 0.5 * r)
+        nxt = int(markers.max()) + 1
+        for py, px in np.argwhere(peaks):
+            if np.min(np.hypot(pos[:, 0] - py, pos[:, 1] - px)) > 1.5 * r:
+                _disc(markers, [(int(py), int(px))], 1, nxt)
+                nxt += 1
+        markers[obj & (markers == 1)] = 0
+    nxt = int(markers.max()) + 1
+    for v in neg:
+        # A negative click takes back the core around it, as far as the region's edge (a
+        # neighbour merged into the object, or a rim the object overshot).
+        d = max(int(dist[tuple(v)]) + 1, 2)
+        near = np.zeros(markers.shape, np.uint8)
+        _disc(near, [tuple(v)], d, 1)
+        markers[(near > 0) & (markers == 1)] = 0
+        _disc(markers, [tuple(v)], 2, nxt)
+        nxt += 1
+    _disc(markers, [tuple(v) for v in pos], 2, 1)
+    markers[~region] = 0
+    markers[prob < BACKGROUND] = 2
+    return markers
+
+
+def _region(prob: np.ndarray, pos: np.ndarray, threshold: float) -> np.ndarray:
+    """Pixels that may belong to the object: probable, plus what a positive click adds."""
+    region = prob > threshold
+    for y, x in pos[1:]:
+        if region[y, x]:
+            continue
+        # A positive click on a miss: the disc reaching from it to the probable region, and
+        # what is somewhat probable in that disc.
+        outside = ndimage.distance_transform_edt(~region)
+        d = max(int(outside[y, x]) + 1, 3)
+        disc = np.zeros(region.shape, np.uint8)
+        _disc(disc, [(int(y), int(x))], d, 1)
+        region |= (disc > 0) & (prob > threshold / 2.5)
+        _disc(region.view(np.uint8), [(int(y), int(x))], max(d // 2, 2), 1)
+    return region
+
+
+def select_object(
+    prob: np.ndarray,
+    points: np.ndarray,
+    labels: np.ndarray,
+    *,
+    threshold: float = 0.5,
+) -> np.ndarray:
+    """Select the single object under the positive clicks of one slice.
+
+    Parameters
+    ----------
+    prob : np.ndarray
+        ``(H, W)`` float class probability of what looks like the object.
+    points : np.ndarray
+        ``(N, 2)`` ``(y, x)`` clicks on this slice, in pixels.
+    labels : np.ndarray
+        ``(N,)`` 1 positive, 0 negative; at least one positive.
+    threshold : float
+        Probability threshold of the object's extent.
+
+    Returns
+    -------
+    np.ndarray
+        ``(H, W)`` bool: the connected object containing the positive clicks.
+
+    Raises
+    ------
+    ValueError
+        No positive click, or shapes that do not match.
+    """
+    prob = np.asarray(prob, np.float32)
+    yx = np.clip(np.rint(np.asarray(points, float)).astype(int), 0, np.array(prob.shape) - 1)
+    labels = np.asarray(labels)
+    if yx.shape != (len(labels), 2) or prob.ndim != 2:
+        raise ValueError(
+            f"expected prob (H, W), points (N, 2) and labels (N,); got {prob.shape}, "
+            f"{np.shape(points)} and {labels.shape}"
+        )
+    pos, neg = yx[labels == 1], yx[labels == 0]
+    if not len(pos):
+        raise ValueError("an object needs at least one positive click on its slice")
+    region = _region(prob, pos, threshold)
+    markers = _markers(prob, pos, neg, region)
+    dist = ndimage.distance_transform_edt(region)
+    basins = watershed(-dist, markers, mask=region | (markers == 2))
+    return _near_first(basins == 1, pos)
+
+
+def _near_first(mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Keep the part of ``mask`` at the first positive click, and parts of others close to it.
+
+    A positive click far from the object (beyond twice its radius) starts nothing new.
+    """
+    comp, _ = ndimage.label(mask)
+    first = comp[tuple(pos[0])]
+    if not first:
+        return np.zeros_like(mask)
+    obj = comp == first
+    r = max(float(ndimage.distance_transform_edt(obj).max()), 2.0)
+    reach = ndimage.distance_transform_edt(~obj)
+    keep = {int(first)} | {int(comp[tuple(p)]) for p in pos[1:] if reach[tuple(p)] <= 2 * r}
+    keep.discard(0)
+    return np.isin(comp, list(keep))
+
+
+def _connected_to(mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Keep the connected parts of ``mask`` that contain a point of ``pos``."""
+    comp, _ = ndimage.label(mask)
+    keep = np.unique(comp[tuple(pos.T)])
+    return np.isin(comp, keep[keep > 0])
+
+
+# ---------------------------------------------------------------------------- following
+def object_order(anchors: Sequence[Key], shape: tuple[int, ...]) -> dict[Key, tuple[int, Key]]:
+    """Visit order of a leading grid from annotated slices: through z first, then across t.
+
+    Parameters
+    ----------
+    anchors : sequence of tuple of int
+        Annotated slices (leading-axes indices).
+    shape : tuple of int
+        The leading shape, ``(Z,)``, ``(T,)`` or ``(T, Z)``.
+
+    Returns
+    -------
+    dict
+        ``{slice: (step, parent)}`` for every slice: its distance from the nearest anchor
+        (steps along the last axis count 1, along earlier axes as many as the last axis is
+        long, so a timepoint is finished through z before the next one starts) and the
+        neighbour it follows from (itself for an anchor).
+    """
+    out: dict[Key, tuple[int, Key]] = {}
+    frontier = sorted({tuple(a) for a in anchors})
+    for a in frontier:
+        out[a] = (0, a)
+    weights = [int(np.prod(shape[i + 1 :])) for i in range(len(shape))]
+    # Dijkstra on the grid: a step along axis i costs weights[i].
+    import heapq
+
+    heap = [(0, a) for a in frontier]
+    while heap:
+        d, key = heapq.heappop(heap)
+        if out[key][0] < d:
+            continue
+        for i in reversed(range(len(shape))):
+            for s in (-1, 1):
+                nb = list(key)
+                nb[i] += s
+                if not 0 <= nb[i] < shape[i]:
+                    continue
+                n = tuple(nb)
+                nd = d + weights[i]
+                if n not in out or nd < out[n][0]:
+                    out[n] = (nd, key)
+                    heapq.heappush(heap, (nd, n))
+    return out
+
+
+@dataclass
+class _Track:
+    """One object's state while it is followed."""
+
+    task: Task
+    order: dict[Key, tuple[int, Key]]
+    masks: dict[Key, np.ndarray]
+    stopped: dict[Key, str]
+
+
+def follow_objects(
+    predictor: RevolverPredictor,
+    tasks: Sequence[Task],
+    indices: Sequence[int] | None = None,
+    *,
+    threshold: float = 0.5,
+    params: FollowParams | None = None,
+) -> Generator[PropagationStep, None, None]:
+    """Follow object tasks from their annotated slices through the stack, slice by slice.
+
+    Parameters
+    ----------
+    predictor : RevolverPredictor
+        With the volume the objects were clicked on.
+    tasks : sequence of Task
+        Object tasks (``kind="object"``) guided on this volume; each ``label_value`` is the
+        object's id in the output.
+    indices : sequence of int, optional
+        Flat slices to report; default all (every slice between is still visited).
+    threshold : float
+        Probability threshold of an object's extent.
+    params : FollowParams, optional
+
+    Yields
+    ------
+    PropagationStep
+        In visit order: the slice's ``(H, W)`` uint32 label image (every object on it so far)
+        and, in ``events``, the objects that ended there and why.
+
+    Raises
+    ------
+    ValueError
+        A task that is not an object task of this volume.
+    """
+    params = params or FollowParams()
+    info = predictor.info
+    tracks = _tracks(tasks, info)
+    report = set(info.flat_indices(indices))
+    visits = sorted(
+        {(step, key) for t in tracks for key, (step, _) in t.order.items()},
+    )
+    keys_by_step: dict[int, list[Key]] = {}
+    for step, key in visits:
+        keys_by_step.setdefault(step, []).append(key)
+    canvas: dict[Key, np.ndarray] = {}
+    seen: set[int] = set()
+    for step in sorted(keys_by_step):
+        for key in keys_by_step[step]:
+            active = [t for t in tracks if t.order.get(key, (-1,))[0] == step]
+            events = _visit(predictor, key, active, threshold, params)
+            labels = canvas.setdefault(key, np.zeros(info.slice_shape, np.uint32))
+            for t in active:
+                m = t.masks.get(key)
+                if m is not None:
+                    labels[m & (labels == 0)] = t.task.label_value
+            k = info.flat(key)
+            if k in report:
+                seen.add(k)
+                yield PropagationStep(key, labels.copy(), len(seen), len(report), events)
+
+
+def _tracks(tasks: Sequence[Task], info: VolumeInfo) -> list[_Track]:
+    """Validate object tasks and plan each one's visit order."""
+    out = []
+    for t in tasks:
+        if t.kind != "object":
+            raise ValueError(f"task {t.name!r} is a class task; follow_objects takes object tasks")
+        anchors = [k for k in annotated_slices(t, info) if (clicks_on(t, k, info)[1] == 1).any()]
+        if not anchors:
+            raise ValueError(
+                f"object task {t.name!r} has no positive click on this volume: guide it on the "
+                "volume it is followed in"
+            )
+        out.append(_Track(t, object_order(anchors, info.leading_shape), {}, {}))
+    return out
+
+
+def clicks_on(task: Task, key: Key, info: VolumeInfo) -> tuple[np.ndarray, np.ndarray]:
+    """Return the clicks of ``task`` on slice ``key``.
+
+    Returns
+    -------
+    points : np.ndarray
+        ``(N, 2)`` ``(y, x)``.
+    labels : np.ndarray
+        ``(N,)`` 1 positive, 0 negative.
+    """
+    n_lead = len(info.leading_shape)
+    if not len(task.points) or task.points.shape[1] != info.ndim:
+        return np.zeros((0, 2)), np.zeros(0, np.int8)
+    lead = np.rint(task.points[:, :n_lead]).astype(int)
+    sel = (lead == np.asarray(key, int)).all(axis=1)
+    return task.points[sel, n_lead:], task.labels[sel]
+
+
+def _visit(
+    predictor: RevolverPredictor,
+    key: Key,
+    active: list[_Track],
+    threshold: float,
+    params: FollowParams,
+) -> tuple[ObjectEvent, ...]:
+    """Segment the active objects on one slice: clicked ones by their clicks, others followed."""
+    clicked = [t for t in active if t.order[key][1] == key]
+    followed = [t for t in active if t.order[key][1] != key and t.order[key][1] in t.masks]
+    for t in clicked:
+        t.masks[key] = predictor.object_mask(key, t.task, threshold=threshold)
+    if not followed:
+        return ()
+    prob = _memory_probability(predictor, key, followed)
+    return _follow_step(prob, key, followed, threshold, params)
+
+
+def _memory_probability(predictor: RevolverPredictor, key: Key, tracks: list[_Track]) -> np.ndarray:
+    """One head pass for all followed objects on slice ``key``, guided by their last masks."""
+    info = predictor.info
+    feats = predictor.features(key)
+    grid = tuple(feats.fine.shape[-2:])
+    stride = predictor.model.fine_stride
+    guidance = predictor.guidance_of([t.task for t in tracks])
+    total = GuideOutput(
+        guidance.sum_coarse.sum(0, keepdim=True),
+        guidance.sum_fine.sum(0, keepdim=True),
+        guidance.mass.sum(0, keepdim=True),
+    )
+    prior_masks = torch.zeros(1, 2, *grid)
+    for parent in {t.order[key][1] for t in tracks}:
+        union = np.zeros(info.slice_shape, bool)
+        for t in tracks:
+            if t.order[key][1] == parent:
+                union |= t.masks[parent]
+        if not union.any():
+            continue
+        masks = dense_support(union, grid, stride)  # type: ignore[arg-type]
+        # Appearance memory: the objects' last masks as positive support (their surroundings
+        # hold look-alikes, so no negatives from them).
+        masks[1] = 0
+        g = predictor.guide_features(predictor.features(parent), masks)
+        total = total + g
+        prior_masks[0, 0] += masks[0]
+    prior = local_prior(prior_masks) if predictor.model.config.local_prior else None
+    return predictor.probability_with(key, total, prior)
+
+
+def _follow_step(
+    prob: np.ndarray,
+    key: Key,
+    tracks: list[_Track],
+    threshold: float,
+    params: FollowParams,
+) -> tuple[ObjectEvent, ...]:
+    """Joint watershed of the followed objects seeded by their eroded previous masks."""
+    region = prob > threshold
+    markers = np.zeros(prob.shape, np.int32)
+    markers[prob < BACKGROUND] = 1
+    prev, reach = {}, {}
+    for i, t in enumerate(tracks, start=2):
+        m = t.masks[t.order[key][1]]
+        prev[i] = m
+        r = float(ndimage.distance_transform_edt(m).max()) if m.any() else 0.0
+        core = ndimage.binary_erosion(m, iterations=max(1, int(params.erosion * r))) if r else m
+        if not core.any():
+            core = m
+        markers[core & region] = i
+        reach[i] = ndimage.binary_dilation(m, iterations=max(2, round(params.reach * r)))
+    cores, n = ndimage.label(prob > CORE)
+    free = np.unique(cores[markers > 1])
+    others = np.setdiff1d(np.arange(1, n + 1), free)
+    base = len(tracks) + 2
+    sel = np.isin(cores, others)
+    markers[sel] = cores[sel] + base
+    dist = ndimage.distance_transform_edt(region)
+    basins = watershed(-dist, markers, mask=region | (markers == 1))
+    events = []
+    for i, t in enumerate(tracks, start=2):
+        new = (
+            _connected_to(basins == i, np.argwhere(markers == i)[:1])
+            if (markers == i).any()
+            else None
+        )
+        reason = _end_reason(new, prev[i], params)
+        if reason is None:
+            t.masks[key] = new  # type: ignore[assignment]
+        else:
+            t.stopped[key] = reason
+            events.append(ObjectEvent(t.task.name, t.task.label_value, key, reason))
+    return tuple(events)
+
+
+def _end_reason(new: np.ndarray | None, prev: np.ndarray, params: FollowParams) -> str | None:
+    """Why an object does not continue onto a slice, or ``None`` if it does."""
+    if new is None or not new.any():
+        return "nothing probable under the object's last position"
+    a, b = int(new.sum()), int(prev.sum())
+    if a > params.max_growth * b:
+        return f"area grew {a / b:.1f}x in one step"
+    if b > params.max_shrink * a:
+        return f"area shrank {b / a:.1f}x in one step"
+    if foreground_iou(new, prev) < params.min_iou or (new & prev).sum() < params.min_overlap * a:
+        return "too little overlap with the previous slice (another object)"
+    return None
