@@ -166,7 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--instances",
         action="store_true",
-        help="write instance ids (touching objects split) instead of task values",
+        help="write instance ids (touching objects split) instead of task values, linked "
+        "through z and t by overlap",
+    )
+    p.add_argument(
+        "--objects",
+        action="store_true",
+        help="each task of --points is one object, followed through z and t; its id is its "
+        "1-based order of first appearance in the CSV",
     )
     p.add_argument(
         "--save-task",
@@ -294,6 +301,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="the clicks also act by position on the query slices (for z-stacks and "
         "time-lapses; see `revolver segment --local`)",
     )
+    p.add_argument(
+        "--objects",
+        action="store_true",
+        help="object clicks with the simulated annotator (first click at the object's centre, "
+        "then at the largest error); LABELS are instance ids",
+    )
+    p.add_argument("--objects-per-slice", type=int, default=10, help="with --objects (default 10)")
+    p.add_argument(
+        "--max-clicks", type=int, default=20, help="with --objects: click budget (default 20)"
+    )
+    p.add_argument(
+        "--follow",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --objects: also click K objects once on the --support slice, follow them "
+        "through the stack and score each in 3D",
+    )
+    p.add_argument(
+        "--components",
+        action="store_true",
+        help="with --objects: objects are the connected components of the foreground "
+        "(2D for clicks, 3D for --follow) instead of the label ids",
+    )
     _add_invert_arg(p)
     p.add_argument("--json", action="store_true", help='print one JSON object {"results": [...]}')
     _add_model_args(p)
@@ -368,7 +399,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     table = read_points(args.points)
     predictor = _predictor(args)
     axes, scale = _open_image(args, predictor)
-    tasks = _guide_tasks(predictor, table)
+    tasks = _guide_tasks(predictor, table, "object" if args.objects else "class")
     logger.info("guided %d task(s): %s", len(tasks), ", ".join(t.name for t in tasks))
     if args.save_task:
         args.save_task.mkdir(parents=True, exist_ok=True)
@@ -392,10 +423,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                 axes, scale = _open_image(args, predictor)
             if many and output.exists() and not args.overwrite and not args.scheduler:
                 raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
-            if args.scheduler:
-                _segment_distributed(args, predictor, tasks, output, client)
-            else:
-                _segment_local(args, predictor, tasks, output, axes, scale)
+            _segment_one(args, predictor, tasks, output, axes, scale, client)
     finally:
         if client is not None:
             client.close()
@@ -404,8 +432,23 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _segment_one(args, predictor, tasks, output, axes, scale, client) -> None:
+    """Segment the current image into ``output``: on Dask, as objects, or slice by slice."""
+    if args.scheduler:
+        _segment_distributed(args, predictor, tasks, output, client)
+    elif args.objects:
+        _segment_objects(args, predictor, tasks, output, axes, scale)
+    else:
+        _segment_local(args, predictor, tasks, output, axes, scale)
+
+
 def _check_segment_paths(args: argparse.Namespace, many: bool) -> None:
     """Refuse outputs that exist (without --overwrite) and inputs that do not, before any work."""
+    if args.objects and (args.instances or args.scheduler or many):
+        raise ValueError(
+            "--objects follows objects in one image; leave out --instances, "
+            "--scheduler and --apply-to"
+        )
     if many:
         args.output.mkdir(parents=True, exist_ok=True)
     elif args.output.exists() and not args.overwrite and not args.scheduler:
@@ -418,7 +461,7 @@ def _check_segment_paths(args: argparse.Namespace, many: bool) -> None:
             raise FileNotFoundError(f"image file not found: {extra}")
 
 
-def _guide_tasks(predictor, table) -> list:
+def _guide_tasks(predictor, table, kind: str = "class") -> list:
     """One task per distinct value of the points table's task column, valued 1, 2, ..."""
     names = table.task_names()
     tasks = []
@@ -426,7 +469,9 @@ def _guide_tasks(predictor, table) -> list:
         sub = table.select(name) if len(names) > 1 else table
         try:
             tasks.append(
-                predictor.guide(sub.points, sub.labels, name=name or "task", label_value=value)
+                predictor.guide(
+                    sub.points, sub.labels, name=name or "task", label_value=value, kind=kind
+                )
             )
         except ValueError as exc:
             raise ValueError(f"task {name!r}: {exc}" if name else str(exc)) from exc
@@ -452,7 +497,7 @@ def _segment_local(
     import numpy as np
 
     from .core.io import write_label_pages, write_label_zarr
-    from .core.labels import label_dtype, offset_instances
+    from .core.labels import label_dtype
 
     info = predictor.info
     shape = (*info.leading_shape, *info.slice_shape)
@@ -460,15 +505,14 @@ def _segment_local(
     counts = {"fg": 0, "objects": 0}
 
     def pages() -> Iterator[np.ndarray]:
-        # Slices stream from the network to the file: memory stays at one slice.
-        next_id = 1
+        # Slices stream from the network to the file: memory stays at one slice. Instance
+        # ids come linked through z and t from propagate.
         for step in predictor.propagate(
             tasks, threshold=args.threshold, cache=False, local=args.local, instances=args.instances
         ):
             page = step.result
             if args.instances:
-                page, next_id = offset_instances(page, next_id)
-                counts["objects"] = next_id - 1
+                counts["objects"] = max(counts["objects"], int(page.max(initial=0)))
             counts["fg"] += int((page > 0).sum())
             bar.update(step.done, step.total)
             yield page
@@ -491,6 +535,48 @@ def _segment_local(
     fg = counts["fg"] / float(np.prod(shape))
     extra = f", {counts['objects']} objects" if args.instances else ""
     print(f"wrote {output} {shape} ({fg:.1%} foreground, {len(tasks)} task(s){extra})")
+
+
+def _segment_objects(
+    args: argparse.Namespace,
+    predictor,
+    tasks,
+    output: Path,
+    axes: str | None,
+    scale: tuple[float, ...] | None,
+) -> None:
+    """Follow each object task through the stack; write its label_value as its id."""
+    import numpy as np
+
+    from .core.io import write_label_pages
+    from .core.labels import label_dtype
+
+    info = predictor.info
+    shape = (*info.leading_shape, *info.slice_shape)
+    for t in tasks:
+        print(f"object {t.label_value}: task {t.name!r}")
+    # Objects are followed outward from their clicks, so slices finish out of order.
+    out = np.zeros(shape, label_dtype(max(t.label_value for t in tasks)))
+    bar = Progress(f"follow {_stem(args.image)}")
+    for step in predictor.propagate(tasks, threshold=args.threshold):
+        out[step.index] = step.result
+        bar.update(step.done, step.total)
+        for e in step.events:
+            bar.write(f"object {e.label_value} ({e.task!r}) ends at slice {e.index}: {e.reason}")
+    if axes is not None and len(axes) != len(shape):
+        axes = None
+    pages = (out[info.unflat(k)] for k in range(info.n_slices))
+    write_label_pages(
+        output,
+        pages,
+        shape,
+        out.dtype,
+        axes=axes,
+        scale=scale if axes else None,
+        overwrite=args.overwrite,
+    )
+    present = sorted(int(v) for v in np.unique(out) if v)
+    print(f"wrote {output} {shape} ({len(present)} of {len(tasks)} object(s) found)")
 
 
 def _segment_distributed(
@@ -663,6 +749,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     image = tifffile.imread(args.image)
     labels = tifffile.imread(args.labels)
     predictor = _predictor(args)
+    if args.objects:
+        return _eval_objects(args, predictor, image, labels)
     bar = Progress("eval")
     results = evaluate_few_shot(
         predictor,
@@ -691,6 +779,66 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "over seeds; dense = whole support mask(s), one seed; time per query slice (revolver: "
         "features precomputed; rf: features + prediction)"
     )
+    return 0
+
+
+def _eval_objects(args: argparse.Namespace, predictor, image, labels) -> int:
+    """``eval --objects``: simulated clicks per object, and optionally 3D following."""
+    import json
+
+    import numpy as np
+    from scipy import ndimage
+
+    from .core.evaluate_objects import (
+        evaluate_clicks,
+        evaluate_following,
+        pick_objects,
+        summarise_clicks,
+        summarise_following,
+    )
+
+    fg = labels == args.label_value if args.label_value is not None else labels > 0
+    if args.components:
+        flat = np.stack([ndimage.label(s)[0] for s in fg.reshape(-1, *fg.shape[-2:])])
+        inst2d = flat.reshape(fg.shape)
+    else:
+        inst2d = np.where(fg, labels, 0)
+    bar = Progress("eval objects", unit="object")
+    clicks = evaluate_clicks(
+        predictor,
+        image,
+        inst2d,
+        objects_per_slice=args.objects_per_slice,
+        max_clicks=args.max_clicks,
+        invert=args.invert,
+        progress=bar.update,
+    )
+    res: dict[str, object] = {"clicks": summarise_clicks(clicks).to_dict()}
+    if args.follow:
+        inst3d = ndimage.label(fg)[0] if args.components else np.where(fg, labels, 0)
+        ids = pick_objects(inst3d[args.support], args.follow)
+        follow = evaluate_following(
+            predictor, image, inst3d, ids, start=args.support, invert=args.invert
+        )
+        res["follow"] = summarise_following(follow)
+        res["follow_per_object"] = [
+            {"id": r.object_id, "iou": r.iou, "slices": [r.slices_true, r.slices_predicted]}
+            for r in follow
+        ]
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    c = res["clicks"]
+    print(
+        f"clicks ({c['n_objects']} objects): IoU@1 {c['iou@1']:.3f}, IoU@3 {c['iou@3']:.3f}, "
+        f"IoU@5 {c['iou@5']:.3f}, NoC@85 {c['noc@85']:.2f}, NoC@90 {c['noc@90']:.2f}"
+    )
+    if args.follow:
+        f = res["follow"]
+        print(
+            f"follow from slice {args.support} ({int(f['n_objects'])} objects): 3D IoU mean "
+            f"{f['iou_mean']:.3f}, {f['frac_iou_ge_0.5']:.0%} at IoU >= 0.5"
+        )
     return 0
 
 

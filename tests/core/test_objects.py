@@ -1,0 +1,345 @@
+"""Object tasks: one click, one object; followed through a stack; corrections re-anchor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_revolver.cli import main
+from napari_revolver.core.evaluate_objects import next_click, simulate_clicks
+from napari_revolver.core.io import PointTable, read_image, write_points
+from napari_revolver.core.objects import object_order, select_object
+from napari_revolver.core.predictor import RevolverPredictor
+from napari_revolver.core.task import Task, load_task
+
+
+def _disc(shape: tuple[int, int], cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def _twins(shape: tuple[int, int] = (64, 64)) -> tuple[np.ndarray, np.ndarray]:
+    """Two look-alike discs: a probability map that cannot tell them apart, and their ids."""
+    a, b = _disc(shape, 32, 18, 9), _disc(shape, 32, 44, 9)
+    ids = np.zeros(shape, np.int32)
+    ids[a], ids[b] = 1, 2
+    return (a | b).astype(np.float32) * 0.95, ids
+
+
+# ------------------------------------------------------------------ selection on a slice
+def test_one_click_selects_only_the_clicked_look_alike() -> None:
+    prob, ids = _twins()
+    mask = select_object(prob, np.array([[32.0, 18.0]]), np.array([1]))
+    assert (mask == (ids == 1)).mean() > 0.99
+    mask = select_object(prob, np.array([[32.0, 44.0]]), np.array([1]))
+    assert (mask == (ids == 2)).mean() > 0.99
+
+
+def test_negative_click_on_a_merged_neighbour_removes_it() -> None:
+    # Two discs merged by a bridge: one region, cut apart by a negative click on the second.
+    prob, ids = _twins()
+    prob[30:35, 18:44] = 0.95
+    merged = select_object(prob, np.array([[32.0, 18.0]]), np.array([1]))
+    assert merged[ids == 2].mean() > 0.9
+    cut = select_object(prob, np.array([[32.0, 18.0], [32.0, 44.0]]), np.array([1, 0]))
+    assert cut[ids == 1].mean() > 0.9
+    assert cut[ids == 2].mean() < 0.1
+
+
+def test_positive_click_on_a_missed_part_extends_the_object() -> None:
+    prob, _ = _twins()
+    missed = _disc(prob.shape, 32, 30, 4) & (prob == 0)
+    prob[_disc(prob.shape, 32, 29, 4)] = 0.3  # faint lobe between the discs
+    base = select_object(prob, np.array([[32.0, 18.0]]), np.array([1]))
+    more = select_object(prob, np.array([[32.0, 18.0], [32.0, 29.0]]), np.array([1, 1]))
+    assert more.sum() > base.sum()
+    assert more[missed].mean() > base[missed].mean()
+
+
+def test_far_clicks_start_nothing_new() -> None:
+    prob, ids = _twins()
+    base = select_object(prob, np.array([[32.0, 18.0]]), np.array([1]))
+    far_neg = select_object(prob, np.array([[32.0, 18.0], [5.0, 60.0]]), np.array([1, 0]))
+    np.testing.assert_array_equal(base, far_neg)
+    far_pos = select_object(prob, np.array([[32.0, 18.0], [32.0, 47.0]]), np.array([1, 1]))
+    assert not far_pos[ids == 2].any()
+
+
+def test_select_object_needs_a_positive_click() -> None:
+    prob, _ = _twins()
+    with pytest.raises(ValueError, match="positive click"):
+        select_object(prob, np.array([[32.0, 18.0]]), np.array([0]))
+
+
+# ------------------------------------------------------------------ simulated annotator
+def test_annotator_clicks_the_centre_then_the_largest_error() -> None:
+    truth = _disc((40, 40), 20, 20, 8)
+    (y, x), label = next_click(np.zeros_like(truth), truth)
+    assert (label, abs(y - 20) <= 1, abs(x - 20) <= 1) == (1, True, True)
+    pred = truth | _disc((40, 40), 20, 32, 5)
+    (y, x), label = next_click(pred, truth)
+    assert label == 0 and x > 28
+    assert next_click(truth, truth) is None
+
+
+def test_annotator_scores_a_perfect_segmenter_at_one_click() -> None:
+    truth = _disc((40, 40), 20, 20, 8)
+    res = simulate_clicks(lambda p, lab: truth, truth)
+    assert res.iou_at(1) == 1.0 and res.noc(0.9) == 1
+
+
+def test_annotator_counts_the_budget_when_never_reached() -> None:
+    truth = _disc((40, 40), 20, 20, 8)
+    res = simulate_clicks(lambda p, lab: np.zeros_like(truth), truth, max_clicks=4)
+    assert res.noc(0.85) == 4 and res.iou_at(3) == 0.0
+
+
+# ------------------------------------------------------------------ order through z and t
+def test_order_moves_outward_through_z_before_t() -> None:
+    order = object_order([(1, 2)], (3, 5))
+    assert order[(1, 2)] == (0, (1, 2))
+    assert order[(1, 3)][1] == (1, 2) and order[(1, 4)][1] == (1, 3)
+    assert order[(0, 2)][1] == (1, 2)
+    # A slice's parent is a neighbour one step nearer the anchor, through z or across t.
+    assert order[(0, 0)] in ((7, (0, 1)), (7, (1, 0)))
+    # Every slice of the annotated timepoint comes before any slice of another one.
+    assert max(order[(1, z)][0] for z in range(5)) < min(order[(0, z)][0] for z in range(5))
+
+
+def test_order_takes_the_nearest_anchor() -> None:
+    order = object_order([(0,), (9,)], (10,))
+    assert order[(3,)][1] == (2,) and order[(6,)][1] == (7,)
+
+
+# ------------------------------------------------------------------ the predictor
+def _stack(n: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """Two look-alike discs drifting apart slice by slice; the left one ends at slice 4."""
+    rng = np.random.default_rng(0)
+    image = np.zeros((n, 64, 64), np.float32)
+    ids = np.zeros((n, 64, 64), np.int32)
+    for z in range(n):
+        right = _disc((64, 64), 32, 44 + z // 2, 8)
+        ids[z][right] = 2
+        if z < 4:
+            left = _disc((64, 64), 32, 18 - z // 2, 8)
+            ids[z][left] = 1
+    image[ids > 0] = 1.0
+    return image + 0.05 * rng.standard_normal(image.shape).astype(np.float32), ids
+
+
+@pytest.fixture
+def stack_predictor(predictor: RevolverPredictor) -> tuple[RevolverPredictor, np.ndarray]:
+    image, ids = _stack()
+    predictor.set_volume(image)
+    return predictor, ids
+
+
+def _force_probability(monkeypatch: pytest.MonkeyPatch, ids: np.ndarray) -> None:
+    """Make the class probability the look-alike foreground itself (a perfect class head).
+
+    The tiny test model is untrained; the geometry (which object, where it ends) is what
+    these tests check, so the probability is the one thing taken as given.
+    """
+    import napari_revolver.core.predictor as P
+
+    fg = (ids > 0).astype(np.float32) * 0.95
+
+    def proba(self, index, tasks, *, local=False):
+        k = self.info.flat(index)
+        n = 1 if isinstance(tasks, Task) else len(tasks)
+        return np.repeat(fg[k][None], n, 0)
+
+    def with_guidance(self, index, guidance, prior=None):
+        return fg[self.info.flat(index)]
+
+    monkeypatch.setattr(P.RevolverPredictor, "predict_proba", proba)
+    monkeypatch.setattr(P.RevolverPredictor, "probability_with", with_guidance)
+
+
+def test_object_task_kind_is_saved_and_old_files_read_as_class(
+    stack_predictor: tuple[RevolverPredictor, np.ndarray], tmp_path: Path
+) -> None:
+    predictor, _ = stack_predictor
+    task = predictor.guide([[0, 32, 18]], [1], kind="object")
+    assert task.kind == "object"
+    assert load_task(task.save(tmp_path / "o.json")).kind == "object"
+    d = task.to_dict()
+    del d["kind"]
+    assert Task.from_dict(d).kind == "class"
+    assert predictor.guide([[0, 32, 18]], [1]).kind == "class"
+    with pytest.raises(ValueError, match="kind"):
+        predictor.guide([[0, 32, 18]], [1], kind="thing")  # type: ignore[arg-type]
+
+
+def test_object_guide_ignores_negatives_and_later_positives_for_appearance(
+    stack_predictor: tuple[RevolverPredictor, np.ndarray],
+) -> None:
+    predictor, _ = stack_predictor
+    one = predictor.guide([[0, 32, 18]], [1], kind="object")
+    more = predictor.guide([[0, 32, 18], [0, 32, 44], [0, 30, 20]], [1, 0, 1], kind="object")
+    np.testing.assert_array_equal(one.sum_coarse, more.sum_coarse)
+    cls = predictor.guide([[0, 32, 18], [0, 32, 44]], [1, 0])
+    assert cls.mass[1] > 0 and more.mass[1] == 0
+
+
+def test_clicked_object_is_one_of_two_look_alikes(
+    stack_predictor: tuple[RevolverPredictor, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    predictor, ids = stack_predictor
+    _force_probability(monkeypatch, ids)
+    task = predictor.guide([[0, 32, 44]], [1], kind="object")
+    mask = predictor.predict_slice(0, task)
+    assert (mask == (ids[0] == 2)).mean() > 0.99
+
+
+def test_ids_stay_stable_through_the_stack_and_the_end_is_reported(
+    stack_predictor: tuple[RevolverPredictor, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    predictor, ids = stack_predictor
+    _force_probability(monkeypatch, ids)
+    left = predictor.guide([[0, 32, 18]], [1], kind="object", name="left", label_value=1)
+    right = predictor.guide([[0, 32, 44]], [1], kind="object", name="right", label_value=2)
+    out = np.zeros(ids.shape, np.uint32)
+    events = []
+    for step in predictor.propagate([left, right]):
+        out[step.index] = step.result
+        events += step.events
+    for z in range(ids.shape[0]):
+        for v in (1, 2):
+            truth = ids[z] == v
+            if truth.any():
+                assert (out[z] == v)[truth].mean() > 0.9, (z, v)
+                assert not (out[z] == v)[ids[z] == 3 - v].any(), (z, v)
+    # The left object ends at slice 4 and never jumps onto its look-alike neighbour.
+    assert not (out[4:] == 1).any()
+    assert [(e.task, e.index) for e in events] == [("left", (4,))]
+
+
+def test_a_click_on_another_slice_re_anchors_the_object(
+    stack_predictor: tuple[RevolverPredictor, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    predictor, ids = stack_predictor
+    _force_probability(monkeypatch, ids)
+    # Clicked on the left disc at slice 0, then corrected on slice 5 onto the right disc:
+    # slices near 5 follow the correction.
+    task = predictor.guide([[0, 32, 18], [5, 32, 46]], [1, 1], kind="object")
+    out = predictor.segment(task)
+    assert (out[5] > 0)[ids[5] == 2].mean() > 0.9
+    assert (out[4] > 0)[ids[4] == 2].mean() > 0.9
+    assert (out[0] > 0)[ids[0] == 1].mean() > 0.9
+    assert predictor.predict_slice(4, task)[ids[4] == 2].mean() > 0.9
+
+
+def test_objects_and_classes_do_not_mix(
+    stack_predictor: tuple[RevolverPredictor, np.ndarray],
+) -> None:
+    predictor, _ = stack_predictor
+    obj = predictor.guide([[0, 32, 18]], [1], kind="object")
+    cls = predictor.guide([[0, 32, 18]], [1])
+    with pytest.raises(ValueError, match="mix"):
+        list(predictor.propagate([obj, cls]))
+    with pytest.raises(ValueError, match="labels"):
+        list(predictor.propagate(obj, output="masks"))
+
+
+def test_objects_share_one_encoder_pass_per_slice(
+    stack_predictor: tuple[RevolverPredictor, np.ndarray],
+    count_encoder_calls,
+) -> None:
+    predictor, _ = stack_predictor
+    calls = count_encoder_calls(predictor)
+    tasks = [
+        predictor.guide([[0, 32, 18]], [1], kind="object", label_value=1),
+        predictor.guide([[0, 32, 44]], [1], kind="object", label_value=2),
+    ]
+    for _ in predictor.propagate(tasks):
+        pass
+    assert sum(calls) == predictor.info.n_slices
+
+
+# ------------------------------------------------------------------ command line
+def test_cli_segment_objects_writes_ids_in_csv_order(
+    tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tifffile
+
+    image, _ = _stack()
+    tifffile.imwrite(tmp_path / "image.tif", image, imagej=True, metadata={"axes": "ZYX"})
+    coords = np.array([[0, 32, 44], [0, 32, 18], [0, 10, 10]], float)
+    write_points(
+        tmp_path / "p.csv",
+        PointTable(coords, np.array([1, 1, 0]), ("right", "left", "right")),
+    )
+    out = tmp_path / "objects.tif"
+    rc = main(
+        [
+            "segment",
+            str(tmp_path / "image.tif"),
+            "--points",
+            str(tmp_path / "p.csv"),
+            "--objects",
+            "--threshold",
+            "0.0",
+            "-o",
+            str(out),
+            "--weights",
+            str(tiny_weights),
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "object 1: task 'right'" in printed and "object 2: task 'left'" in printed
+    labels = read_image(out).data
+    assert labels.shape == image.shape
+    assert set(np.unique(labels)) <= {0, 1, 2}
+    rc = main(
+        [
+            "segment",
+            str(tmp_path / "image.tif"),
+            "--points",
+            str(tmp_path / "p.csv"),
+            "--objects",
+            "--instances",
+            "-o",
+            str(tmp_path / "x.tif"),
+            "--weights",
+            str(tiny_weights),
+        ]
+    )
+    assert rc == 1
+    assert "--objects" in capsys.readouterr().err
+
+
+def test_cli_eval_objects_reports_clicks_and_following(
+    tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    import tifffile
+
+    image, ids = _stack(4)
+    tifffile.imwrite(tmp_path / "image.tif", image)
+    tifffile.imwrite(tmp_path / "labels.tif", ids.astype(np.uint16))
+    rc = main(
+        [
+            "eval",
+            str(tmp_path / "image.tif"),
+            str(tmp_path / "labels.tif"),
+            "--objects",
+            "--max-clicks",
+            "3",
+            "--follow",
+            "2",
+            "--json",
+            "--weights",
+            str(tiny_weights),
+        ]
+    )
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["clicks"]["n_objects"] == 8
+    assert 1 <= res["clicks"]["noc@90"] <= 3
+    assert res["follow"]["n_objects"] == 2
+    assert 0.0 <= res["follow"]["iou_mean"] <= 1.0
