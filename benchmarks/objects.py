@@ -1,0 +1,184 @@
+"""Object tasks on held-out data: simulated clicks per object, and objects followed through z.
+
+Clicks (``dsb2018_u2os``, ``usiigaci_phase``, ``miccai2015_he``, ``isbi2012_em`` neurite
+cross-sections as 2D connected components): the simulated annotator of
+:mod:`napari_revolver.core.evaluate_objects`, mean IoU after 1, 3, 5 clicks, NoC@85, NoC@90.
+Following (``plant_cells_3d`` cells from the middle slice; ``vnc_sstem_organelles``
+mitochondria, ``labels == 3`` as 3D connected components, from slice 0; evaluation only):
+one click per object, propagated, per-object 3D IoU.
+
+    python benchmarks/objects.py [--data ../shared/data] [--images 4] [--objects 8]
+        [--follow 20] [--out-dir docs/benchmarks]
+
+Writes ``objects.md``, ``objects.json`` and ``objects.png`` (IoU vs clicks) to ``--out-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from scipy import ndimage
+
+from napari_revolver import RevolverPredictor
+from napari_revolver.core.evaluate_objects import (
+    evaluate_clicks,
+    evaluate_following,
+    pick_objects,
+    summarise_clicks,
+    summarise_following,
+)
+
+
+def _he(root: Path, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    files = sorted((root / "miccai2015_he" / "images").glob("*.tif"))
+    step = max(1, len(files) // n)
+    return [
+        (tifffile.imread(f), tifffile.imread(root / "miccai2015_he" / "masks" / f.name))
+        for f in files[::step][:n]
+    ]
+
+
+def _stack(root: Path, name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    image = tifffile.imread(root / name / "image.tif")
+    labels = tifffile.imread(root / name / "labels.tif")
+    idx = np.linspace(0, len(image) - 1, n).astype(int)
+    return image[idx], labels[idx]
+
+
+def click_rows(predictor: RevolverPredictor, root: Path, args: argparse.Namespace) -> list[dict]:
+    """Score simulated clicks on every 2D instance data set."""
+    sets = {
+        "dsb2018_u2os": (lambda: [_stack(root, "dsb2018_u2os", args.images)], False),
+        "usiigaci_phase": (lambda: [_stack(root, "usiigaci_phase", args.images)], False),
+        "miccai2015_he": (lambda: [(i[None], m[None]) for i, m in _he(root, args.images)], True),
+        "isbi2012_em": (lambda: [_isbi(root, args.images)], False),
+    }
+    rows = []
+    for name, (load, invert) in sets.items():
+        t0 = time.perf_counter()
+        results = []
+        for image, labels in load():
+            results += evaluate_clicks(
+                predictor,
+                image,
+                labels,
+                objects_per_slice=args.objects,
+                max_clicks=args.max_clicks,
+                invert=invert,
+            )
+        s = summarise_clicks(results)
+        rows.append(
+            {"data": name, "invert": invert, **s.to_dict(), "seconds": time.perf_counter() - t0}
+        )
+        print(rows[-1], flush=True)
+        rows[-1]["curve"] = [
+            float(np.mean([r.iou_at(k) for r in results])) for k in range(1, args.max_clicks + 1)
+        ]
+    return rows
+
+
+def _isbi(root: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
+    image, labels = _stack(root, "isbi2012_em", n)
+    comps = np.stack([ndimage.label(s == 255)[0] for s in labels])
+    return image, comps
+
+
+def follow_rows(predictor: RevolverPredictor, root: Path, k: int) -> list[dict]:
+    """Follow ``k`` objects per 3D data set from one click each."""
+    rows = []
+    image = tifffile.imread(root / "plant_cells_3d" / "image.tif")
+    labels = tifffile.imread(root / "plant_cells_3d" / "labels.tif").astype(np.int64)
+    z = image.shape[0] // 2
+    cells = np.where(labels > 1, labels, 0)  # id 1 is the dim outside
+    rows.append(_follow(predictor, "plant_cells_3d", image, cells, z, k))
+    image = tifffile.imread(root / "vnc_sstem_organelles" / "image.tif")
+    mito = ndimage.label(tifffile.imread(root / "vnc_sstem_organelles" / "labels.tif") == 3)[0]
+    rows.append(_follow(predictor, "vnc_sstem_organelles mitochondria", image, mito, 0, k))
+    return rows
+
+
+def _follow(predictor, name, image, labels, z, k) -> dict:
+    t0 = time.perf_counter()
+    ids = pick_objects(labels[z], k, min_area=100)
+    res = evaluate_following(predictor, image, labels, ids, start=z)
+    row = {
+        "data": name,
+        "start": z,
+        **summarise_following(res),
+        "ious": [r.iou for r in res],
+        "seconds": time.perf_counter() - t0,
+    }
+    print({k: v for k, v in row.items() if k != "ious"}, flush=True)
+    return row
+
+
+def write(rows: list[dict], follow: list[dict], out: Path, max_clicks: int) -> None:
+    """Write the tables, the JSON and the plot."""
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# Object tasks (shipped weights, simulated annotator)",
+        "",
+        "| data set | objects | IoU@1 | IoU@3 | IoU@5 | NoC@85 | NoC@90 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['data']} | {r['n_objects']} | {r['iou@1']:.3f} | {r['iou@3']:.3f} | "
+            f"{r['iou@5']:.3f} | {r['noc@85']:.2f} | {r['noc@90']:.2f} |"
+        )
+    lines += [
+        "",
+        f"NoC: clicks to reach the IoU, {max_clicks} when never reached.",
+        "",
+        "| followed through z | objects | 3D IoU mean | share at IoU >= 0.5 |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in follow:
+        lines.append(
+            f"| {r['data']} (click on slice {r['start']}) | {int(r['n_objects'])} | "
+            f"{r['iou_mean']:.3f} | {r['frac_iou_ge_0.5']:.0%} |"
+        )
+    (out / "objects.md").write_text("\n".join(lines) + "\n")
+    (out / "objects.json").write_text(json.dumps({"clicks": rows, "follow": follow}, indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for r in rows:
+        ax.plot(range(1, len(r["curve"]) + 1), r["curve"], marker="o", ms=3, label=r["data"])
+    ax.axhline(0.85, color="grey", lw=0.5, ls="--")
+    ax.set_xlabel("clicks")
+    ax.set_ylabel("mean IoU")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "objects.png", dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--data", type=Path, default=Path(__file__).parents[2] / "shared" / "data")
+    ap.add_argument("--images", type=int, default=4, help="images per 2D data set")
+    ap.add_argument("--objects", type=int, default=8, help="objects per image")
+    ap.add_argument("--max-clicks", type=int, default=20)
+    ap.add_argument("--follow", type=int, default=20, help="objects followed per 3D data set")
+    ap.add_argument("--out-dir", type=Path, default=None)
+    args = ap.parse_args()
+    predictor = RevolverPredictor(device="cpu")
+    follow = follow_rows(predictor, args.data, args.follow)
+    rows = click_rows(predictor, args.data, args)
+    if args.out_dir is not None:
+        write(rows, follow, args.out_dir, args.max_clicks)
+
+
+if __name__ == "__main__":
+    main()
