@@ -436,10 +436,13 @@ def _segment_one(args, predictor, tasks, output, axes, scale, client) -> None:
     """Segment the current image into ``output``: on Dask, as objects, or slice by slice."""
     if args.scheduler:
         _segment_distributed(args, predictor, tasks, output, client)
-    elif args.objects:
-        _segment_objects(args, predictor, tasks, output, axes, scale)
-    else:
-        _segment_local(args, predictor, tasks, output, axes, scale)
+        return
+    make = _followed_pages if args.objects else _propagated_pages
+    pages, dtype, summary = make(args, predictor, tasks)
+    info = predictor.info
+    shape = (*info.leading_shape, *info.slice_shape)
+    _write_pages(args, output, pages, shape, dtype, axes, scale)
+    print(f"wrote {output} {shape} ({summary()})")
 
 
 def _check_segment_paths(args: argparse.Namespace, many: bool) -> None:
@@ -486,27 +489,18 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def _segment_local(
-    args: argparse.Namespace,
-    predictor,
-    tasks,
-    output: Path,
-    axes: str | None,
-    scale: tuple[float, ...] | None,
-) -> None:
+def _propagated_pages(args: argparse.Namespace, predictor, tasks) -> tuple:
+    """Pages streamed from the network (memory stays at one slice), their dtype, a summary."""
     import numpy as np
 
-    from .core.io import write_label_pages, write_label_zarr
     from .core.labels import label_dtype
 
     info = predictor.info
-    shape = (*info.leading_shape, *info.slice_shape)
     bar = Progress(f"segment {_stem(args.image)}")
     counts = {"fg": 0, "objects": 0}
 
     def pages() -> Iterator[np.ndarray]:
-        # Slices stream from the network to the file: memory stays at one slice. Instance
-        # ids come linked through z and t from propagate.
+        # Instance ids come linked through z and t from propagate.
         for step in predictor.propagate(
             tasks, threshold=args.threshold, cache=False, local=args.local, instances=args.instances
         ):
@@ -517,66 +511,65 @@ def _segment_local(
             bar.update(step.done, step.total)
             yield page
 
-    if axes is not None and len(axes) != len(shape):
-        axes = None
+    def summary() -> str:
+        fg = counts["fg"] / float(info.n_slices * np.prod(info.slice_shape))
+        extra = f", {counts['objects']} objects" if args.instances else ""
+        return f"{fg:.1%} foreground, {len(tasks)} task(s){extra}"
+
     dtype = np.uint32 if args.instances else label_dtype(max(t.label_value for t in tasks))
-    if output.suffix == ".zarr":
-        write_label_zarr(output, pages(), shape, dtype, overwrite=args.overwrite)
-    else:
-        write_label_pages(
-            output,
-            pages(),
-            shape,
-            dtype,
-            axes=axes,
-            scale=scale if axes else None,
-            overwrite=args.overwrite,
-        )
-    fg = counts["fg"] / float(np.prod(shape))
-    extra = f", {counts['objects']} objects" if args.instances else ""
-    print(f"wrote {output} {shape} ({fg:.1%} foreground, {len(tasks)} task(s){extra})")
+    return pages(), dtype, summary
 
 
-def _segment_objects(
+def _write_pages(
     args: argparse.Namespace,
-    predictor,
-    tasks,
     output: Path,
+    pages: Iterator,
+    shape: tuple[int, ...],
+    dtype,
     axes: str | None,
     scale: tuple[float, ...] | None,
 ) -> None:
-    """Follow each object task through the stack; write its label_value as its id."""
+    """Stream label pages into a TIFF (with the image's axes and scale) or a zarr array."""
+    from .core.io import write_label_pages, write_label_zarr
+
+    if output.suffix == ".zarr":
+        write_label_zarr(output, pages, shape, dtype, overwrite=args.overwrite)
+        return
+    if axes is not None and len(axes) != len(shape):
+        axes = None
+    write_label_pages(
+        output,
+        pages,
+        shape,
+        dtype,
+        axes=axes,
+        scale=scale if axes else None,
+        overwrite=args.overwrite,
+    )
+
+
+def _followed_pages(args: argparse.Namespace, predictor, tasks) -> tuple:
+    """Follow each object task through the stack; its label_value is its id in the pages."""
     import numpy as np
 
-    from .core.io import write_label_pages
     from .core.labels import label_dtype
 
     info = predictor.info
-    shape = (*info.leading_shape, *info.slice_shape)
     for t in tasks:
         print(f"object {t.label_value}: task {t.name!r}")
     # Objects are followed outward from their clicks, so slices finish out of order.
-    out = np.zeros(shape, label_dtype(max(t.label_value for t in tasks)))
+    out = np.zeros(
+        (*info.leading_shape, *info.slice_shape), label_dtype(max(t.label_value for t in tasks))
+    )
     bar = Progress(f"follow {_stem(args.image)}")
     for step in predictor.propagate(tasks, threshold=args.threshold):
         out[step.index] = step.result
         bar.update(step.done, step.total)
         for e in step.events:
             bar.write(f"object {e.label_value} ({e.task!r}) ends at slice {e.index}: {e.reason}")
-    if axes is not None and len(axes) != len(shape):
-        axes = None
-    pages = (out[info.unflat(k)] for k in range(info.n_slices))
-    write_label_pages(
-        output,
-        pages,
-        shape,
-        out.dtype,
-        axes=axes,
-        scale=scale if axes else None,
-        overwrite=args.overwrite,
-    )
     present = sorted(int(v) for v in np.unique(out) if v)
-    print(f"wrote {output} {shape} ({len(present)} of {len(tasks)} object(s) found)")
+    pages = (out[info.unflat(k)] for k in range(info.n_slices))
+    return pages, out.dtype, lambda: f"{len(present)} of {len(tasks)} object(s) found"
 
 
 def _segment_distributed(

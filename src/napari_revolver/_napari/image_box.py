@@ -11,7 +11,6 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
-    QGroupBox,
     QHBoxLayout,
     QLabel,
     QPushButton,
@@ -19,6 +18,7 @@ from qtpy.QtWidgets import (
     QSpinBox,
 )
 
+from .box import SessionBox
 from .session import ImageState, Session
 
 DEFAULT_WEIGHTS = "shipped weights"
@@ -31,20 +31,14 @@ def image_layers(viewer: Any) -> list[Any]:
     return [layer for layer in viewer.layers if isinstance(layer, Image)]
 
 
-class ImageBox(QGroupBox):
+class ImageBox(SessionBox):
     """Chooses the image and how it is read; shows the session's current image.
 
-    Parameters
-    ----------
-    session : Session
-    report : callable
-        ``report(kind, message)``: shows a problem or a result (status line, notification).
+    Parameters are those of :class:`~.box.SessionBox` without ``title``.
     """
 
     def __init__(self, session: Session, report: Callable[[str, str], None]) -> None:
-        super().__init__("Image and model")
-        self.session = session
-        self.report = report
+        super().__init__("Image and model", session, report)
         form = QFormLayout(self)
         form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
         self.image_combo = QComboBox()

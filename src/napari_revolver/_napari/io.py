@@ -79,15 +79,8 @@ def read_task(path: str) -> list[LayerData]:
 def get_labels_reader(path: str | list[str]) -> Callable[[str], list[LayerData]] | None:
     """npe2 reader contribution: a label TIFF written by the plugin (or the CLI).
 
-    Parameters
-    ----------
-    path : str or list of str
-        What napari asks about.
-
-    Returns
-    -------
-    callable or None
-        :func:`read_labels` for a ``.labels.tif`` file holding integer labels.
+    ``path`` is what napari asks about, as for :func:`get_task_reader`. Returns
+    :func:`read_labels` for a ``.labels.tif`` file holding integer labels, else ``None``.
     """
     if isinstance(path, list) or not str(path).lower().endswith(LABELS_SUFFIXES):
         return None

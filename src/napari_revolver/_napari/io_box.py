@@ -5,26 +5,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from qtpy.QtWidgets import QFileDialog, QGroupBox, QHBoxLayout, QPushButton
+from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QPushButton
 
+from .box import SessionBox
 from .io import LABELS_SUFFIXES, TASK_SUFFIX
 from .session import Session, TaskEntry
 
 
-class SaveLoadBox(QGroupBox):
+class SaveLoadBox(SessionBox):
     """Saves the labels and the active task, loads tasks.
 
-    Parameters
-    ----------
-    session : Session
-    report : callable
-        ``report(kind, message)``.
+    Parameters are those of :class:`~.box.SessionBox` without ``title``.
     """
 
     def __init__(self, session: Session, report: Callable[[str, str], None]) -> None:
-        super().__init__("Save and load")
-        self.session = session
-        self.report = report
+        super().__init__("Save and load", session, report)
         row = QHBoxLayout(self)
         self.save_labels_button = QPushButton("Save labels…")
         self.save_task_button = QPushButton("Save task…")

@@ -12,7 +12,6 @@ from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QFormLayout,
-    QGroupBox,
     QHBoxLayout,
     QLabel,
     QProgressBar,
@@ -24,6 +23,7 @@ from qtpy.QtWidgets import (
 
 from . import layers as L
 from . import workers
+from .box import SessionBox
 from .image_box import image_layers
 from .session import ImageState, Run, Session
 
@@ -76,20 +76,14 @@ class SliceStrip(QWidget):
             self.slice_clicked.emit(min(self.n - 1, max(0, int(x / self.width() * self.n))))
 
 
-class PropagateBox(QGroupBox):
+class PropagateBox(SessionBox):
     """Starts and cancels runs, shows their progress; listens to the session's run events.
 
-    Parameters
-    ----------
-    session : Session
-    report : callable
-        ``report(kind, message)``.
+    Parameters are those of :class:`~.box.SessionBox` without ``title``.
     """
 
     def __init__(self, session: Session, report: Callable[[str, str], None]) -> None:
-        super().__init__("Propagate")
-        self.session = session
-        self.report = report
+        super().__init__("Propagate", session, report)
         self.worker: Any = None
         self._last_progress = 0.0
         form = QFormLayout(self)

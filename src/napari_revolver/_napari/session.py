@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from psygnal import Signal, SignalGroup
 
+from ..core.labels import label_dtype, offset_instances
 from ..core.volume import VolumeSpec
 from . import layers as L
 
@@ -643,7 +644,7 @@ class Session:
         if state.labels is not None and L.is_alive(self.viewer, state.labels):
             return state.labels
         shape = L.labels_shape(state.layer, state.geometry)
-        dtype = np.uint8 if len(self.tasks) < 255 else np.uint16
+        dtype = label_dtype(max((t.label_value for t in self.tasks), default=1))
         layer = L.unwrap(
             self.viewer.add_labels(
                 np.zeros(shape, dtype),
@@ -750,12 +751,10 @@ class Session:
             self.events.painted_changed.emit(state)
         data = layer.data
         if self.instances:
-            n = int(result.max(initial=0))
-            result = np.where(result > 0, result.astype(np.uint32) + (state.next_id - 1), 0)
-            state.next_id += n
+            result, state.next_id = offset_instances(result, state.next_id)
         top = int(result.max(initial=0))
         if top > np.iinfo(data.dtype).max:
-            layer.data = data.astype(np.uint16 if top < 65536 else np.uint32)
+            layer.data = data.astype(label_dtype(top))
             data = layer.data
             state.written = {k: _checksum(data[k]) for k in state.written}
         data[index] = result

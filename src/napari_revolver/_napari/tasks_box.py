@@ -9,7 +9,6 @@ from qtpy.QtCore import QTimer
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QCheckBox,
-    QGroupBox,
     QHBoxLayout,
     QInputDialog,
     QLabel,
@@ -20,6 +19,7 @@ from qtpy.QtWidgets import (
 )
 
 from . import layers as L
+from .box import SessionBox
 from .session import Session, TaskEntry
 
 TOGGLE_KEY = "t"
@@ -40,20 +40,14 @@ def task_text(entry: TaskEntry) -> str:
     return f"■ {entry.name}  (label {entry.label_value}; +{pos} / −{neg}; {where}{read})"
 
 
-class TasksBox(QGroupBox):
+class TasksBox(SessionBox):
     """Shows the session's tasks and edits them; listens to the session's task events.
 
-    Parameters
-    ----------
-    session : Session
-    report : callable
-        ``report(kind, message)``.
+    Parameters are those of :class:`~.box.SessionBox` without ``title``.
     """
 
     def __init__(self, session: Session, report: Callable[[str, str], None]) -> None:
-        super().__init__("Tasks")
-        self.session = session
-        self.report = report
+        super().__init__("Tasks", session, report)
         v = QVBoxLayout(self)
         self.task_list = QListWidget()
         self.task_list.setMaximumHeight(110)

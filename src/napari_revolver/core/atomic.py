@@ -284,14 +284,12 @@ def atomic_directory(
     Returns
     -------
     pathlib.Path
-        ``path``.
+        ``path``, complete.
 
     Raises
     ------
-    FileExistsError
-        If ``path`` exists and ``overwrite`` is False.
-    FileNotFoundError
-        If the parent directory of ``path`` does not exist.
+    FileExistsError, FileNotFoundError
+        As for :func:`atomic_write`.
 
     Notes
     -----

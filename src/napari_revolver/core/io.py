@@ -797,14 +797,12 @@ def write_label_zarr(
     Returns
     -------
     pathlib.Path
-        The written path.
+        The zarr array, complete.
 
     Raises
     ------
-    FileExistsError
-        If ``path`` exists and ``overwrite`` is False.
-    FileNotFoundError
-        If the parent directory of ``path`` does not exist.
+    FileExistsError, FileNotFoundError
+        As for :func:`.atomic.atomic_directory`.
     ValueError
         If a page has the wrong shape, or there are more or fewer pages than ``shape`` holds.
 
@@ -1086,12 +1084,12 @@ def write_points(path: PathLike, table: PointTable, *, overwrite: bool = False) 
     table : PointTable
         Points of shape ``(N, D)`` with ``N >= 1``.
     overwrite : bool, optional
-        Replace an existing file at ``path``.
+        Whether an existing file may be replaced.
 
     Returns
     -------
     pathlib.Path
-        ``path``.
+        The CSV written.
 
     Raises
     ------

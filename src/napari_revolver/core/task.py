@@ -206,21 +206,19 @@ class Task:
         Parameters
         ----------
         path : str or os.PathLike
-            Target file; its parent directory must exist.
+            Target file (``.revolver-task.json`` by convention).
         overwrite : bool
-            Replace an existing file at ``path``.
+            Whether an existing file may be replaced.
 
         Returns
         -------
         pathlib.Path
-            ``path``.
+            The file written.
 
         Raises
         ------
-        FileExistsError
-            If ``path`` exists and ``overwrite`` is False.
-        FileNotFoundError
-            If the parent directory of ``path`` does not exist.
+        FileExistsError, FileNotFoundError
+            As for :func:`.atomic.atomic_write`.
         """
         text = json.dumps(self.to_dict())
         return atomic_write(path, lambda fh: fh.write(text), binary=False, overwrite=overwrite)
