@@ -196,6 +196,47 @@ def select_object(
     pos, neg = yx[labels == 1], yx[labels == 0]
     if not len(pos):
         raise ValueError("an object needs at least one positive click on its slice")
+    window = _window(prob, yx, pos)
+    if window is not None:
+        # Everything that can decide the object lies in this window: work there only.
+        (y0, y1), (x0, x1) = window
+        out = np.zeros(prob.shape, bool)
+        out[y0:y1, x0:x1] = _select(prob[y0:y1, x0:x1], pos - (y0, x0), neg - (y0, x0), threshold)
+        return out
+    return _select(prob, pos, neg, threshold)
+
+
+#: Margin of the selection window around what can be the object, in pixels.
+WINDOW_PAD = 32
+
+
+def _window(
+    prob: np.ndarray, yx: np.ndarray, pos: np.ndarray
+) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """Find the part of the slice that decides the object under ``pos`` (``None``: all of it).
+
+    The object can only grow inside the 8-connected parts of ``prob >= BACKGROUND`` that hold
+    its positive clicks (lower probability is background from the start); those parts and every
+    click, padded by :data:`WINDOW_PAD`, bound the window. Distances inside it are the same as
+    on the whole slice, since the parts are surrounded by background.
+    """
+    support, _ = ndimage.label(prob >= BACKGROUND, structure=np.ones((3, 3), bool))
+    ids = np.unique(support[tuple(pos.T)])
+    ids = ids[ids > 0]
+    if not len(ids):
+        return None
+    ys, xs = np.nonzero(np.isin(support, ids))
+    ys, xs = np.concatenate([ys, yx[:, 0]]), np.concatenate([xs, yx[:, 1]])
+    h, w = prob.shape
+    y0, y1 = max(0, int(ys.min()) - WINDOW_PAD), min(h, int(ys.max()) + WINDOW_PAD + 1)
+    x0, x1 = max(0, int(xs.min()) - WINDOW_PAD), min(w, int(xs.max()) + WINDOW_PAD + 1)
+    if (y1 - y0) * (x1 - x0) > 0.5 * h * w:
+        return None
+    return (y0, y1), (x0, x1)
+
+
+def _select(prob: np.ndarray, pos: np.ndarray, neg: np.ndarray, threshold: float) -> np.ndarray:
+    """Run :func:`select_object` on ``prob`` (the slice or a window of it)."""
     region = _region(prob, pos, threshold)
     markers = _markers(prob, pos, neg, region)
     dist = ndimage.distance_transform_edt(region)
