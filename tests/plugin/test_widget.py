@@ -23,10 +23,9 @@ def annotate_sample(qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any]
 
 
 def propagate_and_wait(qtbot: Any, widget: Any, *args: int) -> None:
-    worker = widget.propagate(*args)
-    assert worker is not None
-    with qtbot.waitSignal(worker.finished, timeout=WAIT_MS):
-        pass
+    assert widget.propagate(*args) is not None
+    # A short run can be over before a signal could be awaited: wait for the session instead.
+    qtbot.waitUntil(lambda: widget.session.run is None, timeout=WAIT_MS)
     wait_idle(qtbot, widget)
 
 
@@ -205,9 +204,9 @@ def test_a_failed_run_is_shown_once_and_leaves_no_empty_layer(
     layer = viewer.add_image(image.view(FlakyStack), name="flaky")
     FlakyStack.armed = True
     try:
-        worker = widget.propagate_box.apply_to_target("flaky")
-        with qtbot.waitSignal(worker.finished, timeout=WAIT_MS):
-            pass
+        assert widget.propagate_box.apply_to_target("flaky") is not None
+        # The run fails on its first slices and may be over before a signal could be awaited.
+        qtbot.waitUntil(lambda: widget.session.run is None and bool(errors(notes)), timeout=WAIT_MS)
         wait_idle(qtbot, widget)
     finally:
         FlakyStack.armed = False
@@ -291,10 +290,8 @@ def test_an_inverted_task_reads_other_images_inverted(
     assert entry.spec.invert and entry.task is not None and entry.task.invert
     other, _, _, _ = sample_stack(seed=3, shape=(6, 128, 128))
     layer = viewer.add_image(other, name="other")
-    worker = widget.propagate_box.apply_to_target("other")
-    assert worker is not None
-    with qtbot.waitSignal(worker.finished, timeout=WAIT_MS):
-        pass
+    assert widget.propagate_box.apply_to_target("other") is not None
+    qtbot.waitUntil(lambda: widget.session.run is None, timeout=WAIT_MS)
     wait_idle(qtbot, widget)
     assert not errors(notes)
     # As `revolver segment --invert --apply-to other.tif`: the same task, the image inverted.
