@@ -26,7 +26,7 @@ def test_encoder_output_shapes_have_coarse_stride_8_and_fine_stride_4(
         out = model.encode(torch.randn(2, cfg.in_channels, h, w))
     assert isinstance(out, EncoderOutput)
     assert out.coarse.shape == (2, cfg.coarse_channels, h // 8, w // 8)
-    assert out.fine.shape == (2, cfg.fine_channels, h // 4, w // 4)
+    assert out.fine.shape == (2, cfg.feature_fine_channels, h // 4, w // 4)
     assert Encoder.coarse_stride == 8 and Encoder.fine_stride == 4
     assert model.fine_stride == 4 and model.size_multiple == 32
     assert torch.isfinite(out.coarse).all() and torch.isfinite(out.fine).all()

@@ -141,7 +141,11 @@ def test_guide_returns_task_with_mass_of_positives_and_negatives(
     assert t.weights_sha256 == predictor.weights.sha256
     cfg = predictor.model.config
     assert t.sum_coarse.shape == (2, cfg.coarse_channels)
-    assert t.sum_fine.shape == (2, cfg.fine_channels)
+    assert t.sum_fine.shape == (2, cfg.feature_fine_channels)
+    d = cfg.feature_fine_channels + cfg.coarse_channels
+    assert t.moments is not None and t.moments.shape == (2, d + 1, d + 1)
+    # The constant of the augmented moments holds the mass.
+    np.testing.assert_allclose(t.moments[:, d, d], t.mass, rtol=1e-5)
     np.testing.assert_array_equal(t.points, pts)
 
 

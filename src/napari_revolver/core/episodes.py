@@ -39,7 +39,7 @@ class EpisodeConfig:
     """Knobs of episode sampling."""
 
     crop: int = 160
-    p_dense: float = 0.12
+    p_dense: float = 0.18
     p_no_negative: float = 0.08
     scale_range: tuple[float, float] = (0.5, 2.0)
     fine_stride: int = 4
@@ -51,6 +51,11 @@ class EpisodeConfig:
     p_instance: float = 0.4
     #: Procedural episodes rendered as stained brightfield RGB (histology-like).
     p_rgb: float = 0.15
+    #: Episodes whose support and query are both intensity-inverted: dark objects on a light
+    #: background must be read from the clicks, not from a switch.
+    p_invert: float = 0.4
+    #: Episodes whose support and query share a random colour mixing (stain variation).
+    p_colour: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -198,6 +203,24 @@ def _augment_pair(
     return img.astype(np.float32), mask, geometry
 
 
+def _modality_shift(
+    rng: np.random.Generator, cfg: EpisodeConfig, s_img: np.ndarray, q_img: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Change the look of a support/query pair together: inversion and colour mixing.
+
+    Both images are ``(3, S, S)``, normalised about 0, so ``-img`` is the inverted reading.
+    """
+    if rng.random() < cfg.p_colour:
+        mix = np.eye(3, dtype=np.float32) + rng.normal(0, 0.25, (3, 3)).astype(np.float32)
+        mix /= np.abs(mix).sum(axis=1, keepdims=True)
+        shift = rng.uniform(-0.1, 0.1, (3, 1, 1)).astype(np.float32)
+        s_img = np.einsum("ij,jyx->iyx", mix, s_img) + shift
+        q_img = np.einsum("ij,jyx->iyx", mix, q_img) + shift
+    if rng.random() < cfg.p_invert:
+        s_img, q_img = -s_img, -q_img
+    return s_img.astype(np.float32), q_img.astype(np.float32)
+
+
 def _make_episode(
     rng: np.random.Generator,
     cfg: EpisodeConfig,
@@ -210,6 +233,7 @@ def _make_episode(
     """Augment a support/query pair (shared geometry when aligned) and annotate the support."""
     s_img, s_mask, geometry = _augment_pair(rng, s_img, s_mask)
     q_img, q_mask, _ = _augment_pair(rng, q_img, q_mask, geometry if aligned else None)
+    s_img, q_img = _modality_shift(rng, cfg, s_img, q_img)
     masks = annotate(rng, s_mask, cfg)
     # Aligned episodes sometimes withhold the positions: the model must work both ways.
     on = aligned and rng.random() >= cfg.p_local_off

@@ -34,7 +34,7 @@ from scipy import ndimage
 from skimage.segmentation import watershed
 
 from .evaluate import foreground_iou
-from .model.guide import GuideOutput, local_prior
+from .model.guide import local_prior
 from .prior import annotated_slices, dense_support
 from .propagation import ObjectEvent, PropagationStep
 from .task import Task
@@ -444,11 +444,7 @@ def _memory_probability(predictor: RevolverPredictor, key: Key, tracks: list[_Tr
     grid = tuple(feats.fine.shape[-2:])
     stride = predictor.model.fine_stride
     guidance = predictor.guidance_of([t.task for t in tracks])
-    total = GuideOutput(
-        guidance.sum_coarse.sum(0, keepdim=True),
-        guidance.sum_fine.sum(0, keepdim=True),
-        guidance.mass.sum(0, keepdim=True),
-    )
+    total = guidance.total()
     prior_masks = torch.zeros(1, 2, *grid)
     for parent in {t.order[key][1] for t in tracks}:
         union = np.zeros(info.slice_shape, bool)

@@ -223,6 +223,8 @@ class RevolverPredictor(VolumeEncoder):
         vectors = {
             k: getattr(g, k)[0].float().cpu().numpy() for k in ("sum_coarse", "sum_fine", "mass")
         }
+        if g.moments is not None:
+            vectors["moments"] = g.moments[0].float().cpu().numpy()
         provenance = {"model_key": self.model_key, "weights_sha256": self.weights.sha256}
         return Task(
             name=name,
@@ -239,10 +241,20 @@ class RevolverPredictor(VolumeEncoder):
     def _guidance(self, tasks: Sequence[Task]) -> GuideOutput:
         check_tasks(tasks, self.model_key, self.weights.sha256, self.preprocessing.invert)
         d = self.device
+        moments = None
+        if self.model.config.task_fit:
+            missing = [t.name for t in tasks if t.moments is None]
+            if missing:
+                raise ValueError(
+                    f"tasks {missing} have no support moments, which these weights need; "
+                    "guide them again with this predictor"
+                )
+            moments = torch.from_numpy(np.stack([t.moments for t in tasks])).to(d)  # type: ignore[arg-type]
         return GuideOutput(
             torch.from_numpy(np.stack([t.sum_coarse for t in tasks])).to(d),
             torch.from_numpy(np.stack([t.sum_fine for t in tasks])).to(d),
             torch.from_numpy(np.stack([t.mass for t in tasks])).to(d),
+            moments,
         )
 
     # ----------------------------------------------------------------- predict

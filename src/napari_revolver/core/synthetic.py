@@ -194,8 +194,9 @@ def random_class_style(rng: np.random.Generator, kind: str | None = None) -> Cla
     ----------
     rng : numpy.random.Generator
         Source of the draws.
-    kind : {"nuclei", "cells", "spots", "organelles", "blobs"}, optional
-        The kind of object (``cells``: phase contrast); default random.
+    kind : {"nuclei", "cells", "spots", "organelles", "blobs", "granular"}, optional
+        The kind of object (``cells``: phase contrast; ``granular``: cells told from their
+        surroundings by a fine grainy texture more than by their mean level); default random.
 
     Returns
     -------
@@ -253,6 +254,23 @@ def random_class_style(rng: np.random.Generator, kind: str | None = None) -> Cla
             0,
             0.0,
             _u(rng, 3, 25),
+        )
+    if kind == "granular":  # grainy cytoplasm: texture, not level, sets it apart
+        r = _u(rng, 10, 30)
+        return ClassStyle(
+            (r * 0.6, r * 1.4),
+            (1.0, _u(rng, 1.0, 2.0)),
+            _u(rng, 0.3, 1.0),
+            rng.choice([-1.0, 1.0]) * _u(rng, 0.0, 0.25),
+            _u(rng, 1.0, 2.5),
+            _u(rng, 0.7, 2.0),
+            _u(rng, -0.2, 0.2),
+            0.0,
+            _u(rng, 0.5, 2.0),
+            _u(rng, 0.05, 0.25),
+            0,
+            0.0,
+            _u(rng, 2, 8) / (r / 10) ** 2,
         )
     if kind == "organelles":  # EM-like dark, elongated, textured with a rim
         r = _u(rng, 4, 14)
@@ -316,7 +334,10 @@ def random_style(rng: np.random.Generator) -> SceneStyle:
             rng.choice(["spots", "cells", "blobs"], size=int(rng.integers(0, 2)))
         )
     elif modality == "em":
+        # Dark organelles among dark membranes: the case a mean of the clicks cannot tell apart.
         kinds = list(rng.choice(["organelles", "blobs", "spots"], size=int(rng.integers(0, 3))))
+        if "organelles" not in kinds and rng.random() < 0.6:
+            kinds.append("organelles")
         membrane = MembraneStyle(
             _u(rng, 12, 40), _u(rng, 0.8, 3.0), -_u(rng, 0.3, 1.0), _u(rng, 0.05, 0.4)
         )
@@ -328,7 +349,8 @@ def random_style(rng: np.random.Generator) -> SceneStyle:
     else:
         kinds = list(
             rng.choice(
-                ["nuclei", "cells", "spots", "organelles", "blobs"], size=int(rng.integers(1, 4))
+                ["nuclei", "cells", "spots", "organelles", "blobs", "granular"],
+                size=int(rng.integers(1, 4)),
             )
         )
     classes = tuple(random_class_style(rng, k) for k in kinds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -56,6 +57,10 @@ class Task:
         ``class``: everything like the annotated pixels. ``object``: the one object under the
         positive clicks, followed through z and t (:mod:`.objects`); its vectors pool the
         positives only, and negative clicks act by position.
+    moments : np.ndarray or None
+        ``(2, D + 1, D + 1)`` float32 second moments of the support features per polarity,
+        for the per-task fit of weights that have one (:mod:`.model.task_fit`); ``None`` for
+        older weights. They add when tasks merge, as the sums do.
     """
 
     name: str
@@ -72,6 +77,7 @@ class Task:
     support_masks: tuple[tuple[tuple[int, ...], np.ndarray], ...] = ()
     invert: bool = False
     kind: Literal["class", "object"] = "class"
+    moments: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         """Check the shapes and freeze private copies of the arrays."""
@@ -90,7 +96,13 @@ class Task:
             raise ValueError(f"label_value must be >= 1; got {self.label_value}")
         if self.kind not in ("class", "object"):
             raise ValueError(f"kind must be 'class' or 'object'; got {self.kind!r}")
-        for name in ("sum_coarse", "sum_fine", "mass", "points", "labels"):
+        names = ["sum_coarse", "sum_fine", "mass", "points", "labels"]
+        if self.moments is not None:
+            m = self.moments
+            if m.ndim != 3 or m.shape[0] != 2 or m.shape[1] != m.shape[2]:
+                raise ValueError(f"Task.moments must have shape (2, D, D); got {m.shape}")
+            names.append("moments")
+        for name in names:
             # Own a copy: freezing the caller's array (a napari layer's points, say) would
             # make it read-only for them too.
             a = np.array(getattr(self, name), copy=True)
@@ -143,6 +155,11 @@ class Task:
             sum_coarse=self.sum_coarse + other.sum_coarse,
             sum_fine=self.sum_fine + other.sum_fine,
             mass=self.mass + other.mass,
+            moments=(
+                None
+                if self.moments is None or other.moments is None
+                else self.moments + other.moments
+            ),
             points=np.concatenate([self.points, other.points]) if same_dims else self.points,
             labels=np.concatenate([self.labels, other.labels]) if same_dims else self.labels,
             source=self.source if same_source else "",
@@ -168,6 +185,7 @@ class Task:
             "source": self.source,
             "invert": self.invert,
             "kind": self.kind,
+            "moments": None if self.moments is None else _encode_array(self.moments),
         }
 
     @classmethod
@@ -198,6 +216,8 @@ class Task:
             invert=bool(d.get("invert", False)),
             # Files written before object tasks existed hold class tasks.
             kind=str(d.get("kind", "class")),  # type: ignore[arg-type]
+            # Files written for weights without the per-task fit have no moments.
+            moments=_decode_array(d["moments"]) if d.get("moments") else None,  # type: ignore[arg-type]
         )
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -222,6 +242,23 @@ class Task:
         """
         text = json.dumps(self.to_dict())
         return atomic_write(path, lambda fh: fh.write(text), binary=False, overwrite=overwrite)
+
+
+def _encode_array(a: np.ndarray) -> dict[str, object]:
+    """Write a float32 array as shape + base64 of its little-endian bytes (compact, exact)."""
+    data = np.ascontiguousarray(a, dtype="<f4")
+    return {"shape": list(data.shape), "float32_base64": base64.b64encode(data).decode("ascii")}
+
+
+def _decode_array(d: dict[str, object]) -> np.ndarray:
+    """Inverse of :func:`_encode_array`; raises ``ValueError`` when the sizes disagree."""
+    shape = tuple(int(s) for s in d["shape"])  # type: ignore[union-attr]
+    raw = base64.b64decode(str(d["float32_base64"]))
+    if len(raw) != 4 * int(np.prod(shape)):
+        raise ValueError(
+            f"task moments hold {len(raw)} bytes; shape {shape} needs {4 * int(np.prod(shape))}"
+        )
+    return np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
 
 
 def load_task(path: str | os.PathLike[str]) -> Task:

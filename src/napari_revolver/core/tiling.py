@@ -50,7 +50,7 @@ def feature_shapes(
     """
     cfg = model.config
     h, w = (round_up(s, model.size_multiple) for s in slice_shape)
-    return (cfg.coarse_channels, h // 8, w // 8), (cfg.fine_channels, h // 4, w // 4)
+    return (cfg.coarse_channels, h // 8, w // 8), (cfg.feature_fine_channels, h // 4, w // 4)
 
 
 @torch.inference_mode()
@@ -90,7 +90,7 @@ def _encode_tiled(model: GuidedNet, x: torch.Tensor) -> EncoderOutput:
     b, _, h, w = x.shape
     cfg = model.config
     coarse = torch.empty(b, cfg.coarse_channels, h // 8, w // 8, device=x.device)
-    fine = torch.empty(b, cfg.fine_channels, h // 4, w // 4, device=x.device)
+    fine = torch.empty(b, cfg.feature_fine_channels, h // 4, w // 4, device=x.device)
     step = TILE - 2 * TILE_OVERLAP
     for y0 in range(0, h, step):
         for x0 in range(0, w, step):
@@ -137,11 +137,7 @@ def segment_slices(
         feats = EncoderOutput(
             feats.coarse.repeat_interleave(n_t, 0), feats.fine.repeat_interleave(n_t, 0)
         )
-        guidance = GuideOutput(
-            guidance.sum_coarse.repeat(n_s, 1, 1),
-            guidance.sum_fine.repeat(n_s, 1, 1),
-            guidance.mass.repeat(n_s, 1),
-        )
+        guidance = guidance.repeat(n_s)
     h, w = out_size
     if h * w <= MAX_TILE_PIXELS:
         return model.segment(feats, guidance, out_size, prior=prior)

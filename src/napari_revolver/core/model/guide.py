@@ -11,11 +11,14 @@ only positives or only negatives contributes to one polarity only (mixed shot).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .task_fit import support_moments
 
 #: Footprint of one point, in fine-grid cells (one cell = ``Encoder.fine_stride`` pixels).
 DEFAULT_SIGMA_CELLS = 0.75
@@ -43,19 +46,48 @@ class GuideOutput:
         ``(B, 2, C_fine)``: the same for the fine features.
     mass : torch.Tensor
         ``(B, 2)``: total mask weight per polarity (about the number of points).
+    moments : torch.Tensor or None
+        ``(B, 2, D + 1, D + 1)``: second moments of the support features under each
+        polarity's mask, for the per-task fit (:func:`.task_fit.support_moments`); ``None``
+        for models without the fit.
     """
 
     sum_coarse: torch.Tensor
     sum_fine: torch.Tensor
     mass: torch.Tensor
+    moments: torch.Tensor | None = None
 
     def __add__(self, other: GuideOutput) -> GuideOutput:
-        """Pool two annotations together (sums and masses add, as for one merged mask)."""
+        """Pool two annotations together (sums, masses and moments add, as for one mask)."""
+        moments = (
+            None if self.moments is None or other.moments is None else self.moments + other.moments
+        )
         return GuideOutput(
             self.sum_coarse + other.sum_coarse,
             self.sum_fine + other.sum_fine,
             self.mass + other.mass,
+            moments,
         )
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> GuideOutput:
+        return GuideOutput(
+            fn(self.sum_coarse),
+            fn(self.sum_fine),
+            fn(self.mass),
+            None if self.moments is None else fn(self.moments),
+        )
+
+    def repeat(self, n: int) -> GuideOutput:
+        """Return the ``B`` tasks repeated ``n`` times along the batch (batch ``n * B``)."""
+        return self._map(lambda t: t.repeat(n, *([1] * (t.ndim - 1))))
+
+    def total(self) -> GuideOutput:
+        """Return the ``B`` tasks pooled into one (batch 1), as one merged annotation."""
+        return self._map(lambda t: t.sum(0, keepdim=True))
+
+    def to(self, *args: object, **kwargs: object) -> GuideOutput:
+        """Move/cast every tensor (same arguments as :meth:`torch.Tensor.to`)."""
+        return self._map(lambda t: t.to(*args, **kwargs))
 
     def vectors(self, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean features per polarity and presence flags.
@@ -169,7 +201,17 @@ class Guide(nn.Module):
 
     The guide has no parameters of its own: the segmentor learns how to use the pooled
     vectors. Keeping it parameter-free makes merging shots an exact weighted average.
+
+    Parameters
+    ----------
+    moments : bool
+        Also keep the second moments of the support features for the per-task fit
+        (:mod:`.task_fit`).
     """
+
+    def __init__(self, moments: bool = False) -> None:
+        super().__init__()
+        self.moments = moments
 
     def forward(
         self, features_coarse: torch.Tensor, features_fine: torch.Tensor, masks_fine: torch.Tensor
@@ -195,4 +237,7 @@ class Guide(nn.Module):
         masks_coarse = F.avg_pool2d(masks_fine, 2) * 4.0
         sum_fine = torch.einsum("bchw,bphw->bpc", features_fine, masks_fine)
         sum_coarse = torch.einsum("bchw,bphw->bpc", features_coarse, masks_coarse)
-        return GuideOutput(sum_coarse, sum_fine, masks_fine.sum(dim=(2, 3)))
+        moments = (
+            support_moments(features_coarse, features_fine, masks_fine) if self.moments else None
+        )
+        return GuideOutput(sum_coarse, sum_fine, masks_fine.sum(dim=(2, 3)), moments)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoder import Encoder, EncoderOutput
+from .filters import FilterBank
 from .guide import Guide, GuideOutput, local_prior
 from .layers import fuse_batchnorm
 from .segmentor import Segmentor
@@ -30,6 +31,14 @@ class ModelConfig:
     local_prior: bool = False
     #: Residual dilated blocks widen the segmentor's context (see ``Segmentor``).
     wide_context: bool = False
+    #: Fixed filter responses join the fine features and each task gets a closed-form ridge
+    #: fit on its support, whose response the segmentor sees (see ``task_fit``).
+    task_fit: bool = False
+
+    @property
+    def feature_fine_channels(self) -> int:
+        """Channels of the cached fine features: learnt ones, then the filter responses."""
+        return self.fine_channels + (FilterBank.channels if self.task_fit else 0)
 
     def to_dict(self) -> dict[str, object]:
         """Return the configuration as a dict of built-in types, ready for JSON."""
@@ -84,7 +93,8 @@ class GuidedNet(nn.Module):
         self.encoder = encoder or Encoder(
             c.in_channels, c.widths, c.coarse_channels, c.fine_channels
         )
-        self.guide = Guide()
+        self.filters = FilterBank() if c.task_fit else None
+        self.guide = Guide(moments=c.task_fit)
         self.segmentor = Segmentor(
             c.coarse_channels,
             c.fine_channels,
@@ -92,6 +102,7 @@ class GuidedNet(nn.Module):
             c.head_fine_width,
             c.local_prior,
             c.wide_context,
+            FilterBank.channels if c.task_fit else 0,
         )
         self._fused = False
 
@@ -116,9 +127,14 @@ class GuidedNet(nn.Module):
         Returns
         -------
         EncoderOutput
-            ``coarse`` ``(B, C_coarse, H/8, W/8)`` and ``fine`` ``(B, C_fine, H/4, W/4)``.
+            ``coarse`` ``(B, C_coarse, H/8, W/8)`` and ``fine``
+            ``(B, config.feature_fine_channels, H/4, W/4)``: the learnt fine features, then
+            (with ``config.task_fit``) the fixed filter responses.
         """
-        return self.encoder(images)
+        out = self.encoder(images)
+        if self.filters is None:
+            return out
+        return EncoderOutput(out.coarse, torch.cat([out.fine, self.filters(images)], dim=1))
 
     def guide_from_masks(self, features: EncoderOutput, masks_fine: torch.Tensor) -> GuideOutput:
         """Pool support features under the annotation masks into guidance.
@@ -171,6 +187,7 @@ class GuidedNet(nn.Module):
             z_fine.to(dtype),
             present.to(dtype),
             prior,
+            guidance.moments,
         )
         h, w = logits.shape[-2:]
         full = (h * self.fine_stride, w * self.fine_stride)

@@ -26,7 +26,7 @@ DEFAULT_MODEL = "revolver-s"
 
 _BUILDERS: dict[str, Callable[[], GuidedNet]] = {
     "revolver-s": lambda: GuidedNet(
-        ModelConfig(key="revolver-s", local_prior=True, wide_context=True)
+        ModelConfig(key="revolver-s", local_prior=True, wide_context=True, task_fit=True)
     ),
     # A tiny variant for tests and quick experiments (about 30k parameters).
     "revolver-tiny": lambda: GuidedNet(
@@ -39,6 +39,7 @@ _BUILDERS: dict[str, Callable[[], GuidedNet]] = {
             head_fine_width=8,
             local_prior=True,
             wide_context=True,
+            task_fit=True,
         )
     ),
 }

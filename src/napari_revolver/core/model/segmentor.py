@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .guide import PRIOR_CHANNELS
+from .task_fit import TaskFit
 
 
 def _cosine_maps(features: torch.Tensor, z: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -60,6 +61,13 @@ class Segmentor(nn.Module):
     view from 7 to 31 coarse cells (about 250 pixels), so a click can speak for the whole
     object it lies in.
 
+    With ``filter_channels`` (the per-task fit), ``fine`` carries that many fixed filter
+    responses after the learnt fine features (:class:`.filters.FilterBank`), the task's
+    ridge fit (:class:`.task_fit.TaskFit`) is solved from the support's moments and its
+    response on the query enters both fusions; the filter responses enter the fine fusion.
+    These inputs come last in each fusion, so weights trained without them load with zeros
+    there and behave as before.
+
     Everything before the fusion is annotation-independent and cached per slice, so a click
     costs only this module (about 0.25 GMAC for a 512x512 slice).
     """
@@ -72,11 +80,17 @@ class Segmentor(nn.Module):
         fine_width: int = 24,
         local_prior: bool = False,
         wide_context: bool = False,
+        filter_channels: int = 0,
     ) -> None:
         super().__init__()
         c = coarse_channels
         self.local_prior = local_prior
+        self.fine_channels = fine_channels
+        self.fit = TaskFit() if filter_channels else None
         extra_coarse, extra_fine = (PRIOR_CHANNELS, PRIOR_CHANNELS - 1) if local_prior else (0, 0)
+        if self.fit is not None:
+            extra_coarse += 1
+            extra_fine += 1 + filter_channels
         self.fuse = nn.Conv2d(3 * c + 4 + extra_coarse, width, 1)
         self.context = nn.Sequential(
             nn.Conv2d(width, width, 3, padding=1),
@@ -100,6 +114,7 @@ class Segmentor(nn.Module):
         z_fine: torch.Tensor,
         present: torch.Tensor,
         prior: torch.Tensor | None = None,
+        moments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits on the fine grid.
 
@@ -117,6 +132,9 @@ class Segmentor(nn.Module):
             ``(T or 1, 3, 2h, 2w)`` local prior on the fine grid (see
             :func:`~napari_revolver.core.model.guide.local_prior`); ``None`` means no local
             information (all zeros). Ignored by a segmentor built without ``local_prior``.
+        moments : torch.Tensor, optional
+            ``(T, 2, D + 1, D + 1)`` support moments (:func:`.task_fit.support_moments`);
+            required by a segmentor with the per-task fit, ignored by others.
 
         Returns
         -------
@@ -127,6 +145,17 @@ class Segmentor(nn.Module):
         if coarse.shape[0] != t:
             coarse = coarse.expand(t, -1, -1, -1)
             fine = fine.expand(t, -1, -1, -1)
+        response = filters = None
+        if self.fit is not None:
+            if moments is None:
+                raise ValueError(
+                    "this segmentor fits each task to its support: it needs the support "
+                    "moments (GuideOutput.moments), got None"
+                )
+            w_fit, b_fit = self.fit.solve(moments)
+            response = self.fit.response(coarse, fine, w_fit, b_fit)
+            fine, filters = fine[:, : self.fine_channels], fine[:, self.fine_channels :]
+            z_fine = z_fine[..., : self.fine_channels]
         h, w = coarse.shape[-2:]
         zp = z_coarse[:, 0, :, None, None]
         zn = z_coarse[:, 1, :, None, None]
@@ -140,6 +169,9 @@ class Segmentor(nn.Module):
             # Max-pooling keeps a point's footprint at full strength on the coarse grid.
             parts.append(F.max_pool2d(prior, 2)[..., :h, :w])
             fine_parts.append(prior[:, : PRIOR_CHANNELS - 1])
+        if response is not None:
+            parts.append(F.avg_pool2d(response, 2)[..., :h, :w])
+            fine_parts += [response, filters]
         x = self.context(F.relu(self.fuse(torch.cat(parts, dim=1))))
         x = F.interpolate(x, size=fine.shape[-2:], mode="bilinear", align_corners=False)
         x = torch.cat([x, *fine_parts], dim=1)
