@@ -11,11 +11,13 @@
 # PYTHONPATH from src/. It warm-starts from the shipped weights unless INIT names others, and
 # writes OUT/log.jsonl, OUT/best.safetensors and OUT/checkpoint.pt every CHECKPOINT_EVERY steps,
 # plus OUT/cuda-tests.log and OUT/gpu-speed.json. Only data sets whose terms allow training are
-# copied (vnc_sstem_organelles is non-commercial: evaluation only).
+# copied (vnc_sstem_organelles is non-commercial and miccai2015_he states no terms: both are
+# for evaluation only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TRAINABLE="isbi2012_em plant_cells_3d dsb2018_u2os usiigaci_phase miccai2015_he"
+# miccai2015_he states no license (research use at most): scored, never trained on.
+TRAINABLE="isbi2012_em plant_cells_3d dsb2018_u2os usiigaci_phase"
 
 case "${1:-}" in
 prepare)

@@ -305,6 +305,7 @@ def test_cli_eval_json(eval_files, tiny_weights: Path, capsys: pytest.CaptureFix
         ("revolver", "1"),
         ("rf", "1"),
         ("dense", "dense"),
+        ("rf", "dense"),  # the forest also learns from the whole support masks
     ]
     for r in rows:
         assert REQUIRED_KEYS <= set(r)

@@ -10,8 +10,9 @@ standard deviation over seeds. ``"dense"`` guides with the whole support mask(s)
 densest shot; deterministic, so one seed).
 
 Baselines: ``"rf"``, an ilastik-style pixel classifier (multiscale filter features and a random
-forest, :class:`RandomForestBaseline`) trained on the pixels under the same points; ``"dense"``,
-the dense row above.
+forest, :class:`RandomForestBaseline`) trained on the pixels under the same points, and for
+the ``"dense"`` budget on pixels drawn from the whole support masks; ``"dense"``, the network's
+dense row above.
 
 No napari or Qt here; scikit-image and scikit-learn (the ``bench`` extra) are imported only for
 the random forest.
@@ -43,6 +44,9 @@ __all__ = [
 
 #: Baselines :func:`evaluate_few_shot` knows.
 BASELINES = ("rf", "dense")
+
+#: Pixels of each class per support slice that the forest learns from for the dense budget.
+DENSE_RF_PIXELS = 5000
 
 _BENCH_HINT = (
     "the random-forest baseline needs scikit-learn (and scikit-image, a core dependency); "
@@ -445,7 +449,7 @@ def evaluate_few_shot(
     # then the forest: its fits and one feature + prediction pass per query slice.
     total = n + len(counts) * seeds + ("dense" in budgets)
     if use_rf:
-        total += len(counts) * seeds + len(query_list)
+        total += len(counts) * seeds + len(query_list) + ("dense" in budgets)
     tick = _Progress(progress, total)
 
     predictor.set_volume(image, rgb=rgb, invert=invert)
@@ -466,7 +470,9 @@ def evaluate_few_shot(
         rows[("dense", "dense")] = scorer.dense_row()
         tick()
     if use_rf:
-        rows.update(_run_rf(image, fg, sup, query_list, counts, seeds, draws, tick))
+        rows.update(
+            _run_rf(image, fg, sup, query_list, counts, seeds, draws, tick, "dense" in budgets)
+        )
     return _ordered_rows(rows, budgets, use_rf)
 
 
@@ -495,8 +501,7 @@ def _parse_budgets(
         budgets.append("dense")
     if not budgets:
         raise ValueError("points is empty: give at least one budget (e.g. 1, 5 or 'dense')")
-    # The forest is trained on points: it has no row for the "dense" budget.
-    use_rf = "rf" in base and any(b != "dense" for b in budgets)
+    use_rf = "rf" in base
     if use_rf:
         _require_bench()
     return budgets, use_rf, int(seeds)
@@ -623,6 +628,8 @@ def _ordered_rows(
     for b in budgets:
         if b == "dense":
             out.append(rows[("dense", "dense")])
+            if use_rf:
+                out.append(rows[("rf", "dense")])
             continue
         out.append(rows[("revolver", b)])
         if use_rf:
@@ -639,14 +646,19 @@ def _run_rf(
     seeds: int,
     draws: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]],
     tick: Callable[[], None],
+    dense: bool = False,
 ) -> dict[tuple[str, int | str], EvalResult]:
     """Score the random forest: one per (budget, seed), each query's features computed once.
+
+    With ``dense``, one more forest learns from the whole support mask, as a user who paints
+    every pixel of the support slices in ilastik: up to :data:`DENSE_RF_PIXELS` random
+    pixels of each class per support slice (seed 0), which bounds its fitting time.
 
     Seconds per slice = the query's feature time + that forest's prediction time, averaged.
     """
     helper = RandomForestBaseline()
     sup_feats = [helper.features(np.asarray(image[s])) for s in sup]
-    forests: dict[tuple[int, int], RandomForestBaseline] = {}
+    forests: dict[tuple[int | str, int], RandomForestBaseline] = {}
     for p in counts:
         for seed in range(seeds):
             per_slice = draws[(p, seed)]
@@ -654,6 +666,15 @@ def _run_rf(
                 sup_feats, [yx for yx, _ in per_slice], [lab for _, lab in per_slice]
             )
             tick()
+    if dense:
+        rng = np.random.default_rng(0)
+        pts, labs = [], []
+        for s in sup:
+            yx = [sample_support_points(rng, m, DENSE_RF_PIXELS) for m in (fg[s], ~fg[s])]
+            pts.append(np.concatenate(yx))
+            labs.append(np.repeat([1, 0], [len(yx[0]), len(yx[1])]))
+        forests[("dense", 0)] = RandomForestBaseline(seed=0).fit(sup_feats, pts, labs)
+        tick()
     del sup_feats
     iou_sum = {key: 0.0 for key in forests}
     predict_s = {key: 0.0 for key in forests}
@@ -674,6 +695,10 @@ def _run_rf(
         ious = [iou_sum[(p, seed)] / nq for seed in range(seeds)]
         secs = [(feature_s + predict_s[(p, seed)]) / nq for seed in range(seeds)]
         rows[("rf", p)] = _row("rf", str(p), ious, secs, sup, nq)
+    if dense:
+        key = ("dense", 0)
+        secs = [(feature_s + predict_s[key]) / nq]
+        rows[("rf", "dense")] = _row("rf", "dense", [iou_sum[key] / nq], secs, sup, nq)
     return rows
 
 
