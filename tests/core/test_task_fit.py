@@ -78,6 +78,26 @@ def test_support_moments_hold_sums_mass_and_the_weighted_gram(rng: np.random.Gen
     torch.testing.assert_close(full.detach(), g)
 
 
+@pytest.mark.parametrize("cells", [[(5, 7)], [(0, 0), (3, 4)], [(15, 19)], [(8, 1), (9, 2)]])
+def test_moments_of_a_few_clicks_equal_those_of_the_whole_slice(
+    rng: np.random.Generator, cells: list[tuple[int, int]]
+) -> None:
+    """The inference path crops to the annotated cells; training uses every cell."""
+    coarse = torch.from_numpy(rng.standard_normal((1, 3, 8, 10)).astype(np.float32))
+    fine = torch.from_numpy(rng.standard_normal((1, 2, 16, 20)).astype(np.float32))
+    masks = torch.zeros(1, 2, 16, 20)
+    for i, (y, x) in enumerate(cells):
+        masks[0, i % 2, y, x] = 0.7
+    with torch.inference_mode():
+        window = support_moments(coarse, fine, masks)
+    with torch.enable_grad():
+        full = support_moments(coarse.clone().requires_grad_(), fine, masks).detach()
+    torch.testing.assert_close(window, full, rtol=1e-5, atol=1e-6)
+    with torch.inference_mode():
+        none = support_moments(coarse, fine, torch.zeros_like(masks))
+    assert none.shape == full.shape and torch.count_nonzero(none) == 0
+
+
 def test_guide_moments_add_over_support_slices(rng: np.random.Generator) -> None:
     guide = Guide(moments=True)
     feats = [

@@ -75,14 +75,38 @@ def support_moments(coarse: torch.Tensor, fine: torch.Tensor, masks: torch.Tenso
         ``(B, 2, D + 1, D + 1)`` with ``D = C_fine + C_coarse``: ``sum_i m_p(i) a_i a_i^T``
         with ``a_i = [x_i, 1]``, so the last row holds the sums and ``[-1, -1]`` the mass.
     """
+    if coarse.shape[0] == 1 and not torch.is_grad_enabled():
+        coarse, fine, masks = _annotated_window(coarse, fine, masks)
     x = fit_inputs(coarse, fine).flatten(2)  # (B, D, N)
     m = masks.to(x.dtype).flatten(2)  # (B, 2, N)
     a = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # (B, D+1, N)
     if a.shape[0] == 1 and not torch.is_grad_enabled():
-        # A few clicks touch a few hundred cells: the moments need only those.
         keep = (m[0] > 0).any(dim=0)
         a, m = a[:, :, keep], m[:, :, keep]
-    return torch.einsum("bdn,bpn,ben->bpde", a, m, a)
+    # (B, 2, D+1, N) @ (B, 1, N, D+1): two matrix products, no (D, N, D) intermediate.
+    return (a[:, None] * m[:, :, None]) @ a.transpose(1, 2)[:, None]
+
+
+def _annotated_window(
+    coarse: torch.Tensor, fine: torch.Tensor, masks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Crop one support slice's features to the cells its annotations touch.
+
+    A few clicks touch a few hundred cells of a slice: only those enter the moments. The
+    window keeps one coarse cell around them, so the coarse features upsampled inside it equal
+    those upsampled over the whole slice at every annotated cell (bilinear upsampling by 2 reads
+    the two nearest coarse cells; the window's own edges, where it clamps, carry no annotation
+    unless they are the slice's edges too).
+    """
+    hit = (masks[0] > 0).any(dim=0)
+    rows, cols = torch.nonzero(hit.any(dim=1)), torch.nonzero(hit.any(dim=0))
+    if not len(rows):
+        return coarse[..., :1, :1], fine[..., :2, :2], masks[..., :2, :2] * 0
+    hc, wc = coarse.shape[-2:]
+    y0, y1 = max(0, int(rows[0]) // 2 - 1), min(hc, int(rows[-1]) // 2 + 2)
+    x0, x1 = max(0, int(cols[0]) // 2 - 1), min(wc, int(cols[-1]) // 2 + 2)
+    fine_window = (..., slice(2 * y0, 2 * y1), slice(2 * x0, 2 * x1))
+    return coarse[..., y0:y1, x0:x1], fine[fine_window], masks[fine_window]
 
 
 class TaskFit(nn.Module):
