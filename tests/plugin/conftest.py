@@ -13,6 +13,20 @@ napari = pytest.importorskip("napari", reason="the plugin tests need napari (pip
 WAIT_MS = 60_000
 
 
+@pytest.fixture(autouse=True)
+def napari_settings(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """napari's settings for this test, saved in its own folder, never in the user's file.
+
+    ``make_napari_viewer`` resets napari's settings and the widget records a reader
+    preference; napari saves its settings on every change, to ``NAPARI_CONFIG`` or the user's
+    settings file unless told otherwise. The previous settings object is put back afterwards.
+    """
+    from napari import settings
+
+    monkeypatch.setattr(settings, "_SETTINGS", None)
+    return settings.get_settings(tmp_path / "napari-settings" / "settings.yaml")
+
+
 @pytest.fixture
 def notes() -> Any:
     """Every napari notification shown during the test, as (severity, message)."""

@@ -333,6 +333,44 @@ def test_labels_round_trip_through_the_plugin_writer_and_reader(
     np.testing.assert_array_equal(tifffile.imread(out), labels.data)
 
 
+def test_a_labels_tif_opens_with_the_plugin_reader_once_the_widget_is_docked(
+    tmp_path: Path, viewer: Any, napari_settings: Any
+) -> None:
+    import yaml  # napari's dependency
+    from napari.errors import MultipleReaderError
+    from napari.settings import get_settings
+
+    assert get_settings() is napari_settings  # this test's settings file, not the user's
+    data = np.zeros((3, 16, 16), np.uint16)
+    data[1, 4:8, 4:8] = 3
+    viewer.add_labels(data, scale=(2.0, 0.5, 0.5), name="cells")
+    path = tmp_path / "cells.labels.tif"
+    assert viewer.layers.save(str(path), selected=True) == [str(path)]
+    # No reader named (plugin=None, as File > Open and drag and drop do): napari's TIFF
+    # reader accepts the file too, and without a preference napari cannot choose.
+    with pytest.raises(MultipleReaderError):
+        viewer.open(str(path), plugin=None)
+    dock(viewer)
+    prefs = napari_settings.plugins.extension2reader
+    assert prefs == {"*.labels.tif": "napari-revolver", "*.labels.tiff": "napari-revolver"}
+    saved = yaml.safe_load(Path(napari_settings.config_path).read_text())
+    assert saved["plugins"]["extension2reader"] == prefs
+    [opened] = viewer.open(str(path), plugin=None)
+    assert type(opened).__name__ == "Labels"
+    assert opened.data.dtype == np.uint8
+    np.testing.assert_array_equal(opened.data, data)
+    np.testing.assert_allclose(opened.scale, (2.0, 0.5, 0.5))
+
+
+def test_a_reader_preference_the_user_set_is_kept(viewer: Any, napari_settings: Any) -> None:
+    napari_settings.plugins.extension2reader = {"*.labels.tif": "napari"}
+    dock(viewer)
+    assert napari_settings.plugins.extension2reader == {
+        "*.labels.tif": "napari",
+        "*.labels.tiff": "napari-revolver",
+    }
+
+
 def test_save_and_load_a_task(
     qtbot: Any, tmp_path: Path, viewer: Any, widget: Any, sample: dict[str, Any]
 ) -> None:

@@ -4,7 +4,8 @@ The writer writes through the core's :func:`~napari_revolver.core.io.write_label
 integer type, axes and pixel size in the file); the label reader opens what it writes as a
 Labels layer with its scale. Label files are named ``<name>.labels.tif``, as ``revolver
 segment --apply-to`` names them: for that name npe2 picks this writer (the longest matching
-extension wins), and the label reader is offered.
+extension wins). napari's TIFF reader accepts that name too, so the dock widget records this
+plugin as napari's reader preference for ``*.labels.tif`` (:func:`remember_labels_reader`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from napari.layers import Labels
 
+PLUGIN_NAME = "napari-revolver"
 TASK_SUFFIX = ".revolver-task.json"
 LABELS_SUFFIXES = (".labels.tif", ".labels.tiff")
+LABELS_PATTERNS = tuple(f"*{suffix}" for suffix in LABELS_SUFFIXES)
 
 LayerData = tuple[Any, dict[str, Any], str]
 
@@ -92,6 +95,36 @@ def get_labels_reader(path: str | list[str]) -> Callable[[str], list[LayerData]]
     except (OSError, tifffile.TiffFileError, IndexError):
         return None
     return read_labels if np.issubdtype(dtype, np.integer) else None
+
+
+def remember_labels_reader() -> list[str]:
+    """Make this plugin napari's reader for its label files, where no preference is set.
+
+    napari's TIFF reader and :func:`get_labels_reader` both accept ``x.labels.tif``; with two
+    readers and no preference, *File > Open* asks which one to use and ``viewer.open(path,
+    plugin=None)`` raises ``MultipleReaderError``. The choice is napari's reader preference,
+    the filename pattern -> plugin table of *Preferences > Plugins*
+    (``napari.settings.get_settings().plugins.extension2reader``). This records
+    ``*.labels.tif`` and ``*.labels.tiff`` -> ``napari-revolver`` there, the entry napari
+    saves when a user adds that pattern in the Preferences, for a pattern that has no
+    preference yet: a preference the user set is kept. One the user set for a broader pattern
+    (``*.tif``) keeps deciding too, since napari prefers the earlier of equally specific
+    patterns. The dock widget calls this when it is created.
+
+    Returns
+    -------
+    list of str
+        The patterns recorded (empty when each already had a preference).
+    """
+    from napari.settings import get_settings
+
+    plugins = get_settings().plugins
+    current = dict(plugins.extension2reader)
+    added = [pattern for pattern in LABELS_PATTERNS if pattern not in current]
+    if added:
+        # A new dict, as napari's dialogs assign it: the assignment saves the settings.
+        plugins.extension2reader = {**current, **dict.fromkeys(added, PLUGIN_NAME)}
+    return added
 
 
 def read_labels(path: str) -> list[LayerData]:

@@ -18,6 +18,7 @@ from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
 from . import layers as L
 from . import workers
 from .image_box import DEFAULT_WEIGHTS, ImageBox
+from .io import remember_labels_reader
 from .io_box import SaveLoadBox
 from .propagate_box import PropagateBox
 from .session import Run, Session, TaskEntry
@@ -67,6 +68,10 @@ class RevolverWidget(QWidget):
 
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
+        try:  # File > Open of a .labels.tif file picks this plugin's reader, not napari's
+            remember_labels_reader()
+        except OSError as exc:  # the settings file could not be written: this session only
+            logger.warning("Could not save napari's reader preference: %s", exc)
         self.session = Session(napari_viewer)
         self.viewer = self.session.viewer
         self._worker: Any = None
