@@ -279,3 +279,40 @@ def test_modality_shift_inverts_support_and_query_together(rng: np.random.Genera
     s3, q3 = _modality_shift(np.random.default_rng(0), cfg, s, s)
     np.testing.assert_array_equal(s3, q3)  # one mixing for both
     assert not np.allclose(s3, s)
+
+
+def test_warm_start_adds_the_fit_without_changing_the_output(tmp_path: Path) -> None:
+    from napari_revolver.core.model.guided_net import GuidedNet, ModelConfig
+    from napari_revolver.core.train import TrainConfig, _optimizer, warm_start
+    from napari_revolver.core.weights import save_weights
+
+    torch.manual_seed(0)
+    cfg = dict(
+        key="revolver-tiny",
+        widths=(8, 12, 16, 24, 32),
+        coarse_channels=16,
+        fine_channels=8,
+        head_width=16,
+        head_fine_width=8,
+        local_prior=True,
+    )
+    old = GuidedNet(ModelConfig(**cfg)).eval()
+    path = save_weights(old, tmp_path / "old.safetensors")
+    new = GuidedNet(ModelConfig(**cfg, task_fit=True))
+    added = warm_start(new, path)
+    assert sorted(added) == [
+        "segmentor.fine_fuse.weight",
+        "segmentor.fit.gain",
+        "segmentor.fit.log_floor",
+        "segmentor.fit.log_strength",
+        "segmentor.fuse.weight",
+    ]
+    new.eval()
+    x = torch.randn(2, 3, 64, 64)
+    masks = torch.rand(1, 2, 16, 16) * 0.1
+    with torch.no_grad():
+        torch.testing.assert_close(old(x[:1], masks, x[1:]), new(x[:1], masks, x[1:]))
+    # The fit's three scalars learn ten times faster than the convolutions, without decay.
+    groups = _optimizer(new, TrainConfig()).param_groups
+    assert [len(g["params"]) for g in groups][1] == 3
+    assert groups[1]["lr_scale"] == 10.0 and groups[1]["weight_decay"] == 0.0

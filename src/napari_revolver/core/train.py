@@ -256,6 +256,21 @@ def warm_start(model: torch.nn.Module, path: str | Path) -> list[str]:
     return widened + added
 
 
+#: Learning-rate factor of the task fit's scalars (strength, floor, gain): single numbers that
+#: steer a whole pathway move too slowly at the rate of the convolutions.
+FIT_LR_SCALE = 10.0
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; the task fit's scalars get ``FIT_LR_SCALE`` times the rate and no decay."""
+    fit = [p for n, p in model.named_parameters() if ".fit." in n]
+    rest = [p for n, p in model.named_parameters() if ".fit." not in n]
+    groups: list[dict] = [{"params": rest, "lr_scale": 1.0}]
+    if fit:
+        groups.append({"params": fit, "lr_scale": FIT_LR_SCALE, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 #: Steps of linear learning-rate warm-up before the cosine decay.
 _WARMUP = 300
 
@@ -324,7 +339,7 @@ def _train_step(
     if not cfg.guidance:
         m, a = torch.zeros_like(m), torch.zeros_like(a)
     for g in opt.param_groups:
-        g["lr"] = _lr_at(cfg, step)
+        g["lr"] = _lr_at(cfg, step) * g.get("lr_scale", 1.0)
     loss = episode_loss(model(s, m, q, a), t)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -365,7 +380,7 @@ def train(cfg: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | No
     ckpt = out / "checkpoint.pt"
     best_path = out / "best.safetensors"
     model = _initial_model(cfg, ckpt, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = _optimizer(model, cfg)
     step, best = _resume(ckpt, model, opt, device)
     val = _validation_set(cfg)
     it = _training_batches(cfg, step)

@@ -64,9 +64,9 @@ class Segmentor(nn.Module):
     With ``filter_channels`` (the per-task fit), ``fine`` carries that many fixed filter
     responses after the learnt fine features (:class:`.filters.FilterBank`), the task's
     ridge fit (:class:`.task_fit.TaskFit`) is solved from the support's moments and its
-    response on the query enters both fusions; the filter responses enter the fine fusion.
-    These inputs come last in each fusion, so weights trained without them load with zeros
-    there and behave as before.
+    response on the query enters both fusions and, through a learnt gain, the logits; the
+    filter responses enter the fine fusion. These inputs come last in each fusion and the gain
+    starts at zero, so weights trained without them load with zeros there and behave as before.
 
     Everything before the fusion is annotation-independent and cached per slice, so a click
     costs only this module (about 0.25 GMAC for a 512x512 slice).
@@ -175,4 +175,7 @@ class Segmentor(nn.Module):
         x = self.context(F.relu(self.fuse(torch.cat(parts, dim=1))))
         x = F.interpolate(x, size=fine.shape[-2:], mode="bilinear", align_corners=False)
         x = torch.cat([x, *fine_parts], dim=1)
-        return self.refine(F.relu(self.fine_fuse(x)))
+        logits = self.refine(F.relu(self.fine_fuse(x)))
+        if response is not None:
+            logits = logits + self.fit.gain * response  # type: ignore[union-attr]
+        return logits

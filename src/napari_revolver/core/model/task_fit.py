@@ -112,14 +112,18 @@ def _annotated_window(
 class TaskFit(nn.Module):
     """Ridge regression of the support's labels on its features, solved per task.
 
-    Two scalars are learnt: the ridge strength per unit of support and its floor (see the
-    module docstring). Everything else is the support's moments.
+    Three scalars are learnt: the ridge strength per unit of support, its floor (see the
+    module docstring) and the gain of the response's skip to the logits. Everything else is
+    the support's moments.
     """
 
     def __init__(self, strength: float = 4.0, floor: float = 0.01) -> None:
         super().__init__()
         self.log_strength = nn.Parameter(torch.tensor(math.log(strength)))
         self.log_floor = nn.Parameter(torch.tensor(math.log(floor)))
+        #: Weight of the response added straight to the segmentor's logits (a skip past the
+        #: head); it starts at zero, so weights trained without the fit behave as before.
+        self.gain = nn.Parameter(torch.zeros(()))
 
     def solve(self, moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fit each task's linear model.
