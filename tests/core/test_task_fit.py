@@ -303,6 +303,7 @@ def test_warm_start_adds_the_fit_without_changing_the_output(tmp_path: Path) -> 
     assert sorted(added) == [
         "segmentor.fine_fuse.weight",
         "segmentor.fit.gain",
+        "segmentor.fit.gain_mass",
         "segmentor.fit.log_floor",
         "segmentor.fit.log_strength",
         "segmentor.fuse.weight",
@@ -312,7 +313,7 @@ def test_warm_start_adds_the_fit_without_changing_the_output(tmp_path: Path) -> 
     masks = torch.rand(1, 2, 16, 16) * 0.1
     with torch.no_grad():
         torch.testing.assert_close(old(x[:1], masks, x[1:]), new(x[:1], masks, x[1:]))
-    # The fit's three scalars learn ten times faster than the convolutions, without decay.
+    # The fit's four scalars learn ten times faster than the convolutions, without decay.
     groups = _optimizer(new, TrainConfig()).param_groups
-    assert [len(g["params"]) for g in groups][1] == 3
+    assert [len(g["params"]) for g in groups][1] == 4
     assert groups[1]["lr_scale"] == 10.0 and groups[1]["weight_decay"] == 0.0

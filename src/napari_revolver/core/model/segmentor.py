@@ -177,5 +177,6 @@ class Segmentor(nn.Module):
         x = torch.cat([x, *fine_parts], dim=1)
         logits = self.refine(F.relu(self.fine_fuse(x)))
         if response is not None:
-            logits = logits + self.fit.gain * response  # type: ignore[union-attr]
+            weight = self.fit.skip_weight(moments).to(logits.dtype)  # type: ignore[union-attr,arg-type]
+            logits = logits + weight[:, None, None, None] * response
         return logits

@@ -112,9 +112,9 @@ def _annotated_window(
 class TaskFit(nn.Module):
     """Ridge regression of the support's labels on its features, solved per task.
 
-    Three scalars are learnt: the ridge strength per unit of support, its floor (see the
-    module docstring) and the gain of the response's skip to the logits. Everything else is
-    the support's moments.
+    Four scalars are learnt: the ridge strength per unit of support, its floor (see the
+    module docstring), and the gain of the response's skip to the logits and how it grows with
+    the support mass. Everything else is the support's moments.
     """
 
     def __init__(self, strength: float = 4.0, floor: float = 0.01) -> None:
@@ -122,8 +122,22 @@ class TaskFit(nn.Module):
         self.log_strength = nn.Parameter(torch.tensor(math.log(strength)))
         self.log_floor = nn.Parameter(torch.tensor(math.log(floor)))
         #: Weight of the response added straight to the segmentor's logits (a skip past the
-        #: head); it starts at zero, so weights trained without the fit behave as before.
+        #: head): ``gain + gain_mass * log(1 + support mass)``, so the fit can count for more
+        #: the more support it was fitted on. Both start at zero, so weights trained without
+        #: the fit behave as before.
         self.gain = nn.Parameter(torch.zeros(()))
+        self.gain_mass = nn.Parameter(torch.zeros(()))
+
+    def skip_weight(self, moments: torch.Tensor) -> torch.Tensor:
+        """Weight ``(T,)`` of each task's response in the logits, from its support mass.
+
+        Parameters
+        ----------
+        moments : torch.Tensor
+            ``(T, 2, D + 1, D + 1)`` support moments.
+        """
+        mass = moments[:, :, -1, -1].sum(dim=1).clamp_min(0.0)
+        return self.gain + self.gain_mass * torch.log1p(mass)
 
     def solve(self, moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fit each task's linear model.
