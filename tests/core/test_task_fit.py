@@ -282,23 +282,19 @@ def test_modality_shift_inverts_support_and_query_together(rng: np.random.Genera
 
 
 def test_warm_start_adds_the_fit_without_changing_the_output(tmp_path: Path) -> None:
-    from napari_revolver.core.model.guided_net import GuidedNet, ModelConfig
+    from dataclasses import replace
+
+    from napari_revolver.core.model.guided_net import GuidedNet
+    from napari_revolver.core.model.registry import build_model
     from napari_revolver.core.train import TrainConfig, _optimizer, warm_start
     from napari_revolver.core.weights import save_weights
 
     torch.manual_seed(0)
-    cfg = dict(
-        key="revolver-tiny",
-        widths=(8, 12, 16, 24, 32),
-        coarse_channels=16,
-        fine_channels=8,
-        head_width=16,
-        head_fine_width=8,
-        local_prior=True,
-    )
-    old = GuidedNet(ModelConfig(**cfg)).eval()
+    cfg = build_model("revolver-tiny").config
+    assert cfg.task_fit
+    old = GuidedNet(replace(cfg, task_fit=False)).eval()
     path = save_weights(old, tmp_path / "old.safetensors")
-    new = GuidedNet(ModelConfig(**cfg, task_fit=True))
+    new = GuidedNet(cfg)
     added = warm_start(new, path)
     assert sorted(added) == [
         "segmentor.fine_fuse.weight",
