@@ -850,6 +850,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     )
     local = "yes" if w.model.config.local_prior else "no (older weights: --local has no effect)"
     print(f"  sees click positions (local prior): {local}")
+    fit = "yes" if w.model.config.task_fit else "no (older weights: tasks are pooled vectors only)"
+    print(f"  fits each task to its support (filter bank + ridge fit): {fit}")
     for k in ("step", "val_iou", "trained_on"):
         if k in w.metadata:
             print(f"  {k}: {w.metadata[k]}")

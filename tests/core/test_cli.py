@@ -435,6 +435,10 @@ def test_precompute_without_store_exits_1(
 
 def test_info_prints_weights_sha256(tiny_weights: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["info", "--weights", str(tiny_weights)]) == 0
+    assert "fits each task to its support (filter bank + ridge fit): yes" in (
+        capsys.readouterr().out
+    )
+    assert cli.main(["info", "--weights", str(tiny_weights)]) == 0
     out = capsys.readouterr().out
     assert sha256_file(tiny_weights) in out
     assert "revolver-tiny" in out
