@@ -343,3 +343,35 @@ def test_cli_eval_objects_reports_clicks_and_following(
     assert 1 <= res["clicks"]["noc@90"] <= 3
     assert res["follow"]["n_objects"] == 2
     assert 0.0 <= res["follow"]["iou_mean"] <= 1.0
+
+
+def test_follow_step_keeps_the_basin_and_reach_bounds_a_leak() -> None:
+    """A probable region that spreads far from the previous mask: without ``reach`` the object
+    takes the connected basin (as ever); with it, no further than the dilated previous mask."""
+    from napari_revolver.core.objects import FollowParams, _follow_step, _Track
+
+    prob = np.zeros((64, 64), np.float32)
+    prob[20:30, 20:30] = 0.9  # where the object was
+    prob[24:27, 30:60] = 0.9  # and a long thin leak to the right
+    prev = np.zeros((64, 64), bool)
+    prev[20:30, 20:30] = True
+    task = Task(
+        "obj",
+        np.zeros((2, 4), np.float32),
+        np.zeros((2, 4), np.float32),
+        np.ones(2, np.float32),
+        np.zeros((1, 3)),
+        np.ones(1, np.int8),
+        "m",
+        "w",
+    )
+
+    def step(params: FollowParams) -> tuple[np.ndarray, tuple]:
+        track = _Track(task, {(1,): (1, (0,))}, {(0,): prev}, {})
+        events = _follow_step(prob, (1,), [track], 0.5, params)
+        return track.masks.get((1,)), events
+
+    free, events = step(FollowParams(max_growth=10.0, min_iou=0.0, min_overlap=0.0))
+    assert not events and free[25, 58] and free[20:30, 20:30].all()
+    bound, events = step(FollowParams(max_growth=10.0, min_iou=0.0, min_overlap=0.0, reach=0.3))
+    assert not events and bound[20:30, 20:30].all() and not bound[25, 40:].any()

@@ -76,10 +76,13 @@ class FollowParams:
     erosion : float
         The previous mask is eroded by this share of its radius to seed the next slice
         (objects drift; the core of the last mask is still inside them).
-    reach : float
-        The new mask stays within the previous one dilated by this share of its radius (an
-        object moves and grows a little from one slice to the next; a leak into a
-        neighbour's territory stops there).
+    reach : float or None
+        With a number, the new mask stays within the previous one dilated by this share of its
+        radius (an object moves and grows a little from one slice to the next; a leak into a
+        neighbour's territory stops there). ``None`` (the default): no such bound. Measured
+        with 15 objects each (``benchmarks/objects.py``), 0.3 helps plant cells through z
+        (3D IoU 0.10 -> 0.23) and hurts EM mitochondria (0.21 -> 0.08), which drift further
+        between sections.
     """
 
     min_overlap: float = 0.3
@@ -87,7 +90,7 @@ class FollowParams:
     max_growth: float = 2.5
     max_shrink: float = 4.0
     erosion: float = 0.3
-    reach: float = 0.3
+    reach: float | None = None
 
 
 # ------------------------------------------------------------------------- clicked slice
@@ -259,6 +262,16 @@ def _near_first(mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
     keep = {int(first)} | {int(comp[tuple(p)]) for p in pos[1:] if reach[tuple(p)] <= 2 * r}
     keep.discard(0)
     return np.isin(comp, list(keep))
+
+
+def _mask_box(mask: np.ndarray, pad: int) -> tuple[slice, slice]:
+    """Return the bounding box of a non-empty ``(H, W)`` mask grown by ``pad`` pixels, clipped."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    h, w = mask.shape
+    return (
+        slice(max(0, rows[0] - pad), min(h, rows[-1] + pad + 1)),
+        slice(max(0, cols[0] - pad), min(w, cols[-1] + pad + 1)),
+    )
 
 
 def _connected_to(mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -471,20 +484,37 @@ def _follow_step(
     threshold: float,
     params: FollowParams,
 ) -> tuple[ObjectEvent, ...]:
-    """Joint watershed of the followed objects seeded by their eroded previous masks."""
+    """Joint watershed of the followed objects seeded by their eroded previous masks.
+
+    Each object's new mask is the part of its watershed basin connected to its seeds (within
+    ``params.reach``, when set). Per-object work runs in windows: the radius, core and reach
+    around the previous mask (padded beyond what the erosion and dilation can reach), the
+    basin in its bounding box; each equals the whole-slice result, at a fraction of the cost
+    with many objects.
+    """
     region = prob > threshold
     markers = np.zeros(prob.shape, np.int32)
     markers[prob < BACKGROUND] = 1
-    prev, reach = {}, {}
+    prev: dict[int, np.ndarray] = {}
+    reach: dict[int, np.ndarray] = {}
     for i, t in enumerate(tracks, start=2):
         m = t.masks[t.order[key][1]]
         prev[i] = m
-        r = float(ndimage.distance_transform_edt(m).max()) if m.any() else 0.0
-        core = ndimage.binary_erosion(m, iterations=max(1, int(params.erosion * r))) if r else m
+        if not m.any():
+            continue
+        # A one-pixel ring of background makes the distances inside the box exact.
+        r = float(ndimage.distance_transform_edt(m[_mask_box(m, 1)]).max())
+        grow = 0 if params.reach is None else max(2, round(params.reach * r))
+        win = _mask_box(m, grow + 1)
+        mw = m[win]
+        core = ndimage.binary_erosion(mw, iterations=max(1, int(params.erosion * r)))
         if not core.any():
-            core = m
-        markers[core & region] = i
-        reach[i] = ndimage.binary_dilation(m, iterations=max(2, round(params.reach * r)))
+            core = mw
+        markers[win][core & region[win]] = i
+        if params.reach is not None:
+            within = np.zeros(prob.shape, bool)
+            within[win] = ndimage.binary_dilation(mw, iterations=grow)
+            reach[i] = within
     cores, n = ndimage.label(prob > CORE)
     free = np.unique(cores[markers > 1])
     others = np.setdiff1d(np.arange(1, n + 1), free)
@@ -493,13 +523,19 @@ def _follow_step(
     markers[sel] = cores[sel] + base
     dist = ndimage.distance_transform_edt(region)
     basins = watershed(-dist, markers, mask=region | (markers == 1))
+    boxes = ndimage.find_objects(basins)
     events = []
     for i, t in enumerate(tracks, start=2):
-        new = (
-            _connected_to(basins == i, np.argwhere(markers == i)[:1])
-            if (markers == i).any()
-            else None
-        )
+        new = None
+        box = boxes[i - 1] if i - 1 < len(boxes) else None
+        # The first seed in the box is the first on the slice: every seed lies in its basin.
+        seeds = np.argwhere(markers[box] == i)[:1] if box is not None else ()
+        if len(seeds):
+            part = basins[box] == i
+            if i in reach:
+                part &= reach[i][box]
+            new = np.zeros(prob.shape, bool)
+            new[box] = _connected_to(part, seeds)
         reason = _end_reason(new, prev[i], params)
         if reason is None:
             t.masks[key] = new  # type: ignore[assignment]
