@@ -210,17 +210,26 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _get(rows: list[dict], dataset: str, method: str, points: str, k: int = 1) -> float | None:
+def _find(rows: list[dict], dataset: str, method: str, points: str, k: int = 1) -> dict | None:
     for r in rows:
         if (r["dataset"], r["method"], r["points"], r["supports"]) == (dataset, method, points, k):
-            return r["iou_mean"]
+            return r
     return None
+
+
+def _get(rows: list[dict], dataset: str, method: str, points: str, k: int = 1) -> float | None:
+    r = _find(rows, dataset, method, points, k)
+    return None if r is None else r["iou_mean"]
 
 
 def recommended(dataset: str, dense: bool = False) -> str:
     """The network's row for a data set: with positions on z-stacks (the documented mode)."""
     base = "dense" if dense else "revolver"
     return base + ("+local" if DATASETS[dataset].volumetric else "")
+
+
+#: The support budgets of the growth table.
+POINTS = ("1", "5", "20", "dense")
 
 
 def growth(rows: list[dict]) -> str:
@@ -237,16 +246,9 @@ def growth(rows: list[dict]) -> str:
         "|---|---|:-:|---|---:|---:|",
     ]
 
-    def row(name: str, method: str, p: str) -> dict | None:
-        for r in rows:
-            key = (r["dataset"], r["method"], r["points"], r["supports"])
-            if key == (name, method, p, 1):
-                return r
-        return None
-
     for n in names:
-        net = [row(n, recommended(n, dense=p == "dense"), p) for p in ("1", "5", "20", "dense")]
-        rf = [row(n, "rf", p) for p in ("1", "5", "20", "dense")]
+        net = [_find(rows, n, recommended(n, dense=p == "dense"), p) for p in POINTS]
+        rf = [_find(rows, n, "rf", p) for p in POINTS]
         if any(r is None for r in net):
             continue
         ok = all(

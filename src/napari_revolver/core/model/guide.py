@@ -85,10 +85,6 @@ class GuideOutput:
         """Return the ``B`` tasks pooled into one (batch 1), as one merged annotation."""
         return self._map(lambda t: t.sum(0, keepdim=True))
 
-    def to(self, *args: object, **kwargs: object) -> GuideOutput:
-        """Move/cast every tensor (same arguments as :meth:`torch.Tensor.to`)."""
-        return self._map(lambda t: t.to(*args, **kwargs))
-
     def vectors(self, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean features per polarity and presence flags.
 
