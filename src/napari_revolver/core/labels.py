@@ -61,7 +61,11 @@ def labels_from_probabilities(
         raise ValueError(
             f"expected probabilities (T, H, W) with T == {len(values)}; got {probs.shape}"
         )
-    lut = np.asarray(values, label_dtype(max(values)))
+    dtype = label_dtype(max(values))
+    if len(values) == 1:  # one task (every click of a single-task session): no argmax
+        out = (probs[0] > threshold).astype(dtype)
+        return out if values[0] == 1 else np.multiply(out, values[0], out=out)
+    lut = np.asarray(values, dtype)
     out = lut[probs.argmax(axis=0)]
     out[probs.max(axis=0) <= threshold] = 0
     return out

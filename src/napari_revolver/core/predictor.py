@@ -274,7 +274,8 @@ class RevolverPredictor(VolumeEncoder):
             grid = tuple(feats.fine.shape[-2:])
             prior = local_priors(tasks, self.info, ks, local, grid, self.model.fine_stride)  # type: ignore[arg-type]
             prior = None if prior is None else prior.to(self.device)
-        f = feats.to(self.device, torch.float32)
+        # Channels-last: the segmentor reads the features pixel by pixel (see its fusion).
+        f = feats.to(self.device, torch.float32, memory_format=torch.channels_last)
         logits = segment_slices(self.model, f, guidance, self.info.slice_shape, prior)
         return torch.sigmoid(logits).reshape(n_s, n_t, *logits.shape[-2:])
 

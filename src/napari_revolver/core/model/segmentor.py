@@ -14,10 +14,60 @@ def _cosine_maps(features: torch.Tensor, z: torch.Tensor, present: torch.Tensor)
     """Cosine similarity of every query position to each polarity's vector.
 
     ``features (B, C, h, w)``, ``z (B, 2, C)``, ``present (B, 2)`` -> ``(B, 2, h, w)``.
+    The segmentor folds this into its fusion (:meth:`Segmentor.forward`); it is kept as the
+    plain statement of what the fusion computes.
     """
     fn = F.normalize(features, dim=1)
     zn = F.normalize(z, dim=2)
     return torch.einsum("bchw,bpc->bphw", fn, zn) * present[:, :, None, None]
+
+
+def _inverse_norm(features: torch.Tensor) -> torch.Tensor:
+    """``1 / max(|f|, eps)`` over channels, as :func:`torch.nn.functional.normalize` divides.
+
+    ``(B, C, h, w)`` -> ``(B, h * w, 1)``.
+    """
+    sq = features.square().sum(dim=1).flatten(1)
+    # Clamped before the root, so a zero vector has a zero gradient (not 0 * inf).
+    return sq.clamp_min(1e-24).rsqrt()[..., None]
+
+
+def _project(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-task 1x1 projection of features, pixels-major.
+
+    ``features (B, C, h, w)`` with ``B`` 1 or ``T``, ``weight (T, K, C)`` -> ``(T, h * w, K)``.
+    A matrix product over channels with the pixels as rows: much faster on the CPU than a
+    1x1 convolution over a concatenation, and its result is already channels-last.
+    """
+    b, c = features.shape[:2]
+    rows = features.permute(0, 2, 3, 1).reshape(b, -1, c)
+    return torch.matmul(rows, weight.transpose(1, 2))
+
+
+def _to_map(rows: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``(T, h * w, K)`` -> ``(T, K, h, w)`` in channels-last memory (no copy)."""
+    return rows.reshape(rows.shape[0], h, w, rows.shape[-1]).permute(0, 3, 1, 2)
+
+
+def _fused_rows(
+    features: torch.Tensor,
+    direct: torch.Tensor,
+    w_cos: torch.Tensor,
+    z: torch.Tensor,
+    present: torch.Tensor,
+) -> torch.Tensor:
+    """``direct . f + w_cos . cos(f, z)`` at every pixel, without building the cosine maps.
+
+    ``features (B, C, h, w)`` (``B`` 1 or ``T``), ``direct (T, K, C)``, ``w_cos (K, 2)``,
+    ``z (T, 2, C)``, ``present (T, 2)`` -> ``(T, h * w, K)``. The cosine is linear in
+    ``f / |f|``, so its weights fold into the task's normalised vectors and one projection
+    gives both terms; only the per-pixel norm is left to divide by.
+    """
+    k = direct.shape[1]
+    zhat = F.normalize(z, dim=2) * present[..., None]
+    scaled = torch.einsum("kp,tpc->tkc", w_cos, zhat)
+    both = _project(features, torch.cat([direct, scaled], dim=1))
+    return both[..., :k] + both[..., k:] * _inverse_norm(features)
 
 
 class _WideContext(nn.Module):
@@ -142,9 +192,11 @@ class Segmentor(nn.Module):
             ``(T, 1, 2h, 2w)`` logits on the fine grid (stride ``Encoder.fine_stride``).
         """
         t = z_coarse.shape[0]
-        if coarse.shape[0] != t:
-            coarse = coarse.expand(t, -1, -1, -1)
-            fine = fine.expand(t, -1, -1, -1)
+        if coarse.shape[0] not in (1, t) or fine.shape[0] != coarse.shape[0]:
+            raise ValueError(
+                f"query features must be one slice or one per task ({t} tasks); got "
+                f"coarse {tuple(coarse.shape)} and fine {tuple(fine.shape)}"
+            )
         response = filters = None
         if self.fit is not None:
             if moments is None:
@@ -153,30 +205,79 @@ class Segmentor(nn.Module):
                     "moments (GuideOutput.moments), got None"
                 )
             w_fit, b_fit = self.fit.solve(moments)
-            response = self.fit.response(coarse, fine, w_fit, b_fit)
+            response = self.fit.response(
+                coarse.expand(t, -1, -1, -1), fine.expand(t, -1, -1, -1), w_fit, b_fit
+            )
             fine, filters = fine[:, : self.fine_channels], fine[:, self.fine_channels :]
             z_fine = z_fine[..., : self.fine_channels]
         h, w = coarse.shape[-2:]
-        zp = z_coarse[:, 0, :, None, None]
-        zn = z_coarse[:, 1, :, None, None]
-        flags = present[:, :, None, None].expand(t, 2, h, w)
-        parts = [coarse, coarse * zp, coarse * zn, _cosine_maps(coarse, z_coarse, present), flags]
-        fine_parts = [fine, _cosine_maps(fine, z_fine, present)]
+        extra, fine_extra = [], []
         if self.local_prior:
             if prior is None:
                 prior = fine.new_zeros(1, PRIOR_CHANNELS, *fine.shape[-2:])
             prior = prior.to(fine.dtype).expand(t, -1, -1, -1)
             # Max-pooling keeps a point's footprint at full strength on the coarse grid.
-            parts.append(F.max_pool2d(prior, 2)[..., :h, :w])
-            fine_parts.append(prior[:, : PRIOR_CHANNELS - 1])
+            extra.append(F.max_pool2d(prior, 2)[..., :h, :w])
+            fine_extra.append(prior[:, : PRIOR_CHANNELS - 1])
         if response is not None:
-            parts.append(F.avg_pool2d(response, 2)[..., :h, :w])
-            fine_parts += [response, filters]
-        x = self.context(F.relu(self.fuse(torch.cat(parts, dim=1))))
-        x = F.interpolate(x, size=fine.shape[-2:], mode="bilinear", align_corners=False)
-        x = torch.cat([x, *fine_parts], dim=1)
-        logits = self.refine(F.relu(self.fine_fuse(x)))
+            extra.append(F.avg_pool2d(response, 2)[..., :h, :w])
+            fine_extra += [response, filters.expand(t, -1, -1, -1)]  # type: ignore[union-attr]
+        x = self.context(F.relu(self._fuse_coarse(coarse, z_coarse, present, extra)))
+        logits = self.refine(F.relu(self._fuse_fine(x, fine, z_fine, present, fine_extra)))
         if response is not None:
             weight = self.fit.skip_weight(moments).to(logits.dtype)  # type: ignore[union-attr,arg-type]
             logits = logits + weight[:, None, None, None] * response
         return logits
+
+    def _fuse_coarse(
+        self,
+        coarse: torch.Tensor,
+        z: torch.Tensor,
+        present: torch.Tensor,
+        extra: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """Compute the coarse fusion, ``fuse([f, f*z+, f*z-, cos+, cos-, present, extra])``.
+
+        ``cos+`` and ``cos-`` are :func:`_cosine_maps`. Every input but ``extra`` is linear in
+        ``f`` or in ``f / |f|`` with per-task factors, so the 1x1 layer's weights are folded
+        with the task vectors first and applied to the features once. Returns
+        ``(T, width, h, w)``, channels-last, equal to the concatenation's.
+        """
+        c = coarse.shape[1]
+        weight = self.fuse.weight[:, :, 0, 0]
+        direct = (
+            weight[:, :c]
+            + weight[:, c : 2 * c] * z[:, 0, None]
+            + weight[:, 2 * c : 3 * c] * z[:, 1, None]
+        )
+        rows = _fused_rows(coarse, direct, weight[:, 3 * c : 3 * c + 2], z, present)
+        bias = self.fuse.bias + present @ weight[:, 3 * c + 2 : 3 * c + 4].T  # (T, width)
+        rows = rows + bias[:, None]
+        if extra:
+            rows = rows + _project(torch.cat(extra, dim=1), weight[None, :, 3 * c + 4 :])
+        return _to_map(rows, *coarse.shape[-2:])
+
+    def _fuse_fine(
+        self,
+        x: torch.Tensor,
+        fine: torch.Tensor,
+        z: torch.Tensor,
+        present: torch.Tensor,
+        extra: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """Compute the fine fusion ``fine_fuse([up(x), f, cos(f, z+), cos(f, z-), extra])``.
+
+        Bilinear upsampling and a 1x1 layer are both linear (and the upsampling weights sum to
+        one), so the coarse context ``x`` is projected before it is upsampled, at a quarter of
+        the pixels. Returns ``(T, fine_width, 2h, 2w)``, channels-last.
+        """
+        width, cf = x.shape[1], fine.shape[1]
+        weight = self.fine_fuse.weight[:, :, 0, 0]
+        up = _to_map(_project(x, weight[None, :, :width]), *x.shape[-2:])
+        up = F.interpolate(up, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        direct = weight[None, :, width : width + cf].expand(z.shape[0], -1, -1)
+        rows = _fused_rows(fine, direct, weight[:, width + cf : width + cf + 2], z, present)
+        rows = rows + self.fine_fuse.bias
+        if extra:
+            rows = rows + _project(torch.cat(extra, dim=1), weight[None, :, width + cf + 2 :])
+        return _to_map(rows, *fine.shape[-2:]) + up
