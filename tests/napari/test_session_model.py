@@ -231,3 +231,68 @@ def test_writer_and_reader_round_trip(tmp_path: Path) -> None:
     assert kind == "labels" and data.dtype == np.uint8
     np.testing.assert_array_equal(data, labels)
     assert meta["scale"] == (3.0, 0.5, 0.5) and meta["name"] == "cells labels"
+
+
+def _largest_nucleus(truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The largest connected nucleus of a slice, its deepest interior point, and the others."""
+    from scipy import ndimage
+
+    comps, n = ndimage.label(truth > 0)
+    sizes = ndimage.sum(np.ones_like(comps), comps, index=range(1, n + 1))
+    mask = comps == 1 + int(np.argmax(sizes))
+    depth = ndimage.distance_transform_edt(mask)
+    yx = np.array(np.unravel_index(np.argmax(depth), mask.shape))
+    return mask, yx, (comps > 0) & ~mask
+
+
+def test_an_object_task_is_the_clicked_nucleus_followed_with_one_id(
+    session: Session, sample: dict
+) -> None:
+    truth = np.asarray(sample["labels"].data)
+    mask, yx, others = _largest_nucleus(truth[12])
+    nuclei = session.tasks[0]
+    obj = session.add_task(kind="object")
+    assert obj.kind == "object" and obj.name == f"object {obj.label_value}"
+    obj.points.add(np.array([[12, *yx]]))
+    session.run_inline(session.encoding(session.missing_features([(12,)])))
+    session.update_slice((12,))
+    out = np.asarray(session.image.labels.data[12])
+    mine = out == obj.label_value
+    assert (mine & mask).sum() / (mine | mask).sum() > 0.6  # the clicked nucleus ...
+    assert (mine & others).sum() < 0.05 * mine.sum()  # ... and not its look-alikes
+    assert ((out == nuclei.label_value) & others).sum() > 0.5 * others.sum()  # the class task
+
+    run = session.run_inline(session.propagation(9, 15))
+    assert run.done == run.total == 2 * 7 and not run.failed
+    data = np.asarray(session.image.labels.data)
+    from scipy import ndimage
+
+    comps, _ = ndimage.label(truth > 0)  # the clicked nucleus in 3D
+    nucleus = comps == comps[12, yx[0], yx[1]]
+    for z in (11, 13):  # followed onto the neighbours with the same id, beside the class
+        here, m = data[z] == obj.label_value, nucleus[z]
+        rest = (truth[z] > 0) & ~m
+        assert (here & m).sum() / (here | m).sum() > 0.5
+        assert ((data[z] == nuclei.label_value) & rest).sum() > 0.5 * rest.sum()
+
+    # A click for the class task elsewhere keeps the object where it was followed.
+    nuclei.points.add(np.array([[13, 5, 5]]))
+    L.set_polarity(nuclei.points, L.NEGATIVE)
+    session.update_slice((13,))
+    assert (
+        (np.asarray(session.image.labels.data[13]) == obj.label_value)
+        == (data[13] == obj.label_value)
+    ).all()
+
+
+def test_an_object_task_file_keeps_its_kind(session: Session, tmp_path: Path) -> None:
+    truth = np.asarray(session.viewer.layers["ground truth"].data)
+    _, yx, _ = _largest_nucleus(truth[12])
+    obj = session.add_task("cell", kind="object")
+    obj.points.add(np.array([[12, *yx]]))
+    session.guide(obj)
+    path = session.save_task(obj, tmp_path / "cell.revolver-task.json")
+    back = session.load_task(path)
+    assert back.kind == "object" and back.task is not None and back.task.kind == "object"
+    with pytest.raises(ValueError, match="'class' or 'object'"):
+        session.add_task(kind="instance")

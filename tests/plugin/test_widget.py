@@ -602,3 +602,40 @@ def test_a_task_added_later_gets_its_colour_in_the_labels_layer(
     second = widget.add_task("later")
     rgba = np.asarray(widget.session.image.labels.colormap.map(np.array([second.label_value])))[0]
     assert rgba[3] > 0
+
+
+def test_new_object_selects_one_nucleus_and_propagation_follows_it(
+    qtbot: Any, viewer: Any, widget: Any, sample: dict[str, Any], notes: list
+) -> None:
+    from scipy import ndimage
+
+    annotate_sample(qtbot, viewer, widget, sample)
+    truth = np.asarray(sample["truth"].data)
+    flat, n = ndimage.label(truth[12] > 0)
+    sizes = ndimage.sum(np.ones_like(flat), flat, index=range(1, n + 1))
+    clicked = flat == 1 + int(np.argmax(sizes))  # the largest nucleus on slice 12
+    depth = ndimage.distance_transform_edt(clicked)
+    yx = np.unravel_index(np.argmax(depth), depth.shape)  # its deepest interior point
+    comps, _ = ndimage.label(truth > 0)
+    nucleus = comps == comps[12, yx[0], yx[1]]  # the same nucleus in 3D
+
+    widget.tasks_box.object_button.click()
+    obj = widget.session.active_task()
+    assert obj.kind == "object" and obj.points.name == f"{obj.name} points"
+    assert "New object" == widget.tasks_box.object_button.text()
+    obj.points.add(np.array([[12, *yx]]))
+    wait_idle(qtbot, widget)
+    line = f"◆ {obj.name}  (object, id {obj.label_value}; +1 / −0"
+    qtbot.waitUntil(lambda: widget.tasks_box.task_list.item(1).text().startswith(line))
+    out = np.asarray(widget.session.image.labels.data)
+    assert iou(out[12] == obj.label_value, clicked) > 0.6
+
+    propagate_and_wait(qtbot, widget)
+    out = np.asarray(widget.session.image.labels.data)
+    followed = [z for z in range(24) if (out[z] == obj.label_value).any()]
+    assert {11, 12, 13} <= set(followed)
+    mine = out == obj.label_value
+    assert (mine & nucleus).sum() > 0.8 * mine.sum()  # one id, on that nucleus, through z
+    assert iou(out > 0, truth) > 0.7  # the class task is still everywhere
+    assert widget.status.text().startswith("Propagated to 24 slice(s).")
+    assert not errors(notes)

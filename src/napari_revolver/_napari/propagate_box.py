@@ -240,10 +240,10 @@ class PropagateBox(SessionBox):
             self.progress.setFormat("failed")
         elif run.cancelled:
             self.progress.setValue(run.done)
-            self.progress.setFormat("cancelled at %v / %m slices")
+            self.progress.setFormat(f"cancelled at %v / %m {run.unit}")
         else:
             self.progress.setValue(self.progress.maximum())
-            self.progress.setFormat("done: %v / %m slices")
+            self.progress.setFormat(f"done: %v / %m {run.unit}")
         self.eta_label.setText("")
 
     def _on_image(self, state: ImageState | None) -> None:

@@ -57,6 +57,9 @@ class TaskEntry:
         Applying the task to another image reads that image the same way.
     task : Task or None
         The guidance; ``None`` while stale (points changed since it was guided).
+    kind : {"class", "object"}
+        ``class``: everything like the clicked objects. ``object``: the one object under the
+        clicks, followed through the stack; its ``label_value`` is its id.
     """
 
     name: str
@@ -68,6 +71,7 @@ class TaskEntry:
     task: Task | None = None
     #: Whether the user was told that some of this task's points are outside its image.
     warned_outside: bool = False
+    kind: str = "class"
 
 
 @dataclass(eq=False)
@@ -118,6 +122,12 @@ class Run:
     description: str
     done: int = 0
     started: float = field(default_factory=time.perf_counter)
+    #: What the run noticed on the way, as prose (objects that ended, and where).
+    notes: list[str] = field(default_factory=list)
+    #: What ``total`` counts: slices, or slice steps when classes and objects both pass.
+    unit: str = "slices"
+    #: Slices the run covers (``total`` when each is visited once).
+    slices: int = 0
     cancelled: bool = False
     failed: str | None = None
     finished: bool = False
@@ -408,7 +418,13 @@ class Session:
         name = self.unique_name(str(info.get("name") or layer.name.removesuffix(" points")))
         image = self._image_named(info.get("image"))
         try:
-            self.adopt_points(layer, name, image=image, invert=bool(info.get("invert", False)))
+            self.adopt_points(
+                layer,
+                name,
+                image=image,
+                invert=bool(info.get("invert", False)),
+                kind=str(info.get("kind", "class")),
+            )
         except ValueError as exc:
             self.events.warned.emit(f"Points layer {layer.name!r} is not used as a task: {exc}")
 
@@ -421,10 +437,12 @@ class Session:
         return None
 
     # ---------------------------------------------------------------- tasks
-    def _new_task_fields(self, name: str | None) -> tuple[str, int, str]:
+    def _new_task_fields(self, name: str | None, kind: str = "class") -> tuple[str, int, str]:
+        if kind not in ("class", "object"):
+            raise ValueError(f"a task's kind is 'class' or 'object'; got {kind!r}")
         used = {t.label_value for t in self.tasks}
         value = next(v for v in range(1, 10_000) if v not in used)
-        name = (name or f"task {value}").strip()
+        name = (name or f"{'object' if kind == 'object' else 'task'} {value}").strip()
         if any(t.name == name for t in self.tasks):
             raise ValueError(f"a task named {name!r} exists already")
         return name, value, L.TASK_COLORS[(value - 1) % len(L.TASK_COLORS)]
@@ -436,26 +454,38 @@ class Session:
             out, k = f"{name} ({k})", k + 1
         return out
 
-    def add_task(self, name: str | None = None) -> TaskEntry:
-        """Add a task with its own Points layer over the current image; it becomes active."""
+    def add_task(self, name: str | None = None, *, kind: str = "class") -> TaskEntry:
+        """Add a task with its own Points layer over the current image; it becomes active.
+
+        ``kind="object"``: the one object under the clicks, followed through the stack
+        (:mod:`napari_revolver.core.objects`); its label value is the object's id.
+        """
         state = self.require_image()
-        name, value, color = self._new_task_fields(name)
+        name, value, color = self._new_task_fields(name, kind)
         points = L.unwrap(L.new_points_layer(self.viewer, f"{name} points", state.layer, color))
-        entry = TaskEntry(name, value, color, points, state.layer, replace(state.spec, rgb=None))
+        entry = TaskEntry(
+            name, value, color, points, state.layer, replace(state.spec, rgb=None), kind=kind
+        )
         self._add_entry(entry)
         return entry
 
     def adopt_points(
-        self, layer: Points, name: str, *, image: Image | None = None, invert: bool = False
+        self,
+        layer: Points,
+        name: str,
+        *,
+        image: Image | None = None,
+        invert: bool = False,
+        kind: str = "class",
     ) -> TaskEntry:
         """Make an existing Points layer a task (its ``label`` feature gives the polarity)."""
         layer = L.unwrap(layer)
         if image is None and self.image is not None:
             image = self.image.layer
         base = self.images.get(id(image)) if image is not None else None
-        name, value, color = self._new_task_fields(name)
+        name, value, color = self._new_task_fields(name, kind)
         spec = replace(base.spec, rgb=None) if base is not None else VolumeSpec()
-        entry = TaskEntry(name, value, color, layer, image, replace(spec, invert=invert))
+        entry = TaskEntry(name, value, color, layer, image, replace(spec, invert=invert), kind=kind)
         L.style_task_points(layer, color)
         self._add_entry(entry)
         return entry
@@ -613,7 +643,9 @@ class Session:
             entry.task = None
             return None
         predictor = self.predictor_for(state, entry.spec)
-        entry.task = predictor.guide(pts, lab, name=entry.name, label_value=entry.label_value)
+        entry.task = predictor.guide(
+            pts, lab, name=entry.name, label_value=entry.label_value, kind=entry.kind
+        )
         self.events.task_changed.emit(entry)
         return entry.task
 
@@ -737,10 +769,13 @@ class Session:
         state: ImageState | None = None,
         force: bool = False,
         refresh: bool = True,
+        renumber: bool = True,
     ) -> bool:
         """Put a slice's result into the Labels layer unless the user painted that slice.
 
         Only the slice on screen is redrawn (``refresh``); returns whether it was written.
+        ``renumber``: with instances on, give the slice's instances new ids (a result of
+        :meth:`compose` has them already).
         """
         state = state or self.require_image()
         if index in state.painted and not force:
@@ -750,7 +785,7 @@ class Session:
             state.painted.discard(index)
             self.events.painted_changed.emit(state)
         data = layer.data
-        if self.instances:
+        if self.instances and renumber:
             result, state.next_id = offset_instances(result, state.next_id)
         top = int(result.max(initial=0))
         if top > np.iinfo(data.dtype).max:
@@ -777,13 +812,19 @@ class Session:
             L.refresh_slice(state.labels)
 
     # ------------------------------------------------------------ predicting
-    def _groups(self, state: ImageState) -> list[tuple[RevolverPredictor, list[Task]]]:
-        """Guided tasks grouped by how they read ``state``'s image (one predictor each).
+    def _groups(
+        self, state: ImageState, kind: str = "class"
+    ) -> list[tuple[RevolverPredictor, list[Task]]]:
+        """Guided tasks of one kind grouped by how they read ``state``'s image (one predictor each).
 
         Tasks that cannot read this image (another channel axis) are left out with a warning.
+        An object lives in the image it was clicked on: object tasks of other images are left
+        out.
         """
         groups: dict[VolumeSpec, list[Task]] = {}
         for entry in self.guided_tasks():
+            if entry.kind != kind or (kind == "object" and entry.image is not state.layer):
+                continue
             try:
                 spec = self._image_spec(state, entry.spec)
             except ValueError as exc:
@@ -833,13 +874,85 @@ class Session:
         return out
 
     def predict(self, index: tuple[int, ...], state: ImageState | None = None) -> np.ndarray | None:
-        """Label image of every guided task on one slice of an image (``None`` without tasks)."""
+        """Label image of every guided class task on one slice of an image.
+
+        ``None`` without class tasks. Object tasks are added by :meth:`compose`.
+        """
         state = state or self.require_image()
         groups = self._groups(state)
         if not groups:
             return None
         probs = [p.predict_proba(index, tasks, local=self.local) for p, tasks in groups]
         return self._labels(probs, [t for _, tasks in groups for t in tasks])
+
+    def object_values(self) -> set[int]:
+        """Label values of the object tasks (their ids)."""
+        return {t.label_value for t in self.tasks if t.kind == "object"}
+
+    def clicked_objects(self, index: tuple[int, ...], state: ImageState) -> np.ndarray | None:
+        """Ids of the objects clicked on slice ``index``, each selected anew: ``(H, W)``.
+
+        ``None`` when no object task has a positive click there (objects followed onto the
+        slice keep the pixels a propagation gave them).
+        """
+        from ..core.objects import clicks_on
+
+        out = None
+        for predictor, tasks in self._groups(state, "object"):
+            key = predictor.info.unflat(predictor.info.flat(index))
+            for task in tasks:
+                if not (clicks_on(task, key, predictor.info)[1] == 1).any():
+                    continue
+                if out is None:
+                    out = np.zeros(predictor.info.slice_shape, np.uint32)
+                out[predictor.object_mask(index, task)] = task.label_value
+        return out
+
+    def compose(
+        self,
+        index: tuple[int, ...],
+        classes: np.ndarray | None,
+        objects: np.ndarray | None,
+        state: ImageState,
+        *,
+        keep_objects: bool = False,
+    ) -> np.ndarray:
+        """One slice of the output: class labels with object ids over them.
+
+        Parameters
+        ----------
+        index : tuple of int
+        classes : np.ndarray or None
+            ``(H, W)`` class labels (instances are given new ids here); ``None`` keeps the
+            class pixels the layer has on that slice.
+        objects : np.ndarray or None
+            ``(H, W)`` object ids (0 elsewhere); ``None`` keeps the layer's object pixels.
+        state : ImageState
+        keep_objects : bool
+            Keep the layer's object pixels that ``objects`` does not cover (objects that are
+            not clicked on this slice, after a live update).
+        """
+        values = np.fromiter(self.object_values(), np.int64)
+        current = None
+        if state.labels is not None and L.is_alive(self.viewer, state.labels):
+            current = np.asarray(state.labels.data[index])
+        if current is None:
+            shape = (classes if classes is not None else objects).shape  # type: ignore[union-attr]
+            current = np.zeros(shape, np.uint8)
+        is_object = np.isin(current, values)
+        if classes is None:
+            classes = np.where(is_object, 0, current)
+        elif self.instances:
+            classes, state.next_id = offset_instances(classes, state.next_id)
+        kept = np.where(is_object, current, 0)
+        if objects is not None and keep_objects:
+            objects = np.where(objects > 0, objects, kept)
+        elif objects is None:
+            objects = kept
+        top = max(int(classes.max(initial=0)), int(objects.max(initial=0)))
+        out = classes.astype(label_dtype(top))
+        out[objects > 0] = objects[objects > 0]
+        return out
 
     def _labels(self, probs: list[np.ndarray], tasks: list[Task]) -> np.ndarray:
         from ..core.instances import mask_to_instances
@@ -862,11 +975,18 @@ class Session:
         for problem in self.guide_stale():
             self.events.warned.emit(problem)
         result = self.predict(index, state)
+        renumber = True
         where = L.slice_text(index)
+        if self._groups(state, "object") and index not in state.painted:
+            objects = self.clicked_objects(index, state)
+            if result is None and objects is None and state.labels is None:
+                return f"No object is clicked on {where}; propagate to follow the objects here."
+            result = self.compose(index, result, objects, state, keep_objects=True)
+            renumber = False
         if result is None:
             self.clear_slice(index, state)
             return f"No task has a positive point yet; {where} is blank."
-        if self.write_slice(index, result, state=state):
+        if self.write_slice(index, result, state=state, renumber=renumber):
             return f"Updated {where}."
         return (
             f"{where[0].upper()}{where[1:]} was painted by hand and is kept; propagate with "
@@ -910,6 +1030,57 @@ class Session:
             self.events.warned.emit(problem)
         if not self.guided_tasks():
             raise ValueError("no task has a positive point yet: click on an object first")
+        indices = self._run_indices(state, first, last, recompute_painted)
+        groups = self._groups(state)
+        followed = self._groups(state, "object")
+        elsewhere = [
+            t.name for t in self.guided_tasks() if t.kind == "object" and t.image is not state.layer
+        ]
+        if elsewhere:
+            self.events.warned.emit(
+                f"Objects are followed in the image they were clicked on; "
+                f"{', '.join(map(repr, elsewhere))} left out of {state.layer.name!r}."
+            )
+        if not groups and not followed:
+            raise ValueError(f"no task can be applied to {state.layer.name!r}")
+        tasks = [t for _, ts in groups for t in ts]
+        gens = [
+            p.propagate(ts, indices, output="probabilities", local=self.local) for p, ts in groups
+        ]
+        ended: list[str] = []
+
+        def steps() -> Iterator[tuple[tuple[int, ...], np.ndarray, str]]:
+            for parts in zip(*gens, strict=True):
+                yield parts[0].index, self._labels([s.result for s in parts], tasks), "classes"
+            # Then each object from its clicked slices outward, in visit order.
+            for predictor, objects in followed:
+                for step in predictor.propagate(objects, indices):
+                    ended.extend(
+                        f"{e.task} at {L.slice_text(e.index)} ({e.reason})" for e in step.events
+                    )
+                    yield step.index, step.result, "objects"
+
+        total = len(indices) * ((1 if groups else 0) + len(followed))
+        name = state.layer.name
+        where = "" if state is self.image else f" of {name!r}"
+        passes = (["classes"] if groups else []) + [f"{len(ts)} object(s)" for _, ts in followed]
+        what = f" ({', then '.join(passes)})" if followed else ""
+        run = Run(
+            "propagate",
+            state,
+            steps(),
+            total,
+            f"Propagating to {len(indices)} slice(s){where}{what}",
+            notes=ended,
+            unit="steps" if total != len(indices) else "slices",
+            slices=len(indices),
+        )
+        return self._start(run)
+
+    def _run_indices(
+        self, state: ImageState, first: int | None, last: int | None, recompute_painted: bool
+    ) -> list[tuple[int, ...]]:
+        """List the slices a propagation of ``state`` visits (see :meth:`propagation`)."""
         info = state.predictor.info
         indices = [info.unflat(k) for k in range(info.n_slices)]
         if info.leading_shape and (first is not None or last is not None):
@@ -923,29 +1094,7 @@ class Session:
             indices = [i for i in indices if a <= i[0] <= b]
         if not recompute_painted:
             indices = [i for i in indices if i not in state.painted]
-        groups = self._groups(state)
-        if not groups:
-            raise ValueError(f"no task can be applied to {state.layer.name!r}")
-        tasks = [t for _, ts in groups for t in ts]
-        gens = [
-            p.propagate(ts, indices, output="probabilities", local=self.local) for p, ts in groups
-        ]
-
-        def steps() -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
-            for parts in zip(*gens, strict=True):
-                yield parts[0].index, self._labels([s.result for s in parts], tasks)
-
-        name = state.layer.name
-        where = "" if state is self.image else f" of {name!r}"
-        return self._start(
-            Run(
-                "propagate",
-                state,
-                steps(),
-                len(indices),
-                f"Propagating to {len(indices)} slice(s){where}",
-            )
-        )
+        return indices
 
     def _start(self, run: Run) -> Run:
         if self.run is not None and not self.run.finished:
@@ -959,11 +1108,17 @@ class Session:
         if run is not self.run or run.finished or self.viewer is None:
             return
         if run.kind == "propagate":
-            index, result = item
+            index, result, part = item
             if not L.is_alive(self.viewer, run.state.layer):
                 self.cancel_run()
                 return
-            self.write_slice(index, result, state=run.state, force=True)
+            if self.object_values():
+                # Class and object pixels share the layer: each pass replaces its own.
+                classes, objects = (result, None) if part == "classes" else (None, result)
+                result = self.compose(index, classes, objects, run.state)
+                self.write_slice(index, result, state=run.state, force=True, renumber=False)
+            else:
+                self.write_slice(index, result, state=run.state, force=True)
         run.done += 1
         self.events.run_progressed.emit(run)
 
@@ -981,10 +1136,11 @@ class Session:
             if L.is_alive(self.viewer, state.labels):
                 state.labels.refresh()
         if run.kind == "propagate":
+            ended = f" Objects ended: {'; '.join(run.notes)}." if run.notes else ""
             self.events.status.emit(
-                f"Propagation cancelled after {run.done} of {run.total} slices; they are kept."
+                f"Propagation cancelled after {run.done} of {run.total} {run.unit}; they are kept."
                 if run.cancelled
-                else f"Propagated to {run.done} slice(s)."
+                else f"Propagated to {run.slices or run.done} slice(s).{ended}"
             )
         self.events.run_finished.emit(run)
 
@@ -999,7 +1155,7 @@ class Session:
             return
         what = "Encoding slices" if run.kind == "encode" else "Propagation"
         where = run.state.layer.name
-        message = f"{what} of {where!r} failed after {run.done} of {run.total} slices: {exc}"
+        message = f"{what} of {where!r} failed after {run.done} of {run.total} {run.unit}: {exc}"
         logger.debug("run failed", exc_info=exc)
         self.events.run_failed.emit(run, message)
 
@@ -1047,7 +1203,7 @@ class Session:
 
         task = load_task(path)
         state = self.require_image()
-        entry = self.add_task(self.unique_name(task.name))
+        entry = self.add_task(self.unique_name(task.name), kind=task.kind)
         entry.spec = replace(entry.spec, invert=task.invert)
         if len(task.points) and task.points.shape[1] == state.layer.ndim:
             L.set_points(entry.points, task.points, task.labels)

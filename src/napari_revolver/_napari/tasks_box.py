@@ -26,7 +26,7 @@ TOGGLE_KEY = "t"
 
 
 def task_text(entry: TaskEntry) -> str:
-    """One line of the task list: name, label value, clicks, and where it was guided."""
+    """One line of the task list: name, kind and value, clicks, and where it was guided."""
     labels = L.point_labels(entry.points)
     pos = int((labels == 1).sum())
     neg = len(labels) - pos
@@ -37,6 +37,8 @@ def task_text(entry: TaskEntry) -> str:
     if entry.spec.invert:
         reading.append("inverted")
     read = f", {' '.join(reading)}" if reading else ""
+    if entry.kind == "object":
+        return f"◆ {entry.name}  (object, id {entry.label_value}; +{pos} / −{neg}; {where}{read})"
     return f"■ {entry.name}  (label {entry.label_value}; +{pos} / −{neg}; {where}{read})"
 
 
@@ -58,9 +60,15 @@ class TasksBox(SessionBox):
         v.addWidget(self.task_list)
         row = QHBoxLayout()
         self.add_button = QPushButton("Add")
+        self.add_button.setToolTip("A class task: everything like the clicked objects")
+        self.object_button = QPushButton("New object")
+        self.object_button.setToolTip(
+            "An object task: the one object under the clicks, followed through z and t by "
+            "Propagate; its id in the labels stays the same on every slice"
+        )
         self.rename_button = QPushButton("Rename")
         self.delete_button = QPushButton("Delete")
-        for b in (self.add_button, self.rename_button, self.delete_button):
+        for b in (self.add_button, self.object_button, self.rename_button, self.delete_button):
             row.addWidget(b)
         v.addLayout(row)
         row = QHBoxLayout()
@@ -85,6 +93,7 @@ class TasksBox(SessionBox):
         self._line_timer.timeout.connect(self._flush_lines)
 
         self.add_button.clicked.connect(lambda: self.add_task())
+        self.object_button.clicked.connect(lambda: self.add_object())
         self.rename_button.clicked.connect(self._rename_clicked)
         self.delete_button.clicked.connect(self.delete_task)
         self.task_list.currentRowChanged.connect(self._row_chosen)
@@ -108,6 +117,21 @@ class TasksBox(SessionBox):
             "status",
             f"Task {entry.name!r}: click on the object (positive) or around it "
             f"(negative; press {TOGGLE_KEY.upper()} or the button to switch).",
+        )
+        return entry
+
+    def add_object(self, name: str | None = None) -> TaskEntry | None:
+        """Add an object task (its own Points layer, its own id) and make it active."""
+        try:
+            entry = self.session.add_task(name, kind="object")
+        except ValueError as exc:
+            self.report("error", str(exc))
+            return None
+        self.report(
+            "status",
+            f"Object {entry.name!r} (id {entry.label_value}): click once on it; a negative "
+            f"click ({TOGGLE_KEY.upper()}) on a neighbour removes that neighbour. Propagate "
+            "follows it through the stack.",
         )
         return entry
 

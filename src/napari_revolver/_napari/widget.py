@@ -231,6 +231,10 @@ class RevolverWidget(QWidget):
         """Add a task (see :meth:`TasksBox.add_task`)."""
         return self.tasks_box.add_task(name)
 
+    def add_object(self, name: str | None = None) -> TaskEntry | None:
+        """Add an object task (see :meth:`TasksBox.add_object`)."""
+        return self.tasks_box.add_object(name)
+
     def propagate(self, start: int | None = None, stop: int | None = None) -> Any:
         """Propagate in a worker (see :meth:`PropagateBox.propagate`); returns the worker."""
         return self.propagate_box.propagate(start, stop)
