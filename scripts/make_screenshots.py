@@ -104,6 +104,25 @@ def main() -> None:
     idle(app, widget)
     pump(app, 0.5)
     viewer.screenshot(str(args.out / "04-two-tasks.png"), canvas_only=False)
+
+    # 5. An object: one click on the largest nucleus of slice 12, followed through z with
+    #    one id, beside the class task.
+    widget.tasks_box.delete_task()  # the background task
+    from scipy import ndimage
+
+    truth = np.asarray(viewer.layers["ground truth"].data)
+    flat, n = ndimage.label(truth[12] > 0)
+    sizes = ndimage.sum(np.ones_like(flat), flat, index=range(1, n + 1))
+    depth = ndimage.distance_transform_edt(flat == 1 + int(np.argmax(sizes)))
+    yx = np.unravel_index(np.argmax(depth), depth.shape)
+    cell = widget.add_object()
+    cell.points.add(np.array([[12, *yx]]))
+    idle(app, widget)
+    widget.propagate()
+    idle(app, widget)
+    viewer.dims.current_step = (13, 0, 0)
+    pump(app, 0.5)
+    viewer.screenshot(str(args.out / "05-object.png"), canvas_only=False)
     viewer.close()
     print(f"screenshots written to {args.out}")
 
