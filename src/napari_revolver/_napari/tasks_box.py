@@ -106,34 +106,28 @@ class TasksBox(SessionBox):
         self._refresh()
 
     # -------------------------------------------------------------- actions
-    def add_task(self, name: str | None = None) -> TaskEntry | None:
-        """Add a task with its own Points layer and make it active."""
+    def add_task(self, name: str | None = None, *, kind: str = "class") -> TaskEntry | None:
+        """Add a task (``kind`` class or object) with its own Points layer; it becomes active."""
         try:
-            entry = self.session.add_task(name)
+            entry = self.session.add_task(name, kind=kind)
         except ValueError as exc:
             self.report("error", str(exc))
             return None
+        key = TOGGLE_KEY.upper()
         self.report(
             "status",
-            f"Task {entry.name!r}: click on the object (positive) or around it "
-            f"(negative; press {TOGGLE_KEY.upper()} or the button to switch).",
+            f"Object {entry.name!r} (id {entry.label_value}): click once on it; a negative "
+            f"click ({key}) on a neighbour removes that neighbour. Propagate follows it "
+            "through the stack."
+            if kind == "object"
+            else f"Task {entry.name!r}: click on the object (positive) or around it "
+            f"(negative; press {key} or the button to switch).",
         )
         return entry
 
     def add_object(self, name: str | None = None) -> TaskEntry | None:
         """Add an object task (its own Points layer, its own id) and make it active."""
-        try:
-            entry = self.session.add_task(name, kind="object")
-        except ValueError as exc:
-            self.report("error", str(exc))
-            return None
-        self.report(
-            "status",
-            f"Object {entry.name!r} (id {entry.label_value}): click once on it; a negative "
-            f"click ({TOGGLE_KEY.upper()}) on a neighbour removes that neighbour. Propagate "
-            "follows it through the stack.",
-        )
-        return entry
+        return self.add_task(name, kind="object")
 
     def _rename_clicked(self) -> None:
         entry = self.session.active_task()
