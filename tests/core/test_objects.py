@@ -232,6 +232,37 @@ def test_a_click_on_another_slice_re_anchors_the_object(
     assert predictor.predict_slice(4, task)[ids[4] == 2].mean() > 0.9
 
 
+def test_a_painted_mask_anchors_the_object_like_a_click(
+    stack_predictor: tuple[RevolverPredictor, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    predictor, ids = stack_predictor
+    _force_probability(monkeypatch, ids)
+    # Clicked on the left disc at slice 0; on slice 5 the user painted the right disc (half
+    # of it) as this object: that mask is kept there and slices near it follow it.
+    painted = (ids[5] == 2) & (np.arange(64)[None, :] < 48)
+    task = predictor.guide([[0, 32, 18]], [1], kind="object")
+    task = replace(task, object_masks=(((5,), painted),))
+    out = predictor.segment(task)
+    np.testing.assert_array_equal(out[5] > 0, painted)
+    assert (out[4] > 0)[ids[4] == 2].mean() > 0.5 and not (out[4] > 0)[ids[4] == 1].any()
+    assert (out[0] > 0)[ids[0] == 1].mean() > 0.9
+    # A painted mask alone is an anchor too; a wrong shape is refused with both shapes.
+    only = replace(
+        predictor.guide([[0, 32, 18]], [1], kind="object"),
+        points=np.zeros((0, 3)),
+        labels=np.zeros(0, np.int8),
+        object_masks=(((5,), painted),),
+    )
+    assert (predictor.segment(only)[5] > 0).sum() == painted.sum()
+    wrong = replace(task, object_masks=(((5,), painted[:10]),))
+    with pytest.raises(ValueError, match=r"\(10, 64\).*\(64, 64\)"):
+        predictor.segment(wrong)
+    with pytest.raises(ValueError, match="for object tasks"):
+        replace(predictor.guide([[0, 32, 18]], [1]), object_masks=(((5,), painted),))
+
+
 def test_objects_and_classes_do_not_mix(
     stack_predictor: tuple[RevolverPredictor, np.ndarray],
 ) -> None:

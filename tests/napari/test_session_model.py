@@ -296,3 +296,36 @@ def test_an_object_task_file_keeps_its_kind(session: Session, tmp_path: Path) ->
     assert back.kind == "object" and back.task is not None and back.task.kind == "object"
     with pytest.raises(ValueError, match="'class' or 'object'"):
         session.add_task(kind="instance")
+
+
+def test_a_slice_painted_for_an_object_guides_its_neighbours(
+    session: Session, sample: dict
+) -> None:
+    from scipy import ndimage
+
+    truth = np.asarray(sample["labels"].data)
+    mask, yx, _ = _largest_nucleus(truth[12])
+    obj = session.add_task(kind="object")
+    obj.points.add(np.array([[12, *yx]]))
+    session.run_inline(session.propagation(12, 12))
+    # On slice 18 the user paints another nucleus as this object (a correction).
+    comps, _ = ndimage.label(truth > 0)
+    clicked = comps == comps[12, yx[0], yx[1]]
+    on18, n = ndimage.label(((comps > 0) & ~clicked)[18])
+    sizes = ndimage.sum(np.ones_like(on18), on18, index=range(1, n + 1))
+    painted = on18 == 1 + int(np.argmax(sizes))
+    labels = session.image.labels
+    labels.paint((18, *np.argwhere(painted)[0]), obj.label_value)  # marks slice 18 painted
+    plane = labels.data[18]
+    plane[plane == obj.label_value] = 0
+    plane[painted] = obj.label_value
+    assert (18,) in session.image.painted
+
+    session.run_inline(session.propagation(9, 20))
+    data = np.asarray(labels.data)
+    np.testing.assert_array_equal(data[18] == obj.label_value, painted)  # kept as painted
+    target = comps == comps[18][painted][0]  # the painted nucleus in 3D
+    for z in (17, 19):  # followed from the painted slice, not from the click
+        here = data[z] == obj.label_value
+        assert here.any() and (here & target[z]).sum() > 0.8 * here.sum()
+    assert ((data[12] == obj.label_value) & mask).sum() > 0.5 * mask.sum()

@@ -1032,7 +1032,10 @@ class Session:
             raise ValueError("no task has a positive point yet: click on an object first")
         indices = self._run_indices(state, first, last, recompute_painted)
         groups = self._groups(state)
-        followed = self._groups(state, "object")
+        followed = [
+            (p, [self._with_painted(state, t) for t in ts])
+            for p, ts in self._groups(state, "object")
+        ]
         elsewhere = [
             t.name for t in self.guided_tasks() if t.kind == "object" and t.image is not state.layer
         ]
@@ -1076,6 +1079,18 @@ class Session:
             slices=len(indices),
         )
         return self._start(run)
+
+    def _with_painted(self, state: ImageState, task: Task) -> Task:
+        """``task`` with its pixels on the slices painted by hand as known masks (anchors)."""
+        if not state.painted or state.labels is None:
+            return task
+        data = state.labels.data
+        masks = []
+        for k in sorted(state.painted):
+            mask = np.asarray(data[k]) == task.label_value
+            if mask.any():
+                masks.append((k, mask))
+        return replace(task, object_masks=tuple(masks)) if masks else task
 
     def _run_indices(
         self, state: ImageState, first: int | None, last: int | None, recompute_painted: bool

@@ -405,12 +405,34 @@ def _tracks(tasks: Sequence[Task], info: VolumeInfo) -> list[_Track]:
         if t.kind != "object":
             raise ValueError(f"task {t.name!r} is a class task; follow_objects takes object tasks")
         anchors = [k for k in annotated_slices(t, info) if (clicks_on(t, k, info)[1] == 1).any()]
+        anchors += [k for k in _given_masks(t, info) if k not in anchors]
         if not anchors:
             raise ValueError(
                 f"object task {t.name!r} has no positive click on this volume: guide it on the "
                 "volume it is followed in"
             )
         out.append(_Track(t, object_order(anchors, info.leading_shape), {}, {}))
+    return out
+
+
+def _given_masks(task: Task, info: VolumeInfo) -> dict[Key, np.ndarray]:
+    """Return the object's known masks on this volume (``Task.object_masks``), by slice.
+
+    Raises
+    ------
+    ValueError
+        A mask whose shape is not the volume's slice shape.
+    """
+    if not task.object_masks or task.source != info.fingerprint:
+        return {}
+    out = {}
+    for k, m in task.object_masks:
+        if m.shape != info.slice_shape:
+            raise ValueError(
+                f"object task {task.name!r}: its mask on slice {k} is {m.shape}, the volume's "
+                f"slices are {info.slice_shape}"
+            )
+        out[tuple(int(v) for v in k)] = np.asarray(m, bool)
     return out
 
 
@@ -443,7 +465,10 @@ def _visit(
     clicked = [t for t in active if t.order[key][1] == key]
     followed = [t for t in active if t.order[key][1] != key and t.order[key][1] in t.masks]
     for t in clicked:
-        t.masks[key] = predictor.object_mask(key, t.task, threshold=threshold)
+        given = _given_masks(t.task, predictor.info).get(key)
+        t.masks[key] = (
+            given if given is not None else predictor.object_mask(key, t.task, threshold=threshold)
+        )
     if not followed:
         return ()
     prob = _memory_probability(predictor, key, followed)

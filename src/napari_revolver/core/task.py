@@ -61,6 +61,10 @@ class Task:
         ``(2, D + 1, D + 1)`` float32 second moments of the support features per polarity,
         for the per-task fit of weights that have one (:mod:`.model.task_fit`); ``None`` for
         older weights. They add when tasks merge, as the sums do.
+    object_masks : tuple of (tuple of int, np.ndarray)
+        Object tasks only: slices where the object's mask is known (painted by hand), as
+        ``(slice index, (H, W) bool)``. Each is an anchor of :func:`.objects.follow_objects`
+        like a clicked slice, with this mask as the object there. Not written to task files.
     """
 
     name: str
@@ -78,6 +82,7 @@ class Task:
     invert: bool = False
     kind: Literal["class", "object"] = "class"
     moments: np.ndarray | None = None
+    object_masks: tuple[tuple[tuple[int, ...], np.ndarray], ...] = ()
 
     def __post_init__(self) -> None:
         """Check the shapes and freeze private copies of the arrays."""
@@ -92,10 +97,7 @@ class Task:
                 f"Task.points must be (N, D) with N == len(labels); got "
                 f"{self.points.shape} and {self.labels.shape}"
             )
-        if self.label_value < 1:
-            raise ValueError(f"label_value must be >= 1; got {self.label_value}")
-        if self.kind not in ("class", "object"):
-            raise ValueError(f"kind must be 'class' or 'object'; got {self.kind!r}")
+        self._check_kind()
         names = ["sum_coarse", "sum_fine", "mass", "points", "labels"]
         if self.moments is not None:
             m = self.moments
@@ -108,6 +110,14 @@ class Task:
             a = np.array(getattr(self, name), copy=True)
             a.setflags(write=False)
             object.__setattr__(self, name, a)
+
+    def _check_kind(self) -> None:
+        if self.label_value < 1:
+            raise ValueError(f"label_value must be >= 1; got {self.label_value}")
+        if self.kind not in ("class", "object"):
+            raise ValueError(f"kind must be 'class' or 'object'; got {self.kind!r}")
+        if self.object_masks and self.kind != "object":
+            raise ValueError("object_masks are for object tasks; this is a class task")
 
     @property
     def n_positive(self) -> int:
@@ -164,6 +174,7 @@ class Task:
             labels=np.concatenate([self.labels, other.labels]) if same_dims else self.labels,
             source=self.source if same_source else "",
             support_masks=self.support_masks + other.support_masks if same_source else (),
+            object_masks=self.object_masks + other.object_masks if same_source else (),
         )
 
     def to_dict(self) -> dict[str, object]:
