@@ -329,3 +329,44 @@ def test_a_slice_painted_for_an_object_guides_its_neighbours(
         here = data[z] == obj.label_value
         assert here.any() and (here & target[z]).sum() > 0.8 * here.sum()
     assert ((data[12] == obj.label_value) & mask).sum() > 0.5 * mask.sum()
+
+
+def test_a_click_reselects_only_its_object_and_its_old_pixels_go(
+    session: Session, sample: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scipy import ndimage
+
+    from napari_revolver.core.predictor import RevolverPredictor
+
+    truth = np.asarray(sample["labels"].data)
+    comps, n = ndimage.label(truth[12] > 0)
+    sizes = ndimage.sum(np.ones_like(comps), comps, index=range(1, n + 1))
+    big = [1 + int(i) for i in np.argsort(sizes)[::-1][:3]]
+    centres = []
+    for c in big:
+        depth = ndimage.distance_transform_edt(comps == c)
+        centres.append(np.unravel_index(np.argmax(depth), depth.shape))
+    session.remove_task(session.tasks[0])
+    a, b = session.add_task(kind="object"), session.add_task(kind="object")
+    a.points.add(np.array([[12, *centres[0]]]))
+    b.points.add(np.array([[12, *centres[1]]]))
+    session.run_inline(session.encoding(session.missing_features([(12,)])))
+    session.update_slice((12,))
+    calls: list[str] = []
+    original = RevolverPredictor.object_mask
+
+    def counted(self: RevolverPredictor, index: Any, task: Any, **kw: Any) -> np.ndarray:
+        calls.append(task.name)
+        return original(self, index, task, **kw)
+
+    monkeypatch.setattr(RevolverPredictor, "object_mask", counted)
+    # Object b's click moves to the third nucleus: only b is selected again, and its old
+    # pixels on the second nucleus go; a is untouched.
+    before_a = np.asarray(session.image.labels.data[12]) == a.label_value
+    b.points.data = np.array([[12, *centres[2]]], float)
+    session.update_slice((12,))
+    out = np.asarray(session.image.labels.data[12])
+    assert calls == [b.name]
+    assert ((out == a.label_value) == before_a).all()
+    assert not ((out == b.label_value) & (comps == big[1])).any()
+    assert ((out == b.label_value) & (comps == big[2])).sum() > 0.5 * (comps == big[2]).sum()

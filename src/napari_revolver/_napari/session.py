@@ -889,24 +889,46 @@ class Session:
         """Label values of the object tasks (their ids)."""
         return {t.label_value for t in self.tasks if t.kind == "object"}
 
-    def clicked_objects(self, index: tuple[int, ...], state: ImageState) -> np.ndarray | None:
-        """Ids of the objects clicked on slice ``index``, each selected anew: ``(H, W)``.
+    def clicked_objects(
+        self, index: tuple[int, ...], state: ImageState, changed: set[int] | None = None
+    ) -> tuple[np.ndarray | None, set[int]]:
+        """Select anew the objects clicked on slice ``index``.
 
-        ``None`` when no object task has a positive click there (objects followed onto the
-        slice keep the pixels a propagation gave them).
+        Parameters
+        ----------
+        index : tuple of int
+        state : ImageState
+        changed : set of int, optional
+            Ids of the objects whose clicks changed: only these, and clicked objects the
+            layer does not show on this slice yet, are selected again (one head pass each);
+            default all.
+
+        Returns
+        -------
+        ids : np.ndarray or None
+            ``(H, W)`` ids of the objects selected (0 elsewhere); ``None`` when none was.
+        selected : set of int
+            Their ids.
         """
         from ..core.objects import clicks_on
 
-        out = None
+        shown: set[int] = set()
+        if changed is not None and state.labels is not None:
+            shown = set(np.unique(np.asarray(state.labels.data[index])).tolist())
+        out, selected = None, set()
         for predictor, tasks in self._groups(state, "object"):
             key = predictor.info.unflat(predictor.info.flat(index))
             for task in tasks:
+                value = task.label_value
+                if changed is not None and value not in changed and value in shown:
+                    continue
                 if not (clicks_on(task, key, predictor.info)[1] == 1).any():
                     continue
                 if out is None:
                     out = np.zeros(predictor.info.slice_shape, np.uint32)
-                out[predictor.object_mask(index, task)] = task.label_value
-        return out
+                out[predictor.object_mask(index, task)] = value
+                selected.add(value)
+        return out, selected
 
     def compose(
         self,
@@ -916,6 +938,7 @@ class Session:
         state: ImageState,
         *,
         keep_objects: bool = False,
+        replaced: set[int] | frozenset[int] = frozenset(),
     ) -> np.ndarray:
         """One slice of the output: class labels with object ids over them.
 
@@ -930,7 +953,9 @@ class Session:
         state : ImageState
         keep_objects : bool
             Keep the layer's object pixels that ``objects`` does not cover (objects that are
-            not clicked on this slice, after a live update).
+            not selected again, after a live update), except those of ``replaced``.
+        replaced : set of int
+            Ids selected again: their old pixels go.
         """
         values = np.fromiter(self.object_values(), np.int64)
         current = None
@@ -944,7 +969,7 @@ class Session:
             classes = np.where(is_object, 0, current)
         elif self.instances:
             classes, state.next_id = offset_instances(classes, state.next_id)
-        kept = np.where(is_object, current, 0)
+        kept = np.where(is_object & ~np.isin(current, list(replaced)), current, 0)
         if objects is not None and keep_objects:
             objects = np.where(objects > 0, objects, kept)
         elif objects is None:
@@ -972,16 +997,19 @@ class Session:
         state = self.require_image()
         if index is None:
             index = L.current_slice(self.viewer, state.layer, state.geometry)
+        changed = {t.label_value for t in self.tasks if t.kind == "object" and t.task is None}
         for problem in self.guide_stale():
             self.events.warned.emit(problem)
         result = self.predict(index, state)
         renumber = True
         where = L.slice_text(index)
         if self._groups(state, "object") and index not in state.painted:
-            objects = self.clicked_objects(index, state)
+            objects, selected = self.clicked_objects(index, state, changed)
             if result is None and objects is None and state.labels is None:
                 return f"No object is clicked on {where}; propagate to follow the objects here."
-            result = self.compose(index, result, objects, state, keep_objects=True)
+            result = self.compose(
+                index, result, objects, state, keep_objects=True, replaced=changed | selected
+            )
             renumber = False
         if result is None:
             self.clear_slice(index, state)
