@@ -220,3 +220,45 @@ def test_stained_rgb_renders_bright_objects_dark_in_one_stain() -> None:
         extra.append(od[src > 0].mean(axis=0) - od[src == 0].mean(axis=0))
     cos = extra[0] @ extra[1] / np.linalg.norm(extra[0]) / np.linalg.norm(extra[1])
     assert cos > 0.99
+
+
+def test_filaments_are_thin_curved_lines() -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    fil = synthetic.random_class_style(rng, "filaments")
+    assert fil.bend > 0
+    style = synthetic.SceneStyle(
+        classes=(fil,),
+        membrane=None,
+        background_texture=0.0,
+        background_texture_scale=10,
+        blur=0.0,
+        noise=0.0,
+        photons=1e4,
+        illumination=0.0,
+        gamma=1.0,
+    )
+    scene = synthetic.make_scene(np.random.default_rng(1), style, (9, 256, 256))
+    planes = synthetic.render_volume(scene)
+    lengths, widths, bent = [], [], 0
+    for z in range(9):
+        for i in np.unique(planes.instance[z])[1:]:
+            m = planes.instance[z] == i
+            if m.sum() < 20 or m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any():
+                continue
+            skeleton_len = np.ptp(np.argwhere(m), axis=0).max() + 1
+            lengths.append(skeleton_len)
+            widths.append(m.sum() / skeleton_len)
+            # Bent: the chord's midpoint lies off the line.
+            yx = np.argwhere(m)
+            far = yx[np.argsort(((yx - yx.mean(0)) ** 2).sum(1))[-1]]
+            other = yx[np.argmax(((yx - far) ** 2).sum(1))]
+            mid = np.rint((far + other) / 2).astype(int)
+            bent += not ndimage.binary_dilation(m, iterations=1)[tuple(mid)]
+    assert len(lengths) >= 5
+    assert np.median(widths) < 4.5 and np.median(lengths) > 15  # thin and long
+    assert bent >= 1  # at least one visibly curved
+    assert (
+        planes.image[planes.semantic == 1].mean() - planes.image[planes.semantic == 0].mean()
+    ) != 0

@@ -51,6 +51,9 @@ class ClassStyle:
     spots: int  # inner spots (nucleoli, granules) per object
     spot_intensity: float
     density: float  # objects per 10,000 px^2 of a slice
+    #: Above 0: thin curved filaments (the short axis is their half-width, the long one their
+    #: half-length), each bent by up to this share of its half-length.
+    bend: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -194,9 +197,10 @@ def random_class_style(rng: np.random.Generator, kind: str | None = None) -> Cla
     ----------
     rng : numpy.random.Generator
         Source of the draws.
-    kind : {"nuclei", "cells", "spots", "organelles", "blobs", "granular"}, optional
+    kind : {"nuclei", "cells", "spots", "organelles", "blobs", "granular", "filaments"}, optional
         The kind of object (``cells``: phase contrast; ``granular``: cells told from their
-        surroundings by a fine grainy texture more than by their mean level); default random.
+        surroundings by a fine grainy texture more than by their mean level; ``filaments``:
+        thin curved lines, cytoskeleton-like, bright or dark); default random.
 
     Returns
     -------
@@ -272,6 +276,24 @@ def random_class_style(rng: np.random.Generator, kind: str | None = None) -> Cla
             0.0,
             _u(rng, 2, 8) / (r / 10) ** 2,
         )
+    if kind == "filaments":  # thin curved lines (actin, microtubules, neurites)
+        r = _u(rng, 4, 10)
+        return ClassStyle(
+            (r * 0.8, r * 1.2),
+            (_u(rng, 20, 40), _u(rng, 40, 90)),
+            _u(rng, 0.1, 0.4),
+            rng.choice([-1.0, 1.0], p=[0.25, 0.75]) * _u(rng, 0.4, 1.0),
+            _u(rng, 0.0, 0.2),
+            _u(rng, 2, 6),
+            0.0,
+            0.0,
+            _u(rng, 0.4, 1.0),
+            0.0,
+            0,
+            0.0,
+            _u(rng, 3, 10),
+            bend=_u(rng, 0.1, 0.5),
+        )
     if kind == "organelles":  # EM-like dark, elongated, textured with a rim
         r = _u(rng, 4, 14)
         return ClassStyle(
@@ -327,7 +349,7 @@ def random_style(rng: np.random.Generator) -> SceneStyle:
     membrane = None
     if modality == "fluorescence":
         kinds = ["nuclei"] + list(
-            rng.choice(["spots", "nuclei", "blobs"], size=int(rng.integers(0, 3)))
+            rng.choice(["spots", "nuclei", "blobs", "filaments"], size=int(rng.integers(0, 3)))
         )
     elif modality == "phase":
         kinds = ["cells"] + list(
@@ -349,7 +371,7 @@ def random_style(rng: np.random.Generator) -> SceneStyle:
     else:
         kinds = list(
             rng.choice(
-                ["nuclei", "cells", "spots", "organelles", "blobs", "granular"],
+                ["nuclei", "cells", "spots", "organelles", "blobs", "granular", "filaments"],
                 size=int(rng.integers(1, 4)),
             )
         )
@@ -515,7 +537,9 @@ def render_slice(scene: Scene, z: float, rng: np.random.Generator | None = None)
         s = np.sqrt(1.0 - t * t)
         cs = style.classes[scene.classes[i] - 1]
         la, lb = b * s, a * s  # long, short semi-axes in this plane
-        pad = la * (1 + cs.irregularity) + 3 * cs.softness + 4
+        # A filament's bend comes from its own generator: the scene's draws stay as they were.
+        kappa = cs.bend * float(np.random.default_rng((scene.seed, i)).uniform(-1, 1))
+        pad = la * (1 + cs.irregularity + abs(kappa)) + 3 * cs.softness + 4
         y0, y1 = int(max(0, np.floor(cy - pad))), int(min(ny, np.ceil(cy + pad) + 1))
         x0, x1 = int(max(0, np.floor(cx - pad))), int(min(nx, np.ceil(cx + pad) + 1))
         if y1 <= y0 or x1 <= x0:
@@ -523,17 +547,7 @@ def render_slice(scene: Scene, z: float, rng: np.random.Generator | None = None)
         dy, dx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
         dy -= cy
         dx -= cx
-        ca, sa = np.cos(scene.angles[i]), np.sin(scene.angles[i])
-        u = (ca * dx + sa * dy) / la
-        v = (-sa * dx + ca * dy) / lb
-        rho = np.sqrt(u * u + v * v)
-        phi = np.arctan2(v, u)
-        reff = 1.0 + sum(
-            scene.harmonics[i, k, 0] * np.cos((k + 2) * phi + scene.harmonics[i, k, 1])
-            for k in range(3)
-        )
-        r_mean = 0.5 * (la + lb)
-        depth = (reff - rho) * r_mean  # signed distance to the boundary, pixels, > 0 inside
+        depth, r_mean = _object_depth(scene, i, dy, dx, la, lb, kappa)
         alpha = np.clip(depth / max(cs.softness, 0.3) + 0.5, 0.0, 1.0)
         level = cs.intensity * scene.gains[i]
         body = level * (1 + cs.texture * smooth_noise(rng, depth.shape, cs.texture_scale))
@@ -566,6 +580,45 @@ def render_slice(scene: Scene, z: float, rng: np.random.Generator | None = None)
     img = rng.poisson(img * style.photons) / style.photons
     img = img + style.noise * rng.standard_normal(img.shape)
     return SliceRender(img.astype(np.float32), semantic, instance, cells)
+
+
+def _object_depth(
+    scene: Scene, i: int, dy: np.ndarray, dx: np.ndarray, la: float, lb: float, kappa: float
+) -> tuple[np.ndarray, float]:
+    """Signed distance (pixels, > 0 inside) to object ``i``'s boundary, and its mean radius.
+
+    ``dy, dx`` are offsets from its centre; ``la, lb`` its long and short semi-axes in the
+    plane; ``kappa`` a filament's bend.
+    """
+    ca, sa = np.cos(scene.angles[i]), np.sin(scene.angles[i])
+    along, across = ca * dx + sa * dy, -sa * dx + ca * dy
+    if scene.style.classes[scene.classes[i] - 1].bend > 0:
+        return _filament_depth(along, across, la, lb, kappa), max(lb, 0.7)
+    u, v = along / la, across / lb
+    rho = np.sqrt(u * u + v * v)
+    phi = np.arctan2(v, u)
+    reff = 1.0 + sum(
+        scene.harmonics[i, k, 0] * np.cos((k + 2) * phi + scene.harmonics[i, k, 1])
+        for k in range(3)
+    )
+    r_mean = 0.5 * (la + lb)
+    return (reff - rho) * r_mean, r_mean
+
+
+def _filament_depth(
+    along: np.ndarray, across: np.ndarray, half_length: float, half_width: float, kappa: float
+) -> np.ndarray:
+    """Signed distance (pixels, > 0 inside) to a filament bent along a parabola.
+
+    The centreline is ``across = kappa * along**2 / half_length`` for ``|along| <=
+    half_length``; the filament is at least 0.7 px wide on either side, so it survives
+    sampling.
+    """
+    offset = across - kappa * along * along / max(half_length, 1e-3)
+    # Distance to a parabola measured across it, corrected for its slope.
+    slope = 2.0 * kappa * along / max(half_length, 1e-3)
+    dist = np.abs(offset) / np.sqrt(1.0 + slope * slope)
+    return np.minimum(max(half_width, 0.7) - dist, half_length - np.abs(along))
 
 
 def render_volume(scene: Scene) -> SliceRender:
