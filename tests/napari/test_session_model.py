@@ -370,3 +370,11 @@ def test_a_click_reselects_only_its_object_and_its_old_pixels_go(
     assert ((out == a.label_value) == before_a).all()
     assert not ((out == b.label_value) & (comps == big[1])).any()
     assert ((out == b.label_value) & (comps == big[2])).sum() > 0.5 * (comps == big[2]).sum()
+
+
+def test_where_objects_ended_reads_as_one_clause_per_object() -> None:
+    from napari_revolver._napari.session import _ends_text
+
+    ends = [("cell", "r", (17,)), ("cell", "r", (6,)), ("b", "q", (3,)), ("b", "q", (4,))]
+    ends += [("b", "q", (5,))]
+    assert _ends_text(ends) == "cell at slices 6 and 17 (r); b at slices 3-5 (q)"

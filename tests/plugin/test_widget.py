@@ -637,5 +637,7 @@ def test_new_object_selects_one_nucleus_and_propagation_follows_it(
     mine = out == obj.label_value
     assert (mine & nucleus).sum() > 0.8 * mine.sum()  # one id, on that nucleus, through z
     assert iou(out > 0, truth) > 0.7  # the class task is still everywhere
-    assert widget.status.text().startswith("Propagated to 24 slice(s).")
+    status = widget.status.text()
+    assert status.startswith("Propagated to 24 slice(s).")
+    assert "Objects ended" not in status or status.count(obj.name) == 1  # one clause per object
     assert not errors(notes)

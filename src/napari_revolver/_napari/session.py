@@ -122,8 +122,8 @@ class Run:
     description: str
     done: int = 0
     started: float = field(default_factory=time.perf_counter)
-    #: What the run noticed on the way, as prose (objects that ended, and where).
-    notes: list[str] = field(default_factory=list)
+    #: What the run noticed on the way: objects that ended, as ``(name, reason, index)``.
+    notes: list[Any] = field(default_factory=list)
     #: What ``total`` counts: slices, or slice steps when classes and objects both pass.
     unit: str = "slices"
     #: Slices the run covers (``total`` when each is visited once).
@@ -1078,7 +1078,7 @@ class Session:
         gens = [
             p.propagate(ts, indices, output="probabilities", local=self.local) for p, ts in groups
         ]
-        ended: list[str] = []
+        ended: list[tuple[str, str, tuple[int, ...]]] = []
 
         def steps() -> Iterator[tuple[tuple[int, ...], np.ndarray, str]]:
             for parts in zip(*gens, strict=True):
@@ -1086,9 +1086,7 @@ class Session:
             # Then each object from its clicked slices outward, in visit order.
             for predictor, objects in followed:
                 for step in predictor.propagate(objects, indices):
-                    ended.extend(
-                        f"{e.task} at {L.slice_text(e.index)} ({e.reason})" for e in step.events
-                    )
+                    ended.extend((e.task, e.reason, e.index) for e in step.events)
                     yield step.index, step.result, "objects"
 
         total = len(indices) * ((1 if groups else 0) + len(followed))
@@ -1179,7 +1177,7 @@ class Session:
             if L.is_alive(self.viewer, state.labels):
                 state.labels.refresh()
         if run.kind == "propagate":
-            ended = f" Objects ended: {'; '.join(run.notes)}." if run.notes else ""
+            ended = f" Objects ended: {_ends_text(run.notes)}." if run.notes else ""
             self.events.status.emit(
                 f"Propagation cancelled after {run.done} of {run.total} {run.unit}; they are kept."
                 if run.cancelled
@@ -1265,6 +1263,23 @@ class Session:
                 "point to guide it with the current weights"
             )
         return entry
+
+
+def _ends_text(ends: list[tuple[str, str, tuple[int, ...]]]) -> str:
+    """Where objects ended, as prose, one clause per object and reason.
+
+    ``[("cell", "r", (6,)), ("cell", "r", (17,))]`` -> ``cell at slices 6 and 17 (r)``.
+    """
+    groups: dict[tuple[str, str], list[tuple[int, ...]]] = {}
+    for name, reason, index in ends:
+        groups.setdefault((name, reason), []).append(index)
+    clauses = []
+    for (name, reason), where in groups.items():
+        text = L.slices_text(where)
+        if len(where) == 2:
+            text = text.replace(", ", " and ")
+        clauses.append(f"{name} at slice{'s' if len(where) > 1 else ''} {text} ({reason})")
+    return "; ".join(clauses)
 
 
 def _checksum(plane: np.ndarray) -> int:
