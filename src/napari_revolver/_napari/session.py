@@ -123,7 +123,7 @@ class Run:
     done: int = 0
     started: float = field(default_factory=time.perf_counter)
     #: What the run noticed on the way: objects that ended, as ``(name, reason, index)``.
-    notes: list[Any] = field(default_factory=list)
+    notes: list[tuple[str, str, tuple[int, ...]]] = field(default_factory=list)
     #: What ``total`` counts: slices, or slice steps when classes and objects both pass.
     unit: str = "slices"
     #: Slices the run covers (``total`` when each is visited once).
@@ -890,7 +890,11 @@ class Session:
         return {t.label_value for t in self.tasks if t.kind == "object"}
 
     def clicked_objects(
-        self, index: tuple[int, ...], state: ImageState, changed: set[int] | None = None
+        self,
+        index: tuple[int, ...],
+        state: ImageState,
+        groups: list[tuple[RevolverPredictor, list[Task]]],
+        changed: set[int] | None = None,
     ) -> tuple[np.ndarray | None, set[int]]:
         """Select anew the objects clicked on slice ``index``.
 
@@ -898,6 +902,8 @@ class Session:
         ----------
         index : tuple of int
         state : ImageState
+        groups : list
+            The object tasks of ``state`` by reading (``_groups(state, "object")``).
         changed : set of int, optional
             Ids of the objects whose clicks changed: only these, and clicked objects the
             layer does not show on this slice yet, are selected again (one head pass each);
@@ -916,7 +922,7 @@ class Session:
         if changed is not None and state.labels is not None:
             shown = set(np.unique(np.asarray(state.labels.data[index])).tolist())
         out, selected = None, set()
-        for predictor, tasks in self._groups(state, "object"):
+        for predictor, tasks in groups:
             key = predictor.info.unflat(predictor.info.flat(index))
             for task in tasks:
                 value = task.label_value
@@ -937,7 +943,6 @@ class Session:
         objects: np.ndarray | None,
         state: ImageState,
         *,
-        keep_objects: bool = False,
         replaced: set[int] | frozenset[int] = frozenset(),
     ) -> np.ndarray:
         """One slice of the output: class labels with object ids over them.
@@ -949,13 +954,10 @@ class Session:
             ``(H, W)`` class labels (instances are given new ids here); ``None`` keeps the
             class pixels the layer has on that slice.
         objects : np.ndarray or None
-            ``(H, W)`` object ids (0 elsewhere); ``None`` keeps the layer's object pixels.
+            ``(H, W)`` object ids (0 elsewhere), drawn over the layer's other object pixels.
         state : ImageState
-        keep_objects : bool
-            Keep the layer's object pixels that ``objects`` does not cover (objects that are
-            not selected again, after a live update), except those of ``replaced``.
         replaced : set of int
-            Ids selected again: their old pixels go.
+            Ids ``objects`` stands for: their old pixels go, wherever ``objects`` puts them.
         """
         values = np.fromiter(self.object_values(), np.int64)
         current = None
@@ -970,10 +972,7 @@ class Session:
         elif self.instances:
             classes, state.next_id = offset_instances(classes, state.next_id)
         kept = np.where(is_object & ~np.isin(current, list(replaced)), current, 0)
-        if objects is not None and keep_objects:
-            objects = np.where(objects > 0, objects, kept)
-        elif objects is None:
-            objects = kept
+        objects = kept if objects is None else np.where(objects > 0, objects, kept)
         top = max(int(classes.max(initial=0)), int(objects.max(initial=0)))
         out = classes.astype(label_dtype(top))
         out[objects > 0] = objects[objects > 0]
@@ -1003,13 +1002,12 @@ class Session:
         result = self.predict(index, state)
         renumber = True
         where = L.slice_text(index)
-        if self._groups(state, "object") and index not in state.painted:
-            objects, selected = self.clicked_objects(index, state, changed)
+        groups = self._groups(state, "object")
+        if groups and index not in state.painted:
+            objects, selected = self.clicked_objects(index, state, groups, changed)
             if result is None and objects is None and state.labels is None:
                 return f"No object is clicked on {where}; propagate to follow the objects here."
-            result = self.compose(
-                index, result, objects, state, keep_objects=True, replaced=changed | selected
-            )
+            result = self.compose(index, result, objects, state, replaced=changed | selected)
             renumber = False
         if result is None:
             self.clear_slice(index, state)
@@ -1080,14 +1078,16 @@ class Session:
         ]
         ended: list[tuple[str, str, tuple[int, ...]]] = []
 
-        def steps() -> Iterator[tuple[tuple[int, ...], np.ndarray, str]]:
+        def steps() -> Iterator[tuple[tuple[int, ...], np.ndarray, frozenset[int] | None]]:
+            # The class pass (None), then each object pass with the ids it stands for, every
+            # object from its clicked slices outward, in visit order.
             for parts in zip(*gens, strict=True):
-                yield parts[0].index, self._labels([s.result for s in parts], tasks), "classes"
-            # Then each object from its clicked slices outward, in visit order.
+                yield parts[0].index, self._labels([s.result for s in parts], tasks), None
             for predictor, objects in followed:
+                ids = frozenset(t.label_value for t in objects)
                 for step in predictor.propagate(objects, indices):
                     ended.extend((e.task, e.reason, e.index) for e in step.events)
-                    yield step.index, step.result, "objects"
+                    yield step.index, step.result, ids
 
         total = len(indices) * ((1 if groups else 0) + len(followed))
         name = state.layer.name
@@ -1149,14 +1149,16 @@ class Session:
         if run is not self.run or run.finished or self.viewer is None:
             return
         if run.kind == "propagate":
-            index, result, part = item
+            index, result, ids = item
             if not L.is_alive(self.viewer, run.state.layer):
                 self.cancel_run()
                 return
             if self.object_values():
                 # Class and object pixels share the layer: each pass replaces its own.
-                classes, objects = (result, None) if part == "classes" else (None, result)
-                result = self.compose(index, classes, objects, run.state)
+                if ids is None:
+                    result = self.compose(index, result, None, run.state)
+                else:
+                    result = self.compose(index, None, result, run.state, replaced=ids)
                 self.write_slice(index, result, state=run.state, force=True, renumber=False)
             else:
                 self.write_slice(index, result, state=run.state, force=True)

@@ -25,7 +25,7 @@ No napari or Qt here.
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -335,6 +335,8 @@ class _Track:
     order: dict[Key, tuple[int, Key]]
     masks: dict[Key, np.ndarray]
     stopped: dict[Key, str]
+    #: Its known masks (``Task.object_masks``), by slice: anchors like clicked slices.
+    given: dict[Key, np.ndarray] = field(default_factory=dict)
 
 
 def follow_objects(
@@ -404,14 +406,15 @@ def _tracks(tasks: Sequence[Task], info: VolumeInfo) -> list[_Track]:
     for t in tasks:
         if t.kind != "object":
             raise ValueError(f"task {t.name!r} is a class task; follow_objects takes object tasks")
+        given = _given_masks(t, info)
         anchors = [k for k in annotated_slices(t, info) if (clicks_on(t, k, info)[1] == 1).any()]
-        anchors += [k for k in _given_masks(t, info) if k not in anchors]
+        anchors += [k for k in given if k not in anchors]
         if not anchors:
             raise ValueError(
                 f"object task {t.name!r} has no positive click on this volume: guide it on the "
                 "volume it is followed in"
             )
-        out.append(_Track(t, object_order(anchors, info.leading_shape), {}, {}))
+        out.append(_Track(t, object_order(anchors, info.leading_shape), {}, {}, given))
     return out
 
 
@@ -465,7 +468,7 @@ def _visit(
     clicked = [t for t in active if t.order[key][1] == key]
     followed = [t for t in active if t.order[key][1] != key and t.order[key][1] in t.masks]
     for t in clicked:
-        given = _given_masks(t.task, predictor.info).get(key)
+        given = t.given.get(key)
         t.masks[key] = (
             given if given is not None else predictor.object_mask(key, t.task, threshold=threshold)
         )
