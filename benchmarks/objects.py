@@ -1,14 +1,16 @@
 """Object tasks on held-out data: simulated clicks per object, and objects followed through z.
 
-Clicks (``dsb2018_u2os``, ``usiigaci_phase``, ``miccai2015_he``, ``isbi2012_em`` neurite
-cross-sections as 2D connected components): the simulated annotator of
+Clicks (the held-out images of ``dsb2018_u2os`` and ``usiigaci_phase`` and held-out slices of
+``isbi2012_em`` neurite cross-sections as 2D connected components, which no weights trained on;
+``miccai2015_he``, never trained on): the simulated annotator of
 :mod:`napari_revolver.core.evaluate_objects`, mean IoU after 1, 3, 5 clicks, NoC@85, NoC@90.
 Following (``plant_cells_3d`` cells from the middle slice; ``vnc_sstem_organelles``
 mitochondria, ``labels == 3`` as 3D connected components, from slice 0; evaluation only):
 one click per object, propagated, per-object 3D IoU.
 
-    python benchmarks/objects.py [--data ../shared/data] [--images 4] [--objects 8]
-        [--follow 20] [--out-dir docs/benchmarks]
+    python benchmarks/objects.py [--data ../shared/data] [--images 4] [--objects 10]
+        [--follow 20] [--weights W] [--refiner R | --no-refiner] [--sets a,b]
+        [--skip-follow] [--out-dir docs/benchmarks]
 
 Writes ``objects.md``, ``objects.json`` and ``objects.png`` (IoU vs clicks) to ``--out-dir``.
 """
@@ -32,6 +34,10 @@ from napari_revolver.core.evaluate_objects import (
     summarise_clicks,
     summarise_following,
 )
+from napari_revolver.core.weights import load_refiner
+
+#: Share of each training data set's planes held out of training (``load_labelled_stacks``).
+HELD_OUT = 0.25
 
 
 def _he(root: Path, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -44,9 +50,11 @@ def _he(root: Path, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def _stack(root: Path, name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``n`` planes of a data set's held-out split (the last quarter, never trained on)."""
     image = tifffile.imread(root / name / "image.tif")
     labels = tifffile.imread(root / name / "labels.tif")
-    idx = np.linspace(0, len(image) - 1, n).astype(int)
+    first = len(image) - max(1, round(len(image) * HELD_OUT))
+    idx = np.unique(np.linspace(first, len(image) - 1, n).astype(int))
     return image[idx], labels[idx]
 
 
@@ -60,6 +68,8 @@ def click_rows(predictor: RevolverPredictor, root: Path, args: argparse.Namespac
     }
     rows = []
     for name, (load, invert) in sets.items():
+        if args.sets and name not in args.sets.split(","):
+            continue
         t0 = time.perf_counter()
         results = []
         for image, labels in load():
@@ -73,7 +83,13 @@ def click_rows(predictor: RevolverPredictor, root: Path, args: argparse.Namespac
             )
         s = summarise_clicks(results)
         rows.append(
-            {"data": name, "invert": invert, **s.to_dict(), "seconds": time.perf_counter() - t0}
+            {
+                "data": name,
+                "invert": invert,
+                "refiner": predictor.refiner is not None,
+                **s.to_dict(),
+                "seconds": time.perf_counter() - t0,
+            }
         )
         print(rows[-1], flush=True)
         rows[-1]["curve"] = [
@@ -121,7 +137,9 @@ def write(rows: list[dict], follow: list[dict], out: Path, max_clicks: int) -> N
     """Write the tables, the JSON and the plot."""
     out.mkdir(parents=True, exist_ok=True)
     lines = [
-        "# Object tasks (shipped weights, simulated annotator)",
+        "# Object tasks (simulated annotator, held-out images)",
+        "",
+        f"Click refiner: {'yes' if rows and rows[0]['refiner'] else 'no (selection only)'}.",
         "",
         "| data set | objects | IoU@1 | IoU@3 | IoU@5 | NoC@85 | NoC@90 |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -168,13 +186,25 @@ def main() -> None:
     )
     ap.add_argument("--data", type=Path, default=Path(__file__).parents[2] / "shared" / "data")
     ap.add_argument("--images", type=int, default=4, help="images per 2D data set")
-    ap.add_argument("--objects", type=int, default=8, help="objects per image")
+    ap.add_argument("--objects", type=int, default=10, help="objects per image")
+    ap.add_argument("--weights", default=None, help="weights file (default: shipped)")
+    ap.add_argument(
+        "--no-refiner", action="store_true", help="select objects without the click refiner"
+    )
+    ap.add_argument("--refiner", default=None, help="click refiner file (default: the weights')")
+    ap.add_argument("--sets", default=None, help="comma-separated click data sets (default all)")
+    ap.add_argument("--skip-follow", action="store_true", help="score clicks only")
     ap.add_argument("--max-clicks", type=int, default=20)
     ap.add_argument("--follow", type=int, default=20, help="objects followed per 3D data set")
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args()
-    predictor = RevolverPredictor(device="cpu")
-    follow = follow_rows(predictor, args.data, args.follow)
+    predictor = RevolverPredictor(args.weights, device="cpu")
+    if args.refiner:
+        predictor.refiner = load_refiner(args.refiner, predictor.weights.sha256)
+    if args.no_refiner:
+        predictor.refiner = None
+    print(f"click refiner: {'none' if predictor.refiner is None else 'yes'}", flush=True)
+    follow = [] if args.skip_follow else follow_rows(predictor, args.data, args.follow)
     rows = click_rows(predictor, args.data, args)
     if args.out_dir is not None:
         write(rows, follow, args.out_dir, args.max_clicks)

@@ -1,6 +1,10 @@
 """Install a training run's best weights as the package default, with their sha256 and facts.
 
 python scripts/package_weights.py RUN_DIR [--note "trained on ..."]
+python scripts/package_weights.py RUN_DIR --clicks [--note ...]   # a `revolver train-clicks` run
+
+With ``--clicks`` the run's best click refiner goes beside the default weights as
+``<stem>-clicks.safetensors``; it must have been trained on exactly those weights.
 """
 
 from __future__ import annotations
@@ -10,25 +14,62 @@ import json
 import shutil
 from pathlib import Path
 
-from napari_revolver.core.weights import default_weights_path, load_weights, sha256_file
+from safetensors import safe_open
+
+from napari_revolver.core.weights import (
+    default_refiner_path,
+    default_weights_path,
+    load_refiner,
+    load_weights,
+    sha256_file,
+)
+
+
+def _clean(config: dict) -> dict:
+    """Machine-specific paths say nothing about the weights; keep the names."""
+    config["out"] = Path(config["out"]).name
+    for key in ("data", "init", "weights"):
+        if config.get(key):
+            config[key] = Path(config[key]).name
+    return config
+
+
+def install_refiner(run: Path, note: str) -> None:
+    """Install a refiner run's best refiner beside the default weights."""
+    src = run / "best.safetensors"
+    base = load_weights()
+    load_refiner(src, base.sha256)  # refuses a refiner of other weights
+    dst = default_refiner_path(default_weights_path())
+    shutil.copyfile(src, dst)
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    info = {
+        "sha256": sha256_file(dst),
+        "base_sha256": base.sha256,
+        "bytes": dst.stat().st_size,
+        "step": meta.get("step"),
+        "train_config": _clean(json.loads((run / "config.json").read_text())),
+        "note": note,
+    }
+    dst.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"installed {dst} ({info['bytes'] / 1e6:.2f} MB, sha256 {info['sha256'][:16]}...)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("run", type=Path)
     ap.add_argument("--note", default="")
+    ap.add_argument("--clicks", action="store_true", help="the run trained a click refiner")
     args = ap.parse_args()
+    if args.clicks:
+        install_refiner(args.run, args.note)
+        return
     src = args.run / "best.safetensors"
     loaded = load_weights(src)  # refuses anything that is not a valid checkpoint
     dst = default_weights_path()
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)
-    config = json.loads((args.run / "config.json").read_text())
-    # Machine-specific paths say nothing about the weights; keep the names.
-    config["out"] = Path(config["out"]).name
-    for key in ("data", "init"):
-        if config.get(key):
-            config[key] = Path(config[key]).name
+    config = _clean(json.loads((args.run / "config.json").read_text()))
     info = {
         "sha256": sha256_file(dst),
         "model": loaded.model_key,

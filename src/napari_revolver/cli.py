@@ -254,6 +254,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="withhold the annotations: trains the paper's foreground-background baseline",
     )
 
+    p = sub.add_parser(
+        "train-clicks",
+        help="train the click refiner of object tasks on frozen weights (resumable)",
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="run folder (checkpoints, log, best refiner)"
+    )
+    p.add_argument(
+        "--weights", type=Path, default=None, help="the guided network (default: shipped)"
+    )
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=16, help="windows per step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="folder of labelled data sets (instance ids, or classes split into components); "
+        "without it, procedural objects only",
+    )
+    p.add_argument("--datasets", default="", help="comma-separated subset of --data")
+    p.add_argument(
+        "--val-datasets",
+        default=None,
+        help="data sets whose validation split chooses the best step (default --datasets)",
+    )
+    p.add_argument("--synthetic", type=int, default=96, help="procedural training slices")
+    p.add_argument(
+        "--max-corrections", type=int, default=8, help="most corrective clicks simulated"
+    )
+    p.add_argument("--val-every", type=int, default=250)
+    p.add_argument("--val-objects", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("compare", help="score a segmentation against ground-truth labels")
     p.add_argument("prediction", type=Path, help="label TIFF to score")
     p.add_argument("truth", type=Path, help="ground-truth label TIFF of the same shape")
@@ -667,6 +701,48 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_clicks(args: argparse.Namespace) -> int:
+    from .core.click_training import ClickTrainConfig, train_refiner
+
+    if args.weights is not None and not args.weights.exists():
+        raise FileNotFoundError(f"--weights {args.weights} do not exist")
+    cfg = ClickTrainConfig(
+        out=str(args.out),
+        weights=str(args.weights) if args.weights else None,
+        data=str(args.data) if args.data else None,
+        datasets=[d for d in args.datasets.split(",") if d],
+        val_datasets=None
+        if args.val_datasets is None
+        else [d for d in args.val_datasets.split(",") if d],
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        synthetic=args.synthetic,
+        max_corrections=args.max_corrections,
+        seed=args.seed,
+        val_every=args.val_every,
+        val_objects=args.val_objects,
+    )
+    bar = Progress("train clicks", unit="step")
+
+    def show(rec: dict) -> None:
+        bar.update(rec["step"], cfg.steps)
+        if "val" in rec:
+            v = rec["val"]
+            bar.write(
+                f"step {rec['step']}: loss {rec['loss']:.4f}, validation IoU after 1/3/5 "
+                f"clicks {v['iou@1']:.3f} / {v['iou@3']:.3f} / {v['iou@5']:.3f}"
+            )
+
+    best = train_refiner(cfg, on_progress=show)
+    print(f"best refiner: {best}")
+    print(
+        "to use it, copy it beside its weights as <weights stem>-clicks.safetensors "
+        "(for the shipped weights: revolver-s-clicks.safetensors)"
+    )
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     import json
 
@@ -855,6 +931,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for k in ("step", "val_iou", "trained_on"):
         if k in w.metadata:
             print(f"  {k}: {w.metadata[k]}")
+    refiner = "none (object clicks select only)" if w.refiner is None else "yes"
+    print(f"  click refiner for object tasks: {refiner}")
     print(f"models: {', '.join(available_models())}")
     print(
         f"cuda: {torch.cuda.is_available()}, mps: "
@@ -868,6 +946,7 @@ _COMMANDS = {
     "segment": _cmd_segment,
     "precompute": _cmd_precompute,
     "train": _cmd_train,
+    "train-clicks": _cmd_train_clicks,
     "compare": _cmd_compare,
     "eval": _cmd_eval,
     "info": _cmd_info,
@@ -877,6 +956,7 @@ _COMMANDS = {
 _INTERRUPTED = {
     "precompute": "the slices encoded so far are stored; run the same command to resume",
     "train": "run the same command to resume from the last checkpoint",
+    "train-clicks": "run the same command to resume from the last checkpoint",
 }
 
 

@@ -34,6 +34,13 @@ from scipy import ndimage
 from skimage.segmentation import watershed
 
 from .evaluate import foreground_iou
+from .model.click_refiner import (
+    ClickRefiner,
+    Window,
+    paste_logits,
+    stack_inputs,
+    window_around,
+)
 from .model.guide import local_prior
 from .prior import annotated_slices, dense_support
 from .propagation import ObjectEvent, PropagationStep
@@ -48,6 +55,7 @@ __all__ = [
     "clicks_on",
     "follow_objects",
     "object_order",
+    "refined_mask",
     "select_object",
 ]
 
@@ -262,6 +270,69 @@ def _near_first(mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
     keep = {int(first)} | {int(comp[tuple(p)]) for p in pos[1:] if reach[tuple(p)] <= 2 * r}
     keep.discard(0)
     return np.isin(comp, list(keep))
+
+
+def refined_mask(
+    refiner: ClickRefiner,
+    image: torch.Tensor,
+    fine: torch.Tensor,
+    fine_extent: tuple[float, float],
+    prob: np.ndarray,
+    selection: np.ndarray,
+    points: np.ndarray,
+    labels: np.ndarray,
+    *,
+    inputs: tuple[torch.Tensor, Window] | None = None,
+) -> np.ndarray:
+    """Redraw a selection with the click refiner, in the window around it and its clicks.
+
+    Parameters
+    ----------
+    refiner : ClickRefiner
+        In eval mode.
+    image : torch.Tensor
+        ``(C, H, W)`` the normalised slice.
+    fine : torch.Tensor
+        ``(Cf, h, w)`` its fine features, spanning ``fine_extent`` slice pixels (padded).
+    prob : np.ndarray
+        ``(H, W)`` class probability.
+    selection : np.ndarray
+        ``(H, W)`` bool, :func:`select_object` 's answer.
+    points, labels : np.ndarray
+        ``(N, 2)`` ``(y, x)`` clicks on the slice and their ``(N,)`` labels.
+    inputs : (torch.Tensor, Window), optional
+        The refiner's input and window for exactly these arguments, when made already.
+
+    Returns
+    -------
+    np.ndarray
+        ``(H, W)`` bool: the parts of the refined mask that hold a positive click (the
+        selection when none does).
+    """
+    c = refiner.config
+    yx = np.clip(np.rint(np.asarray(points, float)).astype(int), 0, np.array(prob.shape) - 1)
+    if inputs is None:
+        window = window_around(selection, yx, context=c.context, min_side=c.min_side)
+        x = stack_inputs(
+            image,
+            fine,
+            fine_extent,
+            torch.from_numpy(np.asarray(prob, np.float32)),
+            torch.from_numpy(np.asarray(selection, bool)),
+            window,
+            yx,
+            np.asarray(labels),
+            c,
+        )
+    else:
+        x, window = inputs
+    with torch.inference_mode():
+        logits = refiner(x[None].to(next(refiner.parameters()).device))[0]
+    patch, (ys, xs) = paste_logits(logits, window, prob.shape)
+    out = np.zeros(prob.shape, bool)
+    out[ys, xs] = patch > 0
+    kept = _connected_to(out, yx[np.asarray(labels) == 1])
+    return kept if kept.any() else np.asarray(selection, bool)
 
 
 def _mask_box(mask: np.ndarray, pad: int) -> tuple[slice, slice]:

@@ -25,6 +25,7 @@ from . import objects
 from .compat import check_tasks
 from .encoding import VolumeEncoder
 from .labels import labels_from_probabilities
+from .model.click_refiner import ClickRefiner
 from .model.encoder import EncoderOutput
 from .model.guide import GuideOutput, point_masks
 from .prior import dense_support, local_priors
@@ -69,6 +70,12 @@ class RevolverPredictor(VolumeEncoder):
     preprocessing : Preprocessing, optional
         Intensity normalisation; its ``invert`` is the default of :meth:`set_volume`.
 
+    Attributes
+    ----------
+    refiner : ClickRefiner or None
+        Redraws an object from its clicks after the selection (:func:`.objects.refined_mask`);
+        the weights' own (``weights.refiner``) by default. ``None``: selection only.
+
     Examples
     --------
     >>> from napari_revolver import RevolverPredictor
@@ -79,6 +86,29 @@ class RevolverPredictor(VolumeEncoder):
     >>> for step in predictor.propagate(task):            # every slice, with progress
     ...     out[step.index] = step.result
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._refiner: ClickRefiner | None = None
+        self.refiner = self.weights.refiner
+        self._last_slice: tuple[tuple[object, ...], torch.Tensor] | None = None
+
+    @property
+    def refiner(self) -> ClickRefiner | None:
+        """The click refiner of object clicks, or ``None`` (see the class docstring)."""
+        return self._refiner
+
+    @refiner.setter
+    def refiner(self, refiner: ClickRefiner | None) -> None:
+        if refiner is not None:
+            want = self.model.config.feature_fine_channels
+            got = refiner.config.feature_channels
+            if got != want:
+                raise ValueError(
+                    f"the click refiner reads {got} feature channels; these weights have {want}"
+                )
+            refiner = refiner.to(self.device).eval()
+        self._refiner = refiner
 
     # ------------------------------------------------------------------- guide
     @torch.inference_mode()
@@ -204,7 +234,25 @@ class RevolverPredictor(VolumeEncoder):
                 "use propagate(task) to follow it there"
             )
         prob = self.predict_proba(index, task)[0]
-        return objects.select_object(prob, pts, lab, threshold=threshold)
+        selection = objects.select_object(prob, pts, lab, threshold=threshold)
+        if self.refiner is None:
+            return selection
+        k = self.info.flat(index)
+        fine = self.features(index).fine[0]
+        extent = (
+            float(fine.shape[-2] * self.model.fine_stride),
+            float(fine.shape[-1] * self.model.fine_stride),
+        )
+        return objects.refined_mask(
+            self.refiner, self._normalized(k), fine, extent, prob, selection, pts, lab
+        )
+
+    def _normalized(self, k: int) -> torch.Tensor:
+        """Return the normalised slice ``k`` ``(C, H, W)``, kept for the next click on it."""
+        key = (self.info.fingerprint, k, self.preprocessing.key())
+        if self._last_slice is None or self._last_slice[0] != key:
+            self._last_slice = (key, self._prepare(k))
+        return self._last_slice[1]
 
     def _guide_features(self, f: EncoderOutput, masks: torch.Tensor) -> GuideOutput:
         return self.model.guide_from_masks(

@@ -12,12 +12,23 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_write
+from .model.click_refiner import ClickRefiner, RefinerConfig
 from .model.guided_net import GuidedNet, ModelConfig
+from .model.layers import fuse_batchnorm
 from .model.registry import DEFAULT_MODEL, build_from_config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoadedWeights", "default_weights_path", "load_weights", "save_weights", "sha256_file"]
+__all__ = [
+    "LoadedWeights",
+    "default_refiner_path",
+    "default_weights_path",
+    "load_refiner",
+    "load_weights",
+    "save_refiner",
+    "save_weights",
+    "sha256_file",
+]
 
 FORMAT_VERSION = "1"
 
@@ -30,6 +41,9 @@ class LoadedWeights:
     path: str
     sha256: str
     metadata: dict[str, str]
+    #: The click refiner trained on this network (object clicks), when one sits beside the
+    #: weights file as ``<stem>-clicks.safetensors``; ``None`` otherwise.
+    refiner: ClickRefiner | None = None
 
     @property
     def model_key(self) -> str:
@@ -149,7 +163,14 @@ def load_weights(
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
     model = model.to(device).for_inference()
-    return LoadedWeights(model, str(path), digest, meta)
+    refiner = None
+    refiner_path = default_refiner_path(path)
+    if refiner_path.exists():
+        try:
+            refiner = load_refiner(refiner_path, digest, device)
+        except ValueError as exc:
+            logger.warning("object clicks without the click refiner: %s", exc)
+    return LoadedWeights(model, str(path), digest, meta, refiner)
 
 
 def in_memory_weights(model: GuidedNet) -> LoadedWeights:
@@ -171,3 +192,79 @@ def in_memory_weights(model: GuidedNet) -> LoadedWeights:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return LoadedWeights(model, "<in-memory model>", h.hexdigest(), {})
+
+
+# ------------------------------------------------------------------------- click refiner
+def save_refiner(
+    refiner: ClickRefiner, path: str | Path, extra: dict[str, str] | None = None
+) -> Path:
+    """Write a click refiner's parameters with its config, atomically (as :func:`save_weights`).
+
+    ``extra`` should name the guided network it was trained on (``base_sha256``): its inputs
+    are that network's features and probabilities.
+    """
+    from safetensors.torch import save
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "refiner_config": json.dumps(refiner.config.to_dict()),
+    }
+    meta.update(extra or {})
+    state = {k: v.detach().to("cpu").contiguous() for k, v in refiner.state_dict().items()}
+    payload = save(state, metadata=meta)
+    return atomic_write(path, lambda fh: fh.write(payload), binary=True, overwrite=True)
+
+
+def default_refiner_path(weights_path: str | Path) -> Path:
+    """Return where the click refiner of a weights file sits: ``<stem>-clicks.safetensors``."""
+    p = Path(weights_path)
+    return p.with_name(f"{p.stem}-clicks.safetensors")
+
+
+def load_refiner(
+    path: str | Path, base_sha256: str | None = None, device: str | torch.device = "cpu"
+) -> ClickRefiner:
+    """Load a click refiner in eval mode, checked against the network it refines.
+
+    Parameters
+    ----------
+    path : path
+        A file written by :func:`save_refiner`.
+    base_sha256 : str, optional
+        sha256 of the guided network's weights in use; a refiner trained on other weights is
+        refused (its inputs would mean something else).
+    device : str or torch.device
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    ValueError
+        If it is not a refiner checkpoint, its sha256 differs from the recorded one, or it was
+        trained on other weights than ``base_sha256``.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"click refiner {path} does not exist")
+    expected = _expected_sha256(path)
+    if expected is not None and expected != sha256_file(path):
+        raise ValueError(f"click refiner {path} is corrupt: sha256 differs from {expected}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for a bad header
+        raise ValueError(f"{path} is not a readable safetensors checkpoint ({exc})") from exc
+    if "refiner_config" not in meta:
+        raise ValueError(f"{path} has no refiner config; expected a file written by save_refiner")
+    if base_sha256 is not None and meta.get("base_sha256") not in (None, base_sha256):
+        raise ValueError(
+            f"click refiner {path} was trained on weights {meta.get('base_sha256', '')[:12]}, "
+            f"not on the weights in use ({base_sha256[:12]})"
+        )
+    refiner = ClickRefiner(RefinerConfig.from_dict(json.loads(meta["refiner_config"])))
+    refiner.load_state_dict(state)
+    return fuse_batchnorm(refiner.to(device).eval())  # type: ignore[return-value]

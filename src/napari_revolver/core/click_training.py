@@ -1,0 +1,488 @@
+"""Training the click refiner (:mod:`.model.click_refiner`) with a simulated annotator.
+
+The guided network stays frozen: its features of every training slice are computed once, and
+each sample runs the same path as an object click in the predictor (guide on the first positive
+click, class probability with the local prior, :func:`.objects.select_object`). Corrections are
+simulated as in RITM's iterative training: the refiner being trained draws the mask, the
+annotator of :mod:`.evaluate_objects` clicks the largest error, and so on for a random number of
+clicks; the loss (binary cross-entropy plus soft Dice) is on the window after the last click.
+So the refiner learns to correct its own mistakes, as a user meets them.
+
+Objects come from instance labels (semantic labels: connected components of each value) of the
+training splits of the labelled data sets and from procedural slices (:mod:`.synthetic`), grey
+and stained RGB. Validation uses fixed objects of procedural slices and of the data sets'
+validation splits, scored by the simulated annotator (mean IoU after 1, 3 and 5 clicks).
+
+No napari or Qt here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from . import synthetic
+from .atomic import atomic_write
+from .episodes import load_labelled_stacks
+from .evaluate import foreground_iou
+from .evaluate_objects import next_click
+from .model.click_refiner import (
+    ClickRefiner,
+    RefinerConfig,
+    sample_window,
+    stack_inputs,
+    window_around,
+)
+from .objects import refined_mask, select_object
+from .weights import LoadedWeights, load_weights, save_refiner
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ClickTrainConfig", "ObjectSource", "train_refiner"]
+
+
+@dataclass
+class ClickTrainConfig:
+    """Everything a refiner training run depends on (written next to its checkpoints)."""
+
+    out: str = "runs/clicks"
+    weights: str | None = None
+    data: str | None = None
+    datasets: list[str] = field(default_factory=list)
+    #: Data sets whose validation split joins the procedural validation objects (default
+    #: ``datasets``); leave out those a benchmark scores, so that it did not choose the weights.
+    val_datasets: list[str] | None = None
+    steps: int = 3000
+    batch: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    synthetic: int = 96
+    max_corrections: int = 8
+    seed: int = 0
+    val_every: int = 250
+    val_objects: int = 32
+    threads: int = 2
+    refiner: RefinerConfig = field(default_factory=RefinerConfig)
+
+
+@dataclass
+class ObjectSource:
+    """Slices with instance labels, their features computed once.
+
+    Attributes
+    ----------
+    name : str
+    predictor : RevolverPredictor
+        Its volume is the slices (features cached).
+    labels : np.ndarray
+        ``(N, H, W)`` instance ids, 0 background.
+    objects : list of (int, int)
+        ``(slice, id)`` of every object worth clicking.
+    invert : bool
+        Read with inverted intensities (dark objects).
+    """
+
+    name: str
+    predictor: object
+    labels: np.ndarray
+    objects: list[tuple[int, int]]
+    images: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        name: str,
+        weights: LoadedWeights,
+        images: np.ndarray,
+        labels: np.ndarray,
+        *,
+        min_area: int = 64,
+        max_share: float = 0.2,
+    ) -> ObjectSource:
+        """Encode ``images`` ``(N, H, W[, 3])`` once and list the objects of ``labels``."""
+        from .predictor import RevolverPredictor
+
+        predictor = RevolverPredictor(weights, cache_bytes=1 << 34)
+        predictor.set_volume(images, rgb=images.ndim == 4)
+        for _ in predictor.precompute():
+            pass
+        objects = []
+        limit = max_share * labels.shape[1] * labels.shape[2]
+        for z in range(len(labels)):
+            ids, counts = np.unique(labels[z][labels[z] > 0], return_counts=True)
+            objects += [
+                (z, int(i)) for i, c in zip(ids, counts, strict=True) if min_area <= c <= limit
+            ]
+        norm = [predictor._prepare(k) for k in range(len(labels))]
+        return cls(name, predictor, labels, objects, norm)
+
+    def probability(self, z: int, points: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Class probability ``(H, W)`` of an object task with these clicks on slice ``z``."""
+        p = self.predictor
+        zyx = np.column_stack([np.full(len(points), z, np.float64), points])
+        task = p.guide(zyx, labels, kind="object")  # type: ignore[attr-defined]
+        return p.predict_proba(z, task)[0]  # type: ignore[attr-defined]
+
+    def fine(self, z: int) -> tuple[torch.Tensor, tuple[float, float]]:
+        """Fine features ``(Cf, h, w)`` of slice ``z`` and the slice pixels they span."""
+        f = self.predictor.features(z).fine[0]  # type: ignore[attr-defined]
+        stride = self.predictor.model.fine_stride  # type: ignore[attr-defined]
+        return f, (float(f.shape[-2] * stride), float(f.shape[-1] * stride))
+
+
+def instances_of(labels: np.ndarray, semantic: bool) -> np.ndarray:
+    """Instance ids of a label plane: the ids, or components of each value of semantic labels."""
+    if not semantic:
+        return labels.astype(np.int64)
+    out = np.zeros(labels.shape, np.int64)
+    n = 0
+    for v in np.unique(labels):
+        comp, k = ndimage.label(labels == v)
+        out[comp > 0] = comp[comp > 0] + n
+        n += k
+    return out
+
+
+def _tiles(
+    images: list[np.ndarray], labels: list[np.ndarray], side: int = 640
+) -> tuple[list, list]:
+    """Cut planes larger than ``side`` into about equal tiles (features of huge slices cost)."""
+    oi, ol = [], []
+    for im, lab in zip(images, labels, strict=True):
+        h, w = lab.shape
+        ny, nx = math.ceil(h / side), math.ceil(w / side)
+        for i in range(ny):
+            for j in range(nx):
+                ys = slice(i * h // ny, (i + 1) * h // ny)
+                xs = slice(j * w // nx, (j + 1) * w // nx)
+                oi.append(im[ys, xs])
+                ol.append(lab[ys, xs])
+    return oi, ol
+
+
+def real_sources(
+    weights: LoadedWeights, root: str, names: Sequence[str], split: str
+) -> list[ObjectSource]:
+    """Object sources of the labelled data sets ``names`` (their ``split``)."""
+    out = []
+    for st in load_labelled_stacks(root, names, split=split):
+        images, labels = _tiles(list(st.images), [instances_of(x, st.semantic) for x in st.labels])
+        shapes = {x.shape for x in labels}
+        for shape in sorted(shapes):
+            sel = [i for i, x in enumerate(labels) if x.shape == shape]
+            out.append(
+                ObjectSource.build(
+                    st.name,
+                    weights,
+                    np.stack([images[i] for i in sel]),
+                    np.stack([labels[i] for i in sel]),
+                )
+            )
+    return out
+
+
+def synthetic_sources(
+    weights: LoadedWeights, n: int, seed: int, side: int = 256
+) -> list[ObjectSource]:
+    """Procedural slices with object ids, half of them with membrane cells as the objects."""
+    rng = np.random.default_rng(seed)
+    grey, grey_lab, rgb, rgb_lab = [], [], [], []
+    while len(grey) + len(rgb) < n:
+        style = synthetic.random_style(rng)
+        scene = synthetic.make_scene(rng, style, (8, side, side))
+        s = synthetic.render_slice(scene, 4.0, rng)
+        lab = s.cells if s.cells.any() and rng.random() < 0.5 else s.instance
+        if not lab.any():
+            continue
+        if rng.random() < 0.3:
+            rgb.append(synthetic.stain_rgb(rng, [s.image], rng.random() < 0.9)[0])
+            rgb_lab.append(lab)
+        else:
+            grey.append(s.image)
+            grey_lab.append(lab)
+    out = []
+    for name, ims, labs in (("procedural", grey, grey_lab), ("procedural rgb", rgb, rgb_lab)):
+        if ims:
+            out.append(ObjectSource.build(name, weights, np.stack(ims), np.stack(labs)))
+    return out
+
+
+def first_click(truth: np.ndarray, rng: np.random.Generator | None) -> tuple[int, int]:
+    """Place the annotator's first click: the interior point farthest from the boundary.
+
+    With ``rng``, half the time a random point at least 0.6 of that distance inside instead
+    (people do not click the exact centre).
+    """
+    d = ndimage.distance_transform_edt(np.pad(truth, 1))[1:-1, 1:-1]
+    if rng is not None and rng.random() < 0.5:
+        ys, xs = np.nonzero(d >= 0.6 * d.max())
+        k = int(rng.integers(len(ys)))
+        return int(ys[k]), int(xs[k])
+    y, x = np.unravel_index(int(np.argmax(d)), d.shape)
+    return int(y), int(x)
+
+
+def _inputs(
+    refiner: ClickRefiner,
+    src: ObjectSource,
+    z: int,
+    prob: np.ndarray,
+    selection: np.ndarray,
+    points: np.ndarray,
+    labels: np.ndarray,
+) -> tuple[torch.Tensor, object]:
+    c = refiner.config
+    window = window_around(selection, points, context=c.context, min_side=c.min_side)
+    fine, extent = src.fine(z)
+    x = stack_inputs(
+        src.images[z],
+        fine,
+        extent,
+        torch.from_numpy(prob),
+        torch.from_numpy(selection),
+        window,
+        points,
+        labels,
+        c,
+    )
+    return x, window
+
+
+def click_episode(
+    refiner: ClickRefiner,
+    src: ObjectSource,
+    z: int,
+    oid: int,
+    corrections: int,
+    rng: np.random.Generator | None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Click one object, then ``corrections`` times where the refiner's mask is most wrong.
+
+    Returns
+    -------
+    list of (x, target)
+        After each click: the refiner's input ``(in_channels, size, size)`` and the object's
+        share of each window pixel ``(size, size)``.
+    """
+    truth = src.labels[z] == oid
+    truth_map = torch.from_numpy(truth.astype(np.float32))[None]
+    fine, extent = src.fine(z)
+    pts = [first_click(truth, rng)]
+    labs = [1]
+    prob = src.probability(z, np.asarray(pts, float), np.asarray(labs, np.int8))
+    out = []
+    for i in range(corrections + 1):
+        p, lab = np.asarray(pts, float), np.asarray(labs, np.int8)
+        sel = select_object(prob, p, lab)
+        x, window = _inputs(refiner, src, z, prob, sel, p, lab)
+        out.append((x, sample_window(truth_map, window, refiner.config.size)[0]))  # type: ignore[arg-type]
+        if i == corrections:
+            break
+        mask = refined_mask(
+            refiner, src.images[z], fine, extent, prob, sel, p, lab, inputs=(x, window)
+        )
+        click = next_click(mask, truth)
+        if click is None:
+            break
+        pts.append(click[0])
+        labs.append(click[1])
+        if click[1] == 1:
+            prob = src.probability(z, np.asarray(pts, float), np.asarray(labs, np.int8))
+    return out
+
+
+@torch.inference_mode()
+def _refine(
+    refiner: ClickRefiner,
+    src: ObjectSource,
+    z: int,
+    prob: np.ndarray,
+    selection: np.ndarray,
+    points: np.ndarray,
+    labels: np.ndarray,
+) -> np.ndarray:
+    fine, extent = src.fine(z)
+    return refined_mask(refiner, src.images[z], fine, extent, prob, selection, points, labels)
+
+
+def refiner_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy plus soft Dice of window logits ``(B, S, S)`` against shares."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits)
+    inter = (p * target).sum((1, 2))
+    dice = 1 - (2 * inter + 1) / (p.sum((1, 2)) + target.sum((1, 2)) + 1)
+    return bce + dice.mean()
+
+
+def validate(
+    refiner: ClickRefiner | None, items: Sequence[tuple[ObjectSource, int, int]], clicks: int = 5
+) -> dict[str, float]:
+    """Mean IoU after 1, 3 and 5 simulated clicks (``refiner=None``: selection only)."""
+    ious = np.zeros((len(items), clicks))
+    if refiner is not None:
+        refiner.eval()
+    for n, (src, z, oid) in enumerate(items):
+        truth = src.labels[z] == oid
+        pts: list[tuple[int, int]] = []
+        labs: list[int] = []
+        mask = np.zeros_like(truth)
+        for i in range(clicks):
+            click = next_click(mask, truth) if i else (first_click(truth, None), 1)
+            if click is None:
+                ious[n, i:] = 1.0
+                break
+            pts.append(click[0])
+            labs.append(click[1])
+            p, lab = np.asarray(pts, float), np.asarray(labs, np.int8)
+            prob = src.probability(z, p, lab)
+            mask = select_object(prob, p, lab)
+            if refiner is not None:
+                mask = _refine(refiner, src, z, prob, mask, p, lab)
+            ious[n, i] = foreground_iou(mask, truth)
+    return {f"iou@{k}": float(ious[:, k - 1].mean()) for k in (1, 3, 5)}
+
+
+def _lr_at(cfg: ClickTrainConfig, step: int, warmup: int = 100) -> float:
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _draw(
+    rng: np.random.Generator, sources: Sequence[ObjectSource]
+) -> tuple[ObjectSource, int, int]:
+    src = sources[int(rng.integers(len(sources)))]
+    z, oid = src.objects[int(rng.integers(len(src.objects)))]
+    return src, z, oid
+
+
+def _corrections(rng: np.random.Generator, most: int) -> int:
+    """How many corrections to simulate: none a third of the time, else up to ``most``."""
+    if rng.random() < 1 / 3:
+        return 0
+    return int(rng.integers(1, most + 1))
+
+
+def _sources(
+    cfg: ClickTrainConfig, weights: LoadedWeights
+) -> tuple[list[ObjectSource], list[tuple[ObjectSource, int, int]]]:
+    """Training sources and the fixed validation objects of a run."""
+    t0 = time.perf_counter()
+    train_src = synthetic_sources(weights, cfg.synthetic, cfg.seed)
+    val_src = synthetic_sources(weights, max(8, cfg.synthetic // 8), cfg.seed + 10_000)
+    if cfg.data and cfg.datasets:
+        train_src += real_sources(weights, cfg.data, cfg.datasets, "train")
+        val_names = cfg.datasets if cfg.val_datasets is None else cfg.val_datasets
+        if val_names:
+            val_src += real_sources(weights, cfg.data, val_names, "val")
+    train_src = [s for s in train_src if s.objects]
+    val_src = [s for s in val_src if s.objects]
+    vrng = np.random.default_rng(12345)
+    val_items = [_draw(vrng, val_src) for _ in range(cfg.val_objects)]
+    logger.info(
+        "sources ready in %.0f s: %s",
+        time.perf_counter() - t0,
+        [(s.name, len(s.objects)) for s in train_src],
+    )
+    return train_src, val_items
+
+
+def _batch(
+    refiner: ClickRefiner,
+    sources: Sequence[ObjectSource],
+    cfg: ClickTrainConfig,
+    rng: np.random.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cfg.batch`` windows after each click of simulated episodes, flipped and rotated."""
+    xs, ys = [], []
+    refiner.eval()
+    while len(xs) < cfg.batch:
+        src, z, oid = _draw(rng, sources)
+        n = _corrections(rng, cfg.max_corrections)
+        for x, y in click_episode(refiner, src, z, oid, n, rng)[: cfg.batch - len(xs)]:
+            if rng.random() < 0.5:
+                x, y = x.flip(-1), y.flip(-1)
+            k = int(rng.integers(4))
+            xs.append(torch.rot90(x, k, (-2, -1)))
+            ys.append(torch.rot90(y, k, (-2, -1)))
+    return torch.stack(xs), torch.stack(ys)
+
+
+def _save_state(
+    ckpt: Path, refiner: ClickRefiner, opt: torch.optim.Optimizer, step: int, best: float
+) -> None:
+    """Write the resumable state atomically."""
+    state = {"model": refiner.state_dict(), "optimizer": opt.state_dict(), "step": step}
+    state["best"] = best
+    atomic_write(ckpt, lambda fh: torch.save(state, fh), overwrite=True)
+
+
+def train_refiner(
+    cfg: ClickTrainConfig, *, on_progress: Callable[[dict], None] | None = None
+) -> Path:
+    """Train a click refiner on the frozen guided network; return the best refiner's path.
+
+    Resumes from ``<out>/checkpoint.pt`` when it exists. The best refiner (by the sum of the
+    validation IoUs after 1, 3 and 5 clicks) is ``<out>/best.safetensors``.
+    """
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    weights = load_weights(cfg.weights)
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    train_src, val_items = _sources(cfg, weights)
+    refiner = ClickRefiner(cfg.refiner)
+    opt = torch.optim.AdamW(refiner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ckpt = out / "checkpoint.pt"
+    step, best = 0, -1.0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        refiner.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, best = int(state["step"]), float(state["best"])
+        rng = np.random.default_rng([cfg.seed, step])  # not the same batches again
+    meta = {"base_sha256": weights.sha256, "base_model": weights.model_key}
+    with (out / "log.jsonl").open("a") as log:
+        if step == 0:
+            log.write(json.dumps({"step": 0, "selection": validate(None, val_items)}) + "\n")
+        while step < cfg.steps:
+            t = time.perf_counter()
+            x, y = _batch(refiner, train_src, cfg, rng)
+            t_data = time.perf_counter() - t
+            refiner.train()
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(cfg, step)
+            loss = refiner_loss(refiner(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            rec: dict = {"step": step, "loss": float(loss.detach()), "data_s": t_data}
+            rec["s"] = time.perf_counter() - t
+            if step % cfg.val_every == 0 or step == cfg.steps:
+                rec["val"] = validate(refiner, val_items)
+                score = sum(rec["val"].values())
+                if score > best:
+                    best = score
+                    save_refiner(refiner, out / "best.safetensors", {**meta, "step": str(step)})
+                _save_state(ckpt, refiner, opt, step, best)
+            if step % 10 == 0 or "val" in rec:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            if on_progress is not None:
+                on_progress(rec)
+    return out / "best.safetensors"

@@ -1,0 +1,265 @@
+"""The click refiner of object tasks: window geometry, wiring, files, and that it learns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_revolver.core.click_training import ClickTrainConfig, refiner_loss, train_refiner
+from napari_revolver.core.model.click_refiner import (
+    ClickRefiner,
+    RefinerConfig,
+    Window,
+    click_maps,
+    paste_logits,
+    sample_window,
+    stack_inputs,
+    window_around,
+)
+from napari_revolver.core.objects import refined_mask, select_object
+from napari_revolver.core.predictor import RevolverPredictor
+from napari_revolver.core.weights import (
+    load_refiner,
+    load_weights,
+    save_refiner,
+    save_weights,
+)
+
+
+def _disc(shape: tuple[int, int], cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+# ------------------------------------------------------------------------- geometry
+def test_window_holds_the_selection_and_the_clicks_with_context() -> None:
+    mask = np.zeros((100, 120), bool)
+    mask[40:50, 30:60] = True
+    w = window_around(mask, np.array([[70.0, 45.0]]), context=1.5, min_side=10)
+    assert w.side == pytest.approx(1.5 * 31)  # rows 40..70 are the longer side
+    ys, xs = w.pixel_bounds(mask.shape)
+    assert ys.start <= 40 and ys.stop >= 71 and xs.start <= 30 and xs.stop >= 60
+    tiny = window_around(np.zeros((100, 120), bool), np.array([[5.0, 5.0]]), min_side=24)
+    assert tiny.side == 24 and tiny.y0 == pytest.approx(5.5 - 12)
+
+
+def test_sampling_follows_the_window_pixel_convention() -> None:
+    # A map of each pixel's own y coordinate, sampled at window pixel (i, j), gives the slice
+    # position the Window docstring promises.
+    h, w = 60, 80
+    ycoord = torch.arange(h, dtype=torch.float32)[:, None].expand(h, w)[None]
+    win = Window(10.0, 20.0, 30.0)
+    s = sample_window(ycoord, win, 15)[0]
+    expect = 10.0 + (np.arange(15) + 0.5) * 30 / 15 - 0.5
+    np.testing.assert_allclose(s[:, 0].numpy(), expect, atol=1e-4)
+    # A map at stride 4 spanning 80 x 80 slice pixels samples the same positions.
+    coarse = (torch.arange(20, dtype=torch.float32) * 4 + 1.5)[:, None].expand(20, 20)[None]
+    s4 = sample_window(coarse, win, 15, (80.0, 80.0))[0]
+    np.testing.assert_allclose(s4[:, 0].numpy(), expect, atol=1e-4)
+
+
+def test_a_mask_sampled_into_its_window_and_pasted_back_is_itself() -> None:
+    mask = _disc((90, 90), 40, 50, 12)
+    win = window_around(mask, np.array([[40.0, 50.0]]))
+    logits = sample_window(torch.from_numpy(mask.astype(np.float32))[None], win, 80)[0] - 0.5
+    patch, (ys, xs) = paste_logits(logits, win, mask.shape)
+    back = np.zeros_like(mask)
+    back[ys, xs] = patch > 0
+    assert (back & mask).sum() / (back | mask).sum() > 0.95
+
+
+def test_click_maps_peak_at_the_clicks_by_polarity() -> None:
+    win = Window(0.0, 0.0, 40.0)
+    maps = click_maps(win, np.array([[10.0, 10.0], [30.0, 25.0]]), np.array([1, 0]), 40, (2.0,))
+    assert maps.shape == (2, 40, 40)
+    assert np.unravel_index(int(maps[0].argmax()), (40, 40)) == (10, 10)
+    assert np.unravel_index(int(maps[1].argmax()), (40, 40)) == (30, 25)
+    assert float(maps[0, 30, 25]) < 1e-6
+
+
+# --------------------------------------------------------------------------- wiring
+def _slice_inputs(shape: tuple[int, int] = (64, 64)) -> dict:
+    rng = np.random.default_rng(0)
+    return {
+        "image": torch.from_numpy(rng.normal(size=(3, *shape)).astype(np.float32)),
+        "fine": torch.from_numpy(rng.normal(size=(32, shape[0] // 4, shape[1] // 4))).half(),
+        "fine_extent": (float(shape[0]), float(shape[1])),
+    }
+
+
+def test_an_untrained_refiner_returns_the_selection() -> None:
+    prob = (_disc((64, 64), 32, 18, 9) | _disc((64, 64), 32, 44, 9)).astype(np.float32)
+    pts, lab = np.array([[32.0, 18.0]]), np.array([1])
+    sel = select_object(prob, pts, lab)
+    out = refined_mask(
+        ClickRefiner().eval(), prob=prob, selection=sel, points=pts, labels=lab, **_slice_inputs()
+    )
+    assert (out == sel).mean() > 0.99
+
+
+def test_refined_mask_keeps_only_parts_with_a_positive_click() -> None:
+    refiner = ClickRefiner().eval()
+    with torch.no_grad():
+        refiner.out.bias.fill_(20.0)  # "everything in the window is the object"
+    prob = _disc((64, 64), 32, 32, 6).astype(np.float32)
+    pts, lab = np.array([[32.0, 32.0]]), np.array([1])
+    sel = select_object(prob, pts, lab)
+    out = refined_mask(refiner, prob=prob, selection=sel, points=pts, labels=lab, **_slice_inputs())
+    ys, xs = window_around(sel, pts).pixel_bounds(prob.shape)
+    assert out.sum() > sel.sum()
+    assert out[ys, xs].all() and out.sum() == out[ys, xs].size  # the window, not beyond
+
+
+def test_predictor_object_clicks_go_through_its_refiner(predictor: RevolverPredictor) -> None:
+    rng = np.random.default_rng(1)
+    vol = rng.random((3, 64, 64)).astype(np.float32)
+    vol[:, 24:40, 24:40] += 2.0
+    predictor.set_volume(vol)
+    task = predictor.guide([[1, 32, 32]], [1], kind="object")
+    assert predictor.refiner is None  # in-memory test weights have none
+    with pytest.raises(ValueError, match="feature channels"):
+        predictor.refiner = ClickRefiner(RefinerConfig(feature_channels=999))
+    channels = predictor.model.config.feature_fine_channels
+    refiner = ClickRefiner(RefinerConfig(feature_channels=channels))
+    with torch.no_grad():
+        refiner.out.bias.fill_(20.0)
+    predictor.refiner = refiner
+    mask = predictor.predict_slice(1, task)
+    win = window_around(np.zeros((64, 64), bool), np.array([[32, 32]]))
+    assert mask.sum() >= 0.8 * win.side**2 or mask.all()
+
+
+# ---------------------------------------------------------------------------- files
+def test_refiner_files_round_trip_and_refuse_other_weights(
+    tiny_model: torch.nn.Module, tmp_path: Path
+) -> None:
+    weights = save_weights(tiny_model, tmp_path / "tiny.safetensors")
+    sha = load_weights(weights).sha256
+    channels = tiny_model.config.feature_fine_channels
+    refiner = ClickRefiner(RefinerConfig(size=32, feature_channels=channels))
+    with torch.no_grad():
+        refiner.out.bias.fill_(0.25)
+    path = save_refiner(refiner, tmp_path / "tiny-clicks.safetensors", {"base_sha256": sha})
+    loaded = load_weights(weights)
+    assert loaded.refiner is not None
+    assert loaded.refiner.config.size == 32
+    assert float(loaded.refiner.out.bias) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="trained on weights"):
+        load_refiner(path, "0" * 64)
+    (tmp_path / "tiny-clicks.json").write_text(json.dumps({"sha256": "1" * 64}))
+    with pytest.raises(ValueError, match="corrupt"):
+        load_refiner(path, sha)
+    assert load_weights(weights).refiner is None  # a bad refiner is left out, with a warning
+
+
+def test_shipped_weights_and_refiner_belong_together() -> None:
+    w = load_weights()
+    if w.refiner is None:
+        pytest.skip("no click refiner shipped beside the weights")
+    assert w.refiner.config.feature_channels == w.model.config.feature_fine_channels
+
+
+# ---------------------------------------------------------------------------- learning
+def _merged_pair(rng: np.random.Generator, shape: tuple[int, int] = (64, 64)) -> tuple:
+    """Two touching look-alike discs that the selection cannot split, and a negative click."""
+    r = rng.uniform(7, 10)
+    cy, cx = rng.uniform(24, 40), rng.uniform(20, 26)
+    a, b = _disc(shape, cy, cx, r), _disc(shape, cy, cx + 1.6 * r, r)
+    prob = (a | b).astype(np.float32)
+    pts = np.array([[cy, cx], [cy, cx + 1.6 * r]])
+    lab = np.array([1, 0])
+    return prob, a, pts, lab
+
+
+def test_refiner_learns_what_a_negative_click_on_a_merged_neighbour_means() -> None:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    cfg = RefinerConfig(size=40, feature_channels=4, width=12, mid_width=16, dilations=(1, 2))
+    refiner = ClickRefiner(cfg)
+    base = _slice_inputs()
+
+    def example(rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        prob, truth, pts, lab = _merged_pair(rng)
+        sel = prob > 0.5  # the selection keeps both (what a plain threshold would do)
+        win = window_around(sel, pts, context=cfg.context, min_side=cfg.min_side)
+        x = stack_inputs(
+            base["image"],
+            base["fine"][:4],
+            base["fine_extent"],
+            torch.from_numpy(prob),
+            torch.from_numpy(sel),
+            win,
+            pts,
+            lab,
+            cfg,
+        )
+        y = sample_window(torch.from_numpy(truth.astype(np.float32))[None], win, cfg.size)[0]
+        return x, y, (prob, truth, pts, lab, sel)
+
+    def score() -> float:
+        refiner.eval()
+        ious = []
+        for _, _, (prob, truth, pts, lab, sel) in (
+            example(np.random.default_rng(100 + i)) for i in range(6)
+        ):
+            out = refined_mask(
+                refiner, base["image"], base["fine"][:4], base["fine_extent"], prob, sel, pts, lab
+            )
+            ious.append((out & truth).sum() / (out | truth).sum())
+        return float(np.mean(ious))
+
+    before = score()
+    opt = torch.optim.Adam(refiner.parameters(), lr=3e-3)
+    for _ in range(60):
+        refiner.train()
+        batch = [example(rng) for _ in range(8)]
+        loss = refiner_loss(
+            refiner(torch.stack([b[0] for b in batch])), torch.stack([b[1] for b in batch])
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = score()
+    assert before < 0.6  # the selection holds both discs
+    assert after > before + 0.2
+
+
+def test_training_runs_checkpoints_and_resumes(tmp_path: Path) -> None:
+    cfg = ClickTrainConfig(
+        out=str(tmp_path / "run"),
+        steps=2,
+        batch=4,
+        synthetic=3,
+        val_every=2,
+        val_objects=2,
+        max_corrections=2,
+        refiner=RefinerConfig(size=32, width=8, mid_width=8, dilations=(1,)),
+    )
+    best = train_refiner(cfg)
+    assert best.exists() and (tmp_path / "run" / "checkpoint.pt").exists()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] == 0 and "selection" in log[0]
+    assert log[-1]["step"] == 2 and "val" in log[-1]
+    cfg.steps = 3
+    train_refiner(cfg)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "val" in r] == [2, 3]  # resumed, not restarted
+    assert load_refiner(best).config.size == 32
+
+
+def test_train_clicks_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from napari_revolver.cli import main
+
+    run = tmp_path / "run"
+    args = ["train-clicks", "--out", str(run), "--steps", "1", "--batch", "2"]
+    args += ["--synthetic", "2", "--val-every", "1", "--val-objects", "1", "--max-corrections", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"best refiner: {run / 'best.safetensors'}" in out
+    assert load_refiner(run / "best.safetensors", load_weights().sha256) is not None
+    with pytest.raises(SystemExit):
+        main(["train-clicks"])  # --out is required
