@@ -51,11 +51,14 @@ def follow_seconds(predictor, z, labels, rng, n_objects, sync) -> list[float]:
     return timeit(follow, 1, warmup=0)
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--weights", default=None)
+    ap.add_argument(
+        "--no-refiner", action="store_true", help="object clicks select only (no click refiner)"
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--image", type=Path, default=None, help="a (Z, Y, X) TIFF; default synthetic")
     ap.add_argument("--slices", type=int, default=100)
@@ -63,21 +66,30 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--objects", type=int, default=50, help="objects followed together")
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def _stack(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray | None]:
+    """The benchmark's stack and its labels (``None`` for an image given with ``--image``)."""
+    if args.image:
+        import tifffile
+
+        return tifffile.imread(args.image)[: args.slices], None
+    return synthetic_stack(args.slices, args.size)
+
+
+def main() -> None:
+    args = _args()
 
     import torch
 
     from napari_revolver import RevolverPredictor
 
-    if args.image:
-        import tifffile
-
-        image = tifffile.imread(args.image)[: args.slices]
-        labels = None
-    else:
-        image, labels = synthetic_stack(args.slices, args.size)
+    image, labels = _stack(args)
     n = image.shape[0]
     predictor = RevolverPredictor(args.weights, args.device)
+    if args.no_refiner:
+        predictor.refiner = None
     predictor.set_volume(image)
     rng = np.random.default_rng(0)
     z = n // 2

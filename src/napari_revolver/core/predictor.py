@@ -226,23 +226,58 @@ class RevolverPredictor(VolumeEncoder):
 
     def object_mask(self, index: Index, task: Task, *, threshold: float = 0.5) -> np.ndarray:
         """Select an object task's object on one of its clicked slices: ``(H, W)`` bool."""
+        return self.object_masks(index, [task], threshold=threshold)[0]
+
+    def object_masks(
+        self, index: Index, tasks: Sequence[Task], *, threshold: float = 0.5
+    ) -> list[np.ndarray]:
+        """:meth:`object_mask` of several object tasks clicked on one slice.
+
+        Returns
+        -------
+        list of np.ndarray
+            ``(H, W)`` bool per task: the selection, redrawn by :attr:`refiner` if there is one.
+
+        Raises
+        ------
+        ValueError
+            A task without a positive click on this slice.
+        """
         key = self.info.unflat(self.info.flat(index))
-        pts, lab = objects.clicks_on(task, key, self.info)
-        if not (lab == 1).any():
-            raise ValueError(
-                f"object task {task.name!r} has no positive click on slice {key}; "
-                "use propagate(task) to follow it there"
+        clicks = [objects.clicks_on(t, key, self.info) for t in tasks]
+        for t, (_, lab) in zip(tasks, clicks, strict=True):
+            if not (lab == 1).any():
+                raise ValueError(
+                    f"object task {t.name!r} has no positive click on slice {key}; "
+                    "use propagate(task) to follow it there"
+                )
+        out = []
+        for t, (pts, lab) in zip(tasks, clicks, strict=True):
+            # One task at a time: the head's single-task path is faster than a batch of
+            # many (measured with 50 objects on a 512 x 512 slice).
+            prob = self.predict_proba(index, t)[0]
+            selection = objects.select_object(prob, pts, lab, threshold=threshold)
+            out.append(
+                selection if self.refiner is None else self._refine(key, prob, selection, pts, lab)
             )
-        prob = self.predict_proba(index, task)[0]
-        selection = objects.select_object(prob, pts, lab, threshold=threshold)
-        if self.refiner is None:
-            return selection
-        k = self.info.flat(index)
-        fine = self.features(index).fine[0]
+        return out
+
+    def _refine(
+        self,
+        key: tuple[int, ...],
+        prob: np.ndarray,
+        selection: np.ndarray,
+        pts: np.ndarray,
+        lab: np.ndarray,
+    ) -> np.ndarray:
+        """Redraw a selection on slice ``key`` with :attr:`refiner`."""
+        assert self.refiner is not None
+        fine = self.features(key).fine[0]
         extent = (
             float(fine.shape[-2] * self.model.fine_stride),
             float(fine.shape[-1] * self.model.fine_stride),
         )
+        k = self.info.flat(key)
         return objects.refined_mask(
             self.refiner, self._normalized(k), fine, extent, prob, selection, pts, lab
         )

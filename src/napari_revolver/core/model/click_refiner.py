@@ -167,7 +167,15 @@ def sample_window(
     torch.Tensor
         ``(C, size, size)``; zero outside the map.
     """
-    extent = extent or (float(maps.shape[-2]), float(maps.shape[-1]))
+    if extent is None:
+        # Full-resolution maps: resample only the pixels the window reaches (plus the
+        # neighbours bilinear interpolation reads), never the whole slice.
+        ys, xs = Window(window.y0 - 2, window.x0 - 2, window.side + 4).pixel_bounds(
+            (maps.shape[-2], maps.shape[-1])
+        )
+        maps = maps[..., ys, xs]
+        window = Window(window.y0 - ys.start, window.x0 - xs.start, window.side)
+        extent = (float(maps.shape[-2]), float(maps.shape[-1]))
     grid = _grid(window, size, extent, maps.device)
     return F.grid_sample(
         maps[None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False
@@ -329,7 +337,7 @@ def stack_inputs(
         [
             sample_window(image, window, s),
             sample_window(fine, window, s, fine_extent),
-            sample_window(torch.stack([prob.float(), selection.float()]), window, s),
+            sample_window(torch.stack([prob, selection.to(prob.dtype)]), window, s),
             click_maps(window, points, labels, s, config.click_sigmas),
         ]
     )
