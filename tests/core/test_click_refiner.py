@@ -263,29 +263,3 @@ def test_train_clicks_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert load_refiner(run / "best.safetensors", load_weights().sha256) is not None
     with pytest.raises(SystemExit):
         main(["train-clicks"])  # --out is required
-
-
-def test_following_with_the_refiner_moves_each_mask_by_the_refiner(
-    predictor: RevolverPredictor,
-) -> None:
-    from napari_revolver.core.objects import FollowParams, follow_objects
-
-    vol = np.zeros((5, 64, 64), np.float32)
-    for z in range(5):
-        vol[z][_disc((64, 64), 32, 20 + 4 * z, 8)] = 1.0
-    predictor.set_volume(vol)
-    task = predictor.guide([[0, 32, 20]], [1], kind="object")
-    channels = predictor.model.config.feature_fine_channels
-    predictor.refiner = ClickRefiner(RefinerConfig(feature_channels=channels))  # untrained
-    out = np.stack(
-        [s.result for s in follow_objects(predictor, [task], params=FollowParams(refine=True))]
-    )
-    # An untrained refiner returns its selection: the mask on slice 0 is carried unchanged.
-    first = out[0] == 1
-    assert first.any()
-    for z in range(1, 5):
-        assert ((out[z] == 1) == first).all()
-    # Without a refiner the option falls back to the joint watershed.
-    predictor.refiner = None
-    plain = [s.result for s in follow_objects(predictor, [task], params=FollowParams(refine=True))]
-    assert len(plain) == 5

@@ -91,11 +91,6 @@ class FollowParams:
         with 15 objects each (``benchmarks/objects.py``), 0.3 helps plant cells through z
         (3D IoU 0.10 -> 0.23) and hurts EM mitochondria (0.21 -> 0.08), which drift further
         between sections.
-    refine : bool
-        Move each object from slice to slice with the click refiner (its mask on the
-        neighbouring slice as the selection, clicked at its innermost point) instead of the
-        joint watershed; needs a predictor with a refiner. Off by default: see
-        ``docs/objects.md`` for what it does to plant cells and EM mitochondria.
     """
 
     min_overlap: float = 0.3
@@ -104,7 +99,6 @@ class FollowParams:
     max_shrink: float = 4.0
     erosion: float = 0.3
     reach: float | None = None
-    refine: bool = False
 
 
 # ------------------------------------------------------------------------- clicked slice
@@ -556,46 +550,7 @@ def _visit(
     if not followed:
         return ()
     prob = _memory_probability(predictor, key, followed)
-    if params.refine and predictor.refiner is not None:
-        return _refine_step(predictor, prob, key, followed, params)
     return _follow_step(prob, key, followed, threshold, params)
-
-
-def _refine_step(
-    predictor: RevolverPredictor,
-    prob: np.ndarray,
-    key: Key,
-    tracks: list[_Track],
-    params: FollowParams,
-) -> tuple[ObjectEvent, ...]:
-    """Move each followed object onto slice ``key`` with the click refiner (``refine=True``).
-
-    The object's mask on the neighbouring slice is the selection, clicked at its innermost
-    point; the refiner redraws it on this slice. Objects do not compete here (the canvas gives
-    a pixel to the first).
-    """
-    events = []
-    for t in tracks:
-        prev = t.masks[t.order[key][1]]
-        new = _refine_followed(predictor, key, prob, prev) if prev.any() else None
-        reason = _end_reason(new, prev, params)
-        if reason is None:
-            t.masks[key] = new  # type: ignore[assignment]
-        else:
-            t.stopped[key] = reason
-            events.append(ObjectEvent(t.task.name, t.task.label_value, key, reason))
-    return tuple(events)
-
-
-def _refine_followed(
-    predictor: RevolverPredictor, key: Key, prob: np.ndarray, mask: np.ndarray
-) -> np.ndarray:
-    """Redraw a followed object with the click refiner, clicked at its innermost point."""
-    box = _mask_box(mask, 1)
-    d = ndimage.distance_transform_edt(mask[box])
-    y, x = np.unravel_index(int(np.argmax(d)), d.shape)
-    click = np.array([[y + box[0].start, x + box[1].start]], float)
-    return predictor._refine(key, prob, mask, click, np.array([1]))
 
 
 def _memory_probability(predictor: RevolverPredictor, key: Key, tracks: list[_Track]) -> np.ndarray:
