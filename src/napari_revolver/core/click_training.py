@@ -301,20 +301,6 @@ def click_episode(
     return out
 
 
-@torch.inference_mode()
-def _refine(
-    refiner: ClickRefiner,
-    src: ObjectSource,
-    z: int,
-    prob: np.ndarray,
-    selection: np.ndarray,
-    points: np.ndarray,
-    labels: np.ndarray,
-) -> np.ndarray:
-    fine, extent = src.fine(z)
-    return refined_mask(refiner, src.images[z], fine, extent, prob, selection, points, labels)
-
-
 def refiner_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy plus soft Dice of window logits ``(B, S, S)`` against shares."""
     bce = F.binary_cross_entropy_with_logits(logits, target)
@@ -347,7 +333,8 @@ def validate(
             prob = src.probability(z, p, lab)
             mask = select_object(prob, p, lab)
             if refiner is not None:
-                mask = _refine(refiner, src, z, prob, mask, p, lab)
+                image, (fine, extent) = src.images[z], src.fine(z)
+                mask = refined_mask(refiner, image, fine, extent, prob, mask, p, lab)
             ious[n, i] = foreground_iou(mask, truth)
     return {f"iou@{k}": float(ious[:, k - 1].mean()) for k in (1, 3, 5)}
 

@@ -100,6 +100,34 @@ def default_weights_path() -> Path:
     )
 
 
+def _read_checked(path: Path, what: str) -> tuple[str, dict[str, str], dict[str, torch.Tensor]]:
+    """Read a safetensors file checked against the sha256 recorded beside it.
+
+    Returns
+    -------
+    (sha256, metadata, tensors)
+
+    Raises
+    ------
+    ValueError
+        A sha256 that differs from the recorded one, or a file safetensors cannot read.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    digest = sha256_file(path)
+    expected = _expected_sha256(path)
+    if expected is not None and expected != digest:
+        raise ValueError(f"{what} {path}: corrupt file, sha256 is {digest}, expected {expected}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for a bad header
+        raise ValueError(f"{path} is not a readable safetensors checkpoint ({exc})") from exc
+    return digest, meta, state
+
+
 def _expected_sha256(path: Path) -> str | None:
     info = path.with_suffix(".json")
     if info.exists():
@@ -128,22 +156,10 @@ def load_weights(
         If it is not a readable safetensors checkpoint of a known architecture, its
         parameters do not match the architecture, or its sha256 differs from the recorded one.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path) if path is not None else default_weights_path()
     if not path.exists():
         raise FileNotFoundError(f"weights file {path} does not exist")
-    digest = sha256_file(path)
-    expected = _expected_sha256(path)
-    if expected is not None and expected != digest:
-        raise ValueError(f"weights {path} are corrupt: sha256 is {digest}, expected {expected}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        state = load_file(str(path))
-    except Exception as exc:  # safetensors raises several types for a bad header
-        raise ValueError(f"{path} is not a readable safetensors checkpoint ({exc})") from exc
+    digest, meta, state = _read_checked(path, "weights")
     if "config" not in meta:
         raise ValueError(
             f"{path} has no model config in its metadata; expected a file written by "
@@ -243,21 +259,10 @@ def load_refiner(
         If it is not a refiner checkpoint, its sha256 differs from the recorded one, or it was
         trained on other weights than ``base_sha256``.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"click refiner {path} does not exist")
-    expected = _expected_sha256(path)
-    if expected is not None and expected != sha256_file(path):
-        raise ValueError(f"click refiner {path} is corrupt: sha256 differs from {expected}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        state = load_file(str(path))
-    except Exception as exc:  # safetensors raises several types for a bad header
-        raise ValueError(f"{path} is not a readable safetensors checkpoint ({exc})") from exc
+    _, meta, state = _read_checked(path, "click refiner")
     if "refiner_config" not in meta:
         raise ValueError(f"{path} has no refiner config; expected a file written by save_refiner")
     if base_sha256 is not None and meta.get("base_sha256") not in (None, base_sha256):
