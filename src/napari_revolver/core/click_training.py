@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -45,6 +46,9 @@ from .model.click_refiner import (
 )
 from .objects import refined_mask, select_object
 from .weights import LoadedWeights, load_weights, save_refiner
+
+if TYPE_CHECKING:
+    from .predictor import RevolverPredictor
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +92,12 @@ class ObjectSource:
         ``(N, H, W)`` instance ids, 0 background.
     objects : list of (int, int)
         ``(slice, id)`` of every object worth clicking.
-    invert : bool
-        Read with inverted intensities (dark objects).
+    images : list of torch.Tensor
+        The normalised slices ``(C, H, W)``, as the refiner reads them.
     """
 
     name: str
-    predictor: object
+    predictor: RevolverPredictor
     labels: np.ndarray
     objects: list[tuple[int, int]]
     images: list[torch.Tensor] = field(default_factory=list)
@@ -130,13 +134,13 @@ class ObjectSource:
         """Class probability ``(H, W)`` of an object task with these clicks on slice ``z``."""
         p = self.predictor
         zyx = np.column_stack([np.full(len(points), z, np.float64), points])
-        task = p.guide(zyx, labels, kind="object")  # type: ignore[attr-defined]
-        return p.predict_proba(z, task)[0]  # type: ignore[attr-defined]
+        task = p.guide(zyx, labels, kind="object")
+        return p.predict_proba(z, task)[0]
 
     def fine(self, z: int) -> tuple[torch.Tensor, tuple[float, float]]:
         """Fine features ``(Cf, h, w)`` of slice ``z`` and the slice pixels they span."""
-        f = self.predictor.features(z).fine[0]  # type: ignore[attr-defined]
-        stride = self.predictor.model.fine_stride  # type: ignore[attr-defined]
+        f = self.predictor.features(z).fine[0]
+        stride = self.predictor.model.fine_stride
         return f, (float(f.shape[-2] * stride), float(f.shape[-1] * stride))
 
 

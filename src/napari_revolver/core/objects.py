@@ -330,10 +330,15 @@ def refined_mask(
         x = x[None].to(next(refiner.parameters()).device, memory_format=torch.channels_last)
         logits = refiner(x)[0]
     patch, (ys, xs) = paste_logits(logits, window, prob.shape)
+    # The window holds every click: components are found inside it only.
+    pos = yx[np.asarray(labels) == 1] - (ys.start, xs.start)
+    pos = pos[((pos >= 0) & (pos < patch.shape)).all(axis=1)]
+    kept = _connected_to(patch > 0, pos) if len(pos) else np.zeros(patch.shape, bool)
+    if not kept.any():
+        return np.asarray(selection, bool)
     out = np.zeros(prob.shape, bool)
-    out[ys, xs] = patch > 0
-    kept = _connected_to(out, yx[np.asarray(labels) == 1])
-    return kept if kept.any() else np.asarray(selection, bool)
+    out[ys, xs] = kept
+    return out
 
 
 def _mask_box(mask: np.ndarray, pad: int) -> tuple[slice, slice]:
