@@ -2,7 +2,7 @@
 
 Clicks (the held-out images of ``dsb2018_u2os`` and ``usiigaci_phase`` and held-out slices of
 ``isbi2012_em`` neurite cross-sections as 2D connected components, which no weights trained on;
-``miccai2015_he``, never trained on): the simulated annotator of
+``miccai2015_he``, never trained on, read as given: no ``--invert``): the simulated annotator of
 :mod:`napari_revolver.core.evaluate_objects`, mean IoU after 1, 3, 5 clicks, NoC@85, NoC@90.
 Following (``plant_cells_3d`` cells from the middle slice; ``vnc_sstem_organelles``
 mitochondria, ``labels == 3`` as 3D connected components, from slice 0; evaluation only):
@@ -63,7 +63,7 @@ def click_rows(predictor: RevolverPredictor, root: Path, args: argparse.Namespac
     sets = {
         "dsb2018_u2os": (lambda: [_stack(root, "dsb2018_u2os", args.images)], False),
         "usiigaci_phase": (lambda: [_stack(root, "usiigaci_phase", args.images)], False),
-        "miccai2015_he": (lambda: [(i[None], m[None]) for i, m in _he(root, args.images)], True),
+        "miccai2015_he": (lambda: [(i[None], m[None]) for i, m in _he(root, args.images)], False),
         "isbi2012_em": (lambda: [_isbi(root, args.images)], False),
     }
     rows = []
