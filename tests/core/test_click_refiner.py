@@ -87,7 +87,7 @@ def _slice_inputs(shape: tuple[int, int] = (64, 64)) -> dict:
     return {
         "image": torch.from_numpy(rng.normal(size=(3, *shape)).astype(np.float32)),
         "fine": torch.from_numpy(rng.normal(size=(32, shape[0] // 4, shape[1] // 4))).half(),
-        "fine_extent": (float(shape[0]), float(shape[1])),
+        "fine_stride": 4,
     }
 
 
@@ -189,7 +189,7 @@ def test_refiner_learns_what_a_negative_click_on_a_merged_neighbour_means() -> N
         x = stack_inputs(
             base["image"],
             base["fine"][:4],
-            base["fine_extent"],
+            base["fine_stride"],
             torch.from_numpy(prob),
             torch.from_numpy(sel),
             win,
@@ -207,7 +207,7 @@ def test_refiner_learns_what_a_negative_click_on_a_merged_neighbour_means() -> N
             example(np.random.default_rng(100 + i)) for i in range(6)
         ):
             out = refined_mask(
-                refiner, base["image"], base["fine"][:4], base["fine_extent"], prob, sel, pts, lab
+                refiner, base["image"], base["fine"][:4], base["fine_stride"], prob, sel, pts, lab
             )
             ious.append((out & truth).sum() / (out | truth).sum())
         return float(np.mean(ious))

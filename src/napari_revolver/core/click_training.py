@@ -41,10 +41,8 @@ from .model.click_refiner import (
     ClickRefiner,
     RefinerConfig,
     sample_window,
-    stack_inputs,
-    window_around,
 )
-from .objects import refined_mask, select_object
+from .objects import refined_mask, refiner_inputs, select_object
 from .weights import LoadedWeights, load_weights, save_refiner
 
 if TYPE_CHECKING:
@@ -137,11 +135,10 @@ class ObjectSource:
         task = p.guide(zyx, labels, kind="object")
         return p.predict_proba(z, task)[0]
 
-    def fine(self, z: int) -> tuple[torch.Tensor, tuple[float, float]]:
-        """Fine features ``(Cf, h, w)`` of slice ``z`` and the slice pixels they span."""
-        f = self.predictor.features(z).fine[0]
-        stride = self.predictor.model.fine_stride
-        return f, (float(f.shape[-2] * stride), float(f.shape[-1] * stride))
+    def slice_inputs(self, z: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Slice ``z`` as the refiner reads it: normalised image, fine features, their stride."""
+        fine = self.predictor.features(z).fine[0]
+        return self.images[z], fine, self.predictor.model.fine_stride
 
 
 def instances_of(labels: np.ndarray, semantic: bool) -> np.ndarray:
@@ -236,32 +233,6 @@ def first_click(truth: np.ndarray, rng: np.random.Generator | None) -> tuple[int
     return int(y), int(x)
 
 
-def _inputs(
-    refiner: ClickRefiner,
-    src: ObjectSource,
-    z: int,
-    prob: np.ndarray,
-    selection: np.ndarray,
-    points: np.ndarray,
-    labels: np.ndarray,
-) -> tuple[torch.Tensor, object]:
-    c = refiner.config
-    window = window_around(selection, points, context=c.context, min_side=c.min_side)
-    fine, extent = src.fine(z)
-    x = stack_inputs(
-        src.images[z],
-        fine,
-        extent,
-        torch.from_numpy(prob),
-        torch.from_numpy(selection),
-        window,
-        points,
-        labels,
-        c,
-    )
-    return x, window
-
-
 def click_episode(
     refiner: ClickRefiner,
     src: ObjectSource,
@@ -280,7 +251,7 @@ def click_episode(
     """
     truth = src.labels[z] == oid
     truth_map = torch.from_numpy(truth.astype(np.float32))[None]
-    fine, extent = src.fine(z)
+    here = src.slice_inputs(z)
     pts = [first_click(truth, rng)]
     labs = [1]
     prob = src.probability(z, np.asarray(pts, float), np.asarray(labs, np.int8))
@@ -288,13 +259,11 @@ def click_episode(
     for i in range(corrections + 1):
         p, lab = np.asarray(pts, float), np.asarray(labs, np.int8)
         sel = select_object(prob, p, lab)
-        x, window = _inputs(refiner, src, z, prob, sel, p, lab)
+        x, window = refiner_inputs(refiner, *here, prob, sel, p, lab)
         out.append((x, sample_window(truth_map, window, refiner.config.size)[0]))  # type: ignore[arg-type]
         if i == corrections:
             break
-        mask = refined_mask(
-            refiner, src.images[z], fine, extent, prob, sel, p, lab, inputs=(x, window)
-        )
+        mask = refined_mask(refiner, *here, prob, sel, p, lab, inputs=(x, window))
         click = next_click(mask, truth)
         if click is None:
             break
@@ -337,8 +306,7 @@ def validate(
             prob = src.probability(z, p, lab)
             mask = select_object(prob, p, lab)
             if refiner is not None:
-                image, (fine, extent) = src.images[z], src.fine(z)
-                mask = refined_mask(refiner, image, fine, extent, prob, mask, p, lab)
+                mask = refined_mask(refiner, *src.slice_inputs(z), prob, mask, p, lab)
             ious[n, i] = foreground_iou(mask, truth)
     return {f"iou@{k}": float(ious[:, k - 1].mean()) for k in (1, 3, 5)}
 

@@ -56,6 +56,7 @@ __all__ = [
     "follow_objects",
     "object_order",
     "refined_mask",
+    "refiner_inputs",
     "select_object",
 ]
 
@@ -197,7 +198,7 @@ def select_object(
         No positive click, or shapes that do not match.
     """
     prob = np.asarray(prob, np.float32)
-    yx = np.clip(np.rint(np.asarray(points, float)).astype(int), 0, np.array(prob.shape) - 1)
+    yx = _click_pixels(points, prob.shape)
     labels = np.asarray(labels)
     if yx.shape != (len(labels), 2) or prob.ndim != 2:
         raise ValueError(
@@ -272,11 +273,47 @@ def _near_first(mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return np.isin(comp, list(keep))
 
 
+def _click_pixels(points: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Clicks ``(N, 2)`` as integer ``(y, x)`` pixels inside a slice of ``shape``."""
+    return np.clip(np.rint(np.asarray(points, float)).astype(int), 0, np.array(shape) - 1)
+
+
+def refiner_inputs(
+    refiner: ClickRefiner,
+    image: torch.Tensor,
+    fine: torch.Tensor,
+    fine_stride: int,
+    prob: np.ndarray,
+    selection: np.ndarray,
+    points: np.ndarray,
+    labels: np.ndarray,
+) -> tuple[torch.Tensor, Window]:
+    """Build the click refiner's input ``(in_channels, size, size)`` and its window.
+
+    Arguments as :func:`refined_mask`.
+    """
+    c = refiner.config
+    yx = _click_pixels(points, prob.shape)
+    window = window_around(selection, yx, context=c.context, min_side=c.min_side)
+    x = stack_inputs(
+        image,
+        fine,
+        fine_stride,
+        torch.from_numpy(np.asarray(prob, np.float32)),
+        torch.from_numpy(np.asarray(selection, bool)),
+        window,
+        yx,
+        np.asarray(labels),
+        c,
+    )
+    return x, window
+
+
 def refined_mask(
     refiner: ClickRefiner,
     image: torch.Tensor,
     fine: torch.Tensor,
-    fine_extent: tuple[float, float],
+    fine_stride: int,
     prob: np.ndarray,
     selection: np.ndarray,
     points: np.ndarray,
@@ -293,7 +330,9 @@ def refined_mask(
     image : torch.Tensor
         ``(C, H, W)`` the normalised slice.
     fine : torch.Tensor
-        ``(Cf, h, w)`` its fine features, spanning ``fine_extent`` slice pixels (padded).
+        ``(Cf, h, w)`` its fine features (of the padded slice).
+    fine_stride : int
+        Slice pixels per fine feature cell.
     prob : np.ndarray
         ``(H, W)`` class probability.
     selection : np.ndarray
@@ -301,7 +340,7 @@ def refined_mask(
     points, labels : np.ndarray
         ``(N, 2)`` ``(y, x)`` clicks on the slice and their ``(N,)`` labels.
     inputs : (torch.Tensor, Window), optional
-        The refiner's input and window for exactly these arguments, when made already.
+        :func:`refiner_inputs` of exactly these arguments, when made already.
 
     Returns
     -------
@@ -309,29 +348,15 @@ def refined_mask(
         ``(H, W)`` bool: the parts of the refined mask that hold a positive click (the
         selection when none does).
     """
-    c = refiner.config
-    yx = np.clip(np.rint(np.asarray(points, float)).astype(int), 0, np.array(prob.shape) - 1)
     if inputs is None:
-        window = window_around(selection, yx, context=c.context, min_side=c.min_side)
-        x = stack_inputs(
-            image,
-            fine,
-            fine_extent,
-            torch.from_numpy(np.asarray(prob, np.float32)),
-            torch.from_numpy(np.asarray(selection, bool)),
-            window,
-            yx,
-            np.asarray(labels),
-            c,
-        )
-    else:
-        x, window = inputs
+        inputs = refiner_inputs(refiner, image, fine, fine_stride, prob, selection, points, labels)
+    x, window = inputs
     with torch.inference_mode():
         x = x[None].to(next(refiner.parameters()).device, memory_format=torch.channels_last)
         logits = refiner(x)[0]
     patch, (ys, xs) = paste_logits(logits, window, prob.shape)
     # The window holds every click: components are found inside it only.
-    pos = yx[np.asarray(labels) == 1] - (ys.start, xs.start)
+    pos = _click_pixels(points, prob.shape)[np.asarray(labels) == 1] - (ys.start, xs.start)
     pos = pos[((pos >= 0) & (pos < patch.shape)).all(axis=1)]
     kept = _connected_to(patch > 0, pos) if len(pos) else np.zeros(patch.shape, bool)
     if not kept.any():

@@ -273,13 +273,9 @@ class RevolverPredictor(VolumeEncoder):
         """Redraw a selection on slice ``key`` with :attr:`refiner`."""
         assert self.refiner is not None
         fine = self.features(key).fine[0]
-        extent = (
-            float(fine.shape[-2] * self.model.fine_stride),
-            float(fine.shape[-1] * self.model.fine_stride),
-        )
-        k = self.info.flat(key)
+        image = self._normalized(self.info.flat(key))
         return objects.refined_mask(
-            self.refiner, self._normalized(k), fine, extent, prob, selection, pts, lab
+            self.refiner, image, fine, self.model.fine_stride, prob, selection, pts, lab
         )
 
     def _normalized(self, k: int) -> torch.Tensor:

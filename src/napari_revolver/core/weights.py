@@ -82,13 +82,17 @@ def save_weights(model: GuidedNet, path: str | Path, extra: dict[str, str] | Non
     RuntimeError
         If the model's batch norms were folded for inference.
     """
-    from safetensors.torch import save
-
     if getattr(model, "_fused", False):
         raise RuntimeError("cannot save a model whose batch norms were folded for inference")
     meta = {"format_version": FORMAT_VERSION, "config": json.dumps(model.config.to_dict())}
-    meta.update(extra or {})
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    return _write(model, path, {**meta, **(extra or {})})
+
+
+def _write(module: torch.nn.Module, path: str | Path, meta: dict[str, str]) -> Path:
+    """Write ``module``'s tensors and ``meta`` as one safetensors file, atomically."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
     payload = save(state, metadata=meta)
     return atomic_write(path, lambda fh: fh.write(payload), binary=True, overwrite=True)
 
@@ -219,16 +223,11 @@ def save_refiner(
     ``extra`` should name the guided network it was trained on (``base_sha256``): its inputs
     are that network's features and probabilities.
     """
-    from safetensors.torch import save
-
     meta = {
         "format_version": FORMAT_VERSION,
         "refiner_config": json.dumps(refiner.config.to_dict()),
     }
-    meta.update(extra or {})
-    state = {k: v.detach().to("cpu").contiguous() for k, v in refiner.state_dict().items()}
-    payload = save(state, metadata=meta)
-    return atomic_write(path, lambda fh: fh.write(payload), binary=True, overwrite=True)
+    return _write(refiner, path, {**meta, **(extra or {})})
 
 
 def default_refiner_path(weights_path: str | Path) -> Path:

@@ -309,7 +309,7 @@ class ClickRefiner(nn.Module):
 def stack_inputs(
     image: torch.Tensor,
     fine: torch.Tensor,
-    fine_extent: tuple[float, float],
+    fine_stride: int,
     prob: torch.Tensor,
     selection: torch.Tensor,
     window: Window,
@@ -324,7 +324,8 @@ def stack_inputs(
     image : torch.Tensor
         ``(C, H, W)`` normalised slice.
     fine : torch.Tensor
-        ``(Cf, h, w)`` fine features (padded), spanning ``fine_extent`` slice pixels.
+        ``(Cf, h, w)`` fine features (of the padded slice), one cell per ``fine_stride``
+        slice pixels.
     prob, selection : torch.Tensor
         ``(H, W)`` class probability and selection (0/1).
     window : Window
@@ -333,10 +334,11 @@ def stack_inputs(
     config : RefinerConfig
     """
     s = config.size
+    extent = (float(fine.shape[-2] * fine_stride), float(fine.shape[-1] * fine_stride))
     return torch.cat(
         [
             sample_window(image, window, s),
-            sample_window(fine, window, s, fine_extent),
+            sample_window(fine, window, s, extent),
             sample_window(torch.stack([prob, selection.to(prob.dtype)]), window, s),
             click_maps(window, points, labels, s, config.click_sigmas),
         ]
