@@ -59,6 +59,9 @@ def _args() -> argparse.Namespace:
     ap.add_argument(
         "--no-refiner", action="store_true", help="object clicks select only (no click refiner)"
     )
+    ap.add_argument(
+        "--no-follower", action="store_true", help="objects followed by watershed (no follower)"
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--image", type=Path, default=None, help="a (Z, Y, X) TIFF; default synthetic")
     ap.add_argument("--slices", type=int, default=100)
@@ -88,8 +91,9 @@ def main() -> None:
     image, labels = _stack(args)
     n = image.shape[0]
     predictor = RevolverPredictor(args.weights, args.device)
-    if args.no_refiner:
-        predictor.refiner = None
+    # --no-refiner / --no-follower: without the weights' own refiners.
+    predictor.refiner = None if args.no_refiner else predictor.refiner
+    predictor.follower = None if args.no_follower else predictor.follower
     predictor.set_volume(image)
     rng = np.random.default_rng(0)
     z = n // 2

@@ -2,9 +2,11 @@
 
 python scripts/package_weights.py RUN_DIR [--note "trained on ..."]
 python scripts/package_weights.py RUN_DIR --clicks [--note ...]   # a `revolver train-clicks` run
+python scripts/package_weights.py RUN_DIR --follow [--note ...]   # a `revolver train-follow` run
 
 With ``--clicks`` the run's best click refiner goes beside the default weights as
-``<stem>-clicks.safetensors``; it must have been trained on exactly those weights.
+``<stem>-clicks.safetensors``, with ``--follow`` its best follower as ``<stem>-follow.safetensors``;
+either must have been trained on exactly those weights.
 """
 
 from __future__ import annotations
@@ -34,12 +36,12 @@ def _clean(config: dict) -> dict:
     return config
 
 
-def install_refiner(run: Path, note: str) -> None:
-    """Install a refiner run's best refiner beside the default weights."""
+def install_refiner(run: Path, note: str, role: str) -> None:
+    """Install a run's best refiner (``role``: clicks or follow) beside the default weights."""
     src = run / "best.safetensors"
     base = load_weights()
     load_refiner(src, base.sha256)  # refuses a refiner of other weights
-    dst = default_refiner_path(default_weights_path())
+    dst = default_refiner_path(default_weights_path(), role)  # type: ignore[arg-type]
     shutil.copyfile(src, dst)
     with safe_open(str(src), framework="pt") as f:
         meta = dict(f.metadata() or {})
@@ -59,10 +61,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("run", type=Path)
     ap.add_argument("--note", default="")
-    ap.add_argument("--clicks", action="store_true", help="the run trained a click refiner")
+    kind = ap.add_mutually_exclusive_group()
+    kind.add_argument("--clicks", action="store_true", help="the run trained a click refiner")
+    kind.add_argument("--follow", action="store_true", help="the run trained a follower")
     args = ap.parse_args()
-    if args.clicks:
-        install_refiner(args.run, args.note)
+    if args.clicks or args.follow:
+        install_refiner(args.run, args.note, "clicks" if args.clicks else "follow")
         return
     src = args.run / "best.safetensors"
     loaded = load_weights(src)  # refuses anything that is not a valid checkpoint

@@ -288,6 +288,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-objects", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser(
+        "train-follow",
+        help="train the follower of object tasks through z and t on frozen weights (resumable)",
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="run folder (checkpoints, log, best follower)"
+    )
+    p.add_argument(
+        "--weights", type=Path, default=None, help="the guided network (default: shipped)"
+    )
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=32, help="object steps per training step")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="folder of labelled data sets; z-stacks with instance ids are used (training "
+        "split; the validation split chooses the best step); without it, procedural stacks only",
+    )
+    p.add_argument("--datasets", default="", help="comma-separated subset of --data")
+    p.add_argument("--synthetic", type=int, default=48, help="procedural training stacks")
+    p.add_argument("--val-every", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("compare", help="score a segmentation against ground-truth labels")
     p.add_argument("prediction", type=Path, help="label TIFF to score")
     p.add_argument("truth", type=Path, help="ground-truth label TIFF of the same shape")
@@ -743,6 +768,43 @@ def _cmd_train_clicks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_follow(args: argparse.Namespace) -> int:
+    from .core.follow_training import FollowTrainConfig, train_follower
+
+    if args.weights is not None and not args.weights.exists():
+        raise FileNotFoundError(f"--weights {args.weights} do not exist")
+    cfg = FollowTrainConfig(
+        out=str(args.out),
+        weights=str(args.weights) if args.weights else None,
+        data=str(args.data) if args.data else None,
+        datasets=[d for d in args.datasets.split(",") if d],
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        synthetic=args.synthetic,
+        seed=args.seed,
+        val_every=args.val_every,
+    )
+    bar = Progress("train follower", unit="step")
+
+    def show(rec: dict) -> None:
+        bar.update(rec["step"], cfg.steps)
+        if "val" in rec:
+            v = rec["val"]
+            bar.write(
+                f"step {rec['step']}: loss {rec['loss']:.4f}, validation 3D IoU "
+                f"{v['iou3d']:.3f}, {v['share@0.5']:.0%} of objects at IoU >= 0.5"
+            )
+
+    best = train_follower(cfg, on_progress=show)
+    print(f"best follower: {best}")
+    print(
+        "to use it, copy it beside its weights as <weights stem>-follow.safetensors "
+        "(for the shipped weights: revolver-s-follow.safetensors)"
+    )
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     import json
 
@@ -933,6 +995,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
             print(f"  {k}: {w.metadata[k]}")
     refiner = "none (object clicks select only)" if w.refiner is None else "yes"
     print(f"  click refiner for object tasks: {refiner}")
+    follower = "none (objects are followed by watershed)" if w.follower is None else "yes"
+    print(f"  follower of object tasks through z and t: {follower}")
     print(f"models: {', '.join(available_models())}")
     print(
         f"cuda: {torch.cuda.is_available()}, mps: "
@@ -947,6 +1011,7 @@ _COMMANDS = {
     "precompute": _cmd_precompute,
     "train": _cmd_train,
     "train-clicks": _cmd_train_clicks,
+    "train-follow": _cmd_train_follow,
     "compare": _cmd_compare,
     "eval": _cmd_eval,
     "info": _cmd_info,
@@ -957,6 +1022,7 @@ _INTERRUPTED = {
     "precompute": "the slices encoded so far are stored; run the same command to resume",
     "train": "run the same command to resume from the last checkpoint",
     "train-clicks": "run the same command to resume from the last checkpoint",
+    "train-follow": "run the same command to resume from the last checkpoint",
 }
 
 

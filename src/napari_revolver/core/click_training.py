@@ -46,6 +46,7 @@ from .objects import refined_mask, refiner_inputs, select_object
 from .weights import LoadedWeights, load_weights, save_refiner
 
 if TYPE_CHECKING:
+    from .follow_training import FollowTrainConfig
     from .predictor import RevolverPredictor
 
 logger = logging.getLogger(__name__)
@@ -311,7 +312,7 @@ def validate(
     return {f"iou@{k}": float(ious[:, k - 1].mean()) for k in (1, 3, 5)}
 
 
-def _lr_at(cfg: ClickTrainConfig, step: int, warmup: int = 100) -> float:
+def _lr_at(cfg: ClickTrainConfig | FollowTrainConfig, step: int, warmup: int = 100) -> float:
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
@@ -365,7 +366,6 @@ def _batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``cfg.batch`` windows after each click of simulated episodes, flipped and rotated."""
     xs, ys = [], []
-    refiner.eval()
     while len(xs) < cfg.batch:
         src, z, oid = _draw(rng, sources)
         n = _corrections(rng, cfg.max_corrections)
@@ -395,37 +395,95 @@ def train_refiner(
     Resumes from ``<out>/checkpoint.pt`` when it exists. The best refiner (by the sum of the
     validation IoUs after 1, 3 and 5 clicks) is ``<out>/best.safetensors``.
     """
+    weights = start_run(cfg)
+    train_src, val_items = _sources(cfg, weights)
+    refiner = ClickRefiner(cfg.refiner)
+    return run_steps(
+        refiner,
+        cfg,
+        weights,
+        batch=lambda rng: _batch(refiner, train_src, cfg, rng),
+        validate=lambda: validate(refiner, val_items),
+        score=lambda v: sum(v.values()),
+        baseline=("selection", lambda: validate(None, val_items)),
+        role="clicks",
+        on_progress=on_progress,
+    )
+
+
+def start_run(cfg: ClickTrainConfig | FollowTrainConfig) -> LoadedWeights:
+    """Create the run folder, write its configuration, set threads and seeds; load weights."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    weights = load_weights(cfg.weights)
-    rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    train_src, val_items = _sources(cfg, weights)
-    refiner = ClickRefiner(cfg.refiner)
-    opt = torch.optim.AdamW(refiner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return load_weights(cfg.weights)
+
+
+def run_steps(
+    module: ClickRefiner,
+    cfg: ClickTrainConfig | FollowTrainConfig,
+    weights: LoadedWeights,
+    *,
+    batch: Callable[[np.random.Generator], tuple[torch.Tensor, torch.Tensor]],
+    validate: Callable[[], dict[str, float]],
+    score: Callable[[dict[str, float]], float],
+    baseline: tuple[str, Callable[[], dict[str, float]]],
+    role: str,
+    on_progress: Callable[[dict], None] | None = None,
+) -> Path:
+    """Run the training loop of a refiner (click refiner or follower): resumable, best by score.
+
+    Parameters
+    ----------
+    module : ClickRefiner
+        Trained in place.
+    cfg : ClickTrainConfig or FollowTrainConfig
+        Its ``out``, ``steps``, ``lr``, ``weight_decay``, ``seed`` and ``val_every``.
+    weights : LoadedWeights
+        The frozen network it is trained on (recorded in the saved files).
+    batch : callable
+        ``batch(rng) -> (x, target)`` of one step, drawn with the module in eval mode.
+    validate, score : callable
+        The validation metrics, and the number (larger is better) that picks the best step.
+    baseline : (str, callable)
+        Written to the log at step 0 under this name: the score without the module.
+    role : str
+        What the module is (``clicks``, ``follow``), recorded in the saved files.
+    on_progress : callable, optional
+        Gets each step's record.
+
+    Returns
+    -------
+    Path
+        ``<out>/best.safetensors``.
+    """
+    out = Path(cfg.out)
+    rng = np.random.default_rng(cfg.seed)
+    opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt = out / "checkpoint.pt"
     step, best = 0, -1.0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
-        refiner.load_state_dict(state["model"])
+        module.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, best = int(state["step"]), float(state["best"])
         rng = np.random.default_rng([cfg.seed, step])  # not the same batches again
-    meta = {"base_sha256": weights.sha256, "base_model": weights.model_key}
+    meta = {"base_sha256": weights.sha256, "base_model": weights.model_key, "role": role}
     with (out / "log.jsonl").open("a") as log:
         if step == 0:
-            log.write(json.dumps({"step": 0, "selection": validate(None, val_items)}) + "\n")
+            log.write(json.dumps({"step": 0, baseline[0]: baseline[1]()}) + "\n")
         while step < cfg.steps:
             t = time.perf_counter()
-            x, y = _batch(refiner, train_src, cfg, rng)
+            module.eval()
+            x, y = batch(rng)
             t_data = time.perf_counter() - t
-            refiner.train()
+            module.train()
             for g in opt.param_groups:
                 g["lr"] = _lr_at(cfg, step)
-            loss = refiner_loss(refiner(x), y)
+            loss = refiner_loss(module(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -433,12 +491,12 @@ def train_refiner(
             rec: dict = {"step": step, "loss": float(loss.detach()), "data_s": t_data}
             rec["s"] = time.perf_counter() - t
             if step % cfg.val_every == 0 or step == cfg.steps:
-                rec["val"] = validate(refiner, val_items)
-                score = sum(rec["val"].values())
-                if score > best:
-                    best = score
-                    save_refiner(refiner, out / "best.safetensors", {**meta, "step": str(step)})
-                _save_state(ckpt, refiner, opt, step, best)
+                module.eval()
+                rec["val"] = validate()
+                if score(rec["val"]) > best:
+                    best = score(rec["val"])
+                    save_refiner(module, out / "best.safetensors", {**meta, "step": str(step)})
+                _save_state(ckpt, module, opt, step, best)
             if step % 10 == 0 or "val" in rec:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()

@@ -16,7 +16,7 @@ No napari or Qt here.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -319,6 +319,7 @@ def evaluate_following(
     *,
     start: int | None = None,
     invert: bool = False,
+    given_start: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[FollowResult]:
     """Click each object once on one slice, follow them all through z, score each in 3D.
@@ -337,6 +338,9 @@ def evaluate_following(
         The clicked slice; default, per object, the slice where it is largest.
     invert : bool
         Dark objects on a light background.
+    given_start : bool
+        Give each object its true mask on the clicked slice (``Task.object_masks``, as a mask
+        painted by hand): scores the following alone, without the one click's segmentation.
     progress : callable, optional
         ``progress(done, total)`` per slice of the propagation.
 
@@ -355,9 +359,12 @@ def evaluate_following(
             raise ValueError(f"object {i} is not on slice {z}")
         d = _interior_distance(obj[z])
         y, x = np.unravel_index(int(np.argmax(d)), d.shape)
-        tasks.append(
-            predictor.guide([[z, y, x]], [1], kind="object", name=f"object {i}", label_value=value)
+        task = predictor.guide(
+            [[z, y, x]], [1], kind="object", name=f"object {i}", label_value=value
         )
+        if given_start:
+            task = replace(task, object_masks=(((z,), obj[z]),))
+        tasks.append(task)
     out = np.zeros(labels.shape, np.uint32)
     for step in predictor.propagate(tasks):
         out[step.index] = step.result

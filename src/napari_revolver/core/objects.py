@@ -24,7 +24,7 @@ No napari or Qt here.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -48,12 +48,14 @@ from .task import Task
 from .volume import VolumeInfo
 
 if TYPE_CHECKING:
+    from .model.guide import GuideOutput
     from .predictor import RevolverPredictor
 
 __all__ = [
     "FollowParams",
     "clicks_on",
     "follow_objects",
+    "memory_probability",
     "object_order",
     "refined_mask",
     "refiner_inputs",
@@ -580,31 +582,152 @@ def _visit(
     if not followed:
         return ()
     prob = _memory_probability(predictor, key, followed)
+    if predictor.follower is not None:
+        return _follow_learned(predictor, prob, key, followed, params)
     return _follow_step(prob, key, followed, threshold, params)
+
+
+def innermost(mask: np.ndarray) -> tuple[int, int]:
+    """Return the pixel of a non-empty ``(H, W)`` mask farthest from its boundary."""
+    box = _mask_box(mask, 1)
+    d = ndimage.distance_transform_edt(mask[box])
+    y, x = np.unravel_index(int(np.argmax(d)), d.shape)
+    return int(y + box[0].start), int(x + box[1].start)
+
+
+def follower_inputs(
+    follower: ClickRefiner,
+    image: torch.Tensor,
+    fine: torch.Tensor,
+    fine_stride: int,
+    prob: np.ndarray,
+    previous: np.ndarray,
+) -> tuple[torch.Tensor, Window]:
+    """Build the follower's input for one object and its window.
+
+    The object's mask on the neighbouring slice is the selection, its innermost point there the
+    one positive click. Arguments as :func:`refined_mask`, with ``previous`` the object's
+    ``(H, W)`` bool mask on the slice it is followed from (non-empty).
+    """
+    point = np.asarray([innermost(previous)], float)
+    return refiner_inputs(
+        follower, image, fine, fine_stride, prob, previous, point, np.ones(1, np.int8)
+    )
+
+
+def _follow_learned(
+    predictor: RevolverPredictor,
+    prob: np.ndarray,
+    key: Key,
+    tracks: list[_Track],
+    params: FollowParams,
+) -> tuple[ObjectEvent, ...]:
+    """Move the followed objects onto slice ``key`` with the follower (one batch for all).
+
+    Each object's logits are drawn in the window around its previous mask; a pixel claimed by
+    several objects goes to the one with the highest logit. An object's new mask is what it
+    keeps that touches its previous mask's core.
+    """
+    follower = predictor.follower
+    assert follower is not None
+    fine = predictor.features(key).fine[0]
+    image = predictor._normalized(predictor.info.flat(key))
+    stride = predictor.model.fine_stride
+    live = [t for t in tracks if t.masks[t.order[key][1]].any()]
+    inputs = [
+        follower_inputs(follower, image, fine, stride, prob, t.masks[t.order[key][1]]) for t in live
+    ]
+    best = np.zeros(prob.shape, np.float32)  # logit 0: background
+    owner = np.zeros(prob.shape, np.int32)
+    if inputs:
+        with torch.inference_mode():
+            x = torch.stack([x for x, _ in inputs]).to(
+                next(follower.parameters()).device, memory_format=torch.channels_last
+            )
+            logits = follower(x)
+        for i, (lg, (_, window)) in enumerate(zip(logits, inputs, strict=True), start=1):
+            patch, (ys, xs) = paste_logits(lg, window, prob.shape)
+            win = best[ys, xs] < patch
+            owner[ys, xs][win] = i
+            best[ys, xs][win] = patch[win]
+    events = []
+    bounds = {id(t): w.pixel_bounds(prob.shape) for t, (_, w) in zip(live, inputs, strict=True)}
+    for t in tracks:
+        prev = t.masks[t.order[key][1]]
+        new = None
+        if id(t) in bounds:
+            # Work in the union of the window and the previous mask's box (the core can
+            # reach beyond a window clipped at the slice edge only in theory).
+            ys, xs = bounds[id(t)]
+            mine = owner[ys, xs] == live.index(t) + 1
+            core = _core(prev, params.erosion)[ys, xs]
+            if (mine & core).any():
+                new = np.zeros(prob.shape, bool)
+                new[ys, xs] = _connected_to(mine, np.argwhere(mine & core))
+        _advance(t, key, new, prev, params, events)
+    return tuple(events)
+
+
+def _core(mask: np.ndarray, erosion: float) -> np.ndarray:
+    """Erode a non-empty mask by ``erosion`` of its radius (keep it if that leaves nothing)."""
+    box = _mask_box(mask, 1)
+    m = mask[box]
+    r = float(ndimage.distance_transform_edt(m).max())
+    core = ndimage.binary_erosion(m, iterations=max(1, int(erosion * r)))
+    out = np.zeros(mask.shape, bool)
+    out[box] = core if core.any() else m
+    return out
 
 
 def _memory_probability(predictor: RevolverPredictor, key: Key, tracks: list[_Track]) -> np.ndarray:
     """One head pass for all followed objects on slice ``key``, guided by their last masks."""
     info = predictor.info
+    unions: dict[Key, np.ndarray] = {}
+    for t in tracks:
+        parent = t.order[key][1]
+        union = unions.setdefault(parent, np.zeros(info.slice_shape, bool))
+        union |= t.masks[parent]
+    guidance = predictor.guidance_of([t.task for t in tracks])
+    return memory_probability(predictor, key, guidance, unions.items())
+
+
+def memory_probability(
+    predictor: RevolverPredictor,
+    key: Key,
+    guidance: GuideOutput,
+    parents: Iterable[tuple[Key, np.ndarray]],
+) -> np.ndarray:
+    """Class probability on slice ``key`` with the objects' masks on neighbouring slices.
+
+    Parameters
+    ----------
+    predictor : RevolverPredictor
+    key : tuple of int
+        The slice to predict.
+    guidance : GuideOutput
+        The tasks' own guidance (their clicks).
+    parents : iterable of (tuple of int, np.ndarray)
+        Neighbouring slices and the ``(H, W)`` bool union of the objects' masks there: added
+        to the guidance as positive dense support (the memory of their appearance) and, with
+        a local-prior model, as the prior of their position.
+
+    Returns
+    -------
+    np.ndarray
+        ``(H, W)`` float32.
+    """
     feats = predictor.features(key)
     grid = tuple(feats.fine.shape[-2:])
     stride = predictor.model.fine_stride
-    guidance = predictor.guidance_of([t.task for t in tracks])
     total = guidance.total()
     prior_masks = torch.zeros(1, 2, *grid)
-    for parent in {t.order[key][1] for t in tracks}:
-        union = np.zeros(info.slice_shape, bool)
-        for t in tracks:
-            if t.order[key][1] == parent:
-                union |= t.masks[parent]
+    for parent, union in parents:
         if not union.any():
             continue
         masks = dense_support(union, grid, stride)  # type: ignore[arg-type]
-        # Appearance memory: the objects' last masks as positive support (their surroundings
-        # hold look-alikes, so no negatives from them).
+        # Their surroundings hold look-alikes, so no negatives from them.
         masks[1] = 0
-        g = predictor.guide_features(predictor.features(parent), masks)
-        total = total + g
+        total = total + predictor.guide_features(predictor.features(parent), masks)
         prior_masks[0, 0] += masks[0]
     prior = local_prior(prior_masks) if predictor.model.config.local_prior else None
     return predictor.probability_with(key, total, prior)
@@ -669,13 +792,25 @@ def _follow_step(
                 part &= reach[i][box]
             new = np.zeros(prob.shape, bool)
             new[box] = _connected_to(part, seeds)
-        reason = _end_reason(new, prev[i], params)
-        if reason is None:
-            t.masks[key] = new  # type: ignore[assignment]
-        else:
-            t.stopped[key] = reason
-            events.append(ObjectEvent(t.task.name, t.task.label_value, key, reason))
+        _advance(t, key, new, prev[i], params, events)
     return tuple(events)
+
+
+def _advance(
+    t: _Track,
+    key: Key,
+    new: np.ndarray | None,
+    prev: np.ndarray,
+    params: FollowParams,
+    events: list[ObjectEvent],
+) -> None:
+    """Move an object onto slice ``key`` with its ``new`` mask, or end it there (an event)."""
+    reason = _end_reason(new, prev, params)
+    if reason is None:
+        t.masks[key] = new  # type: ignore[assignment]
+    else:
+        t.stopped[key] = reason
+        events.append(ObjectEvent(t.task.name, t.task.label_value, key, reason))
 
 
 def _end_reason(new: np.ndarray | None, prev: np.ndarray, params: FollowParams) -> str | None:

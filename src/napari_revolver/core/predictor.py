@@ -75,6 +75,10 @@ class RevolverPredictor(VolumeEncoder):
     refiner : ClickRefiner or None
         Redraws an object from its clicks after the selection (:func:`.objects.refined_mask`);
         the weights' own (``weights.refiner``) by default. ``None``: selection only.
+    follower : ClickRefiner or None
+        Moves followed objects from slice to slice (:func:`.objects.follow_objects`), the
+        weights' own (``weights.follower``) by default. ``None``: a watershed seeded by each
+        object's previous mask instead.
 
     Examples
     --------
@@ -90,7 +94,9 @@ class RevolverPredictor(VolumeEncoder):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._refiner: ClickRefiner | None = None
+        self._follower: ClickRefiner | None = None
         self.refiner = self.weights.refiner
+        self.follower = self.weights.follower
         self._last_slice: tuple[tuple[object, ...], torch.Tensor] | None = None
 
     @property
@@ -100,15 +106,26 @@ class RevolverPredictor(VolumeEncoder):
 
     @refiner.setter
     def refiner(self, refiner: ClickRefiner | None) -> None:
-        if refiner is not None:
-            want = self.model.config.feature_fine_channels
-            got = refiner.config.feature_channels
-            if got != want:
-                raise ValueError(
-                    f"the click refiner reads {got} feature channels; these weights have {want}"
-                )
-            refiner = refiner.to(self.device).eval()
-        self._refiner = refiner
+        self._refiner = self._checked(refiner, "click refiner")
+
+    @property
+    def follower(self) -> ClickRefiner | None:
+        """The follower of object tasks through z and t, or ``None`` (see the class docstring)."""
+        return self._follower
+
+    @follower.setter
+    def follower(self, follower: ClickRefiner | None) -> None:
+        self._follower = self._checked(follower, "follower")
+
+    def _checked(self, refiner: ClickRefiner | None, what: str) -> ClickRefiner | None:
+        """Check that a refiner reads these weights' fine features; move it, in eval mode."""
+        if refiner is None:
+            return None
+        want = self.model.config.feature_fine_channels
+        got = refiner.config.feature_channels
+        if got != want:
+            raise ValueError(f"the {what} reads {got} feature channels; these weights have {want}")
+        return refiner.to(self.device).eval()
 
     # ------------------------------------------------------------------- guide
     @torch.inference_mode()

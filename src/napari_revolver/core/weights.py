@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -44,6 +45,9 @@ class LoadedWeights:
     #: The click refiner trained on this network (object clicks), when one sits beside the
     #: weights file as ``<stem>-clicks.safetensors``; ``None`` otherwise.
     refiner: ClickRefiner | None = None
+    #: The follower trained on this network (object tasks through z and t), when one sits
+    #: beside the weights file as ``<stem>-follow.safetensors``; ``None`` otherwise.
+    follower: ClickRefiner | None = None
 
     @property
     def model_key(self) -> str:
@@ -183,14 +187,19 @@ def load_weights(
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
     model = model.to(device).for_inference()
-    refiner = None
-    refiner_path = default_refiner_path(path)
-    if refiner_path.exists():
-        try:
-            refiner = load_refiner(refiner_path, digest, device)
-        except ValueError as exc:
-            logger.warning("object clicks without the click refiner: %s", exc)
-    return LoadedWeights(model, str(path), digest, meta, refiner)
+    found: dict[str, ClickRefiner | None] = {}
+    for role, without in (
+        ("clicks", "object clicks without the click refiner"),
+        ("follow", "objects followed by watershed, without the follower"),
+    ):
+        found[role] = None
+        refiner_path = default_refiner_path(path, role)
+        if refiner_path.exists():
+            try:
+                found[role] = load_refiner(refiner_path, digest, device)
+            except ValueError as exc:
+                logger.warning("%s: %s", without, exc)
+    return LoadedWeights(model, str(path), digest, meta, found["clicks"], found["follow"])
 
 
 def in_memory_weights(model: GuidedNet) -> LoadedWeights:
@@ -230,10 +239,18 @@ def save_refiner(
     return _write(refiner, path, {**meta, **(extra or {})})
 
 
-def default_refiner_path(weights_path: str | Path) -> Path:
-    """Return where the click refiner of a weights file sits: ``<stem>-clicks.safetensors``."""
+def default_refiner_path(
+    weights_path: str | Path, role: Literal["clicks", "follow"] = "clicks"
+) -> Path:
+    """Return where a refiner of a weights file sits: ``<stem>-<role>.safetensors``.
+
+    ``clicks`` is the click refiner of object clicks, ``follow`` the follower of objects
+    through z and t (the same architecture, trained on its own episodes).
+    """
+    if role not in ("clicks", "follow"):
+        raise ValueError(f"role must be 'clicks' or 'follow'; got {role!r}")
     p = Path(weights_path)
-    return p.with_name(f"{p.stem}-clicks.safetensors")
+    return p.with_name(f"{p.stem}-{role}.safetensors")
 
 
 def load_refiner(

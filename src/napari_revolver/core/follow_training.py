@@ -1,0 +1,318 @@
+"""Training the follower: an object moved from one slice to the next, as in mask propagation.
+
+Video object segmentation moves an object's mask from frame to frame with a network that sees
+the new frame and the last mask (MaskTrack, Perazzi et al. 2017). The follower does that through
+z and t with the click refiner's architecture (:mod:`.model.click_refiner`): in a window around
+the object's mask on the neighbouring slice, it reads the new slice's image, its cached fine
+features, the class probability of the memory guidance (:func:`.objects.memory_probability`)
+and the previous mask as the selection, with the previous mask's innermost point as the one
+positive click, and draws the object on the new slice. Where the object ends, its target is
+empty: the follower learns to let go rather than to jump to the object beside or behind it.
+
+Each sample is one step ``p -> p +/- 1`` of an object of a labelled z-stack whose ids persist
+through z (instance labels of a volume, and procedural stacks of :mod:`.synthetic`). The previous
+mask is the true one, perturbed as a prediction is (eroded, dilated or shifted in proportion to
+the object's size), so that the follower learns to repair a step's error instead of passing it
+on. An object ends at a step when it is absent on the next two slices and was present on the
+slice before (a gap of one slice in the labels is not an end, nor are ids found on a single
+slice). Validation follows fixed objects of held-out stacks from one click each and scores
+their 3D IoU, as ``benchmarks/objects.py`` does.
+
+No napari or Qt here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from . import synthetic
+from .click_training import ObjectSource, run_steps, start_run
+from .episodes import load_labelled_stacks
+from .evaluate import foreground_iou
+from .model.click_refiner import ClickRefiner, RefinerConfig, sample_window
+from .objects import follower_inputs, innermost, memory_probability
+from .weights import LoadedWeights
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FollowTrainConfig", "follow_sample", "stack_sources", "train_follower"]
+
+
+def _follower_config() -> RefinerConfig:
+    # Smaller and narrower than the click refiner: it runs once per object and slice.
+    return RefinerConfig(size=64, width=16, mid_width=32)
+
+
+@dataclass
+class FollowTrainConfig:
+    """Everything a follower training run depends on (written next to its checkpoints)."""
+
+    out: str = "runs/follow"
+    weights: str | None = None
+    data: str | None = None
+    #: Labelled z-stacks with instance ids (others are skipped with a message).
+    datasets: list[str] = field(default_factory=list)
+    steps: int = 1500
+    batch: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    #: Procedural stacks to train on, ``depth`` planes of ``side`` x ``side`` each.
+    synthetic: int = 48
+    depth: int = 12
+    side: int = 192
+    #: Share of samples drawn at an object's end (its target is empty).
+    end_share: float = 0.2
+    seed: int = 0
+    val_every: int = 250
+    val_objects: int = 6
+    threads: int = 2
+    refiner: RefinerConfig = field(default_factory=_follower_config)
+
+
+@dataclass
+class _Step:
+    """One object step of a stack: the object ``oid`` from slice ``p`` to ``p + d``."""
+
+    src: ObjectSource
+    p: int
+    d: int
+    oid: int
+    end: bool
+
+
+def stack_sources(
+    weights: LoadedWeights,
+    *,
+    n: int = 0,
+    seed: int = 0,
+    depth: int = 12,
+    side: int = 192,
+    root: str | None = None,
+    names: Sequence[str] = (),
+    split: str = "train",
+) -> list[ObjectSource]:
+    """Z-stacks whose object ids persist through z: ``n`` procedural ones and labelled ones.
+
+    Labelled data sets that are not volumes with instance ids are skipped (logged).
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n:
+        style = synthetic.random_style(rng)
+        scene = synthetic.make_scene(rng, style, (depth, side, side))
+        planes = [synthetic.render_slice(scene, float(z), rng) for z in range(depth)]
+        cells = rng.random() < 0.5 and all(s.cells.any() for s in planes)
+        labels = np.stack([s.cells if cells else s.instance for s in planes]).astype(np.int64)
+        if not labels.any():
+            continue
+        images = np.stack([s.image for s in planes])
+        if rng.random() < 0.3:
+            images = np.stack(synthetic.stain_rgb(rng, list(images), rng.random() < 0.9))
+        out.append(ObjectSource.build("procedural stack", weights, images, labels))
+    if root and names:
+        for st in load_labelled_stacks(root, names, split=split):
+            if st.semantic or not st.volumetric:
+                logger.info("%s is not a volume with instance ids: not used", st.name)
+                continue
+            labels = np.stack(st.labels).astype(np.int64)
+            out.append(ObjectSource.build(st.name, weights, np.stack(st.images), labels))
+    return [s for s in out if s.objects]
+
+
+def _steps_of(src: ObjectSource) -> tuple[list[_Step], list[_Step]]:
+    """All object steps of a stack: those onto the object, and those past its end."""
+    lab = src.labels
+    onto, ends = [], []
+    present = {(z, i) for z, i in src.objects}
+    for z, oid in src.objects:
+        for d in (-1, 1):
+            q, r = z + d, z + 2 * d
+            if not 0 <= q < len(lab):
+                continue
+            if (q, oid) in present:
+                onto.append(_Step(src, z, d, oid, False))
+            elif (
+                (z - d, oid) in present
+                and not (lab[q] == oid).any()
+                and not (0 <= r < len(lab) and (lab[r] == oid).any())
+            ):
+                ends.append(_Step(src, z, d, oid, True))
+    return onto, ends
+
+
+def _perturb(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Perturb a true mask as a prediction of it could be: eroded, dilated, shifted.
+
+    Errors scale with the object: up to 15% of its radius eroded or dilated, and a shift up to
+    30% of it (a fast-moving object, or one cut obliquely by thick sections, moves that far).
+    """
+    r = float(np.sqrt(mask.sum() / np.pi))
+    out = mask
+    most = max(1, round(0.15 * r))
+    k = int(rng.integers(-most, most + 1))
+    if k > 0:
+        out = ndimage.binary_dilation(out, iterations=k)
+    elif k < 0:
+        eroded = ndimage.binary_erosion(out, iterations=-k)
+        out = eroded if eroded.sum() >= 0.3 * mask.sum() else out
+    far = max(2.0, 0.3 * r) * np.sqrt(rng.random())
+    angle = rng.uniform(0, 2 * np.pi)
+    dy, dx = round(far * np.sin(angle)), round(far * np.cos(angle))
+    return np.roll(out, (dy, dx), axis=(0, 1))
+
+
+def follow_sample(
+    follower: ClickRefiner, step: _Step, rng: np.random.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Make the follower's input and target for one object step.
+
+    Returns
+    -------
+    x : torch.Tensor
+        ``(in_channels, size, size)``.
+    target : torch.Tensor
+        ``(size, size)``: the object's share of each window pixel on the new slice.
+    """
+    src, p, q = step.src, step.p, step.p + step.d
+    prev = src.labels[p] == step.oid
+    if rng is not None:
+        prev = _perturb(prev, rng)
+    pr = src.predictor
+    y, x = innermost(prev)
+    task = pr.guide([[p, y, x]], [1], kind="object")
+    prob = memory_probability(pr, (q,), pr.guidance_of([task]), [((p,), prev)])
+    inputs, window = follower_inputs(follower, *src.slice_inputs(q), prob, prev)
+    truth = torch.from_numpy((src.labels[q] == step.oid).astype(np.float32))[None]
+    return inputs, sample_window(truth, window, follower.config.size)[0]  # type: ignore[arg-type]
+
+
+def validate_following(
+    follower: ClickRefiner | None, items: Sequence[tuple[ObjectSource, int, list[int]]]
+) -> dict[str, float]:
+    """Follow fixed objects from one click each; mean 3D IoU and share at IoU >= 0.5.
+
+    ``follower=None`` scores the watershed follower.
+    """
+    ious = []
+    for src, z, ids in items:
+        pr = src.predictor
+        pr.follower = follower
+        tasks = []
+        for value, oid in enumerate(ids, start=1):
+            y, x = innermost(src.labels[z] == oid)
+            tasks.append(pr.guide([[z, y, x]], [1], kind="object", label_value=value))
+        out = np.zeros(src.labels.shape, np.uint32)
+        for st in pr.propagate(tasks):
+            out[st.index] = st.result
+        ious += [foreground_iou(out == v, src.labels == oid) for v, oid in enumerate(ids, 1)]
+        pr.follower = None
+    a = np.asarray(ious)
+    return {"iou3d": float(a.mean()), "share@0.5": float((a >= 0.5).mean())}
+
+
+def _val_items(
+    sources: Sequence[ObjectSource], per_stack: int
+) -> list[tuple[ObjectSource, int, list[int]]]:
+    """Per stack: its middle slice and up to ``per_stack`` of its objects there, largest first."""
+    items = []
+    for src in sources:
+        z = len(src.labels) // 2
+        here = [(int((src.labels[z] == i).sum()), i) for zz, i in src.objects if zz == z]
+        ids = [i for _, i in sorted(here, reverse=True)[:per_stack]]
+        if ids:
+            items.append((src, z, ids))
+    return items
+
+
+def _batch(
+    follower: ClickRefiner,
+    onto: Sequence[_Step],
+    ends: Sequence[_Step],
+    cfg: FollowTrainConfig,
+    rng: np.random.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cfg.batch`` samples, ``end_share`` of them past an end, flipped and rotated."""
+    xs, ys = [], []
+    for _ in range(cfg.batch):
+        pool = ends if ends and rng.random() < cfg.end_share else onto
+        x, y = follow_sample(follower, pool[int(rng.integers(len(pool)))], rng)
+        if rng.random() < 0.5:
+            x, y = x.flip(-1), y.flip(-1)
+        k = int(rng.integers(4))
+        xs.append(torch.rot90(x, k, (-2, -1)))
+        ys.append(torch.rot90(y, k, (-2, -1)))
+    return torch.stack(xs), torch.stack(ys)
+
+
+def _prepare(
+    cfg: FollowTrainConfig, weights: LoadedWeights
+) -> tuple[list[_Step], list[_Step], list[tuple[ObjectSource, int, list[int]]]]:
+    """Return a run's training steps (onto objects, past their ends) and validation objects."""
+    t0 = time.perf_counter()
+    train_src = stack_sources(
+        weights,
+        n=cfg.synthetic,
+        seed=cfg.seed,
+        depth=cfg.depth,
+        side=cfg.side,
+        root=cfg.data,
+        names=cfg.datasets,
+    )
+    val_src = stack_sources(
+        weights,
+        n=max(4, cfg.synthetic // 8),
+        seed=cfg.seed + 10_000,
+        depth=cfg.depth,
+        side=cfg.side,
+        root=cfg.data,
+        names=cfg.datasets,
+        split="val",
+    )
+    onto: list[_Step] = []
+    ends: list[_Step] = []
+    for src in train_src:
+        a, b = _steps_of(src)
+        onto += a
+        ends += b
+    if not onto:
+        raise ValueError("no object continues onto a neighbouring slice in the training stacks")
+    val_items = _val_items(val_src, cfg.val_objects)
+    logger.info(
+        "stacks ready in %.0f s: %d steps onto objects, %d past their ends",
+        time.perf_counter() - t0,
+        len(onto),
+        len(ends),
+    )
+    return onto, ends, val_items
+
+
+def train_follower(
+    cfg: FollowTrainConfig, *, on_progress: Callable[[dict], None] | None = None
+) -> Path:
+    """Train a follower on the frozen guided network; return the best follower's path.
+
+    Resumes from ``<out>/checkpoint.pt`` when it exists. The best follower (by validation 3D
+    IoU) is ``<out>/best.safetensors``.
+    """
+    weights = start_run(cfg)
+    onto, ends, val_items = _prepare(cfg, weights)
+    follower = ClickRefiner(cfg.refiner)
+    return run_steps(
+        follower,
+        cfg,
+        weights,
+        batch=lambda rng: _batch(follower, onto, ends, cfg, rng),
+        validate=lambda: validate_following(follower, val_items),
+        score=lambda v: v["iou3d"],
+        baseline=("watershed", lambda: validate_following(None, val_items)),
+        role="follow",
+        on_progress=on_progress,
+    )
