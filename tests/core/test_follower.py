@@ -212,6 +212,24 @@ def _track(predictor: RevolverPredictor, prev: np.ndarray, p: int):  # type: ign
     return _Track(task, {(p + 1,): (1, (p,)), (p,): (0, (p,))}, {(p,): prev}, {})
 
 
+def test_training_steps_end_objects_only_where_they_are_gone() -> None:
+    from napari_revolver.core.follow_training import _steps_of
+
+    labels = np.zeros((9, 32, 32), np.int64)
+    labels[2:5, 8:20, 8:20] = 1  # an object through slices 2-4
+    labels[7, 4:12, 20:28] = 2  # an id on one slice only
+    objects = [(z, 1) for z in (2, 3, 4)] + [(7, 2)]
+    src = ObjectSource("stack", None, labels, objects)  # type: ignore[arg-type]
+    onto, ends = _steps_of(src, np.random.default_rng(0))
+    assert sorted((s.p, s.d) for s in onto) == [(2, 1), (3, -1), (3, 1), (4, -1)]
+    real = sorted((s.p, s.d) for s in ends if abs(s.d) == 1)
+    assert real == [(2, -1), (4, 1)]  # not from the single-slice id 2
+    for s in ends:
+        q = s.p + s.d
+        assert s.end and not (labels[max(0, q - 1) : q + 2] == s.oid).any() or abs(s.d) == 1
+        assert s.oid == 1
+
+
 def test_follower_training_runs_checkpoints_and_resumes(tmp_path: Path) -> None:
     cfg = FollowTrainConfig(
         out=str(tmp_path / "run"),

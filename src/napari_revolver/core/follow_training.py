@@ -9,14 +9,15 @@ and the previous mask as the selection, with the previous mask's innermost point
 positive click, and draws the object on the new slice. Where the object ends, its target is
 empty: the follower learns to let go rather than to jump to the object beside or behind it.
 
-Each sample is one step ``p -> p +/- 1`` of an object of a labelled z-stack whose ids persist
-through z (instance labels of a volume, and procedural stacks of :mod:`.synthetic`). The previous
-mask is the true one, perturbed as a prediction is (eroded, dilated or shifted in proportion to
-the object's size), so that the follower learns to repair a step's error instead of passing it
-on. An object ends at a step when it is absent on the next two slices and was present on the
-slice before (a gap of one slice in the labels is not an end, nor are ids found on a single
-slice). Validation follows fixed objects of held-out stacks from one click each and scores
-their 3D IoU, as ``benchmarks/objects.py`` does.
+Each sample is one step ``p -> p +/- 1`` of an object of a z-stack whose ids persist through z
+(instance labels of a volume, and procedural stacks of :mod:`.synthetic`), or a step onto a
+slice where the object is gone: its real end, or a farther slice where its last mask lands on
+whatever is there. The previous mask is the true one, perturbed as a prediction is (eroded,
+dilated or shifted in proportion to the object's size), so that the follower learns to repair
+a step's error instead of passing it on. An object ends where it is absent on the next two
+slices (a gap of one slice in the labels is not an end) and was present on the slice before
+(ids found on a single slice are no objects). Validation follows fixed objects of held-out
+stacks from one click each and scores their 3D IoU, as ``benchmarks/objects.py`` does.
 
 No napari or Qt here.
 """
@@ -127,24 +128,35 @@ def stack_sources(
     return [s for s in out if s.objects]
 
 
-def _steps_of(src: ObjectSource) -> tuple[list[_Step], list[_Step]]:
-    """All object steps of a stack: those onto the object, and those past its end."""
+def _steps_of(src: ObjectSource, rng: np.random.Generator) -> tuple[list[_Step], list[_Step]]:
+    """Object steps of a stack: those onto the object, and those where it is gone.
+
+    Where it is gone: its real ends (absent on the next two slices, present on the one before)
+    and, to see many more ways an object disappears, up to two farther slices per object (absent
+    there and on both neighbours), where its last mask lands on whatever is there.
+    """
     lab = src.labels
     onto, ends = [], []
     present = {(z, i) for z, i in src.objects}
+
+    def absent(q: int, oid: int) -> bool:
+        return not (0 <= q < len(lab)) or not (lab[q] == oid).any()
+
+    def gone(q: int, oid: int) -> bool:
+        return absent(q - 1, oid) and absent(q, oid) and absent(q + 1, oid)
+
     for z, oid in src.objects:
         for d in (-1, 1):
-            q, r = z + d, z + 2 * d
+            q = z + d
             if not 0 <= q < len(lab):
                 continue
             if (q, oid) in present:
                 onto.append(_Step(src, z, d, oid, False))
-            elif (
-                (z - d, oid) in present
-                and not (lab[q] == oid).any()
-                and not (0 <= r < len(lab) and (lab[r] == oid).any())
-            ):
+            elif (z - d, oid) in present and absent(q, oid) and absent(q + d, oid):
                 ends.append(_Step(src, z, d, oid, True))
+        if (z - 1, oid) in present or (z + 1, oid) in present:
+            far = [int(q) for q in rng.permutation(len(lab)) if abs(q - z) > 1][:6]
+            ends += [_Step(src, z, q - z, oid, True) for q in far if gone(q, oid)][:2]
     return onto, ends
 
 
@@ -278,8 +290,9 @@ def _prepare(
     )
     onto: list[_Step] = []
     ends: list[_Step] = []
+    rng = np.random.default_rng(cfg.seed)
     for src in train_src:
-        a, b = _steps_of(src)
+        a, b = _steps_of(src, rng)
         onto += a
         ends += b
     if not onto:
