@@ -310,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--datasets", default="", help="comma-separated subset of --data")
     p.add_argument("--synthetic", type=int, default=48, help="procedural training stacks")
+    p.add_argument(
+        "--far-ends",
+        type=int,
+        default=0,
+        help="per object, farther slices where it is gone as samples, beside its real ends",
+    )
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
 
@@ -782,6 +788,7 @@ def _cmd_train_follow(args: argparse.Namespace) -> int:
         batch=args.batch,
         lr=args.lr,
         synthetic=args.synthetic,
+        far_ends=args.far_ends,
         seed=args.seed,
         val_every=args.val_every,
     )

@@ -379,7 +379,7 @@ def test_cli_eval_objects_reports_clicks_and_following(
 def test_follow_step_keeps_the_basin_and_reach_bounds_a_leak() -> None:
     """A probable region that spreads far from the previous mask: without ``reach`` the object
     takes the connected basin (as ever); with it, no further than the dilated previous mask."""
-    from napari_revolver.core.objects import FollowParams, _follow_step, _Track
+    from napari_revolver.core.objects import FollowParams, _Track, _watershed_masks
 
     prob = np.zeros((64, 64), np.float32)
     prob[20:30, 20:30] = 0.9  # where the object was
@@ -397,12 +397,13 @@ def test_follow_step_keeps_the_basin_and_reach_bounds_a_leak() -> None:
         "w",
     )
 
-    def step(params: FollowParams) -> tuple[np.ndarray, tuple]:
+    def step(params: FollowParams) -> np.ndarray:
         track = _Track(task, {(1,): (1, (0,))}, {(0,): prev}, {})
-        events = _follow_step(prob, (1,), [track], 0.5, params)
-        return track.masks.get((1,)), events
+        (new,) = _watershed_masks(prob, (1,), [track], 0.5, params)
+        assert new is not None
+        return new
 
-    free, events = step(FollowParams(max_growth=10.0, min_iou=0.0, min_overlap=0.0))
-    assert not events and free[25, 58] and free[20:30, 20:30].all()
-    bound, events = step(FollowParams(max_growth=10.0, min_iou=0.0, min_overlap=0.0, reach=0.3))
-    assert not events and bound[20:30, 20:30].all() and not bound[25, 40:].any()
+    free = step(FollowParams())
+    assert free[25, 58] and free[20:30, 20:30].all()
+    bound = step(FollowParams(reach=0.3))
+    assert bound[20:30, 20:30].all() and not bound[25, 40:].any()

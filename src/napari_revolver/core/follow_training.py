@@ -11,13 +11,14 @@ empty: the follower learns to let go rather than to jump to the object beside or
 
 Each sample is one step ``p -> p +/- 1`` of an object of a z-stack whose ids persist through z
 (instance labels of a volume, and procedural stacks of :mod:`.synthetic`), or a step onto a
-slice where the object is gone: its real end, or a farther slice where its last mask lands on
-whatever is there. The previous mask is the true one, perturbed as a prediction is (eroded,
-dilated or shifted in proportion to the object's size), so that the follower learns to repair
-a step's error instead of passing it on. An object ends where it is absent on the next two
-slices (a gap of one slice in the labels is not an end) and was present on the slice before
-(ids found on a single slice are no objects). Validation follows fixed objects of held-out
-stacks from one click each and scores their 3D IoU, as ``benchmarks/objects.py`` does.
+slice where the object is gone: its real end (and, with ``far_ends``, farther slices where its
+last mask lands on whatever is there). The previous mask is the true one, perturbed as a
+prediction is (eroded, dilated or shifted in proportion to the object's size), so that the
+follower learns to repair a step's error instead of passing it on. An object ends where it is
+absent on the next two slices (a gap of one slice in the labels is not an end) and was present
+on the slice before (ids found on a single slice are no objects). Validation follows fixed
+objects of held-out stacks from one click each and scores their 3D IoU, as
+``benchmarks/objects.py`` does.
 
 No napari or Qt here.
 """
@@ -69,8 +70,10 @@ class FollowTrainConfig:
     synthetic: int = 48
     depth: int = 12
     side: int = 192
-    #: Share of samples drawn at an object's end (its target is empty).
+    #: Share of samples drawn where the object is gone (its target is empty).
     end_share: float = 0.2
+    #: Farther slices per object (where it is gone) among those samples, beside its real ends.
+    far_ends: int = 0
     seed: int = 0
     val_every: int = 250
     val_objects: int = 6
@@ -128,12 +131,14 @@ def stack_sources(
     return [s for s in out if s.objects]
 
 
-def _steps_of(src: ObjectSource, rng: np.random.Generator) -> tuple[list[_Step], list[_Step]]:
+def _steps_of(
+    src: ObjectSource, rng: np.random.Generator, far_ends: int = 2
+) -> tuple[list[_Step], list[_Step]]:
     """Object steps of a stack: those onto the object, and those where it is gone.
 
     Where it is gone: its real ends (absent on the next two slices, present on the one before)
-    and, to see many more ways an object disappears, up to two farther slices per object (absent
-    there and on both neighbours), where its last mask lands on whatever is there.
+    and, to see many more ways an object disappears, up to ``far_ends`` farther slices per object
+    (absent there and on both neighbours), where its last mask lands on whatever is there.
     """
     lab = src.labels
     onto, ends = [], []
@@ -154,9 +159,9 @@ def _steps_of(src: ObjectSource, rng: np.random.Generator) -> tuple[list[_Step],
                 onto.append(_Step(src, z, d, oid, False))
             elif (z - d, oid) in present and absent(q, oid) and absent(q + d, oid):
                 ends.append(_Step(src, z, d, oid, True))
-        if (z - 1, oid) in present or (z + 1, oid) in present:
-            far = [int(q) for q in rng.permutation(len(lab)) if abs(q - z) > 1][:6]
-            ends += [_Step(src, z, q - z, oid, True) for q in far if gone(q, oid)][:2]
+        if far_ends and ((z - 1, oid) in present or (z + 1, oid) in present):
+            far = [int(q) for q in rng.permutation(len(lab)) if abs(q - z) > 1][: 3 * far_ends]
+            ends += [_Step(src, z, q - z, oid, True) for q in far if gone(q, oid)][:far_ends]
     return onto, ends
 
 
@@ -292,7 +297,7 @@ def _prepare(
     ends: list[_Step] = []
     rng = np.random.default_rng(cfg.seed)
     for src in train_src:
-        a, b = _steps_of(src, rng)
+        a, b = _steps_of(src, rng, cfg.far_ends)
         onto += a
         ends += b
     if not onto:

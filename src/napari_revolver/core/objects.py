@@ -582,9 +582,19 @@ def _visit(
     if not followed:
         return ()
     prob = _memory_probability(predictor, key, followed)
+    drawn = _watershed_masks(prob, key, followed, threshold, params)
+    prev = [t.masks[t.order[key][1]] for t in followed]
     if predictor.follower is not None:
-        return _follow_learned(predictor, prob, key, followed, params)
-    return _follow_step(prob, key, followed, threshold, params)
+        # The watershed says whether each object goes on (the end rules on the region its
+        # last mask seeds); the follower draws the mask of those that do.
+        on = [i for i, (m, p) in enumerate(zip(drawn, prev, strict=True)) if _goes_on(m, p, params)]
+        moved = _follower_masks(predictor, prob, key, [followed[i] for i in on], params)
+        for i, m in zip(on, moved, strict=True):
+            drawn[i] = m
+    events: list[ObjectEvent] = []
+    for t, m, p in zip(followed, drawn, prev, strict=True):
+        _advance(t, key, m, p, params, events)
+    return tuple(events)
 
 
 def innermost(mask: np.ndarray) -> tuple[int, int]:
@@ -615,57 +625,51 @@ def follower_inputs(
     )
 
 
-def _follow_learned(
+def _follower_masks(
     predictor: RevolverPredictor,
     prob: np.ndarray,
     key: Key,
     tracks: list[_Track],
     params: FollowParams,
-) -> tuple[ObjectEvent, ...]:
+) -> list[np.ndarray | None]:
     """Move the followed objects onto slice ``key`` with the follower (one batch for all).
 
     Each object's logits are drawn in the window around its previous mask; a pixel claimed by
     several objects goes to the one with the highest logit. An object's new mask is what it
-    keeps that touches its previous mask's core.
+    keeps that touches its previous mask's core (``None``: nothing does).
     """
     follower = predictor.follower
     assert follower is not None
+    if not tracks:
+        return []
     fine = predictor.features(key).fine[0]
     image = predictor._normalized(predictor.info.flat(key))
     stride = predictor.model.fine_stride
-    live = [t for t in tracks if t.masks[t.order[key][1]].any()]
-    inputs = [
-        follower_inputs(follower, image, fine, stride, prob, t.masks[t.order[key][1]]) for t in live
-    ]
+    prev = [t.masks[t.order[key][1]] for t in tracks]
+    inputs = [follower_inputs(follower, image, fine, stride, prob, m) for m in prev]
+    with torch.inference_mode():
+        x = torch.stack([x for x, _ in inputs]).to(
+            next(follower.parameters()).device, memory_format=torch.channels_last
+        )
+        logits = follower(x)
     best = np.zeros(prob.shape, np.float32)  # logit 0: background
     owner = np.zeros(prob.shape, np.int32)
-    if inputs:
-        with torch.inference_mode():
-            x = torch.stack([x for x, _ in inputs]).to(
-                next(follower.parameters()).device, memory_format=torch.channels_last
-            )
-            logits = follower(x)
-        for i, (lg, (_, window)) in enumerate(zip(logits, inputs, strict=True), start=1):
-            patch, (ys, xs) = paste_logits(lg, window, prob.shape)
-            win = best[ys, xs] < patch
-            owner[ys, xs][win] = i
-            best[ys, xs][win] = patch[win]
-    events = []
-    bounds = {id(t): w.pixel_bounds(prob.shape) for t, (_, w) in zip(live, inputs, strict=True)}
-    for t in tracks:
-        prev = t.masks[t.order[key][1]]
+    for i, (lg, (_, window)) in enumerate(zip(logits, inputs, strict=True), start=1):
+        patch, (ys, xs) = paste_logits(lg, window, prob.shape)
+        win = best[ys, xs] < patch
+        owner[ys, xs][win] = i
+        best[ys, xs][win] = patch[win]
+    out: list[np.ndarray | None] = []
+    for i, (m, (_, window)) in enumerate(zip(prev, inputs, strict=True), start=1):
+        ys, xs = window.pixel_bounds(prob.shape)
+        mine = owner[ys, xs] == i
+        core = _core(m, params.erosion)[ys, xs]
         new = None
-        if id(t) in bounds:
-            # Work in the union of the window and the previous mask's box (the core can
-            # reach beyond a window clipped at the slice edge only in theory).
-            ys, xs = bounds[id(t)]
-            mine = owner[ys, xs] == live.index(t) + 1
-            core = _core(prev, params.erosion)[ys, xs]
-            if (mine & core).any():
-                new = np.zeros(prob.shape, bool)
-                new[ys, xs] = _connected_to(mine, np.argwhere(mine & core))
-        _advance(t, key, new, prev, params, events)
-    return tuple(events)
+        if (mine & core).any():
+            new = np.zeros(prob.shape, bool)
+            new[ys, xs] = _connected_to(mine, np.argwhere(mine & core))
+        out.append(new)
+    return out
 
 
 def _core(mask: np.ndarray, erosion: float) -> np.ndarray:
@@ -733,29 +737,28 @@ def memory_probability(
     return predictor.probability_with(key, total, prior)
 
 
-def _follow_step(
+def _watershed_masks(
     prob: np.ndarray,
     key: Key,
     tracks: list[_Track],
     threshold: float,
     params: FollowParams,
-) -> tuple[ObjectEvent, ...]:
+) -> list[np.ndarray | None]:
     """Joint watershed of the followed objects seeded by their eroded previous masks.
 
-    Each object's new mask is the part of its watershed basin connected to its seeds (within
-    ``params.reach``, when set). Per-object work runs in windows: the radius, core and reach
-    around the previous mask (padded beyond what the erosion and dilation can reach), the
-    basin in its bounding box; each equals the whole-slice result, at a fraction of the cost
+    Each object's new mask (``None``: no seed of it is probable) is the part of its watershed
+    basin connected to its seeds (within ``params.reach``, when set). Per-object work runs in
+    windows: the radius, core and reach around the previous mask (padded beyond what the
+    erosion and dilation can reach), the basin in its bounding box; each equals the
+    whole-slice result, at a fraction of the cost
     with many objects.
     """
     region = prob > threshold
     markers = np.zeros(prob.shape, np.int32)
     markers[prob < BACKGROUND] = 1
-    prev: dict[int, np.ndarray] = {}
     reach: dict[int, np.ndarray] = {}
     for i, t in enumerate(tracks, start=2):
         m = t.masks[t.order[key][1]]
-        prev[i] = m
         if not m.any():
             continue
         # A one-pixel ring of background makes the distances inside the box exact.
@@ -780,8 +783,8 @@ def _follow_step(
     dist = ndimage.distance_transform_edt(region)
     basins = watershed(-dist, markers, mask=region | (markers == 1))
     boxes = ndimage.find_objects(basins)
-    events = []
-    for i, t in enumerate(tracks, start=2):
+    out: list[np.ndarray | None] = []
+    for i, _ in enumerate(tracks, start=2):
         new = None
         box = boxes[i - 1] if i - 1 < len(boxes) else None
         # The first seed in the box is the first on the slice: every seed lies in its basin.
@@ -792,8 +795,8 @@ def _follow_step(
                 part &= reach[i][box]
             new = np.zeros(prob.shape, bool)
             new[box] = _connected_to(part, seeds)
-        _advance(t, key, new, prev[i], params, events)
-    return tuple(events)
+        out.append(new)
+    return out
 
 
 def _advance(
@@ -811,6 +814,11 @@ def _advance(
     else:
         t.stopped[key] = reason
         events.append(ObjectEvent(t.task.name, t.task.label_value, key, reason))
+
+
+def _goes_on(new: np.ndarray | None, prev: np.ndarray, params: FollowParams) -> bool:
+    """Whether an object continues onto a slice with this ``new`` mask."""
+    return _end_reason(new, prev, params) is None
 
 
 def _end_reason(new: np.ndarray | None, prev: np.ndarray, params: FollowParams) -> str | None:
