@@ -74,6 +74,21 @@ def test_an_untrained_follower_carries_the_mask_over(predictor: RevolverPredicto
         assert foreground_iou(out[z] == 1, clicked) > 0.9
 
 
+def test_a_follower_moves_objects_through_z_and_across_t(predictor: RevolverPredictor) -> None:
+    images, labels = _drifting(3, 0.0, 3)
+    tz = np.stack([images, images])  # (T, Z, Y, X): two timepoints of the same stack
+    predictor.follower = _follower(predictor, size=48).eval()
+    predictor.set_volume(tz)
+    yx = innermost(labels[1] == 1)
+    task = predictor.guide([[0, 1, *yx]], [1], kind="object")
+    out = {step.index: step.result for step in predictor.propagate(task)}
+    assert sorted(out) == [(t, z) for t in range(2) for z in range(3)]
+    clicked = out[(0, 1)] == 1
+    assert clicked.any()
+    for key, res in out.items():
+        assert foreground_iou(res == 1, clicked) > 0.9, key
+
+
 def test_a_follower_that_sees_nothing_ends_the_object_there(
     predictor: RevolverPredictor,
 ) -> None:

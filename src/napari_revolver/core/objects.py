@@ -642,11 +642,9 @@ def _follower_masks(
     assert follower is not None
     if not tracks:
         return []
-    fine = predictor.features(key).fine[0]
-    image = predictor._normalized(predictor.info.flat(key))
-    stride = predictor.model.fine_stride
+    here = predictor.refiner_slice(key)
     prev = [t.masks[t.order[key][1]] for t in tracks]
-    inputs = [follower_inputs(follower, image, fine, stride, prob, m) for m in prev]
+    inputs = [follower_inputs(follower, *here, prob, m) for m in prev]
     with torch.inference_mode():
         x = torch.stack([x for x, _ in inputs]).to(
             next(follower.parameters()).device, memory_format=torch.channels_last

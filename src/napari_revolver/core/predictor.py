@@ -289,18 +289,28 @@ class RevolverPredictor(VolumeEncoder):
     ) -> np.ndarray:
         """Redraw a selection on slice ``key`` with :attr:`refiner`."""
         assert self.refiner is not None
-        fine = self.features(key).fine[0]
-        image = self._normalized(self.info.flat(key))
         return objects.refined_mask(
-            self.refiner, image, fine, self.model.fine_stride, prob, selection, pts, lab
+            self.refiner, *self.refiner_slice(key), prob, selection, pts, lab
         )
 
-    def _normalized(self, k: int) -> torch.Tensor:
-        """Return the normalised slice ``k`` ``(C, H, W)``, kept for the next click on it."""
+    def refiner_slice(self, index: Index) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Return a slice as the refiners read it.
+
+        Returns
+        -------
+        image : torch.Tensor
+            ``(C, H, W)`` the normalised slice (kept for the next call on the same slice).
+        fine : torch.Tensor
+            ``(Cf, h, w)`` its cached fine features.
+        fine_stride : int
+            Slice pixels per fine feature cell.
+        """
+        k = self.info.flat(index)
         key = (self.info.fingerprint, k, self.preprocessing.key())
         if self._last_slice is None or self._last_slice[0] != key:
             self._last_slice = (key, self._prepare(k))
-        return self._last_slice[1]
+        fine = self.features(self.info.unflat(k)).fine[0]
+        return self._last_slice[1], fine, self.model.fine_stride
 
     def _guide_features(self, f: EncoderOutput, masks: torch.Tensor) -> GuideOutput:
         return self.model.guide_from_masks(
