@@ -46,36 +46,46 @@ from .objects import refined_mask, refiner_inputs, select_object
 from .weights import LoadedWeights, load_weights, save_refiner
 
 if TYPE_CHECKING:
-    from .follow_training import FollowTrainConfig
     from .predictor import RevolverPredictor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClickTrainConfig", "ObjectSource", "train_refiner"]
+__all__ = ["ClickTrainConfig", "ObjectSource", "RefinerTrainConfig", "train_refiner"]
 
 
 @dataclass
-class ClickTrainConfig:
-    """Everything a refiner training run depends on (written next to its checkpoints)."""
+class RefinerTrainConfig:
+    """What every refiner training run (click refiner, follower) depends on.
 
-    out: str = "runs/clicks"
+    Written next to its checkpoints as ``config.json``.
+    """
+
+    out: str = "runs/refiner"
     weights: str | None = None
     data: str | None = None
     datasets: list[str] = field(default_factory=list)
-    #: Data sets whose validation split joins the procedural validation objects (default
-    #: ``datasets``); leave out those a benchmark scores, so that it did not choose the weights.
-    val_datasets: list[str] | None = None
     steps: int = 3000
     batch: int = 16
     lr: float = 1e-3
     weight_decay: float = 1e-4
+    #: Procedural training samples (slices or stacks).
     synthetic: int = 96
-    max_corrections: int = 8
     seed: int = 0
     val_every: int = 250
     val_objects: int = 32
     threads: int = 2
     refiner: RefinerConfig = field(default_factory=RefinerConfig)
+
+
+@dataclass
+class ClickTrainConfig(RefinerTrainConfig):
+    """A click refiner training run."""
+
+    out: str = "runs/clicks"
+    #: Data sets whose validation split joins the procedural validation objects (default
+    #: ``datasets``); leave out those a benchmark scores, so that it did not choose the weights.
+    val_datasets: list[str] | None = None
+    max_corrections: int = 8
 
 
 @dataclass
@@ -312,7 +322,7 @@ def validate(
     return {f"iou@{k}": float(ious[:, k - 1].mean()) for k in (1, 3, 5)}
 
 
-def _lr_at(cfg: ClickTrainConfig | FollowTrainConfig, step: int, warmup: int = 100) -> float:
+def _lr_at(cfg: RefinerTrainConfig, step: int, warmup: int = 100) -> float:
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
@@ -411,7 +421,7 @@ def train_refiner(
     )
 
 
-def start_run(cfg: ClickTrainConfig | FollowTrainConfig) -> LoadedWeights:
+def start_run(cfg: RefinerTrainConfig) -> LoadedWeights:
     """Create the run folder, write its configuration, set threads and seeds; load weights."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -424,7 +434,7 @@ def start_run(cfg: ClickTrainConfig | FollowTrainConfig) -> LoadedWeights:
 
 def run_steps(
     module: ClickRefiner,
-    cfg: ClickTrainConfig | FollowTrainConfig,
+    cfg: RefinerTrainConfig,
     weights: LoadedWeights,
     *,
     batch: Callable[[np.random.Generator], tuple[torch.Tensor, torch.Tensor]],
@@ -440,7 +450,7 @@ def run_steps(
     ----------
     module : ClickRefiner
         Trained in place.
-    cfg : ClickTrainConfig or FollowTrainConfig
+    cfg : RefinerTrainConfig
         Its ``out``, ``steps``, ``lr``, ``weight_decay``, ``seed`` and ``val_every``.
     weights : LoadedWeights
         The frozen network it is trained on (recorded in the saved files).

@@ -36,7 +36,7 @@ import torch
 from scipy import ndimage
 
 from . import synthetic
-from .click_training import ObjectSource, run_steps, start_run
+from .click_training import ObjectSource, RefinerTrainConfig, run_steps, start_run
 from .episodes import load_labelled_stacks
 from .evaluate import foreground_iou
 from .model.click_refiner import ClickRefiner, RefinerConfig, sample_window
@@ -54,31 +54,26 @@ def _follower_config() -> RefinerConfig:
 
 
 @dataclass
-class FollowTrainConfig:
-    """Everything a follower training run depends on (written next to its checkpoints)."""
+class FollowTrainConfig(RefinerTrainConfig):
+    """A follower training run.
+
+    ``datasets`` are z-stacks with instance ids (others are skipped, with a message);
+    ``synthetic`` counts procedural stacks of ``depth`` planes of ``side`` x ``side``.
+    """
 
     out: str = "runs/follow"
-    weights: str | None = None
-    data: str | None = None
-    #: Labelled z-stacks with instance ids (others are skipped with a message).
-    datasets: list[str] = field(default_factory=list)
     steps: int = 1500
     batch: int = 32
     lr: float = 2e-3
-    weight_decay: float = 1e-4
-    #: Procedural stacks to train on, ``depth`` planes of ``side`` x ``side`` each.
     synthetic: int = 48
+    val_objects: int = 6
+    refiner: RefinerConfig = field(default_factory=_follower_config)
     depth: int = 12
     side: int = 192
     #: Share of samples drawn where the object is gone (its target is empty).
     end_share: float = 0.2
     #: Farther slices per object (where it is gone) among those samples, beside its real ends.
     far_ends: int = 0
-    seed: int = 0
-    val_every: int = 250
-    val_objects: int = 6
-    threads: int = 2
-    refiner: RefinerConfig = field(default_factory=_follower_config)
 
 
 @dataclass
