@@ -65,7 +65,7 @@ def _follow(predictor: RevolverPredictor, images: np.ndarray, z: int, yx: tuple)
 # ---------------------------------------------------------------------------- wiring
 def test_an_untrained_follower_carries_the_mask_over(predictor: RevolverPredictor) -> None:
     images, labels = _drifting(5, 0.0, 0)
-    predictor.follower = _follower(predictor, size=48).eval()  # last layer zero: a copy
+    predictor.follower = _follower(predictor, size=48, previous_image=True).eval()  # a copy
     yx = innermost(labels[2] == 1)
     out = _follow(predictor, images, 2, yx)
     clicked = out[2] == 1

@@ -49,8 +49,9 @@ __all__ = ["FollowTrainConfig", "follow_sample", "stack_sources", "train_followe
 
 
 def _follower_config() -> RefinerConfig:
-    # Smaller and narrower than the click refiner: it runs once per object and slice.
-    return RefinerConfig(size=64, width=16, mid_width=32)
+    # Smaller and narrower than the click refiner: it runs once per object and slice. It
+    # also sees the slice the object comes from (where it was, what it looked like).
+    return RefinerConfig(size=64, width=16, mid_width=32, previous_image=True)
 
 
 @dataclass
@@ -201,7 +202,7 @@ def follow_sample(
     y, x = innermost(prev)
     task = pr.guide([[p, y, x]], [1], kind="object")
     prob = memory_probability(pr, (q,), pr.guidance_of([task]), [((p,), prev)])
-    inputs, window = follower_inputs(follower, *src.slice_inputs(q), prob, prev)
+    inputs, window = follower_inputs(follower, *src.slice_inputs(q), prob, prev, src.images[p])
     truth = torch.from_numpy((src.labels[q] == step.oid).astype(np.float32))[None]
     return inputs, sample_window(truth, window, follower.config.size)[0]  # type: ignore[arg-type]
 

@@ -289,10 +289,11 @@ def refiner_inputs(
     selection: np.ndarray,
     points: np.ndarray,
     labels: np.ndarray,
+    previous: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Window]:
     """Build the click refiner's input ``(in_channels, size, size)`` and its window.
 
-    Arguments as :func:`refined_mask`.
+    Arguments as :func:`refined_mask`; ``previous`` as :func:`.model.click_refiner.stack_inputs`.
     """
     c = refiner.config
     yx = _click_pixels(points, prob.shape)
@@ -307,6 +308,7 @@ def refiner_inputs(
         yx,
         np.asarray(labels),
         c,
+        previous,
     )
     return x, window
 
@@ -612,16 +614,26 @@ def follower_inputs(
     fine_stride: int,
     prob: np.ndarray,
     previous: np.ndarray,
+    previous_image: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Window]:
     """Build the follower's input for one object and its window.
 
     The object's mask on the neighbouring slice is the selection, its innermost point there the
     one positive click. Arguments as :func:`refined_mask`, with ``previous`` the object's
-    ``(H, W)`` bool mask on the slice it is followed from (non-empty).
+    ``(H, W)`` bool mask on the slice it is followed from (non-empty) and ``previous_image``
+    that slice, normalised (read by a follower with ``previous_image`` in its config).
     """
     point = np.asarray([innermost(previous)], float)
     return refiner_inputs(
-        follower, image, fine, fine_stride, prob, previous, point, np.ones(1, np.int8)
+        follower,
+        image,
+        fine,
+        fine_stride,
+        prob,
+        previous,
+        point,
+        np.ones(1, np.int8),
+        previous_image if follower.config.previous_image else None,
     )
 
 
@@ -643,8 +655,16 @@ def _follower_masks(
     if not tracks:
         return []
     here = predictor.refiner_slice(key)
+    parents = {t.order[key][1] for t in tracks}
+    before = {
+        k: predictor.refiner_slice(k)[0] if follower.config.previous_image else None
+        for k in parents
+    }
     prev = [t.masks[t.order[key][1]] for t in tracks]
-    inputs = [follower_inputs(follower, *here, prob, m) for m in prev]
+    inputs = [
+        follower_inputs(follower, *here, prob, m, before[t.order[key][1]])
+        for t, m in zip(tracks, prev, strict=True)
+    ]
     with torch.inference_mode():
         x = torch.stack([x for x, _ in inputs]).to(
             next(follower.parameters()).device, memory_format=torch.channels_last

@@ -60,6 +60,8 @@ class RefinerConfig:
     context: float = 1.6
     #: Smallest window side, in slice pixels.
     min_side: float = 24.0
+    #: Also read the image of the slice the selection comes from (a follower: two frames).
+    previous_image: bool = False
 
     def to_dict(self) -> dict[str, object]:
         """Return the configuration as built-in types, ready for JSON."""
@@ -266,6 +268,7 @@ class ClickRefiner(nn.Module):
         c = config or RefinerConfig()
         self.config = c
         n_in = c.image_channels + c.feature_projection + 2 + 2 * len(c.click_sigmas)
+        n_in += c.image_channels if c.previous_image else 0
         self.project = nn.Conv2d(c.feature_channels, c.feature_projection, 1)
         self.stem = nn.Sequential(ConvBNReLU(n_in, c.width), ConvBNReLU(c.width, c.width))
         self.down = ConvBNReLU(c.width, c.mid_width, stride=2)
@@ -279,7 +282,8 @@ class ClickRefiner(nn.Module):
     def in_channels(self) -> int:
         """Channels of the stacked inputs that :meth:`forward` takes."""
         c = self.config
-        return c.image_channels + c.feature_channels + 2 + 2 * len(c.click_sigmas)
+        n = c.image_channels + c.feature_channels + 2 + 2 * len(c.click_sigmas)
+        return n + (c.image_channels if c.previous_image else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Refine a batch of windows.
@@ -316,6 +320,7 @@ def stack_inputs(
     points: np.ndarray,
     labels: np.ndarray,
     config: RefinerConfig,
+    previous: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Resample everything the refiner reads into one window: ``(in_channels, size, size)``.
 
@@ -332,14 +337,20 @@ def stack_inputs(
     points, labels : np.ndarray
         ``(N, 2)`` clicks on this slice and their ``(N,)`` labels (1 positive, 0 negative).
     config : RefinerConfig
+    previous : torch.Tensor, optional
+        ``(C, H, W)`` the normalised slice the selection comes from; required, and read
+        last, when ``config.previous_image``.
     """
     s = config.size
     extent = (float(fine.shape[-2] * fine_stride), float(fine.shape[-1] * fine_stride))
-    return torch.cat(
-        [
-            sample_window(image, window, s),
-            sample_window(fine, window, s, extent),
-            sample_window(torch.stack([prob, selection.to(prob.dtype)]), window, s),
-            click_maps(window, points, labels, s, config.click_sigmas),
-        ]
-    )
+    parts = [
+        sample_window(image, window, s),
+        sample_window(fine, window, s, extent),
+        sample_window(torch.stack([prob, selection.to(prob.dtype)]), window, s),
+        click_maps(window, points, labels, s, config.click_sigmas),
+    ]
+    if config.previous_image:
+        if previous is None:
+            raise ValueError("this refiner reads the previous slice's image; none was given")
+        parts.append(sample_window(previous, window, s))
+    return torch.cat(parts)
