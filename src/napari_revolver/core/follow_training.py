@@ -49,9 +49,10 @@ __all__ = ["FollowTrainConfig", "follow_sample", "stack_sources", "train_followe
 
 
 def _follower_config() -> RefinerConfig:
-    # Smaller and narrower than the click refiner: it runs once per object and slice. It
-    # also sees the slice the object comes from (where it was, what it looked like).
-    return RefinerConfig(size=64, width=16, mid_width=32, previous_image=True)
+    # Smaller and narrower than the click refiner: it runs once per object and slice.
+    # ``previous_image=True`` (also reading the slice the object comes from) validated the same
+    # (3D IoU 0.490 against 0.487), so the default stays one frame.
+    return RefinerConfig(size=64, width=16, mid_width=32)
 
 
 @dataclass
