@@ -380,12 +380,20 @@ def _batch(
         src, z, oid = _draw(rng, sources)
         n = _corrections(rng, cfg.max_corrections)
         for x, y in click_episode(refiner, src, z, oid, n, rng)[: cfg.batch - len(xs)]:
-            if rng.random() < 0.5:
-                x, y = x.flip(-1), y.flip(-1)
-            k = int(rng.integers(4))
-            xs.append(torch.rot90(x, k, (-2, -1)))
-            ys.append(torch.rot90(y, k, (-2, -1)))
+            x, y = augment(x, y, rng)
+            xs.append(x)
+            ys.append(y)
     return torch.stack(xs), torch.stack(ys)
+
+
+def augment(
+    x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip a window sample ``(C, S, S)`` and its target ``(S, S)`` at random, rotate by k*90."""
+    if rng.random() < 0.5:
+        x, y = x.flip(-1), y.flip(-1)
+    k = int(rng.integers(4))
+    return torch.rot90(x, k, (-2, -1)), torch.rot90(y, k, (-2, -1))
 
 
 def _save_state(

@@ -36,7 +36,7 @@ import torch
 from scipy import ndimage
 
 from . import synthetic
-from .click_training import ObjectSource, RefinerTrainConfig, run_steps, start_run
+from .click_training import ObjectSource, RefinerTrainConfig, augment, run_steps, start_run
 from .episodes import load_labelled_stacks
 from .evaluate import foreground_iou
 from .model.click_refiner import ClickRefiner, RefinerConfig, sample_window
@@ -257,12 +257,9 @@ def _batch(
     xs, ys = [], []
     for _ in range(cfg.batch):
         pool = ends if ends and rng.random() < cfg.end_share else onto
-        x, y = follow_sample(follower, pool[int(rng.integers(len(pool)))], rng)
-        if rng.random() < 0.5:
-            x, y = x.flip(-1), y.flip(-1)
-        k = int(rng.integers(4))
-        xs.append(torch.rot90(x, k, (-2, -1)))
-        ys.append(torch.rot90(y, k, (-2, -1)))
+        x, y = augment(*follow_sample(follower, pool[int(rng.integers(len(pool)))], rng), rng)
+        xs.append(x)
+        ys.append(y)
     return torch.stack(xs), torch.stack(ys)
 
 
