@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,10 @@ def _args() -> argparse.Namespace:
         "--no-refiner", action="store_true", help="object clicks select only (no click refiner)"
     )
     ap.add_argument(
-        "--no-follower", action="store_true", help="objects followed by watershed (no follower)"
+        "--no-follower", action="store_true", help="objects followed without the follower"
+    )
+    ap.add_argument(
+        "--no-snap", action="store_true", help="followed masks not snapped to the image's edges"
     )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--image", type=Path, default=None, help="a (Z, Y, X) TIFF; default synthetic")
@@ -94,6 +98,8 @@ def main() -> None:
     # --no-refiner / --no-follower: without the weights' own refiners.
     predictor.refiner = None if args.no_refiner else predictor.refiner
     predictor.follower = None if args.no_follower else predictor.follower
+    if args.no_snap:
+        predictor.follow_params = replace(predictor.follow_params, snap=None)
     predictor.set_volume(image)
     rng = np.random.default_rng(0)
     z = n // 2

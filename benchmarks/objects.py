@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +232,9 @@ def main() -> None:
         "--no-follower", action="store_true", help="follow objects by watershed, no follower"
     )
     ap.add_argument("--follower", default=None, help="follower file (default: the weights')")
+    ap.add_argument(
+        "--no-snap", action="store_true", help="followed masks not snapped to the image's edges"
+    )
     ap.add_argument("--skip-clicks", action="store_true", help="score following only")
     ap.add_argument("--sets", default=None, help="comma-separated click data sets (default all)")
     ap.add_argument("--skip-follow", action="store_true", help="score clicks only")
@@ -247,6 +251,8 @@ def main() -> None:
         predictor.follower = load_refiner(args.follower, predictor.weights.sha256)
     if args.no_follower:
         predictor.follower = None
+    if args.no_snap:
+        predictor.follow_params = replace(predictor.follow_params, snap=None)
     print(f"click refiner: {'none' if predictor.refiner is None else 'yes'}", flush=True)
     print(f"follower: {'none' if predictor.follower is None else 'yes'}", flush=True)
     follow = [] if args.skip_follow else follow_rows(predictor, args.data, args.follow)

@@ -316,6 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="per object, farther slices where it is gone as samples, beside its real ends",
     )
+    p.add_argument(
+        "--rollout",
+        type=int,
+        default=0,
+        help="in half the samples, the follower itself carries the object up to this many "
+        "slices before the step (it learns to repair its own errors); 0: never",
+    )
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
 
@@ -789,6 +796,7 @@ def _cmd_train_follow(args: argparse.Namespace) -> int:
         lr=args.lr,
         synthetic=args.synthetic,
         far_ends=args.far_ends,
+        rollout=args.rollout,
         seed=args.seed,
         val_every=args.val_every,
     )

@@ -137,6 +137,59 @@ def test_overlapping_claims_go_to_the_more_probable_object(
     assert new_a.sum() > a.sum() and new_b.sum() > b.sum()  # each also took free pixels
 
 
+def test_follow_step_is_following_of_one_object(predictor: RevolverPredictor) -> None:
+    # The single-object step that training rolls out draws what following draws for an object
+    # with no competitor: the follower's mask that touches the previous mask's core.
+    from napari_revolver.core.objects import FollowParams, follow_step
+
+    images, labels = _drifting(3, 3.0, 4)
+    predictor.set_volume(images)
+    follower = _follower(predictor, size=48).eval()
+    with torch.no_grad():
+        follower.out.bias.fill_(4.5)  # claims the window around the previous mask too
+    predictor.follower = follower
+    prev = labels[0] == 1
+    track = _track(predictor, prev, 0)
+    prob = memory_probability(predictor, (1,), predictor.guidance_of([track.task]), [((0,), prev)])
+    (expected,) = _follower_masks(predictor, prob, (1,), [track], FollowParams())
+    got = follow_step(follower, *predictor.refiner_slice(1), prob, prev)
+    assert expected is not None and got is not None
+    np.testing.assert_array_equal(got, expected)
+    assert got.sum() > prev.sum()
+    with torch.no_grad():
+        follower.out.bias.fill_(-20.0)
+    assert follow_step(follower, *predictor.refiner_slice(1), prob, prev) is None
+
+
+def test_a_rolled_out_sample_starts_from_the_followers_own_mask(
+    tiny_model: torch.nn.Module,
+) -> None:
+    # An untrained follower copies its selection: carried from k slices back, the previous mask
+    # of a sample is the object's mask k slices back, not the one on the step's slice.
+    from napari_revolver.core.follow_training import _carried
+
+    weights = in_memory_weights(tiny_model.eval())
+    images, labels = _drifting(6, 3.0, 5)
+    labels[5][labels[5] == 1] = 0  # the object is gone from the last slice
+    src = ObjectSource.build("drift", weights, images, labels)
+    channels = tiny_model.config.feature_fine_channels
+    follower = ClickRefiner(RefinerConfig(size=40, feature_channels=channels)).eval()
+    disc = [labels[z] == 1 for z in range(6)]
+
+    def carried(p: int, d: int, most: int) -> np.ndarray | None:
+        return _carried(follower, _Step(src, p, d, 1, False), None, most)
+
+    np.testing.assert_array_equal(carried(4, 1, 2), disc[2])  # copied over slices 3 and 4
+    np.testing.assert_array_equal(carried(1, 1, 3), disc[0])  # no farther back than slice 0
+    np.testing.assert_array_equal(carried(2, -1, 3), disc[4])  # slice 5 has no object
+    assert carried(0, 1, 2) is None  # nothing before the first slice
+    assert carried(4, -1, 2) is None  # nor after the object's last one
+    # A sample with a rollout reads the carried mask: its window is where the object was.
+    x_true, _ = follow_sample(follower, _Step(src, 3, 1, 1, False), None, 0)
+    x_carried, _ = follow_sample(follower, _Step(src, 3, 1, 1, False), None, 3)
+    assert not torch.equal(x_true, x_carried)
+
+
 # ---------------------------------------------------------------------------- files
 def test_a_follower_beside_the_weights_is_loaded_and_used(
     tiny_model: torch.nn.Module, tmp_path: Path

@@ -40,7 +40,7 @@ from .click_training import ObjectSource, RefinerTrainConfig, augment, run_steps
 from .episodes import load_labelled_stacks
 from .evaluate import foreground_iou
 from .model.click_refiner import ClickRefiner, RefinerConfig, sample_window
-from .objects import follower_inputs, innermost, memory_probability
+from .objects import follow_step, follower_inputs, innermost, memory_probability
 from .weights import LoadedWeights
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,11 @@ class FollowTrainConfig(RefinerTrainConfig):
     end_share: float = 0.2
     #: Farther slices per object (where it is gone) among those samples, beside its real ends.
     far_ends: int = 0
+    #: Most slices the follower carries an object itself before a sample's step (0: never;
+    #: the previous mask is then always the perturbed true one).
+    rollout: int = 0
+    #: Share of samples whose previous mask the follower carried (with ``rollout`` > 0).
+    rollout_share: float = 0.5
 
 
 @dataclass
@@ -184,9 +189,14 @@ def _perturb(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def follow_sample(
-    follower: ClickRefiner, step: _Step, rng: np.random.Generator | None
+    follower: ClickRefiner, step: _Step, rng: np.random.Generator | None, rollout: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Make the follower's input and target for one object step.
+
+    The previous mask is the true one (perturbed with ``rng``) or, with ``rollout`` > 0, the
+    follower's own: it carries the perturbed true mask from ``rollout`` slices back (as far as
+    the object is there) up to the step's slice, so that it learns to repair the errors it
+    makes itself, not only those of :func:`_perturb`.
 
     Returns
     -------
@@ -196,16 +206,61 @@ def follow_sample(
         ``(size, size)``: the object's share of each window pixel on the new slice.
     """
     src, p, q = step.src, step.p, step.p + step.d
-    prev = src.labels[p] == step.oid
-    if rng is not None:
-        prev = _perturb(prev, rng)
+    prev = _carried(follower, step, rng, rollout) if rollout else None
+    if prev is None:
+        prev = src.labels[p] == step.oid
+        if rng is not None:
+            prev = _perturb(prev, rng)
+    inputs, window = follower_inputs(
+        follower, *src.slice_inputs(q), _step_probability(src, p, q, prev), prev, src.images[p]
+    )
+    truth = torch.from_numpy((src.labels[q] == step.oid).astype(np.float32))[None]
+    return inputs, sample_window(truth, window, follower.config.size)[0]  # type: ignore[arg-type]
+
+
+def _step_probability(src: ObjectSource, p: int, q: int, prev: np.ndarray) -> np.ndarray:
+    """Return the memory probability on slice ``q`` of an object masked ``prev`` on slice ``p``."""
     pr = src.predictor
     y, x = innermost(prev)
     task = pr.guide([[p, y, x]], [1], kind="object")
-    prob = memory_probability(pr, (q,), pr.guidance_of([task]), [((p,), prev)])
-    inputs, window = follower_inputs(follower, *src.slice_inputs(q), prob, prev, src.images[p])
-    truth = torch.from_numpy((src.labels[q] == step.oid).astype(np.float32))[None]
-    return inputs, sample_window(truth, window, follower.config.size)[0]  # type: ignore[arg-type]
+    return memory_probability(pr, (q,), pr.guidance_of([task]), [((p,), prev)])
+
+
+def _carried(
+    follower: ClickRefiner, step: _Step, rng: np.random.Generator | None, most: int
+) -> np.ndarray | None:
+    """Return the step's previous mask as the follower carries it from up to ``most`` back.
+
+    Starts from the perturbed true mask on the farthest slice back (up to ``most``, drawn with
+    ``rng``) from which the object is on every slice up to the step's; ``None`` where there is
+    none, or where the follower loses the object on the way.
+    """
+    src, p, d, oid = step.src, step.p, step.d, step.oid
+    k = int(rng.integers(1, most + 1)) if rng is not None else most
+    start = p
+    for _ in range(k):
+        back = start - d
+        if not 0 <= back < len(src.labels) or not (src.labels[back] == oid).any():
+            break
+        start = back
+    if start == p:
+        return None
+    mask = src.labels[start] == oid
+    if rng is not None:
+        mask = _perturb(mask, rng)
+    for s in range(start + d, p + d, d):
+        if not mask.any():
+            return None
+        prob = _step_probability(src, s - d, s, mask)
+        image, fine, stride = src.slice_inputs(s)
+        previous_image = src.images[s - d] if follower.config.previous_image else None
+        moved = follow_step(
+            follower, image, fine, stride, prob, mask, previous_image=previous_image
+        )
+        if moved is None:
+            return None
+        mask = moved
+    return mask
 
 
 def validate_following(
@@ -257,7 +312,9 @@ def _batch(
     xs, ys = [], []
     for _ in range(cfg.batch):
         pool = ends if ends and rng.random() < cfg.end_share else onto
-        x, y = augment(*follow_sample(follower, pool[int(rng.integers(len(pool)))], rng), rng)
+        rollout = cfg.rollout if rng.random() < cfg.rollout_share else 0
+        step = pool[int(rng.integers(len(pool)))]
+        x, y = augment(*follow_sample(follower, step, rng, rollout), rng)
         xs.append(x)
         ys.append(y)
     return torch.stack(xs), torch.stack(ys)

@@ -33,6 +33,7 @@ import torch
 from scipy import ndimage
 from skimage.segmentation import watershed
 
+from . import snap
 from .evaluate import foreground_iou
 from .model.click_refiner import (
     ClickRefiner,
@@ -44,6 +45,7 @@ from .model.click_refiner import (
 from .model.guide import local_prior
 from .prior import annotated_slices, dense_support
 from .propagation import ObjectEvent, PropagationStep
+from .snap import bounding_box as _mask_box
 from .task import Task
 from .volume import VolumeInfo
 
@@ -55,6 +57,7 @@ __all__ = [
     "FollowParams",
     "clicks_on",
     "follow_objects",
+    "follow_step",
     "memory_probability",
     "object_order",
     "refined_mask",
@@ -94,6 +97,10 @@ class FollowParams:
         with 15 objects each (``benchmarks/objects.py``), 0.3 helps plant cells through z
         (3D IoU 0.10 -> 0.23) and hurts EM mitochondria (0.21 -> 0.08), which drift further
         between sections.
+    snap : float or None
+        Each continuing object's new mask (the follower's; without a follower, its last mask)
+        is redrawn on the image's edges within this share of its radius (:mod:`.snap`).
+        ``None``: no snapping (without a follower, the watershed's mask is the new mask).
     """
 
     min_overlap: float = 0.3
@@ -102,6 +109,7 @@ class FollowParams:
     max_shrink: float = 4.0
     erosion: float = 0.3
     reach: float | None = None
+    snap: float | None = 0.25
 
 
 # ------------------------------------------------------------------------- clicked slice
@@ -370,16 +378,6 @@ def refined_mask(
     return out
 
 
-def _mask_box(mask: np.ndarray, pad: int) -> tuple[slice, slice]:
-    """Return the bounding box of a non-empty ``(H, W)`` mask grown by ``pad`` pixels, clipped."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    h, w = mask.shape
-    return (
-        slice(max(0, rows[0] - pad), min(h, rows[-1] + pad + 1)),
-        slice(max(0, cols[0] - pad), min(w, cols[-1] + pad + 1)),
-    )
-
-
 def _connected_to(mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """Keep the connected parts of ``mask`` that contain a point of ``pos``."""
     comp, _ = ndimage.label(mask)
@@ -490,11 +488,12 @@ def follow_objects(
     for step, key in visits:
         keys_by_step.setdefault(step, []).append(key)
     canvas: dict[Key, np.ndarray] = {}
+    smoothed: dict[Key, np.ndarray] = {}
     seen: set[int] = set()
     for step in sorted(keys_by_step):
         for key in keys_by_step[step]:
             active = [t for t in tracks if t.order.get(key, (-1,))[0] == step]
-            events = _visit(predictor, key, active, threshold, params)
+            events = _visit(predictor, key, active, threshold, params, smoothed)
             labels = canvas.setdefault(key, np.zeros(info.slice_shape, np.uint32))
             for t in active:
                 m = t.masks.get(key)
@@ -569,8 +568,12 @@ def _visit(
     active: list[_Track],
     threshold: float,
     params: FollowParams,
+    smoothed: dict[Key, np.ndarray],
 ) -> tuple[ObjectEvent, ...]:
-    """Segment the active objects on one slice: clicked ones by their clicks, others followed."""
+    """Segment the active objects on one slice: clicked ones by their clicks, others followed.
+
+    ``smoothed``: smoothed slices kept between visits for snapping (see :func:`_snapped`).
+    """
     clicked = [t for t in active if t.order[key][1] == key]
     followed = [t for t in active if t.order[key][1] != key and t.order[key][1] in t.masks]
     for t in clicked:
@@ -586,17 +589,64 @@ def _visit(
     prob = _memory_probability(predictor, key, followed)
     drawn = _watershed_masks(prob, key, followed, threshold, params)
     prev = [t.masks[t.order[key][1]] for t in followed]
-    if predictor.follower is not None:
+    if predictor.follower is not None or params.snap is not None:
         # The watershed says whether each object goes on (the end rules on the region its
-        # last mask seeds); the follower draws the mask of those that do.
+        # last mask seeds); the follower (without one: the last mask) carries those that do,
+        # and snapping moves their rims onto the image's edges.
         on = [i for i, (m, p) in enumerate(zip(drawn, prev, strict=True)) if _goes_on(m, p, params)]
-        moved = _follower_masks(predictor, prob, key, [followed[i] for i in on], params)
+        going = [followed[i] for i in on]
+        moved: list[np.ndarray | None] = (
+            _follower_masks(predictor, prob, key, going, params)
+            if predictor.follower is not None
+            else [prev[i] for i in on]
+        )
+        if params.snap is not None:
+            moved = _snapped(predictor, key, going, moved, params.snap, smoothed)
         for i, m in zip(on, moved, strict=True):
             drawn[i] = m
     events: list[ObjectEvent] = []
     for t, m, p in zip(followed, drawn, prev, strict=True):
         _advance(t, key, m, p, params, events)
     return tuple(events)
+
+
+#: Smoothed slices kept for snapping: a slice is read as a parent and as the slice itself.
+SMOOTHED_KEPT = 4
+
+
+def _snapped(
+    predictor: RevolverPredictor,
+    key: Key,
+    tracks: list[_Track],
+    masks: list[np.ndarray | None],
+    band: float,
+    lum: dict[Key, np.ndarray],
+) -> list[np.ndarray | None]:
+    """Snap the objects' new masks on slice ``key`` to its edges (:func:`.snap.snap_masks`).
+
+    The kind of each object's edge is read under its mask on the slice it comes from. ``lum``
+    keeps the last smoothed slices (:func:`.snap.smoothed`) from one visit to the next.
+    """
+    live = [i for i, m in enumerate(masks) if m is not None and m.any()]
+    if not live:
+        return masks
+
+    def smoothed(k: Key) -> np.ndarray:
+        if k not in lum:
+            lum[k] = snap.smoothed(predictor.refiner_slice(k)[0].cpu().numpy())
+            while len(lum) > SMOOTHED_KEPT:
+                del lum[next(iter(lum))]
+        return lum[k]
+
+    kinds = []
+    for i in live:
+        parent = tracks[i].order[key][1]
+        kinds.append(snap.boundary_kind(smoothed(parent), tracks[i].masks[parent]))
+    drawn = snap.snap_masks(smoothed(key), [masks[i] for i in live], kinds, band)  # type: ignore[misc]
+    out = list(masks)
+    for i, m in zip(live, drawn, strict=True):
+        out[i] = m
+    return out
 
 
 def innermost(mask: np.ndarray) -> tuple[int, int]:
@@ -680,14 +730,52 @@ def _follower_masks(
     out: list[np.ndarray | None] = []
     for i, (m, (_, window)) in enumerate(zip(prev, inputs, strict=True), start=1):
         ys, xs = window.pixel_bounds(prob.shape)
-        mine = owner[ys, xs] == i
-        core = _core(m, params.erosion)[ys, xs]
-        new = None
-        if (mine & core).any():
-            new = np.zeros(prob.shape, bool)
-            new[ys, xs] = _connected_to(mine, np.argwhere(mine & core))
-        out.append(new)
+        out.append(_touching_core(owner[ys, xs] == i, (ys, xs), m, params.erosion))
     return out
+
+
+def follow_step(
+    follower: ClickRefiner,
+    image: torch.Tensor,
+    fine: torch.Tensor,
+    fine_stride: int,
+    prob: np.ndarray,
+    previous: np.ndarray,
+    *,
+    erosion: float = FollowParams.erosion,
+    previous_image: torch.Tensor | None = None,
+) -> np.ndarray | None:
+    """Move one object onto a slice with the follower, as following does (no competitors).
+
+    Arguments as :func:`follower_inputs`; ``erosion`` as :class:`FollowParams`.
+
+    Returns
+    -------
+    np.ndarray or None
+        ``(H, W)`` bool: what the follower draws that touches the previous mask's core
+        (``None``: nothing does, the object ends).
+    """
+    x, window = follower_inputs(follower, image, fine, fine_stride, prob, previous, previous_image)
+    with torch.inference_mode():
+        logits = follower(x[None].to(next(follower.parameters()).device))[0]
+    patch, bounds = paste_logits(logits, window, prob.shape)
+    return _touching_core(patch > 0, bounds, previous, erosion)
+
+
+def _touching_core(
+    drawn: np.ndarray, bounds: tuple[slice, slice], previous: np.ndarray, erosion: float
+) -> np.ndarray | None:
+    """Keep the part of a window's mask that touches the previous mask's eroded core.
+
+    ``drawn`` covers the slice pixels ``bounds``; ``previous`` is ``(H, W)``. Returns the kept
+    part on the whole slice, or ``None`` where nothing touches the core.
+    """
+    core = _core(previous, erosion)[bounds]
+    if not (drawn & core).any():
+        return None
+    new = np.zeros(previous.shape, bool)
+    new[bounds] = _connected_to(drawn, np.argwhere(drawn & core))
+    return new
 
 
 def _core(mask: np.ndarray, erosion: float) -> np.ndarray:
@@ -843,6 +931,9 @@ def _end_reason(new: np.ndarray | None, prev: np.ndarray, params: FollowParams) 
     """Why an object does not continue onto a slice, or ``None`` if it does."""
     if new is None or not new.any():
         return "nothing probable under the object's last position"
+    # Both masks are small parts of the slice: measure them in their common bounding box.
+    box = _mask_box(new | prev, 0)
+    new, prev = new[box], prev[box]
     a, b = int(new.sum()), int(prev.sum())
     if a > params.max_growth * b:
         return f"area grew {a / b:.1f}x in one step"

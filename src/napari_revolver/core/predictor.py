@@ -77,8 +77,12 @@ class RevolverPredictor(VolumeEncoder):
         the weights' own (``weights.refiner``) by default. ``None``: selection only.
     follower : ClickRefiner or None
         Moves followed objects from slice to slice (:func:`.objects.follow_objects`), the
-        weights' own (``weights.follower``) by default. ``None``: a watershed seeded by each
-        object's previous mask instead.
+        weights' own (``weights.follower``) by default. ``None``: each object's last mask is
+        carried over and snapped to the image's edges (with ``follow_params.snap=None``, the
+        watershed's mask instead).
+    follow_params : FollowParams
+        How object tasks are followed (end rules, snapping to edges; see
+        :class:`.objects.FollowParams`).
 
     Examples
     --------
@@ -97,6 +101,7 @@ class RevolverPredictor(VolumeEncoder):
         self._follower: ClickRefiner | None = None
         self.refiner = self.weights.refiner
         self.follower = self.weights.follower
+        self.follow_params = objects.FollowParams()
         self._last_slice: tuple[tuple[object, ...], torch.Tensor] | None = None
 
     @property
@@ -497,7 +502,9 @@ class RevolverPredictor(VolumeEncoder):
             if output != "labels":
                 raise ValueError(f"object tasks give output='labels'; got {output!r}")
             self._guidance(task_list)  # the compatibility check
-            yield from objects.follow_objects(self, task_list, indices, threshold=threshold)
+            yield from objects.follow_objects(
+                self, task_list, indices, threshold=threshold, params=self.follow_params
+            )
             return
         guidance = self._guidance(task_list)
         linker = InstanceLinker(self.info) if instances and output == "labels" else None
