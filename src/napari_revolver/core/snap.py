@@ -11,8 +11,8 @@ band, and nothing moves farther than the band.
 Which landscape an object's edge is (:func:`boundary_kind`) is read from the slice it comes from,
 under its mask there: a *ridge* (the rim brighter than inside and outside: cell walls,
 membranes), a *valley* (darker than both) or a *step* (between the two: nuclei, blobs; the
-gradient magnitude). Objects of one kind are snapped together in one watershed, so that two
-touching objects share the edge between them.
+gradient magnitude). Objects of one kind whose bands overlap are snapped in one watershed, so
+that two touching objects share the edge between them.
 
 No napari or Qt here.
 """
