@@ -243,7 +243,7 @@ def main() -> None:
     )
     ap.add_argument("--refiner", default=None, help="click refiner file (default: the weights')")
     ap.add_argument(
-        "--no-follower", action="store_true", help="follow objects by watershed, no follower"
+        "--no-follower", action="store_true", help="follow objects without the follower"
     )
     ap.add_argument("--follower", default=None, help="follower file (default: the weights')")
     ap.add_argument(

@@ -1010,7 +1010,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             print(f"  {k}: {w.metadata[k]}")
     refiner = "none (object clicks select only)" if w.refiner is None else "yes"
     print(f"  click refiner for object tasks: {refiner}")
-    follower = "none (objects are followed by watershed)" if w.follower is None else "yes"
+    follower = "none (each object's last mask is carried over)" if w.follower is None else "yes"
     print(f"  follower of object tasks through z and t: {follower}")
     print(f"models: {', '.join(available_models())}")
     print(

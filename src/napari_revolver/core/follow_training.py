@@ -268,7 +268,7 @@ def validate_following(
 ) -> dict[str, float]:
     """Follow fixed objects from one click each; mean 3D IoU and share at IoU >= 0.5.
 
-    ``follower=None`` scores the watershed follower.
+    ``follower=None`` scores following without one (the last mask carried over, snapped).
     """
     ious = []
     for src, z, ids in items:

@@ -488,12 +488,12 @@ def follow_objects(
     for step, key in visits:
         keys_by_step.setdefault(step, []).append(key)
     canvas: dict[Key, np.ndarray] = {}
-    smoothed: dict[Key, np.ndarray] = {}
+    lum: dict[Key, np.ndarray] = {}
     seen: set[int] = set()
     for step in sorted(keys_by_step):
         for key in keys_by_step[step]:
             active = [t for t in tracks if t.order.get(key, (-1,))[0] == step]
-            events = _visit(predictor, key, active, threshold, params, smoothed)
+            events = _visit(predictor, key, active, threshold, params, lum)
             labels = canvas.setdefault(key, np.zeros(info.slice_shape, np.uint32))
             for t in active:
                 m = t.masks.get(key)
@@ -568,11 +568,11 @@ def _visit(
     active: list[_Track],
     threshold: float,
     params: FollowParams,
-    smoothed: dict[Key, np.ndarray],
+    lum: dict[Key, np.ndarray],
 ) -> tuple[ObjectEvent, ...]:
     """Segment the active objects on one slice: clicked ones by their clicks, others followed.
 
-    ``smoothed``: smoothed slices kept between visits for snapping (see :func:`_snapped`).
+    ``lum``: smoothed slices kept between visits for snapping (see :func:`_snapped`).
     """
     clicked = [t for t in active if t.order[key][1] == key]
     followed = [t for t in active if t.order[key][1] != key and t.order[key][1] in t.masks]
@@ -601,7 +601,7 @@ def _visit(
             else [prev[i] for i in on]
         )
         if params.snap is not None:
-            moved = _snapped(predictor, key, going, moved, params.snap, smoothed)
+            moved = _snapped(predictor, key, going, moved, params.snap, lum)
         for i, m in zip(on, moved, strict=True):
             drawn[i] = m
     events: list[ObjectEvent] = []

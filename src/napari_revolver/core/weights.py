@@ -190,7 +190,7 @@ def load_weights(
     found: dict[str, ClickRefiner | None] = {}
     for role, without in (
         ("clicks", "object clicks without the click refiner"),
-        ("follow", "objects followed by watershed, without the follower"),
+        ("follow", "objects followed without the follower (their last masks carried over)"),
     ):
         found[role] = None
         refiner_path = default_refiner_path(path, role)
