@@ -14,9 +14,9 @@ groups), ``P`` positive and ``P`` negative random points per support slice (``--
 or the dense mask:
 
 * ``net``: the guided network alone (what ``accuracy.py`` scores);
-* ``fit``: weighted L2 logistic regression on the support slice's cached features (fine +
-  upsampled coarse, standardised per slice), each click's footprint weighting its cells, the
-  two classes weighing the same; its sign on the query;
+* ``fit``: weighted L2 logistic regression (``core.pixel_fit.logistic``) on the support
+  slice's cached features (fine + upsampled coarse, standardised per slice), each click's
+  footprint weighting its cells, the two classes weighing the same; its sign on the query;
 * ``net+g*fit``: the network's logit plus ``g`` times the fit's (``--gains``);
 * ``gated``: per task, the candidate with the best cross-validated score on the support (a
   weighted balanced accuracy on the held-out clicks' cells, or the IoU on the held-out quadrant
@@ -48,41 +48,8 @@ import accuracy as acc
 from napari_revolver import RevolverPredictor
 from napari_revolver.core.evaluate import foreground_iou, sample_support_points
 from napari_revolver.core.model.guide import point_masks
+from napari_revolver.core.pixel_fit import logistic
 from napari_revolver.core.prior import dense_support
-
-
-def logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, lam: float) -> np.ndarray:
-    """Weighted L2 logistic regression by damped Newton steps.
-
-    ``x`` is ``(N, D)`` with a last column of ones (the unpenalised intercept), ``y`` ``(N,)``
-    in {0, 1}, ``w`` ``(N,)`` sample weights. Returns the ``(D,)`` coefficients.
-    """
-    d = x.shape[1]
-    pen = np.full(d, lam)
-    pen[-1] = 1e-6
-    beta = np.zeros(d)
-
-    def loss(b: np.ndarray) -> float:
-        z = x @ b
-        return float(np.sum(w * (np.logaddexp(0, z) - y * z)) + 0.5 * np.sum(pen * b * b))
-
-    f = loss(beta)
-    for _ in range(30):
-        p = 0.5 * (1 + np.tanh(0.5 * (x @ beta)))
-        grad = x.T @ (w * (p - y)) + pen * beta
-        hess = (x * (w * p * (1 - p))[:, None]).T @ x + np.diag(pen)
-        step = np.linalg.solve(hess, grad)
-        t = 1.0
-        while t > 1e-4:
-            new = beta - t * step
-            f_new = loss(new)
-            if f_new <= f:
-                break
-            t *= 0.5
-        beta, gain, f = new, f - f_new, f_new
-        if gain < 1e-8:
-            break
-    return beta
 
 
 def logit(p: np.ndarray) -> np.ndarray:

@@ -167,32 +167,34 @@ def test_points_are_drawn_per_support_slice_from_foreground_and_background(
     assert not np.array_equal(guided[0][0], guided[1][0])  # seeds differ
 
 
-def test_dense_baseline_merges_every_support_mask(
+def test_dense_baseline_guides_with_every_support_mask(
     tiny_predictor, stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     image, labels = stack
-    masked: list[int] = []
-    real = tiny_predictor.guide_mask
+    painted: list[list[int]] = []
+    real = tiny_predictor.guide_labels
 
-    def spy(index, mask, **kwargs):
-        masked.append(int(index))
-        np.testing.assert_array_equal(mask, labels[index] > 0)
-        return real(index, mask, **kwargs)
+    def spy(slices, **kwargs):
+        painted.append(sorted(int(k) for k in slices))
+        for k, lab in slices.items():
+            # Every pixel annotated: 1 where the labels are foreground, 2 elsewhere.
+            np.testing.assert_array_equal(lab, np.where(labels[k] > 0, 1, 2))
+        return real(slices, **kwargs)
 
-    monkeypatch.setattr(tiny_predictor, "guide_mask", spy)
+    monkeypatch.setattr(tiny_predictor, "guide_labels", spy)
     res = evaluate_few_shot(
         tiny_predictor, image, labels, support=[1, 3], points=(1,), seeds=1, baselines=["dense"]
     )
     assert [(r.method, r.points) for r in res] == [("revolver", "1"), ("dense", "dense")]
-    assert masked == [1, 3]
+    assert painted == [[1, 3]]  # one task from both slices, so one pixel fit of both
     _check_row(res[1])
     # "dense" both as a budget and as a baseline gives one dense row, where points put it.
-    masked.clear()
+    painted.clear()
     res = evaluate_few_shot(
         tiny_predictor, image, labels, points=("dense", 1), seeds=1, baselines=("dense",)
     )
     assert [(r.method, r.points) for r in res] == [("dense", "dense"), ("revolver", "1")]
-    assert masked == [0]
+    assert painted == [[0]]
 
 
 def test_label_value_selects_the_foreground(tiny_predictor, stack) -> None:

@@ -34,11 +34,11 @@ def test_logistic_separates_and_weighs_samples(gate, rng) -> None:
     x = rng.normal(size=(400, 3))
     y = (x[:, 0] - 0.5 * x[:, 1] > 0.2).astype(float)
     xs = np.c_[x, np.ones(len(x))]
-    beta = gate.logistic(xs, y, np.ones(len(x)), lam=0.1)
+    beta = gate.logistic(xs, y, np.ones(len(x)), 0.1)
     assert np.mean((xs @ beta > 0) == (y > 0)) > 0.97
     assert beta[0] > 0 > beta[1]
     # Samples of weight zero do not count: with the positives weightless, all is negative.
-    only_negatives = gate.logistic(xs, y, (y == 0).astype(float), lam=0.1)
+    only_negatives = gate.logistic(xs, y, (y == 0).astype(float), 0.1)
     assert np.all(xs @ only_negatives < 0)
 
 

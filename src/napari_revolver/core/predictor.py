@@ -14,12 +14,13 @@ coordinates first, ``(y, x)`` last, as napari's Points layers hold them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import objects
 from .compat import check_tasks
@@ -28,7 +29,8 @@ from .labels import labels_from_probabilities
 from .model.click_refiner import ClickRefiner
 from .model.encoder import EncoderOutput
 from .model.guide import GuideOutput, point_masks
-from .prior import dense_support, local_priors
+from .pixel_fit import PixelFit, cell_features, validated_fit
+from .prior import label_support, local_priors
 from .propagation import PropagationStep, finish_slice
 from .task import Task
 from .tiling import segment_slices
@@ -195,35 +197,159 @@ class RevolverPredictor(VolumeEncoder):
         assert total is not None
         return replace(self._task(total, name, label_value, pts, lab), kind=kind)
 
-    @torch.inference_mode()
     def guide_mask(
         self, index: Index, mask: np.ndarray, *, name: str = "task", label_value: int = 1
     ) -> Task:
         """Turn a dense support mask ``(H, W)`` on slice ``index`` into a task (the densest shot).
+
+        Every pixel is annotated: foreground where ``mask > 0``, background elsewhere. As
+        :meth:`guide_labels`, the task gets a validated pixel fit (:mod:`.pixel_fit`).
 
         Raises
         ------
         ValueError
             A mask of another shape than the slices, or an empty one.
         """
-        info = self.info
         mask = np.asarray(mask)
-        if mask.shape != info.slice_shape:
-            raise ValueError(f"mask must have the slice shape {info.slice_shape}; got {mask.shape}")
+        if mask.shape != self.info.slice_shape:
+            raise ValueError(
+                f"mask must have the slice shape {self.info.slice_shape}; got {mask.shape}"
+            )
         if not mask.any():
             raise ValueError("the support mask is empty: it needs at least one foreground pixel")
-        f = self.features(index)
-        masks = dense_support(mask, tuple(f.fine.shape[-2:]), self.model.fine_stride)
-        g = self._guide_features(f, masks)
-        key = info.unflat(info.flat(index))
-        return self._task(
-            g,
-            name,
-            label_value,
-            np.zeros((0, info.ndim)),
-            np.zeros(0, np.int8),
-            ((key, masks.numpy().astype(np.float32)),),
+        labels = np.where(mask > 0, 1, 2).astype(np.uint8)
+        return self.guide_labels({index: labels}, name=name, label_value=label_value)
+
+    @torch.inference_mode()
+    def guide_labels(
+        self,
+        labels: Mapping[Index, np.ndarray],
+        *,
+        points: Any = None,
+        point_labels: Any = None,
+        name: str = "task",
+        label_value: int = 1,
+        fit: bool | PixelFit | None = True,
+    ) -> Task:
+        """Turn painted labels on one or more slices (and clicks) into a class task.
+
+        Parameters
+        ----------
+        labels : mapping of index to np.ndarray
+            Per support slice, ``(H, W)`` integer labels: 1 foreground, 2 background, 0 not
+            annotated (ilastik's convention for two classes): brush strokes, or a painted slice.
+        points, point_labels : array-like, optional
+            Clicks guiding the task too, as for :meth:`guide`.
+        name, label_value
+            As for :meth:`guide`.
+        fit : bool or PixelFit or None
+            ``True``: fit a per-task pixel model to the painted cells and let cross-validation
+            on them decide whether, and how much, it counts beside the network
+            (:meth:`fit_labels`). A :class:`~.pixel_fit.PixelFit`: use that one (from an
+            earlier :meth:`fit_labels` of the same labels). ``False`` or ``None``: the network
+            alone.
+
+        Returns
+        -------
+        Task
+            ``Task.pixel_fit`` is set where the painted cells allowed a fit.
+
+        Raises
+        ------
+        ValueError
+            Labels of another shape than the slices, values other than 0, 1 and 2, or no
+            foreground in the labels nor the clicks.
+        """
+        keys, feats, masks = self._label_masks(labels)
+        has_points = points is not None and len(np.asarray(points))
+        if not has_points and not any(bool((m[0] > 0).any()) for m in masks):
+            raise ValueError("the labels have no foreground (1): a task needs some")
+        pts, lab = np.zeros((0, self.info.ndim)), np.zeros(0, np.int8)
+        total: GuideOutput | None = None
+        if has_points:
+            clicked = self.guide(points, point_labels, name=name, label_value=label_value)
+            pts, lab, total = clicked.points, clicked.labels, self._guidance([clicked])
+        for f, m in zip(feats, masks, strict=True):
+            g = self._guide_features(f, m)
+            total = g if total is None else total + g
+        if total is None:
+            raise ValueError("no support slice given, and no clicks")
+        pixel_fit = fit if isinstance(fit, PixelFit) else None
+        if fit is True and keys:
+            pixel_fit = self._validated_fit(feats, masks)
+        support = tuple((k, m.numpy().astype(np.float32)) for k, m in zip(keys, masks, strict=True))
+        task = self._task(total, name, label_value, pts, lab, support)
+        return replace(task, pixel_fit=pixel_fit)
+
+    @torch.inference_mode()
+    def fit_labels(self, labels: Mapping[Index, np.ndarray]) -> PixelFit | None:
+        """Fit a per-task pixel model to painted labels, weighted by cross-validation.
+
+        See :mod:`.pixel_fit`: the network (guided by the painted labels alone) and the fit are
+        compared on held-out quadrants of the painted slices.
+
+        Parameters
+        ----------
+        labels : mapping of index to np.ndarray
+            As for :meth:`guide_labels`.
+
+        Returns
+        -------
+        PixelFit or None
+            ``None`` with fewer than :data:`.pixel_fit.MIN_CELLS` painted feature cells per
+            class (or too few painted quadrants to compare on).
+        """
+        _, feats, masks = self._label_masks(labels)
+        return self._validated_fit(feats, masks) if feats else None
+
+    def _validated_fit(
+        self, feats: Sequence[EncoderOutput], masks: Sequence[torch.Tensor]
+    ) -> PixelFit | None:
+        return validated_fit(
+            [cell_features(f)[0] for f in feats],
+            masks,
+            lambda fold: self._support_logits(feats, fold),
         )
+
+    def _label_masks(
+        self, labels: Mapping[Index, np.ndarray]
+    ) -> tuple[list[tuple[int, ...]], list[EncoderOutput], list[torch.Tensor]]:
+        """Check painted labels; return their slices, features and fine-grid masks."""
+        info = self.info
+        keys, feats, masks = [], [], []
+        for index, lab in labels.items():
+            lab = np.asarray(lab)
+            if lab.shape != info.slice_shape:
+                raise ValueError(
+                    f"labels must have the slice shape {info.slice_shape}; got {lab.shape} "
+                    f"on slice {index}"
+                )
+            bad = np.setdiff1d(np.unique(lab), [0, 1, 2])
+            if len(bad):
+                raise ValueError(
+                    f"labels must be 0 (not annotated), 1 (foreground) or 2 (background); "
+                    f"slice {index} has {bad[:5].tolist()}"
+                )
+            keys.append(info.unflat(info.flat(index)))
+            feats.append(self.features(index))
+            grid = tuple(feats[-1].fine.shape[-2:])
+            masks.append(label_support(lab, grid, self.model.fine_stride))  # type: ignore[arg-type]
+        return keys, feats, masks
+
+    def _support_logits(
+        self, feats: Sequence[EncoderOutput], masks: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Return the network's logits ``(h, w)`` per support slice, guided by ``masks`` alone."""
+        guidance = self._guide_features(feats[0], masks[0])
+        for f, m in zip(feats[1:], masks[1:], strict=True):
+            guidance = guidance + self._guide_features(f, m)
+        stride = self.model.fine_stride
+        out = []
+        for f in feats:
+            x = f.to(self.device, torch.float32, memory_format=torch.channels_last)
+            logits = self.model.segment(x, guidance)  # (1, h * stride, w * stride)
+            out.append(F.avg_pool2d(logits[:, None], stride)[0, 0].float().cpu())
+        return out
 
     def guide_features(self, f: EncoderOutput, masks: torch.Tensor) -> GuideOutput:
         """Pool features ``f`` (batch 1) under guide masks ``(2, h, w)`` on the fine grid."""
@@ -388,6 +514,20 @@ class RevolverPredictor(VolumeEncoder):
         # Channels-last: the segmentor reads the features pixel by pixel (see its fusion).
         f = feats.to(self.device, torch.float32, memory_format=torch.channels_last)
         logits = segment_slices(self.model, f, guidance, self.info.slice_shape, prior)
+        fits = [t.pixel_fit for t in tasks]
+        if any(p is not None and p.active for p in fits):
+            cells = cell_features(f)
+            h, w = self.info.slice_shape
+            for j, p in enumerate(fits):
+                if p is None or not p.active:
+                    continue
+                r = F.interpolate(
+                    p.logits(cells)[:, None],
+                    scale_factor=self.model.fine_stride,
+                    mode="bilinear",
+                    align_corners=False,
+                )[:, 0, :h, :w]
+                logits[j::n_t] = p.combine(logits[j::n_t], r)
         return torch.sigmoid(logits).reshape(n_s, n_t, *logits.shape[-2:])
 
     def predict_proba(

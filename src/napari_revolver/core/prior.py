@@ -16,13 +16,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model.guide import dense_masks, local_prior, point_masks
+from .model.guide import local_prior, point_masks
 from .task import Task
 from .volume import VolumeInfo
 
 __all__ = [
     "annotated_slices",
     "dense_support",
+    "label_support",
     "local_priors",
     "prior_sources",
     "task_prior",
@@ -175,13 +176,37 @@ def local_priors(
     return torch.stack([zero if r is None else r for r in rows])
 
 
+def label_support(labels: np.ndarray, grid: tuple[int, int], stride: int) -> torch.Tensor:
+    """Guide masks of painted labels on the padded fine grid.
+
+    Parameters
+    ----------
+    labels : np.ndarray
+        ``(H, W)``: 1 foreground, 2 background, anything else not annotated.
+    grid : tuple of int
+        ``(h, w)`` of the fine feature grid (``h * stride >= H``).
+    stride : int
+        Pixels per fine cell.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(2, h, w)``: the fraction of each cell painted foreground, and background.
+    """
+    h, w = grid
+    full = np.zeros((2, h * stride, w * stride), np.float32)
+    full[0, : labels.shape[0], : labels.shape[1]] = labels == 1
+    full[1, : labels.shape[0], : labels.shape[1]] = labels == 2
+    return F.avg_pool2d(torch.from_numpy(full)[None], stride)[0]
+
+
 def dense_support(mask: np.ndarray, grid: tuple[int, int], stride: int) -> torch.Tensor:
     """Guide masks of a dense support mask on the padded fine grid.
 
     Parameters
     ----------
     mask : np.ndarray
-        ``(H, W)``, foreground where > 0.
+        ``(H, W)``, foreground where > 0 and background elsewhere.
     grid : tuple of int
         ``(h, w)`` of the fine feature grid (``h * stride >= H``).
     stride : int
@@ -192,11 +217,4 @@ def dense_support(mask: np.ndarray, grid: tuple[int, int], stride: int) -> torch
     torch.Tensor
         ``(2, h, w)`` foreground and background fractions; padding counts as neither.
     """
-    h, w = grid
-    full = np.zeros((h * stride, w * stride), np.float32)
-    full[: mask.shape[0], : mask.shape[1]] = mask > 0
-    # Padding is neither foreground nor background.
-    valid = np.zeros_like(full)
-    valid[: mask.shape[0], : mask.shape[1]] = 1
-    weight = F.avg_pool2d(torch.from_numpy(valid)[None, None], stride)[0]
-    return dense_masks(torch.from_numpy(full), stride) * weight
+    return label_support(np.where(np.asarray(mask) > 0, 1, 2), grid, stride)

@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import __version__
 from .atomic import atomic_write
+from .pixel_fit import PixelFit
 
 __all__ = ["TASK_FORMAT_VERSION", "Task", "load_task"]
 
@@ -61,6 +62,10 @@ class Task:
         ``(2, D + 1, D + 1)`` float32 second moments of the support features per polarity,
         for the per-task fit of weights that have one (:mod:`.model.task_fit`); ``None`` for
         older weights. They add when tasks merge, as the sums do.
+    pixel_fit : PixelFit or None
+        A class task guided by painted labels or a mask: its per-task pixel model and the
+        weight cross-validation on the support gave it (:mod:`.pixel_fit`); ``None``: the
+        network alone. Dropped when tasks merge (guide all slices together to keep one).
     object_masks : tuple of (tuple of int, np.ndarray)
         Object tasks only: slices where the object's mask is known (painted by hand), as
         ``(slice index, (H, W) bool)``. Each is an anchor of :func:`.objects.follow_objects`
@@ -83,6 +88,7 @@ class Task:
     kind: Literal["class", "object"] = "class"
     moments: np.ndarray | None = None
     object_masks: tuple[tuple[tuple[int, ...], np.ndarray], ...] = ()
+    pixel_fit: PixelFit | None = None
 
     def __post_init__(self) -> None:
         """Check the shapes and freeze private copies of the arrays."""
@@ -118,6 +124,8 @@ class Task:
             raise ValueError(f"kind must be 'class' or 'object'; got {self.kind!r}")
         if self.object_masks and self.kind != "object":
             raise ValueError("object_masks are for object tasks; this is a class task")
+        if self.pixel_fit is not None and self.kind != "class":
+            raise ValueError("a pixel fit is for class tasks; this is an object task")
 
     @property
     def n_positive(self) -> int:
@@ -175,6 +183,7 @@ class Task:
             source=self.source if same_source else "",
             support_masks=self.support_masks + other.support_masks if same_source else (),
             object_masks=self.object_masks + other.object_masks if same_source else (),
+            pixel_fit=None,
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -197,6 +206,7 @@ class Task:
             "invert": self.invert,
             "kind": self.kind,
             "moments": None if self.moments is None else _encode_array(self.moments),
+            "pixel_fit": None if self.pixel_fit is None else self.pixel_fit.to_dict(),
         }
 
     @classmethod
@@ -229,6 +239,8 @@ class Task:
             kind=str(d.get("kind", "class")),  # type: ignore[arg-type]
             # Files written for weights without the per-task fit have no moments.
             moments=_decode_array(d["moments"]) if d.get("moments") else None,  # type: ignore[arg-type]
+            # Files written before painted supports have none.
+            pixel_fit=PixelFit.from_dict(d["pixel_fit"]) if d.get("pixel_fit") else None,  # type: ignore[arg-type]
         )
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:

@@ -1,0 +1,172 @@
+"""The per-task pixel fit: when the support says it helps, and how predictions use it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from napari_revolver.core import pixel_fit as pf
+from napari_revolver.core.pixel_fit import PixelFit, cell_features, validated_fit
+from napari_revolver.core.prior import label_support
+from napari_revolver.core.task import Task
+
+
+def _support(predictor, image: np.ndarray, fg: np.ndarray, k: int = 0):
+    predictor.set_volume(image)
+    f = predictor.features(k)
+    grid = tuple(f.fine.shape[-2:])
+    masks = label_support(np.where(fg[k], 1, 2), grid, predictor.model.fine_stride)
+    return cell_features(f)[0], masks
+
+
+def _fixed_network(masks: torch.Tensor, value: float | None):
+    """A stand-in for the network: ``value`` everywhere, or the truth (+-8) when ``None``."""
+    truth = torch.where(masks[0] > masks[1], 8.0, -8.0)
+
+    def logits(fold: list[torch.Tensor]) -> list[torch.Tensor]:
+        assert len(fold) == 1 and fold[0].shape == masks.shape
+        return [truth if value is None else torch.full_like(truth, value)]
+
+    return logits
+
+
+@pytest.fixture
+def blobs(make_blobs):
+    image = make_blobs((2, 128, 128), n_blobs=6)
+    return image, image > 0.5
+
+
+def test_the_network_is_kept_where_it_is_right(predictor, blobs) -> None:
+    x, masks = _support(predictor, *blobs)
+    fit = validated_fit([x], [masks], _fixed_network(masks, None))
+    assert fit is not None and not fit.active
+    assert fit.scores["net"] == pytest.approx(1.0)
+
+
+def test_the_fit_takes_over_where_the_network_fails(predictor, blobs) -> None:
+    x, masks = _support(predictor, *blobs)
+    fit = validated_fit([x], [masks], _fixed_network(masks, -3.0))
+    assert fit is not None and fit.active
+    assert fit.scores["net"] == 0.0
+    best = max(fit.scores.values())
+    assert best > 0.7
+    # The fit alone separates the blobs on the slice it was fitted to.
+    z = fit.logits(x[None])[0].numpy()
+    labelled = masks.sum(0).numpy() > 0.5
+    truth = (masks[0] > masks[1]).numpy()
+    assert np.mean((z > 0)[labelled] == truth[labelled]) > 0.9
+
+
+def test_too_little_support_gives_no_fit(predictor, blobs) -> None:
+    x, masks = _support(predictor, *blobs)
+    sparse = masks.clone()
+    sparse[:, 8:] = 0.0  # a strip of annotation: fewer cells than MIN_CELLS per class
+    assert int((sparse[0] > 0.5).sum()) < pf.MIN_CELLS
+    assert validated_fit([x], [sparse], _fixed_network(sparse, -3.0)) is None
+
+
+def test_logistic_warm_start_reaches_the_same_model(rng) -> None:
+    x = np.c_[rng.normal(size=(300, 4)), np.ones(300)]
+    y = (x[:, 0] + x[:, 2] > 0).astype(float)
+    w = np.ones(300)
+    cold = pf.logistic(x, y, w, 1.0)
+    warm = pf.logistic(x, y, w, 1.0, start=cold + 0.3)
+    np.testing.assert_allclose(warm, cold, atol=1e-3)
+
+
+def test_pixel_fit_checks_shapes_and_channels() -> None:
+    with pytest.raises(ValueError, match=r"coef \(D \+ 1,\)"):
+        PixelFit(np.zeros(3), np.ones(3), np.zeros(3), 1.0)
+    fit = PixelFit(np.zeros(3), np.ones(3), np.array([1.0, 0.0, 0.0, -0.5]), 2.0)
+    with pytest.raises(ValueError, match="3 feature channels"):
+        fit.logits(torch.zeros(1, 4, 2, 2))
+    x = torch.zeros(1, 3, 2, 2)
+    x[0, 0, 0, 0] = 2.0
+    np.testing.assert_allclose(fit.logits(x)[0].numpy(), [[1.5, -0.5], [-0.5, -0.5]])
+    assert PixelFit.from_dict(fit.to_dict()).to_dict() == fit.to_dict()
+
+
+def test_guide_labels_gives_a_task_that_predictions_use(predictor, blobs) -> None:
+    image, fg = blobs
+    predictor.set_volume(image)
+    painted = np.zeros(fg.shape[1:], np.uint8)
+    painted[fg[0]] = 1
+    painted[~fg[0]] = 2
+    task = predictor.guide_labels({0: painted})
+    net_only = predictor.guide_labels({0: painted}, fit=False)
+    assert net_only.pixel_fit is None
+    np.testing.assert_array_equal(task.sum_coarse, net_only.sum_coarse)
+    assert task.support_masks and task.support_masks[0][0] == (0,)
+    # A fit that replaces the network: the probability is the fit's, upsampled.
+    assert task.pixel_fit is not None
+    only_fit = replace(task, pixel_fit=replace(task.pixel_fit, gain=1.0, net_weight=0.0))
+    prob = predictor.predict_proba(1, only_fit)[0]
+    f = predictor.features(1)
+    z = only_fit.pixel_fit.logits(cell_features(f))[:, None]
+    expected = torch.sigmoid(torch.nn.functional.interpolate(z, scale_factor=4, mode="bilinear"))
+    np.testing.assert_allclose(prob, expected[0, 0, :128, :128].numpy(), atol=1e-5)
+    # A fit that does not count changes nothing.
+    idle = replace(task, pixel_fit=replace(task.pixel_fit, gain=0.0, net_weight=1.0))
+    np.testing.assert_array_equal(
+        predictor.predict_proba(1, idle), predictor.predict_proba(1, net_only)
+    )
+
+
+def test_guide_labels_refuses_bad_input(predictor, blobs) -> None:
+    image, fg = blobs
+    predictor.set_volume(image)
+    with pytest.raises(ValueError, match="no foreground"):
+        predictor.guide_labels({})
+    with pytest.raises(ValueError, match="slice shape"):
+        predictor.guide_labels({0: np.ones((10, 10), np.uint8)})
+    with pytest.raises(ValueError, match=r"0 \(not annotated\), 1 \(foreground\) or 2"):
+        predictor.guide_labels({0: np.full(fg.shape[1:], 3, np.uint8)})
+    with pytest.raises(ValueError, match="no foreground"):
+        predictor.guide_labels({0: np.full(fg.shape[1:], 2, np.uint8)})
+
+
+def test_task_files_keep_the_fit_and_merging_drops_it(predictor, blobs, tmp_path) -> None:
+    image, fg = blobs
+    predictor.set_volume(image)
+    task = predictor.guide_labels({0: np.where(fg[0], 1, 2).astype(np.uint8)})
+    assert task.pixel_fit is not None
+    path = task.save(tmp_path / "t.revolver-task.json")
+    from napari_revolver.core.task import load_task
+
+    back = load_task(path)
+    assert back.pixel_fit is not None
+    np.testing.assert_allclose(back.pixel_fit.coef, task.pixel_fit.coef)
+    assert (back.pixel_fit.gain, back.pixel_fit.net_weight) == (
+        task.pixel_fit.gain,
+        task.pixel_fit.net_weight,
+    )
+    assert task.merge(task).pixel_fit is None
+    with pytest.raises(ValueError, match="pixel fit is for class tasks"):
+        replace(task, kind="object")
+    assert isinstance(task, Task)
+
+
+def test_clicks_and_painted_labels_guide_one_task(predictor, blobs) -> None:
+    image, fg = blobs
+    predictor.set_volume(image)
+    painted = {0: np.where(fg[0], 1, 2).astype(np.uint8)}
+    ys, xs = np.nonzero(fg[1])
+    pts = np.array([[1, ys[0], xs[0]], [1, 2, 2]], float)
+    lab = np.array([1, 0])
+    both = predictor.guide_labels(painted, points=pts, point_labels=lab)
+    clicks = predictor.guide(pts, lab)
+    paint = predictor.guide_labels(painted, fit=False)
+    np.testing.assert_allclose(both.sum_coarse, clicks.sum_coarse + paint.sum_coarse, rtol=1e-5)
+    np.testing.assert_allclose(both.mass, clicks.mass + paint.mass, rtol=1e-6)
+    np.testing.assert_array_equal(both.points, pts)
+    # The fit comes from the painted cells alone, so it can be made once and reused.
+    fit = predictor.fit_labels(painted)
+    assert fit is not None
+    np.testing.assert_allclose(both.pixel_fit.coef, fit.coef, rtol=1e-5)
+    reused = predictor.guide_labels(painted, points=pts, point_labels=lab, fit=fit)
+    assert reused.pixel_fit is fit
+    # Clicks alone, no painted slice: the network alone.
+    assert predictor.guide_labels({}, points=pts, point_labels=lab).pixel_fit is None
