@@ -378,3 +378,49 @@ def test_where_objects_ended_reads_as_one_clause_per_object() -> None:
     ends = [("cell", "r", (17,)), ("cell", "r", (6,)), ("b", "q", (3,)), ("b", "q", (4,))]
     ends += [("b", "q", (5,))]
     assert _ends_text(ends) == "cell at slices 6 and 17 (r); b at slices 3-5 (q)"
+
+
+def test_a_slice_painted_by_hand_teaches_the_class_tasks(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = session.tasks[0]
+    session.run_inline(session.propagation(5, 6))
+    predictor = session.image.predictor
+    fits: list[int] = []
+    real_fit = predictor.fit_labels
+
+    def counting(painted):
+        fits.append(len(painted))
+        return real_fit(painted)
+
+    monkeypatch.setattr(predictor, "fit_labels", counting)
+    rec = Recorder(session)
+    labels = session.image.labels
+    labels.brush_size = 9
+    labels.paint((5, 40, 40), entry.label_value)
+    assert session.image.painted == {(5,)}
+    assert entry.task is None and rec.count("task_stale") == 1
+    task = session.guide(entry)
+    assert task is not None and [k for k, _ in task.support_masks] == [(5,)]
+    painted = session.painted_support(entry)
+    np.testing.assert_array_equal(
+        painted[(5,)] == 1, np.asarray(labels.data[5]) == entry.label_value
+    )
+    # Clicks alone do not refit: the painted slice's fit is kept until the painting changes.
+    entry.points.add(np.array([[12, 30, 30]]))
+    session.guide(entry)
+    assert fits == [1]
+    labels.paint((5, 60, 60), entry.label_value)
+    session.guide(entry)
+    assert fits == [1, 1]
+    # A class task without clicks learns from the painting alone.
+    other = session.add_task("painted only")
+    labels.paint((5, 20, 90), other.label_value)
+    assert other.task is None
+    assert not session.guide_stale()
+    assert other.task is not None and other.task.n_positive == 0
+    # Forgetting the painted slices: the tasks no longer learn from them.
+    session.forget_painted()
+    assert entry.task is None
+    assert [k for k, _ in session.guide(entry).support_masks] == []
+    assert session.guide(other) is None

@@ -56,7 +56,9 @@ class TaskEntry:
         How images are read for this task (channel, invert); ``rgb`` is left to each image.
         Applying the task to another image reads that image the same way.
     task : Task or None
-        The guidance; ``None`` while stale (points changed since it was guided).
+        The guidance; ``None`` while stale (points or painted slices changed since it was
+        guided). A class task is guided by its points and by the slices of its image painted
+        by hand (:meth:`Session.painted_support`).
     kind : {"class", "object"}
         ``class``: everything like the clicked objects. ``object``: the one object under the
         clicks, followed through the stack; its ``label_value`` is its id.
@@ -72,6 +74,9 @@ class TaskEntry:
     #: Whether the user was told that some of this task's points are outside its image.
     warned_outside: bool = False
     kind: str = "class"
+    #: The pixel fit of the slices painted by hand, with what it was fitted on (a class task
+    #: refits only when the painting changes, not at every click).
+    painted_fit: tuple[tuple[Any, ...], Any] | None = None
 
 
 @dataclass(eq=False)
@@ -636,24 +641,83 @@ class Session:
         return {tuple(int(v) for v in np.rint(p[:n])) for p in pts}
 
     def guide(self, entry: TaskEntry) -> Task | None:
-        """Guide ``entry`` again from its points; ``None`` when it has no positive point yet."""
+        """Guide ``entry`` again; ``None`` when it has no positive point (or painted pixel) yet.
+
+        A class task learns from its points and from the slices painted by hand
+        (:meth:`painted_support`); an object task from its points.
+        """
         state = self.image_state_of(entry)
         pts, lab = self.task_points(entry, state)
-        if not (lab == 1).any():
+        painted = self.painted_support(entry, state) if entry.kind == "class" else {}
+        if not (lab == 1).any() and not any((p == 1).any() for p in painted.values()):
             entry.task = None
             return None
         predictor = self.predictor_for(state, entry.spec)
-        entry.task = predictor.guide(
-            pts, lab, name=entry.name, label_value=entry.label_value, kind=entry.kind
-        )
+        if painted:
+            entry.task = predictor.guide_labels(
+                painted,
+                points=pts if len(pts) else None,
+                point_labels=lab,
+                name=entry.name,
+                label_value=entry.label_value,
+                fit=self._painted_fit(entry, predictor, painted),
+            )
+        else:
+            entry.task = predictor.guide(
+                pts, lab, name=entry.name, label_value=entry.label_value, kind=entry.kind
+            )
         self.events.task_changed.emit(entry)
         return entry.task
+
+    def painted_support(
+        self, entry: TaskEntry, state: ImageState | None = None
+    ) -> dict[tuple[int, ...], np.ndarray]:
+        """Return the slices painted by hand as a class task's support, ``{slice: (H, W)}``.
+
+        A painted slice is the user's truth for every class task: 1 (foreground) where it
+        holds the task's value, 2 (background) everywhere else.
+        """
+        state = state or self.image_state_of(entry)
+        if not state.painted or state.labels is None or not L.is_alive(self.viewer, state.labels):
+            return {}
+        data = state.labels.data
+        return {
+            k: np.where(np.asarray(data[k]) == entry.label_value, 1, 2).astype(np.uint8)
+            for k in sorted(state.painted)
+        }
+
+    def _painted_on(self, entry: TaskEntry) -> bool:
+        """Whether ``entry``'s image has slices painted by hand."""
+        state = self.images.get(id(entry.image))
+        return state is not None and state.layer is entry.image and bool(state.painted)
+
+    def _painted_fit(
+        self,
+        entry: TaskEntry,
+        predictor: RevolverPredictor,
+        painted: dict[tuple[int, ...], np.ndarray],
+    ) -> Any:
+        """Return the pixel fit of ``painted`` for ``entry``, cached while the painting holds."""
+        key = (id(predictor), *((k, _checksum(v)) for k, v in painted.items()))
+        if entry.painted_fit is None or entry.painted_fit[0] != key:
+            entry.painted_fit = (key, predictor.fit_labels(painted))
+        return entry.painted_fit[1]
+
+    def _painting_changed(self, state: ImageState) -> None:
+        """Class tasks of ``state``'s image learn from its painted slices: guide them again."""
+        for entry in self.tasks:
+            if entry.kind == "class" and entry.image is state.layer:
+                self._stale(entry)
 
     def guide_stale(self) -> list[str]:
         """Guide every stale task that has points; returns the problems, as prose."""
         problems = []
         for entry in self.tasks:
-            if entry.task is not None or not len(entry.points.data):
+            if entry.task is not None:
+                continue
+            if not len(entry.points.data) and not (
+                entry.kind == "class" and entry.image is not None and self._painted_on(entry)
+            ):
                 continue
             try:
                 if self.guide(entry) is None:
@@ -731,10 +795,14 @@ class Session:
         n = state.geometry.leading_ndim
         before = set(state.painted)
         # napari gives a list of history atoms per stroke; each starts with its indices.
+        touched: set[tuple[int, ...]] = set()
         for item in getattr(event, "value", None) or []:
-            state.painted.update(_painted_slices(item[0], n, state.labels.data.shape[:n]))
+            touched |= _painted_slices(item[0], n, state.labels.data.shape[:n])
+        state.painted.update(touched)
         if state.painted != before:
             self.events.painted_changed.emit(state)
+        if touched:
+            self._painting_changed(state)
 
     def _on_labels_data(self, event: Any) -> None:
         """After an undo or redo: a slice is painted when it differs from what was written."""
@@ -753,13 +821,19 @@ class Session:
                 changed = True
         if changed:
             self.events.painted_changed.emit(state)
+        if changed or check & state.painted:
+            self._painting_changed(state)
 
     def forget_painted(self, state: ImageState | None = None) -> None:
-        """Let live updates and propagation write over the slices painted by hand again."""
+        """Let live updates and propagation write over the slices painted by hand again.
+
+        Class tasks stop learning from those slices.
+        """
         state = state or self.require_image()
         if state.painted:
             state.painted.clear()
             self.events.painted_changed.emit(state)
+            self._painting_changed(state)
 
     def write_slice(
         self,
