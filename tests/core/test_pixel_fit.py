@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from napari_revolver.core import pixel_fit as pf
-from napari_revolver.core.pixel_fit import PixelFit, cell_features, validated_fit
+from napari_revolver.core.pixel_fit import PixelFit, fit_features, validated_fit
 from napari_revolver.core.prior import label_support
 from napari_revolver.core.task import Task
 
@@ -19,7 +19,7 @@ def _support(predictor, image: np.ndarray, fg: np.ndarray, k: int = 0):
     f = predictor.features(k)
     grid = tuple(f.fine.shape[-2:])
     masks = label_support(np.where(fg[k], 1, 2), grid, predictor.model.fine_stride)
-    return cell_features(f)[0], masks
+    return fit_features(f, predictor._prepare(k)[None])[0], masks
 
 
 def _fixed_network(masks: torch.Tensor, value: float | None):
@@ -105,7 +105,7 @@ def test_guide_labels_gives_a_task_that_predictions_use(predictor, blobs) -> Non
     only_fit = replace(task, pixel_fit=replace(task.pixel_fit, gain=1.0, net_weight=0.0))
     prob = predictor.predict_proba(1, only_fit)[0]
     f = predictor.features(1)
-    z = only_fit.pixel_fit.logits(cell_features(f))[:, None]
+    z = only_fit.pixel_fit.logits(fit_features(f, predictor._prepare(1)[None]))[:, None]
     expected = torch.sigmoid(torch.nn.functional.interpolate(z, scale_factor=4, mode="bilinear"))
     np.testing.assert_allclose(prob, expected[0, 0, :128, :128].numpy(), atol=1e-5)
     # A fit that does not count changes nothing.

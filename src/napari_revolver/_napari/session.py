@@ -95,6 +95,8 @@ class ImageState:
     painted: set[tuple[int, ...]] = field(default_factory=set)
     #: Checksum of each slice as last written by the plugin (unpainted state of the slice).
     written: dict[tuple[int, ...], int] = field(default_factory=dict)
+    #: The painted slices and their checksums when class tasks last learnt from them.
+    painted_key: tuple[tuple[tuple[int, ...], int], ...] = ()
     #: Next free instance id (instance ids are unique across slices).
     next_id: int = 1
 
@@ -703,8 +705,18 @@ class Session:
             entry.painted_fit = (key, predictor.fit_labels(painted))
         return entry.painted_fit[1]
 
-    def _painting_changed(self, state: ImageState) -> None:
-        """Class tasks of ``state``'s image learn from its painted slices: guide them again."""
+    def _painting_changed(self, state: ImageState, *, stroke: bool = False) -> None:
+        """Guide the class tasks of an image again if what was painted by hand changed.
+
+        Class tasks learn from the painted slices. napari reports a data change on every
+        slice change too, so the painted slices' checksums say whether anything changed;
+        a ``stroke`` (napari's paint event, sent once a mouse stroke is written) always does.
+        """
+        data = state.labels.data if state.labels is not None else None
+        key = tuple((k, _checksum(data[k])) for k in sorted(state.painted) if data is not None)
+        if key == state.painted_key and not stroke:
+            return
+        state.painted_key = key
         for entry in self.tasks:
             if entry.kind == "class" and entry.image is state.layer:
                 self._stale(entry)
@@ -802,7 +814,7 @@ class Session:
         if state.painted != before:
             self.events.painted_changed.emit(state)
         if touched:
-            self._painting_changed(state)
+            self._painting_changed(state, stroke=True)
 
     def _on_labels_data(self, event: Any) -> None:
         """After an undo or redo: a slice is painted when it differs from what was written."""
@@ -821,8 +833,7 @@ class Session:
                 changed = True
         if changed:
             self.events.painted_changed.emit(state)
-        if changed or check & state.painted:
-            self._painting_changed(state)
+        self._painting_changed(state)
 
     def forget_painted(self, state: ImageState | None = None) -> None:
         """Let live updates and propagation write over the slices painted by hand again.

@@ -26,7 +26,11 @@ TOGGLE_KEY = "t"
 
 
 def task_text(entry: TaskEntry) -> str:
-    """One line of the task list: name, kind and value, clicks, and where it was guided."""
+    """One line of the task list: name, kind and value, clicks, and where it was guided.
+
+    A class task that learns from slices painted by hand also says how many, and whether its
+    pixel fit counts.
+    """
     labels = L.point_labels(entry.points)
     pos = int((labels == 1).sum())
     neg = len(labels) - pos
@@ -39,7 +43,14 @@ def task_text(entry: TaskEntry) -> str:
     read = f", {' '.join(reading)}" if reading else ""
     if entry.kind == "object":
         return f"◆ {entry.name}  (object, id {entry.label_value}; +{pos} / −{neg}; {where}{read})"
-    return f"■ {entry.name}  (label {entry.label_value}; +{pos} / −{neg}; {where}{read})"
+    painted = ""
+    if entry.task is not None and entry.task.support_masks:
+        n = len(entry.task.support_masks)
+        fit = entry.task.pixel_fit
+        painted = f"; {n} painted slice{'s' if n > 1 else ''}"
+        painted += ", pixel fit used" if fit is not None and fit.active else ""
+    clicks = f"+{pos} / −{neg}"
+    return f"■ {entry.name}  (label {entry.label_value}; {clicks}{painted}; {where}{read})"
 
 
 class TasksBox(SessionBox):

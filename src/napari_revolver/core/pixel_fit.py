@@ -21,7 +21,8 @@ clicks per quadrant choose the wrong candidate as often as the right one (measur
 cells per class; tasks guided by points use the network alone.
 
 No parameter is learnt; the fit is a weighted L2 logistic regression (damped Newton steps) on
-the features standardised per support, each class weighing the same.
+the cached features and fixed multiscale filter responses (:func:`fit_features`, what a
+random forest sees), standardised per support, each class weighing the same.
 """
 
 from __future__ import annotations
@@ -34,9 +35,22 @@ import torch
 import torch.nn.functional as F
 
 from .model.encoder import EncoderOutput
+from .model.filters import FilterBank
 
-__all__ = ["GAINS", "MARGIN", "MIN_CELLS", "PixelFit", "cell_features", "validated_fit"]
+__all__ = [
+    "FIT_SIGMAS",
+    "GAINS",
+    "MARGIN",
+    "MIN_CELLS",
+    "PixelFit",
+    "cell_features",
+    "fit_features",
+    "validated_fit",
+]
 
+#: Scales (slice pixels) of the filter responses the fit sees beside the cached features: up
+#: to 16, as the random forest's (:class:`.evaluate.RandomForestBaseline`).
+FIT_SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)
 #: Weights of the fit's logit tried beside the network's (and the fit alone).
 GAINS = (0.5, 1.0, 2.0)
 #: Lead in cross-validated IoU a candidate needs over the network alone.
@@ -55,7 +69,7 @@ class PixelFit:
     """A task's fitted pixel model and how much it counts.
 
     The task's logit is ``net_weight * network logit + gain * fit logit``, with the fit's logit
-    ``[(x - mean) / scale, 1] . coef`` for the cell features ``x`` (:func:`cell_features`).
+    ``[(x - mean) / scale, 1] . coef`` for the cell features ``x`` (:func:`fit_features`).
 
     Attributes
     ----------
@@ -103,7 +117,7 @@ class PixelFit:
         Parameters
         ----------
         features : torch.Tensor
-            ``(B, D, h, w)`` from :func:`cell_features`.
+            ``(B, D, h, w)`` from :func:`fit_features`.
 
         Returns
         -------
@@ -164,6 +178,36 @@ def cell_features(f: EncoderOutput) -> torch.Tensor:
     fine = f.fine.float()
     up = F.interpolate(f.coarse.float(), size=fine.shape[-2:], mode="bilinear", align_corners=False)
     return torch.cat([fine, up], dim=1)
+
+
+_BANK = FilterBank(FIT_SIGMAS)
+
+
+def fit_features(f: EncoderOutput, images: torch.Tensor) -> torch.Tensor:
+    """Return what the pixel fit reads per fine cell: cell features and filter responses.
+
+    Parameters
+    ----------
+    f : EncoderOutput
+        The slices' cached features, batch ``B``.
+    images : torch.Tensor
+        ``(B, C, H, W)`` the same slices, normalised as the encoder reads them (unpadded).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, D, h, w)`` float32 on the fine grid: the encoder's cells, then the smoothed
+        intensity, gradient magnitude and Hessian eigenvalues at :data:`FIT_SIGMAS`.
+    """
+    cells = cell_features(f)
+    h, w = cells.shape[-2:]
+    stride = FilterBank.stride
+    x = images.float().to(cells.device)
+    ph, pw = h * stride - x.shape[-2], w * stride - x.shape[-1]
+    if ph or pw:
+        mode = "reflect" if ph < x.shape[-2] and pw < x.shape[-1] else "replicate"
+        x = F.pad(x, (0, pw, 0, ph), mode=mode)
+    return torch.cat([cells, _BANK.to(cells.device)(x)], dim=1)
 
 
 def logistic(
@@ -280,7 +324,7 @@ def validated_fit(
     Parameters
     ----------
     feats : sequence of torch.Tensor
-        Per support slice, ``(D, h, w)`` cell features (:func:`cell_features`).
+        Per support slice, ``(D, h, w)`` cell features (:func:`fit_features`).
     masks : sequence of torch.Tensor
         Per support slice, ``(2, h, w)`` foreground and background annotation weights on the
         same grid; a cell counts as annotated where they sum to more than one half.

@@ -29,7 +29,7 @@ from .labels import labels_from_probabilities
 from .model.click_refiner import ClickRefiner
 from .model.encoder import EncoderOutput
 from .model.guide import GuideOutput, point_masks
-from .pixel_fit import PixelFit, cell_features, validated_fit
+from .pixel_fit import PixelFit, fit_features, validated_fit
 from .prior import label_support, local_priors
 from .propagation import PropagationStep, finish_slice
 from .task import Task
@@ -276,7 +276,7 @@ class RevolverPredictor(VolumeEncoder):
             raise ValueError("no support slice given, and no clicks")
         pixel_fit = fit if isinstance(fit, PixelFit) else None
         if fit is True and keys:
-            pixel_fit = self._validated_fit(feats, masks)
+            pixel_fit = self._validated_fit(keys, feats, masks)
         support = tuple((k, m.numpy().astype(np.float32)) for k, m in zip(keys, masks, strict=True))
         task = self._task(total, name, label_value, pts, lab, support)
         return replace(task, pixel_fit=pixel_fit)
@@ -299,17 +299,33 @@ class RevolverPredictor(VolumeEncoder):
             ``None`` with fewer than :data:`.pixel_fit.MIN_CELLS` painted feature cells per
             class (or too few painted quadrants to compare on).
         """
-        _, feats, masks = self._label_masks(labels)
-        return self._validated_fit(feats, masks) if feats else None
+        keys, feats, masks = self._label_masks(labels)
+        return self._validated_fit(keys, feats, masks) if feats else None
 
     def _validated_fit(
-        self, feats: Sequence[EncoderOutput], masks: Sequence[torch.Tensor]
+        self,
+        keys: Sequence[tuple[int, ...]],
+        feats: Sequence[EncoderOutput],
+        masks: Sequence[torch.Tensor],
     ) -> PixelFit | None:
         return validated_fit(
-            [cell_features(f)[0] for f in feats],
+            [
+                self._fit_features([self.info.flat(k)], f)[0]
+                for k, f in zip(keys, feats, strict=True)
+            ],
             masks,
             lambda fold: self._support_logits(feats, fold),
         )
+
+    def _fit_features(self, ks: Sequence[int], feats: EncoderOutput) -> torch.Tensor:
+        """Return what pixel fits read on flat slices ``ks`` (features ``feats``).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(S, D, h, w)``, see :func:`.pixel_fit.fit_features`.
+        """
+        return fit_features(feats, torch.stack([self._prepare(k) for k in ks]))
 
     def _label_masks(
         self, labels: Mapping[Index, np.ndarray]
@@ -516,7 +532,7 @@ class RevolverPredictor(VolumeEncoder):
         logits = segment_slices(self.model, f, guidance, self.info.slice_shape, prior)
         fits = [t.pixel_fit for t in tasks]
         if any(p is not None and p.active for p in fits):
-            cells = cell_features(f)
+            cells = self._fit_features(ks, f)
             h, w = self.info.slice_shape
             for j, p in enumerate(fits):
                 if p is None or not p.active:

@@ -48,12 +48,18 @@ class FilterBank(nn.Module):
     that are not saved with the weights.
     """
 
+    #: Responses of the default bank (:data:`FILTER_SIGMAS`); an instance's own count is
+    #: its ``channels`` attribute.
     channels = _PER_SCALE * len(FILTER_SIGMAS)
     stride = 4
 
-    def __init__(self) -> None:
+    def __init__(self, sigmas: tuple[float, ...] = FILTER_SIGMAS) -> None:
         super().__init__()
-        for i, s in enumerate(FILTER_SIGMAS):
+        if not sigmas or min(sigmas) <= 0:
+            raise ValueError(f"filter scales must be positive; got {sigmas}")
+        self.sigmas = tuple(float(s) for s in sigmas)
+        self.channels = _PER_SCALE * len(self.sigmas)
+        for i, s in enumerate(self.sigmas):
             self.register_buffer(f"kernel{i}", _gaussian_kernel(s / 2), persistent=False)
 
     def _smooth(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -76,12 +82,13 @@ class FilterBank(nn.Module):
         Returns
         -------
         torch.Tensor
-            ``(B, 16, H / 4, W / 4)``: for each scale in :data:`FILTER_SIGMAS`, the smoothed
-            intensity, the gradient magnitude and the larger and smaller Hessian eigenvalue.
+            ``(B, channels, H / 4, W / 4)``: for each scale of the bank (by default
+            :data:`FILTER_SIGMAS`), the smoothed intensity, the gradient magnitude and the
+            larger and smaller Hessian eigenvalue.
         """
         lum = F.avg_pool2d(x.mean(dim=1, keepdim=True), 2)
         out = []
-        for i, sigma in enumerate(FILTER_SIGMAS):
+        for i, sigma in enumerate(self.sigmas):
             t = sigma / 2  # the scale in half-resolution pixels
             sm = self._smooth(lum, getattr(self, f"kernel{i}"))
             p = F.pad(sm, (1, 1, 1, 1), mode="replicate")
