@@ -170,3 +170,17 @@ def test_clicks_and_painted_labels_guide_one_task(predictor, blobs) -> None:
     assert reused.pixel_fit is fit
     # Clicks alone, no painted slice: the network alone.
     assert predictor.guide_labels({}, points=pts, point_labels=lab).pixel_fit is None
+
+
+def test_the_fit_in_parts_equals_the_fit_on_the_concatenation(predictor, blobs) -> None:
+    image, _ = blobs
+    predictor.set_volume(image)
+    f = predictor.features(0)
+    images = predictor._prepare(0)[None]
+    whole = pf.fit_features(f, images)
+    rng = np.random.default_rng(0)
+    d = whole.shape[1]
+    fit = PixelFit(rng.normal(size=d), rng.uniform(0.5, 2, d), rng.normal(size=d + 1), 1.0)
+    np.testing.assert_allclose(
+        fit.logits(pf.fit_inputs(f, images)).numpy(), fit.logits(whole).numpy(), atol=1e-3
+    )

@@ -44,7 +44,9 @@ __all__ = [
     "MIN_CELLS",
     "PixelFit",
     "cell_features",
+    "FitInputs",
     "fit_features",
+    "fit_inputs",
     "validated_fit",
 ]
 
@@ -111,28 +113,42 @@ class PixelFit:
         """Whether the fit changes the network's output at all."""
         return self.gain != 0.0 or self.net_weight != 1.0
 
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
+    def logits(self, features: torch.Tensor | FitInputs) -> torch.Tensor:
         """Return the fit's logit on the fine grid.
 
         Parameters
         ----------
-        features : torch.Tensor
-            ``(B, D, h, w)`` from :func:`fit_features`.
+        features : torch.Tensor or FitInputs
+            ``(B, D, h, w)`` from :func:`fit_features`, or its parts from :func:`fit_inputs`
+            (cheaper on many slices: nothing is concatenated, and the coarse part is combined
+            before it is upsampled, which bilinear upsampling allows exactly).
 
         Returns
         -------
         torch.Tensor
             ``(B, h, w)`` float32.
         """
-        if features.shape[1] != len(self.mean):
+        parts = (features,) if isinstance(features, torch.Tensor) else features.parts
+        d = sum(p.shape[1] for p in parts)
+        if d != len(self.mean):
             raise ValueError(
                 f"the pixel fit was made on {len(self.mean)} feature channels; "
-                f"these features have {features.shape[1]}"
+                f"these features have {d}"
             )
-        dev = features.device
+        dev = parts[0].device
         w = torch.from_numpy(self.coef[:-1] / self.scale).to(dev)
         b = float(self.coef[-1] - np.dot(self.coef[:-1], self.mean / self.scale))
-        return torch.einsum("bdhw,d->bhw", features.float(), w) + b
+        if isinstance(features, torch.Tensor):
+            return torch.einsum("bdhw,d->bhw", features.float(), w) + b
+        fine, coarse, filters = features.parts
+        cf, cc = fine.shape[1], coarse.shape[1]
+        out = torch.einsum("bdhw,d->bhw", fine.float(), w[:cf])
+        low = torch.einsum("bdhw,d->bhw", coarse.float(), w[cf : cf + cc])[:, None]
+        out = (
+            out
+            + F.interpolate(low, size=out.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        )
+        return out + torch.einsum("bdhw,d->bhw", filters, w[cf + cc :]) + b
 
     def combine(self, net_logits: torch.Tensor, fit_logits: torch.Tensor) -> torch.Tensor:
         """Mix the network's and the fit's logits (same shape)."""
@@ -183,6 +199,50 @@ def cell_features(f: EncoderOutput) -> torch.Tensor:
 _BANK = FilterBank(FIT_SIGMAS)
 
 
+@dataclass(frozen=True)
+class FitInputs:
+    """What the pixel fit reads on a batch of slices, in parts (see :func:`fit_features`).
+
+    Attributes
+    ----------
+    fine : torch.Tensor
+        ``(B, Cf, h, w)`` cached fine features.
+    coarse : torch.Tensor
+        ``(B, Cc, h / 2, w / 2)`` cached coarse features (not yet upsampled).
+    filters : torch.Tensor
+        ``(B, Cb, h, w)`` float32 filter responses at :data:`FIT_SIGMAS`.
+    """
+
+    fine: torch.Tensor
+    coarse: torch.Tensor
+    filters: torch.Tensor
+
+    @property
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The three parts, in the order of the fit's coefficients."""
+        return self.fine, self.coarse, self.filters
+
+
+def fit_inputs(f: EncoderOutput, images: torch.Tensor) -> FitInputs:
+    """Gather what the pixel fit reads on slices: their features and filter responses.
+
+    Parameters
+    ----------
+    f : EncoderOutput
+        The slices' cached features, batch ``B``.
+    images : torch.Tensor
+        ``(B, C, H, W)`` the same slices, normalised as the encoder reads them (unpadded).
+    """
+    h, w = f.fine.shape[-2:]
+    stride = FilterBank.stride
+    x = images.float().to(f.fine.device)
+    ph, pw = h * stride - x.shape[-2], w * stride - x.shape[-1]
+    if ph or pw:
+        mode = "reflect" if ph < x.shape[-2] and pw < x.shape[-1] else "replicate"
+        x = F.pad(x, (0, pw, 0, ph), mode=mode)
+    return FitInputs(f.fine, f.coarse, _BANK.to(x.device)(x))
+
+
 def fit_features(f: EncoderOutput, images: torch.Tensor) -> torch.Tensor:
     """Return what the pixel fit reads per fine cell: cell features and filter responses.
 
@@ -196,18 +256,12 @@ def fit_features(f: EncoderOutput, images: torch.Tensor) -> torch.Tensor:
     Returns
     -------
     torch.Tensor
-        ``(B, D, h, w)`` float32 on the fine grid: the encoder's cells, then the smoothed
-        intensity, gradient magnitude and Hessian eigenvalues at :data:`FIT_SIGMAS`.
+        ``(B, D, h, w)`` float32 on the fine grid: the fine features, the coarse ones
+        upsampled, then the smoothed intensity, gradient magnitude and Hessian eigenvalues at
+        :data:`FIT_SIGMAS`.
     """
-    cells = cell_features(f)
-    h, w = cells.shape[-2:]
-    stride = FilterBank.stride
-    x = images.float().to(cells.device)
-    ph, pw = h * stride - x.shape[-2], w * stride - x.shape[-1]
-    if ph or pw:
-        mode = "reflect" if ph < x.shape[-2] and pw < x.shape[-1] else "replicate"
-        x = F.pad(x, (0, pw, 0, ph), mode=mode)
-    return torch.cat([cells, _BANK.to(cells.device)(x)], dim=1)
+    inputs = fit_inputs(f, images)
+    return torch.cat([cell_features(f), inputs.filters], dim=1)
 
 
 def logistic(

@@ -29,7 +29,7 @@ from .labels import labels_from_probabilities
 from .model.click_refiner import ClickRefiner
 from .model.encoder import EncoderOutput
 from .model.guide import GuideOutput, point_masks
-from .pixel_fit import PixelFit, fit_features, validated_fit
+from .pixel_fit import PixelFit, fit_features, fit_inputs, validated_fit
 from .prior import label_support, local_priors
 from .propagation import PropagationStep, finish_slice
 from .task import Task
@@ -532,7 +532,7 @@ class RevolverPredictor(VolumeEncoder):
         logits = segment_slices(self.model, f, guidance, self.info.slice_shape, prior)
         fits = [t.pixel_fit for t in tasks]
         if any(p is not None and p.active for p in fits):
-            cells = self._fit_features(ks, f)
+            cells = fit_inputs(f, torch.stack([self._prepare(k) for k in ks]))
             h, w = self.info.slice_shape
             for j, p in enumerate(fits):
                 if p is None or not p.active:
