@@ -246,12 +246,7 @@ def fit_inputs(f: EncoderOutput, images: torch.Tensor) -> FitInputs:
 def fit_features(f: EncoderOutput, images: torch.Tensor) -> torch.Tensor:
     """Return what the pixel fit reads per fine cell: cell features and filter responses.
 
-    Parameters
-    ----------
-    f : EncoderOutput
-        The slices' cached features, batch ``B``.
-    images : torch.Tensor
-        ``(B, C, H, W)`` the same slices, normalised as the encoder reads them (unpadded).
+    Parameters are those of :func:`fit_inputs`.
 
     Returns
     -------
