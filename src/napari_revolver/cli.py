@@ -176,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
         "1-based order of first appearance in the CSV",
     )
     p.add_argument(
+        "--painted",
+        type=Path,
+        default=None,
+        help="labels image of IMAGE's shape whose non-zero slices were painted by hand: on "
+        "each, a class task's value is its foreground and the rest its background; class "
+        "tasks then also learn from those slices (a validated pixel fit)",
+    )
+    p.add_argument(
         "--save-task",
         type=Path,
         default=None,
@@ -472,6 +480,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     predictor = _predictor(args)
     axes, scale = _open_image(args, predictor)
     tasks = _guide_tasks(predictor, table, "object" if args.objects else "class")
+    if args.painted:
+        tasks = _with_painted(predictor, tasks, args.painted)
     logger.info("guided %d task(s): %s", len(tasks), ", ".join(t.name for t in tasks))
     if args.save_task:
         args.save_task.mkdir(parents=True, exist_ok=True)
@@ -534,6 +544,46 @@ def _check_segment_paths(args: argparse.Namespace, many: bool) -> None:
     for extra in args.apply_to:
         if not extra.exists():
             raise FileNotFoundError(f"image file not found: {extra}")
+
+
+def _with_painted(predictor, tasks: list, path: Path) -> list:
+    """Guide class tasks again with the slices painted by hand in ``path`` (and their clicks)."""
+    import numpy as np
+    import tifffile
+
+    info = predictor.info
+    painted = np.asarray(tifffile.imread(path))
+    expected = (*info.leading_shape, *info.slice_shape)
+    if painted.shape != expected:
+        raise ValueError(
+            f"--painted {path} has shape {painted.shape}; expected the image's labels shape "
+            f"{expected}"
+        )
+    flat = painted.reshape(-1, *info.slice_shape)
+    slices = [info.unflat(k) for k in range(len(flat)) if flat[k].any()]
+    if not slices:
+        raise ValueError(f"--painted {path} is all zero: paint at least one slice")
+    if any(t.kind != "class" for t in tasks):
+        raise ValueError("--painted teaches class tasks; leave out --objects")
+    out = []
+    for t in tasks:
+        labels = {k: np.where(painted[k] == t.label_value, 1, 2).astype(np.uint8) for k in slices}
+        task = predictor.guide_labels(
+            labels,
+            points=t.points if len(t.points) else None,
+            point_labels=t.labels,
+            name=t.name,
+            label_value=t.label_value,
+        )
+        fit = task.pixel_fit
+        logger.info(
+            "task %r learns from %d painted slice(s); pixel fit %s",
+            t.name,
+            len(slices),
+            "used" if fit is not None and fit.active else "not used",
+        )
+        out.append(task)
+    return out
 
 
 def _guide_tasks(predictor, table, kind: str = "class") -> list:

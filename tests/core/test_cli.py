@@ -608,3 +608,37 @@ def test_segment_applies_the_tasks_to_more_images(
         ]
     )
     assert code == 1 and "a.labels.tif exists" in capsys.readouterr().err
+
+
+def test_segment_learns_from_painted_slices(
+    sample_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = sample_run["data"]
+    truth = read_image(data / "labels.tif").data
+    painted = np.zeros_like(truth, dtype=np.uint8)
+    painted[12] = truth[12]  # slice 12 painted by hand: its nuclei are 1, the rest background
+    path = tmp_path / "painted.tif"
+    tifffile.imwrite(path, painted)
+    common = [
+        str(data / "image.tif"),
+        "--points",
+        str(data / "points.csv"),
+        "--weights",
+        str(sample_run["weights"]),
+        "--device",
+        "cpu",
+    ]
+    tasks = tmp_path / "tasks"
+    args = ["segment", *common, "-o", str(tmp_path / "seg.tif"), "--painted", str(path)]
+    assert cli.main([*args, "--save-task", str(tasks)]) == 0
+    task = load_task(tasks / "nuclei.json")
+    assert [k for k, _ in task.support_masks] == []  # support masks stay out of task files
+    assert task.pixel_fit is not None  # a whole painted slice is enough to validate a fit
+    assert task.mass[0] > (read_points(data / "points.csv").labels == 1).sum()
+    # Wrong shape, all zero, or objects: refused with a reason.
+    tifffile.imwrite(path, painted[:3])
+    assert cli.main([*args[:-1], str(path), "--overwrite"]) == 1
+    assert "expected the image's labels shape" in _error(capsys)
+    tifffile.imwrite(path, np.zeros_like(painted))
+    assert cli.main([*args, "--overwrite"]) == 1
+    assert "all zero" in _error(capsys)
