@@ -6,8 +6,13 @@ Slow tests are marked ``@pytest.mark.slow`` and run only with ``--runslow``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib.util
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +22,34 @@ from napari_revolver.core.model.guided_net import GuidedNet
 from napari_revolver.core.model.registry import build_model
 from napari_revolver.core.predictor import RevolverPredictor
 from napari_revolver.core.weights import save_weights
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@contextmanager
+def _benchmark_module(script: str) -> Iterator[ModuleType]:
+    """Import ``benchmarks/<script>.py`` for a test, and forget it (and what it imported) after."""
+    before = set(sys.modules)
+    path = BENCHMARKS / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(f"{script}_benchmark", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        # The scripts import their siblings (``accuracy``) from the benchmarks folder.
+        for name in set(sys.modules) - before:
+            where = getattr(sys.modules.get(name), "__file__", None) or ""
+            if name == spec.name or where.startswith(str(BENCHMARKS)):
+                sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="session")
+def benchmark_module() -> Callable[[str], Any]:
+    """Factory: ``with benchmark_module("accuracy") as module:`` imports a benchmark script."""
+    return _benchmark_module
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -13,21 +9,11 @@ import torch
 from napari_revolver.core.model.guide import point_masks
 from napari_revolver.core.prior import dense_support
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "support_gate.py"
-
 
 @pytest.fixture(scope="module")
-def gate():
-    spec = importlib.util.spec_from_file_location("support_gate_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+def gate(benchmark_module):
+    with benchmark_module("support_gate") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-        sys.modules.pop("accuracy", None)
 
 
 def test_logistic_separates_and_weighs_samples(gate, rng) -> None:
