@@ -575,31 +575,46 @@ def _with_painted(predictor, tasks: list, path: Path) -> list:
             name=t.name,
             label_value=t.label_value,
         )
-        fit = task.pixel_fit
-        logger.info(
-            "task %r learns from %d painted slice(s); pixel fit %s",
-            t.name,
-            len(slices),
-            "used" if fit is not None and fit.active else "not used",
-        )
+        _log_fit(task, f"{len(slices)} painted slice(s)")
         out.append(task)
     return out
 
 
+def _log_fit(task, source: str) -> None:
+    """Say whether a class task's pixel fit (:mod:`.core.pixel_fit`) replaces the network."""
+    fit = task.pixel_fit
+    logger.info(
+        "task %r learns from %s; pixel fit %s",
+        task.name,
+        source,
+        "used" if fit is not None and fit.active else "not used",
+    )
+
+
 def _guide_tasks(predictor, table, kind: str = "class") -> list:
-    """One task per distinct value of the points table's task column, valued 1, 2, ..."""
+    """One task per distinct value of the points table's task column, valued 1, 2, ...
+
+    Class tasks let their clicks decide whether a per-task pixel fit replaces the network
+    (``RevolverPredictor.guide(fit=True)``).
+    """
     names = table.task_names()
     tasks = []
     for value, name in enumerate(names, start=1):
         sub = table.select(name) if len(names) > 1 else table
         try:
-            tasks.append(
-                predictor.guide(
-                    sub.points, sub.labels, name=name or "task", label_value=value, kind=kind
-                )
+            task = predictor.guide(
+                sub.points,
+                sub.labels,
+                name=name or "task",
+                label_value=value,
+                kind=kind,
+                fit=kind == "class",
             )
         except ValueError as exc:
             raise ValueError(f"task {name!r}: {exc}" if name else str(exc)) from exc
+        if kind == "class":
+            _log_fit(task, f"{len(sub.labels)} click(s)")
+        tasks.append(task)
     return tasks
 
 

@@ -184,3 +184,113 @@ def test_the_fit_in_parts_equals_the_fit_on_the_concatenation(predictor, blobs) 
     np.testing.assert_allclose(
         fit.logits(pf.fit_inputs(f, images)).numpy(), fit.logits(whole).numpy(), atol=1e-3
     )
+
+
+def _clicks(predictor, fg: np.ndarray, n: int, k: int = 0):
+    """``n`` positive and ``n`` negative clicks on slice ``k``, and their footprints."""
+    from napari_revolver.core.model.guide import point_masks
+
+    rng = np.random.default_rng(1)
+    yx = []
+    for want in (True, False):
+        ys, xs = np.nonzero(fg[k] == want)
+        pick = rng.choice(len(ys), n, replace=False)
+        yx.append(np.c_[ys[pick], xs[pick]].astype(float))
+    yx = np.concatenate(yx)
+    lab = np.r_[np.ones(n), np.zeros(n)].astype(np.int8)
+    grid = tuple(predictor.features(k).fine.shape[-2:])
+    stride = predictor.model.fine_stride
+    feet = [
+        (0, point_masks(torch.from_numpy(p[None]), torch.ones(1), grid, stride)[0]) for p in yx
+    ]
+    return yx, lab, feet
+
+
+def _fixed_click_network(truth: torch.Tensor | None, value: float = -3.0):
+    """A stand-in for the network on clicks: the truth (+-8), or ``value`` everywhere."""
+
+    def logits(folds: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        shape = folds[0][0].shape[-2:]
+        out = truth if truth is not None else torch.full(shape, value)
+        return [[out] for _ in folds]
+
+    return logits
+
+
+def test_clicks_the_network_reproduces_give_no_fit(predictor, blobs) -> None:
+    image, fg = blobs
+    x, masks = _support(predictor, image, fg)
+    _, lab, feet = _clicks(predictor, fg, 5)
+    truth = torch.where(masks[0] > masks[1], 8.0, -8.0)
+    called = []
+    fit = pf.validated_click_fit(
+        lambda: called.append(1) or [x], feet, lab, _fixed_click_network(truth)
+    )
+    assert fit is None and not called  # one network pass, no features, no fit
+
+
+def test_clicks_the_network_gets_wrong_give_the_fit(predictor, blobs) -> None:
+    image, fg = blobs
+    x, _ = _support(predictor, image, fg)
+    yx, lab, feet = _clicks(predictor, fg, 5)
+    fit = pf.validated_click_fit(lambda: [x], feet, lab, _fixed_click_network(None))
+    assert fit is not None and fit.active and fit.net_weight == 0.0
+    assert fit.scores["net"] == pytest.approx(0.5)  # every positive wrong, every negative right
+    assert fit.scores["fit"] - fit.scores["net"] > pf.CLICK_MARGIN
+    # The fit separates the blobs on the slice beyond the clicks.
+    z = fit.logits(x[None])[0].numpy()
+    cells = fg[0].reshape(32, 4, 32, 4).mean((1, 3))
+    sure = (cells == 0) | (cells == 1)
+    assert np.mean((z > 0)[sure] == (cells[sure] == 1)) > 0.85
+
+
+def test_too_few_clicks_give_no_fit(predictor, blobs) -> None:
+    image, fg = blobs
+    x, _ = _support(predictor, image, fg)
+    _, lab, feet = _clicks(predictor, fg, 1)
+    assert pf.validated_click_fit(lambda: [x], feet, lab, _fixed_click_network(None)) is None
+    with pytest.raises(ValueError, match="one footprint per click: 2 footprints, 3 labels"):
+        pf.validated_click_fit(lambda: [x], feet, np.r_[lab, 1], _fixed_click_network(None))
+
+
+def test_guide_with_fit_on_clicks(predictor, blobs) -> None:
+    image, fg = blobs
+    predictor.set_volume(image)
+    yx, lab, _ = _clicks(predictor, fg, 5)
+    pts = np.c_[np.zeros(len(yx)), yx]
+    plain = predictor.guide(pts, lab)
+    fitted = predictor.guide(pts, lab, fit=True)
+    assert plain.pixel_fit is None
+    np.testing.assert_array_equal(fitted.sum_coarse, plain.sum_coarse)
+    fit = predictor.fit_clicks(pts, lab)
+    if fit is None:
+        assert fitted.pixel_fit is None
+    else:
+        np.testing.assert_allclose(fitted.pixel_fit.coef, fit.coef, rtol=1e-4, atol=1e-5)
+        assert predictor.guide(pts, lab, fit=fit).pixel_fit is fit
+    with pytest.raises(ValueError, match="pixel fit is for class tasks"):
+        predictor.guide(pts[lab == 1][:1], lab[lab == 1][:1], kind="object", fit=True)
+
+
+def test_support_logits_batch_several_annotations_exactly(predictor, blobs) -> None:
+    image, fg = blobs
+    predictor.set_volume(image)
+    _, lab, feet = _clicks(predictor, fg, 3)
+    feats = [predictor.features(0)]
+    folds = []
+    for drop in range(len(lab) + 1):
+        m = torch.zeros(2, *feet[0][1].shape)
+        for j, ((_, fp), c) in enumerate(zip(feet, lab, strict=True)):
+            if j != drop:
+                m[1 - c] += fp
+        folds.append([m])
+    together = predictor._support_logits(feats, folds)
+    assert len(together) == len(folds)
+    for fold, maps in zip(folds, together, strict=True):
+        alone = predictor._support_logits(feats, [fold])[0]
+        torch.testing.assert_close(maps[0], alone[0], atol=1e-4, rtol=1e-4)
+    # The batched guidance equals the guide the tasks use.
+    g = predictor.guide_features(feats[0], folds[0][0])
+    full = predictor.model.segment(feats[0].to(predictor.device, torch.float32), g)
+    pooled = torch.nn.functional.avg_pool2d(full[:, None], predictor.model.fine_stride)[0, 0]
+    torch.testing.assert_close(together[0][0], pooled, atol=1e-4, rtol=1e-4)

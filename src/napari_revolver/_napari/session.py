@@ -74,9 +74,9 @@ class TaskEntry:
     #: Whether the user was told that some of this task's points are outside its image.
     warned_outside: bool = False
     kind: str = "class"
-    #: The pixel fit of the slices painted by hand, with what it was fitted on (a class task
-    #: refits only when the painting changes, not at every click).
-    painted_fit: tuple[tuple[Any, ...], Any] | None = None
+    #: The pixel fit of a class task with what it was fitted on: the slices painted by hand
+    #: (refitted only when the painting changes, not at every click), else the clicks.
+    pixel_fit: tuple[tuple[Any, ...], Any] | None = None
 
 
 @dataclass(eq=False)
@@ -662,11 +662,16 @@ class Session:
                 point_labels=lab,
                 name=entry.name,
                 label_value=entry.label_value,
-                fit=self._painted_fit(entry, predictor, painted),
+                fit=self._pixel_fit(entry, predictor, painted=painted),
             )
         else:
+            fit = (
+                self._pixel_fit(entry, predictor, clicks=(pts, lab))
+                if entry.kind == "class"
+                else None
+            )
             entry.task = predictor.guide(
-                pts, lab, name=entry.name, label_value=entry.label_value, kind=entry.kind
+                pts, lab, name=entry.name, label_value=entry.label_value, kind=entry.kind, fit=fit
             )
         self.events.task_changed.emit(entry)
         return entry.task
@@ -693,17 +698,36 @@ class Session:
         state = self.images.get(id(entry.image))
         return state is not None and state.layer is entry.image and bool(state.painted)
 
-    def _painted_fit(
+    def _pixel_fit(
         self,
         entry: TaskEntry,
         predictor: RevolverPredictor,
-        painted: dict[tuple[int, ...], np.ndarray],
+        *,
+        painted: dict[tuple[int, ...], np.ndarray] | None = None,
+        clicks: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> Any:
-        """Return the pixel fit of ``painted`` for ``entry``, cached while the painting holds."""
-        key = (id(predictor), *((k, _checksum(v)) for k, v in painted.items()))
-        if entry.painted_fit is None or entry.painted_fit[0] != key:
-            entry.painted_fit = (key, predictor.fit_labels(painted))
-        return entry.painted_fit[1]
+        """Return the pixel fit of a class task, cached while what it learns from holds.
+
+        With ``painted`` slices the fit comes from them alone (so clicks stay cheap); without,
+        from the ``clicks``, where they show that the network fails them
+        (:meth:`RevolverPredictor.fit_clicks`).
+        """
+        if painted:
+            key: tuple[Any, ...] = (
+                id(predictor),
+                "painted",
+                *((k, _checksum(v)) for k, v in painted.items()),
+            )
+        else:
+            assert clicks is not None
+            pts, lab = (np.ascontiguousarray(a) for a in clicks)
+            key = (id(predictor), "clicks", pts.tobytes(), lab.tobytes())
+        if entry.pixel_fit is None or entry.pixel_fit[0] != key:
+            if painted:
+                entry.pixel_fit = (key, predictor.fit_labels(painted))
+            else:
+                entry.pixel_fit = (key, predictor.fit_clicks(pts, lab))
+        return entry.pixel_fit[1]
 
     def _painting_changed(self, state: ImageState, *, stroke: bool = False) -> None:
         """Guide the class tasks of an image again if what was painted by hand changed.

@@ -46,9 +46,9 @@ def task_text(entry: TaskEntry) -> str:
     painted = ""
     if entry.task is not None and entry.task.support_masks:
         n = len(entry.task.support_masks)
-        fit = entry.task.pixel_fit
         painted = f"; {n} painted slice{'s' if n > 1 else ''}"
-        painted += ", pixel fit used" if fit is not None and fit.active else ""
+    fit = entry.task.pixel_fit if entry.task is not None else None
+    painted += ", pixel fit used" if fit is not None and fit.active else ""
     clicks = f"+{pos} / −{neg}"
     return f"■ {entry.name}  (label {entry.label_value}; {clicks}{painted}; {where}{read})"
 

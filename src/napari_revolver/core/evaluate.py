@@ -602,7 +602,9 @@ class _NetworkScorer:
                 ]
             )
             lab = np.concatenate([lab for _, lab in per_slice])
-            iou, sec = self.score(self.predictor.guide(pts, lab, name=f"P={p} seed={seed}"))
+            # As the CLI and the plugin guide class tasks: the clicks decide on a pixel fit.
+            task = self.predictor.guide(pts, lab, name=f"P={p} seed={seed}", fit=True)
+            iou, sec = self.score(task)
             ious.append(iou)
             secs.append(sec)
             tick()

@@ -18,7 +18,14 @@ The rule needs many annotated cells to be reliable: with a few clicks, two or th
 clicks per quadrant choose the wrong candidate as often as the right one (measured in
 ``docs/benchmarks.md``). It therefore runs for supports given as masks or painted labels
 (:meth:`.predictor.RevolverPredictor.guide_labels`), with at least :data:`MIN_CELLS` annotated
-cells per class; tasks guided by points use the network alone.
+cells per class.
+
+Clicks have their own, stricter rule (:func:`validated_click_fit`): the fit is considered only
+where the network, guided by all the clicks, gets more than :data:`CLICK_MARGIN` of its own
+clicks wrong (class-balanced), and it replaces the network only where, each click held out in
+turn, it predicts the held-out clicks better than the network by more than
+:data:`CLICK_MARGIN`. Where the network reproduces its clicks (nuclei, cells, membranes in
+``docs/benchmarks.md``) this costs one pass over the support slice and changes nothing.
 
 No parameter is learnt; the fit is a weighted L2 logistic regression (damped Newton steps) on
 the cached features and fixed multiscale filter responses (:func:`fit_features`, what a
@@ -38,6 +45,7 @@ from .model.encoder import EncoderOutput
 from .model.filters import FilterBank
 
 __all__ = [
+    "CLICK_MARGIN",
     "FIT_SIGMAS",
     "GAINS",
     "MARGIN",
@@ -47,6 +55,7 @@ __all__ = [
     "FitInputs",
     "fit_features",
     "fit_inputs",
+    "validated_click_fit",
     "validated_fit",
 ]
 
@@ -64,6 +73,14 @@ STRENGTH = 10.0
 #: Annotated cells per class a fit is solved on at most (evenly spaced among them): a painted
 #: slice has tens of thousands, and a few thousand determine a linear model as well.
 MAX_CELLS = 2000
+#: Clicks: the class-balanced accuracy on the clicks by which the network must fail its own
+#: clicks, and the fit lead it on held-out clicks, for the fit to replace it (more than one
+#: click in ten).
+CLICK_MARGIN = 0.12
+#: Clicks per class below which the network is used alone (each is held out in turn).
+MIN_CLICKS = 2
+#: Clicks per class held out at most (evenly spaced among them): each costs one network pass.
+MAX_HELD_CLICKS = 8
 
 
 @dataclass(frozen=True, eq=False)
@@ -311,12 +328,12 @@ def logistic(
 
 @dataclass(frozen=True)
 class _Support:
-    """Annotated cells of all support slices: features, labels, weights and quadrants."""
+    """Annotated cells of all support slices: features, labels, weights and folds."""
 
     x: np.ndarray  # (N, D) features of the labelled cells
     y: np.ndarray  # (N,) 1 foreground, 0 background
     w: np.ndarray  # (N,) annotation weight of the cell's label
-    quadrant: np.ndarray  # (N,) 0-3
+    group: np.ndarray  # (N,) fold: quadrant 0-3 (painted), or click index (clicks)
     slice_of: np.ndarray  # (N,) which support slice
     cell: np.ndarray  # (N,) flat fine-grid index on its slice
 
@@ -398,7 +415,7 @@ def validated_fit(
     union = dict.fromkeys(names, 0.0)
     folds = 0
     for q in range(4):
-        held = s.quadrant == q
+        held = s.group == q
         train = ~held
         if not held.any() or min(int((s.y[train] == c).sum()) for c in (0.0, 1.0)) < 1:
             continue
@@ -437,3 +454,105 @@ def validated_fit(
     else:
         gain, net_weight = GAINS[names.index(best) - 1], 1.0
     return PixelFit(mean, scale, coef, gain, net_weight, scores)
+
+
+def _balanced(correct: np.ndarray, y: np.ndarray) -> float:
+    """Class-balanced mean of per-click scores ``correct`` (clicks labelled ``y``)."""
+    return float(np.mean([correct[y == c].mean() for c in (0, 1)]))
+
+
+def validated_click_fit(
+    features: Callable[[], Sequence[torch.Tensor]],
+    footprints: Sequence[tuple[int, torch.Tensor]],
+    labels: np.ndarray,
+    network_logits: Callable[[list[list[torch.Tensor]]], list[list[torch.Tensor]]],
+) -> PixelFit | None:
+    """Fit a task's pixel model to clicks; keep it only where held-out clicks say it is better.
+
+    Parameters
+    ----------
+    features : callable
+        Returns, per support slice, the ``(D, h, w)`` cell features (:func:`fit_features`);
+        called only when the fit is tried.
+    footprints : sequence of (int, torch.Tensor)
+        Per click, its support slice (an index into the features) and its ``(h, w)``
+        footprint on the fine grid (:func:`.model.guide.point_masks` of the click alone).
+    labels : np.ndarray
+        ``(N,)`` per click: 1 positive, 0 negative.
+    network_logits : callable
+        Given several annotations, each as one ``(2, h, w)`` mask (positive, negative) per
+        support slice, the network's ``(h, w)`` logits on each support slice under each
+        annotation alone (batched: one call for all held-out clicks).
+
+    Returns
+    -------
+    PixelFit or None
+        ``None`` (the network alone) with fewer than :data:`MIN_CLICKS` clicks of a class, or
+        where the network gets its own clicks right (within :data:`CLICK_MARGIN`). Otherwise
+        the fit, active (the fit alone) only if it leads the network on held-out clicks by
+        more than :data:`CLICK_MARGIN`; ``scores`` records both and ``"net_on_clicks"``.
+
+    Raises
+    ------
+    ValueError
+        As many footprints as labels are needed.
+    """
+    y = np.asarray(labels).astype(np.int64).reshape(-1)
+    if len(footprints) != len(y):
+        raise ValueError(f"one footprint per click: {len(footprints)} footprints, {len(y)} labels")
+    if min(int((y == c).sum()) for c in (0, 1)) < MIN_CLICKS:
+        return None
+    n_slices = 1 + max(i for i, _ in footprints)
+    grids = {i: fp.shape for i, fp in footprints}
+    masks = [torch.zeros(2, *grids[i]) for i in range(n_slices)]
+    for (i, fp), c in zip(footprints, y, strict=True):
+        masks[i][1 - c] += fp
+    flat = [fp.reshape(-1).numpy().astype(np.float64) for _, fp in footprints]
+    cells = [np.flatnonzero(f > 1e-3) for f in flat]
+
+    def click_score(maps: Sequence[torch.Tensor], j: int) -> float:
+        """Soft accuracy of logits ``maps`` on click ``j``'s footprint."""
+        wt = flat[j][cells[j]]
+        z = maps[footprints[j][0]].reshape(-1).numpy()[cells[j]]
+        return float(np.sum(wt * ((z > 0) == y[j])) / wt.sum())
+
+    (full,) = network_logits([masks])
+    own = _balanced(np.array([click_score(full, j) for j in range(len(y))]), y)
+    if own >= 1.0 - CLICK_MARGIN:
+        return None
+    feats = features()
+    x_all = torch.cat([f.reshape(f.shape[0], -1) for f in feats], dim=1).T.numpy()
+    mean = x_all.mean(0)
+    scale = x_all.std(0) + 1e-3
+    at = [(i, c) for (i, _), c in zip(footprints, cells, strict=True)]
+    s = _Support(
+        x=np.concatenate([feats[i].reshape(feats[i].shape[0], -1)[:, c].T.numpy() for i, c in at]),
+        y=np.concatenate([np.full(len(c), float(v)) for c, v in zip(cells, y, strict=True)]),
+        w=np.concatenate([f[c] for f, c in zip(flat, cells, strict=True)]),
+        group=np.concatenate([np.full(len(c), j) for j, c in enumerate(cells)]),
+        slice_of=np.concatenate([np.full(len(c), i) for i, c in at]),
+        cell=np.concatenate(cells),
+    )
+    coef = _fit(s, np.ones(len(s.y), bool), mean, scale)
+    held: list[int] = []
+    for c in (0, 1):
+        idx = np.flatnonzero(y == c)
+        if len(idx) > MAX_HELD_CLICKS:
+            idx = idx[np.linspace(0, len(idx) - 1, MAX_HELD_CLICKS).round().astype(int)]
+        held.extend(idx.tolist())
+    fit_ok, folds = [], []
+    for j in held:
+        fold_coef = _fit(s, s.group != j, mean, scale, start=coef)
+        mine = s.group == j
+        z = np.c_[(s.x[mine] - mean) / scale, np.ones(int(mine.sum()))] @ fold_coef
+        fit_ok.append(float(np.sum(s.w[mine] * ((z > 0) == y[j])) / s.w[mine].sum()))
+        i, fp = footprints[j]
+        fold = [m.clone() for m in masks]
+        fold[i][1 - y[j]] = (fold[i][1 - y[j]] - fp).clamp_min(0.0)
+        folds.append(fold)
+    net_ok = [click_score(maps, j) for maps, j in zip(network_logits(folds), held, strict=True)]
+    fit_score = _balanced(np.array(fit_ok), y[held])
+    net_score = _balanced(np.array(net_ok), y[held])
+    scores = {"net": net_score, "fit": fit_score, "net_on_clicks": own}
+    chosen = fit_score - net_score > CLICK_MARGIN
+    return PixelFit(mean, scale, coef, 1.0 if chosen else 0.0, 0.0 if chosen else 1.0, scores)

@@ -29,7 +29,7 @@ from .labels import labels_from_probabilities
 from .model.click_refiner import ClickRefiner
 from .model.encoder import EncoderOutput
 from .model.guide import GuideOutput, point_masks
-from .pixel_fit import PixelFit, fit_features, fit_inputs, validated_fit
+from .pixel_fit import PixelFit, fit_features, fit_inputs, validated_click_fit, validated_fit
 from .prior import label_support, local_priors
 from .propagation import PropagationStep, finish_slice
 from .task import Task
@@ -41,6 +41,9 @@ from .volume import (
     VolumeSpec,
     check_points,
 )
+
+#: Annotations the network is guided by at once when validating a pixel fit (memory bound).
+_FOLD_BATCH = 8
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +147,7 @@ class RevolverPredictor(VolumeEncoder):
         name: str = "task",
         label_value: int = 1,
         kind: Literal["class", "object"] = "class",
+        fit: bool | PixelFit | None = False,
     ) -> Task:
         """Turn point annotations into a task.
 
@@ -163,13 +167,23 @@ class RevolverPredictor(VolumeEncoder):
             ``class``: everything like the positives. ``object``: the one object under the
             positive clicks, followed through the stack by :meth:`propagate` (negatives act
             by position only; see :mod:`.objects`).
+        fit : bool or PixelFit or None
+            Class tasks only. ``True``: let the clicks decide whether a per-task pixel fit
+            replaces the network (:meth:`fit_clicks`; one network pass over the support, and
+            where the network gets its own clicks wrong about one more per held-out click).
+            A :class:`~.pixel_fit.PixelFit`: use that one (from an earlier :meth:`fit_clicks`
+            of the same clicks). ``False`` or ``None`` (default): the network alone, the
+            cheapest click.
 
         Returns
         -------
         Task
+            ``Task.pixel_fit`` is set where ``fit`` made one.
         """
         if kind not in ("class", "object"):
             raise ValueError(f"kind must be 'class' or 'object'; got {kind!r}")
+        if kind == "object" and fit not in (False, None):
+            raise ValueError("a pixel fit is for class tasks; object tasks follow their object")
         info = self.info
         pts, lab = check_points(points, labels, info)
         n_lead = len(info.leading_shape)
@@ -195,7 +209,52 @@ class RevolverPredictor(VolumeEncoder):
             g = self._guide_features(f, masks)
             total = g if total is None else total + g
         assert total is not None
-        return replace(self._task(total, name, label_value, pts, lab), kind=kind)
+        pixel_fit = fit if isinstance(fit, PixelFit) else None
+        if fit is True:
+            pixel_fit = self.fit_clicks(pts, lab)
+        return replace(
+            self._task(total, name, label_value, pts, lab), kind=kind, pixel_fit=pixel_fit
+        )
+
+    @torch.inference_mode()
+    def fit_clicks(self, points: Any, labels: Any) -> PixelFit | None:
+        """Fit a per-task pixel model to clicks, kept where held-out clicks show it helps.
+
+        See :func:`.pixel_fit.validated_click_fit`: the network (guided by the clicks) and the
+        fit are compared on each click held out in turn, only where the network gets more
+        than :data:`.pixel_fit.CLICK_MARGIN` of its own clicks wrong.
+
+        Parameters
+        ----------
+        points, labels : array-like
+            As for :meth:`guide`.
+
+        Returns
+        -------
+        PixelFit or None
+            ``None``: the network alone (it reproduces its clicks, or fewer than
+            :data:`.pixel_fit.MIN_CLICKS` clicks of a class).
+        """
+        info = self.info
+        pts, lab = check_points(points, labels, info)
+        n_lead = len(info.leading_shape)
+        slices = [tuple(r) for r in np.rint(pts[:, :n_lead]).astype(int).tolist()]
+        keys = sorted(set(slices))
+        feats = [self.features(k) for k in keys]
+        stride = self.model.fine_stride
+        footprints = []
+        for row, key in zip(pts, slices, strict=True):
+            grid = tuple(feats[keys.index(key)].fine.shape[-2:])
+            one = point_masks(torch.from_numpy(row[None, n_lead:]), torch.ones(1), grid, stride)
+            footprints.append((keys.index(key), one[0]))
+        return validated_click_fit(
+            lambda: [
+                self._fit_features([info.flat(k)], f)[0] for k, f in zip(keys, feats, strict=True)
+            ],
+            footprints,
+            lab,
+            lambda folds: self._support_logits(feats, folds),
+        )
 
     def guide_mask(
         self, index: Index, mask: np.ndarray, *, name: str = "task", label_value: int = 1
@@ -314,7 +373,7 @@ class RevolverPredictor(VolumeEncoder):
                 for k, f in zip(keys, feats, strict=True)
             ],
             masks,
-            lambda fold: self._support_logits(feats, fold),
+            lambda fold: self._support_logits(feats, [fold])[0],
         )
 
     def _fit_features(self, ks: Sequence[int], feats: EncoderOutput) -> torch.Tensor:
@@ -353,18 +412,42 @@ class RevolverPredictor(VolumeEncoder):
         return keys, feats, masks
 
     def _support_logits(
-        self, feats: Sequence[EncoderOutput], masks: Sequence[torch.Tensor]
-    ) -> list[torch.Tensor]:
-        """Return the network's logits ``(h, w)`` per support slice, guided by ``masks`` alone."""
-        guidance = self._guide_features(feats[0], masks[0])
-        for f, m in zip(feats[1:], masks[1:], strict=True):
-            guidance = guidance + self._guide_features(f, m)
+        self, feats: Sequence[EncoderOutput], folds: Sequence[Sequence[torch.Tensor]]
+    ) -> list[list[torch.Tensor]]:
+        """Return the network's logits on the support slices under each of several annotations.
+
+        Parameters
+        ----------
+        feats : sequence of EncoderOutput
+            The support slices' features (batch 1 each).
+        folds : sequence of sequence of torch.Tensor
+            Per annotation, one ``(2, h, w)`` mask per support slice.
+
+        Returns
+        -------
+        list of list of torch.Tensor
+            Per annotation, per support slice, the ``(h, w)`` logits at cell resolution of
+            the network guided by that annotation alone.
+        """
         stride = self.model.fine_stride
-        out = []
-        for f in feats:
-            x = f.to(self.device, torch.float32, memory_format=torch.channels_last)
-            logits = self.model.segment(x, guidance)  # (1, h * stride, w * stride)
-            out.append(F.avg_pool2d(logits[:, None], stride)[0, 0].float().cpu())
+        xs = [f.to(self.device, torch.float32, memory_format=torch.channels_last) for f in feats]
+        out: list[list[torch.Tensor]] = []
+        for start in range(0, len(folds), _FOLD_BATCH):
+            batch = folds[start : start + _FOLD_BATCH]
+            guidance = None
+            for i, x in enumerate(xs):
+                masks = torch.stack([fold[i] for fold in batch]).to(self.device)
+                n = len(batch)
+                g = self.model.guide(
+                    x.coarse.expand(n, -1, -1, -1), x.fine.expand(n, -1, -1, -1), masks
+                )
+                guidance = g if guidance is None else guidance + g
+            assert guidance is not None
+            per_slice = [
+                F.avg_pool2d(self.model.segment(x, guidance)[:, None], stride)[:, 0].float().cpu()
+                for x in xs
+            ]
+            out.extend([maps[b] for maps in per_slice] for b in range(len(batch)))
         return out
 
     def guide_features(self, f: EncoderOutput, masks: torch.Tensor) -> GuideOutput:
