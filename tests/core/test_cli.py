@@ -642,3 +642,37 @@ def test_segment_learns_from_painted_slices(
     tifffile.imwrite(path, np.zeros_like(painted))
     assert cli.main([*args, "--overwrite"]) == 1
     assert "all zero" in _error(capsys)
+
+
+def test_segment_class_tasks_let_their_clicks_decide_on_a_pixel_fit(
+    sample_run: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = sample_run["data"]
+    tasks = tmp_path / "tasks"
+    args = [
+        "segment",
+        str(data / "image.tif"),
+        "--points",
+        str(data / "points.csv"),
+        "--weights",
+        str(sample_run["weights"]),
+        "--device",
+        "cpu",
+        "-o",
+        str(tmp_path / "seg.tif"),
+        "--save-task",
+        str(tasks),
+    ]
+    with caplog.at_level("INFO", logger="napari_revolver"):
+        assert cli.main(args) == 0
+    table = read_points(data / "points.csv")
+    assert f"learns from {len(table.labels)} click(s); pixel fit" in caplog.text
+    # The task carries what the predictor's click fit gives for the same clicks.
+    predictor = RevolverPredictor(sample_run["weights"], "cpu")
+    predictor.set_volume(read_image(data / "image.tif").data)
+    expected = predictor.fit_clicks(table.points, table.labels)
+    saved = load_task(tasks / "nuclei.json").pixel_fit
+    assert (saved is None) == (expected is None)
+    if expected is not None:
+        np.testing.assert_allclose(saved.coef, expected.coef, rtol=1e-4, atol=1e-5)
+        assert (saved.gain, saved.net_weight) == (expected.gain, expected.net_weight)

@@ -434,3 +434,35 @@ def test_a_slice_painted_by_hand_teaches_the_class_tasks(
     assert entry.task is None
     assert [k for k, _ in session.guide(entry).support_masks] == []
     assert session.guide(other) is None
+
+
+def test_class_tasks_fit_their_clicks_once_per_set_of_clicks(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = session.tasks[0]
+    predictor = session.image.predictor
+    calls: list[int] = []
+    real_fit = predictor.fit_clicks
+
+    def counting(points, labels):
+        calls.append(len(labels))
+        return real_fit(points, labels)
+
+    monkeypatch.setattr(predictor, "fit_clicks", counting)
+    task = session.guide(entry)
+    pts, lab = session.task_points(entry)
+    assert calls == [len(lab)]
+    # The task carries the predictor's decision for these clicks (a fit, or the network).
+    expected = real_fit(pts, lab)
+    assert (task.pixel_fit is None) == (expected is None)
+    # Guiding again with the same clicks reuses the decision; a new click makes a new one.
+    session.guide(entry)
+    assert calls == [len(lab)]
+    entry.points.add(np.array([[12, 30, 30]]))
+    session.guide(entry)
+    assert calls == [len(lab), len(lab) + 1]
+    # Object tasks never fit.
+    obj = session.add_task("one", kind="object")
+    obj.points.add(np.array([[12, 30, 30]]))
+    session.guide(obj)
+    assert calls == [len(lab), len(lab) + 1]
