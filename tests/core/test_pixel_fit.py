@@ -200,9 +200,7 @@ def _clicks(predictor, fg: np.ndarray, n: int, k: int = 0):
     lab = np.r_[np.ones(n), np.zeros(n)].astype(np.int8)
     grid = tuple(predictor.features(k).fine.shape[-2:])
     stride = predictor.model.fine_stride
-    feet = [
-        (0, point_masks(torch.from_numpy(p[None]), torch.ones(1), grid, stride)[0]) for p in yx
-    ]
+    feet = [(0, point_masks(torch.from_numpy(p[None]), torch.ones(1), grid, stride)[0]) for p in yx]
     return yx, lab, feet
 
 
