@@ -51,13 +51,14 @@ class Spec:
     task: str
     invert: bool = False  # dark objects on a light background (read so with --use-invert)
     crop: int | None = None  # centre crop of this size (large planes, to bound the time)
+    follows: bool = False  # one object through z: its summary row uses positions (+local)
 
 
 DATASETS = {
     "dsb2018_u2os": Spec(None, False, False, "nuclei (labels > 0)"),
     "usiigaci_phase": Spec(None, False, False, "whole cells (labels > 0)"),
     "isbi2012_em": Spec(0, False, True, "membranes (labels == 0)"),
-    "plant_cells_3d": Spec(7414, False, True, "one cell (id 7414) through z"),
+    "plant_cells_3d": Spec(7414, False, True, "one cell (id 7414) through z", follows=True),
     "miccai2015_he": Spec(None, True, False, "nuclei (labels > 0), RGB, centre crops", True),
     # A class task on a z-stack, scored as on a collection (no positions through z).
     "vnc_sstem_organelles": Spec(
@@ -223,9 +224,14 @@ def _get(rows: list[dict], dataset: str, method: str, points: str, k: int = 1) -
 
 
 def recommended(dataset: str, dense: bool = False) -> str:
-    """The network's row for a data set: with positions on z-stacks (the documented mode)."""
+    """The network's row for a data set in its documented mode.
+
+    Clicks act by position on other slices (``--local``) only for a task that follows one
+    object through z; a class task (all membranes of an EM stack) is read without, as
+    ``docs/usage-napari.md`` says. Both rows are scored on z-stacks.
+    """
     base = "dense" if dense else "revolver"
-    return base + ("+local" if DATASETS[dataset].volumetric else "")
+    return base + ("+local" if DATASETS[dataset].follows else "")
 
 
 #: The support budgets of the growth table.

@@ -292,3 +292,18 @@ def test_support_logits_batch_several_annotations_exactly(predictor, blobs) -> N
     full = predictor.model.segment(feats[0].to(predictor.device, torch.float32), g)
     pooled = torch.nn.functional.avg_pool2d(full[:, None], predictor.model.fine_stride)[0, 0]
     torch.testing.assert_close(together[0][0], pooled, atol=1e-4, rtol=1e-4)
+
+
+def test_a_task_followed_by_position_keeps_the_network(predictor, blobs) -> None:
+    image, fg = blobs
+    predictor.set_volume(image)
+    task = predictor.guide_labels({0: np.where(fg[0], 1, 2).astype(np.uint8)})
+    only_fit = replace(task, pixel_fit=replace(task.pixel_fit, gain=1.0, net_weight=0.0))
+    net = replace(task, pixel_fit=None)
+    local = [s.result for s in predictor.propagate(only_fit, indices=[1], local=True)]
+    plain = [s.result for s in predictor.propagate(net, indices=[1], local=True)]
+    np.testing.assert_array_equal(local[0], plain[0])
+    # Without positions the fit replaces the network.
+    fitted = [s.result for s in predictor.propagate(only_fit, indices=[1])]
+    network = [s.result for s in predictor.propagate(net, indices=[1])]
+    assert not np.array_equal(fitted[0], network[0])

@@ -613,7 +613,9 @@ class RevolverPredictor(VolumeEncoder):
         # Channels-last: the segmentor reads the features pixel by pixel (see its fusion).
         f = feats.to(self.device, torch.float32, memory_format=torch.channels_last)
         logits = segment_slices(self.model, f, guidance, self.info.slice_shape, prior)
-        fits = [t.pixel_fit for t in tasks]
+        # A pixel fit models what a class looks like; a task followed by position (``local``,
+        # one object through z or t) keeps the network, whose prior carries the positions.
+        fits = [None if local else t.pixel_fit for t in tasks]
         if any(p is not None and p.active for p in fits):
             cells = fit_inputs(f, torch.stack([self._prepare(k) for k in ks]))
             h, w = self.info.slice_shape
@@ -727,6 +729,8 @@ class RevolverPredictor(VolumeEncoder):
             every other slice of their volume, from the nearest annotated slice (following one
             object through z or time; see :mod:`.prior`). Leave it off for a collection of
             unrelated images stacked together.
+            A task's pixel fit (``Task.pixel_fit``) is not used with ``local``: it models
+            what a class looks like, while ``local`` follows one object by position.
 
         Yields
         ------
