@@ -207,7 +207,8 @@ def _clicks(predictor, fg: np.ndarray, n: int, k: int = 0):
 def _fixed_click_network(truth: torch.Tensor | None, value: float = -3.0):
     """A stand-in for the network on clicks: the truth (+-8), or ``value`` everywhere."""
 
-    def logits(folds: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    def logits(folds: list[list[torch.Tensor]], focus=None) -> list[list[torch.Tensor]]:
+        assert focus is None or len(focus) == len(folds)
         shape = folds[0][0].shape[-2:]
         out = truth if truth is not None else torch.full(shape, value)
         return [[out] for _ in folds]
@@ -307,3 +308,25 @@ def test_a_task_followed_by_position_keeps_the_network(predictor, blobs) -> None
     fitted = [s.result for s in predictor.propagate(only_fit, indices=[1])]
     network = [s.result for s in predictor.propagate(net, indices=[1])]
     assert not np.array_equal(fitted[0], network[0])
+
+
+
+def test_held_out_clicks_read_the_head_on_a_window_exactly(predictor, make_blobs) -> None:
+    image = make_blobs((2, 512, 512), n_blobs=20)
+    fg = image > 0.5
+    predictor.set_volume(image)
+    _, lab, feet = _clicks(predictor, fg, 3)
+    feats = [predictor.features(0)]
+    fold = torch.zeros(2, *feet[0][1].shape)
+    for (_, fp), c in zip(feet, lab, strict=True):
+        fold[1 - c] += fp
+    whole = predictor._support_logits(feats, [[fold]])[0][0]
+    h, w = whole.shape
+    cells = [(0, (0, 0)), (0, (h // 2, w // 2)), (0, (h - 1, 3)), (0, (5, w - 2))]
+    windowed = predictor._support_logits(feats, [[fold]] * len(cells), cells)
+    for (_, (y, x)), maps in zip(cells, windowed, strict=True):
+        near = maps[0][max(y - 3, 0) : y + 4, max(x - 3, 0) : x + 4]
+        torch.testing.assert_close(
+            near, whole[max(y - 3, 0) : y + 4, max(x - 3, 0) : x + 4], atol=1e-4, rtol=1e-4
+        )
+        assert (maps[0] == 0).any()  # only a window was computed

@@ -465,7 +465,10 @@ def validated_click_fit(
     features: Callable[[], Sequence[torch.Tensor]],
     footprints: Sequence[tuple[int, torch.Tensor]],
     labels: np.ndarray,
-    network_logits: Callable[[list[list[torch.Tensor]]], list[list[torch.Tensor]]],
+    network_logits: Callable[
+        [list[list[torch.Tensor]], list[tuple[int, tuple[int, int]]] | None],
+        list[list[torch.Tensor]],
+    ],
 ) -> PixelFit | None:
     """Fit a task's pixel model to clicks; keep it only where held-out clicks say it is better.
 
@@ -481,8 +484,10 @@ def validated_click_fit(
         ``(N,)`` per click: 1 positive, 0 negative.
     network_logits : callable
         Given several annotations, each as one ``(2, h, w)`` mask (positive, negative) per
-        support slice, the network's ``(h, w)`` logits on each support slice under each
-        annotation alone (batched: one call for all held-out clicks).
+        support slice, and where each is read (``None``: everywhere; else per annotation the
+        support slice and fine cell ``(y, x)``), the network's ``(h, w)`` logits on each
+        support slice under each annotation alone (batched: one call for all held-out
+        clicks, each needed only around its click).
 
     Returns
     -------
@@ -516,7 +521,7 @@ def validated_click_fit(
         z = maps[footprints[j][0]].reshape(-1).numpy()[cells[j]]
         return float(np.sum(wt * ((z > 0) == y[j])) / wt.sum())
 
-    (full,) = network_logits([masks])
+    (full,) = network_logits([masks], None)
     own = _balanced(np.array([click_score(full, j) for j in range(len(y))]), y)
     if own >= 1.0 - CLICK_MARGIN:
         return None
@@ -550,7 +555,14 @@ def validated_click_fit(
         fold = [m.clone() for m in masks]
         fold[i][1 - y[j]] = (fold[i][1 - y[j]] - fp).clamp_min(0.0)
         folds.append(fold)
-    net_ok = [click_score(maps, j) for maps, j in zip(network_logits(folds), held, strict=True)]
+    focus = []
+    for j in held:
+        i, fp = footprints[j]
+        peak = int(torch.argmax(fp))
+        focus.append((i, divmod(peak, fp.shape[-1])))
+    net_ok = [
+        click_score(maps, j) for maps, j in zip(network_logits(folds, focus), held, strict=True)
+    ]
     fit_score = _balanced(np.array(fit_ok), y[held])
     net_score = _balanced(np.array(net_ok), y[held])
     scores = {"net": net_score, "fit": fit_score, "net_on_clicks": own}

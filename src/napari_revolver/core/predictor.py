@@ -33,7 +33,7 @@ from .pixel_fit import PixelFit, fit_features, fit_inputs, validated_click_fit, 
 from .prior import label_support, local_priors
 from .propagation import PropagationStep, finish_slice
 from .task import Task
-from .tiling import segment_slices
+from .tiling import HEAD_OVERLAP, segment_slices
 from .tracking import InstanceLinker
 from .volume import (
     Index,
@@ -253,7 +253,7 @@ class RevolverPredictor(VolumeEncoder):
             ],
             footprints,
             lab,
-            lambda folds: self._support_logits(feats, folds),
+            lambda folds, focus: self._support_logits(feats, folds, focus),
         )
 
     def guide_mask(
@@ -412,7 +412,10 @@ class RevolverPredictor(VolumeEncoder):
         return keys, feats, masks
 
     def _support_logits(
-        self, feats: Sequence[EncoderOutput], folds: Sequence[Sequence[torch.Tensor]]
+        self,
+        feats: Sequence[EncoderOutput],
+        folds: Sequence[Sequence[torch.Tensor]],
+        focus: Sequence[tuple[int, tuple[int, int]]] | None = None,
     ) -> list[list[torch.Tensor]]:
         """Return the network's logits on the support slices under each of several annotations.
 
@@ -422,6 +425,11 @@ class RevolverPredictor(VolumeEncoder):
             The support slices' features (batch 1 each).
         folds : sequence of sequence of torch.Tensor
             Per annotation, one ``(2, h, w)`` mask per support slice.
+        focus : sequence of (int, (int, int)), optional
+            Per annotation, the support slice and fine cell ``(y, x)`` where its logits are
+            read: the head runs only on a window around that cell reaching past its receptive
+            field (:data:`.tiling.HEAD_OVERLAP`), so the logits there are those of a whole
+            pass; elsewhere they are 0. ``None``: whole support slices.
 
         Returns
         -------
@@ -434,20 +442,41 @@ class RevolverPredictor(VolumeEncoder):
         out: list[list[torch.Tensor]] = []
         for start in range(0, len(folds), _FOLD_BATCH):
             batch = folds[start : start + _FOLD_BATCH]
+            n = len(batch)
             guidance = None
             for i, x in enumerate(xs):
                 masks = torch.stack([fold[i] for fold in batch]).to(self.device)
-                n = len(batch)
                 g = self.model.guide(
                     x.coarse.expand(n, -1, -1, -1), x.fine.expand(n, -1, -1, -1), masks
                 )
                 guidance = g if guidance is None else guidance + g
             assert guidance is not None
-            per_slice = [
-                F.avg_pool2d(self.model.segment(x, guidance)[:, None], stride)[:, 0].float().cpu()
-                for x in xs
-            ]
-            out.extend([maps[b] for maps in per_slice] for b in range(len(batch)))
+            if focus is None:
+                per_slice = [
+                    F.avg_pool2d(self.model.segment(x, guidance)[:, None], stride)[:, 0].cpu()
+                    for x in xs
+                ]
+                out.extend([maps[b].float() for maps in per_slice] for b in range(n))
+                continue
+            windows = [_head_window(xs[i], cell) for i, cell in focus[start : start + n]]
+            crops = EncoderOutput.cat(
+                [
+                    EncoderOutput(
+                        xs[i].coarse[..., y0 // 2 : y1 // 2, x0 // 2 : x1 // 2],
+                        xs[i].fine[..., y0:y1, x0:x1],
+                    )
+                    for (i, _), (y0, y1, x0, x1) in zip(
+                        focus[start : start + n], windows, strict=True
+                    )
+                ]
+            )
+            logits = F.avg_pool2d(self.model.segment(crops, guidance)[:, None], stride)[:, 0]
+            for b, ((i, _), (y0, y1, x0, x1)) in enumerate(
+                zip(focus[start : start + n], windows, strict=True)
+            ):
+                maps = [torch.zeros(x.fine.shape[-2:]) for x in xs]
+                maps[i][y0:y1, x0:x1] = logits[b].float().cpu()
+                out.append(maps)
         return out
 
     def guide_features(self, f: EncoderOutput, masks: torch.Tensor) -> GuideOutput:
@@ -796,3 +825,20 @@ def _kinds(tasks: Sequence[Task]) -> str:
     if len(kinds) > 1:
         raise ValueError("tasks mix kind='class' and kind='object'; apply them separately")
     return kinds.pop()
+
+
+def _head_window(f: EncoderOutput, cell: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Fine-grid window ``(y0, y1, x0, x1)`` around ``cell`` in which the head is exact there.
+
+    The window reaches :data:`.tiling.HEAD_OVERLAP` coarse cells (plus two for a click's
+    footprint) beyond the cell on each side, clipped to the slice and kept at one size (so
+    windows batch), and its corners are on the coarse grid.
+    """
+    hc, wc = f.coarse.shape[-2:]
+    reach = HEAD_OVERLAP + 2
+    box = []
+    for c, size in ((cell[0] // 2, hc), (cell[1] // 2, wc)):
+        side = min(2 * reach + 1, size)
+        lo = min(max(c - reach, 0), size - side)
+        box += [2 * lo, 2 * (lo + side)]
+    return box[0], box[1], box[2], box[3]
