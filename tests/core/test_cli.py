@@ -610,6 +610,23 @@ def test_segment_applies_the_tasks_to_more_images(
     assert code == 1 and "a.labels.tif exists" in capsys.readouterr().err
 
 
+def _sample_segment(sample_run: dict[str, Path], tmp_path: Path) -> list[str]:
+    """``revolver segment`` of the sample with its clicks and weights, into ``seg.tif``."""
+    data = sample_run["data"]
+    return [
+        "segment",
+        str(data / "image.tif"),
+        "--points",
+        str(data / "points.csv"),
+        "--weights",
+        str(sample_run["weights"]),
+        "--device",
+        "cpu",
+        "-o",
+        str(tmp_path / "seg.tif"),
+    ]
+
+
 def test_segment_learns_from_painted_slices(
     sample_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -619,17 +636,8 @@ def test_segment_learns_from_painted_slices(
     painted[12] = truth[12]  # slice 12 painted by hand: its nuclei are 1, the rest background
     path = tmp_path / "painted.tif"
     tifffile.imwrite(path, painted)
-    common = [
-        str(data / "image.tif"),
-        "--points",
-        str(data / "points.csv"),
-        "--weights",
-        str(sample_run["weights"]),
-        "--device",
-        "cpu",
-    ]
     tasks = tmp_path / "tasks"
-    args = ["segment", *common, "-o", str(tmp_path / "seg.tif"), "--painted", str(path)]
+    args = [*_sample_segment(sample_run, tmp_path), "--painted", str(path)]
     assert cli.main([*args, "--save-task", str(tasks)]) == 0
     task = load_task(tasks / "nuclei.json")
     assert [k for k, _ in task.support_masks] == []  # support masks stay out of task files
@@ -649,20 +657,7 @@ def test_segment_class_tasks_let_their_clicks_decide_on_a_pixel_fit(
 ) -> None:
     data = sample_run["data"]
     tasks = tmp_path / "tasks"
-    args = [
-        "segment",
-        str(data / "image.tif"),
-        "--points",
-        str(data / "points.csv"),
-        "--weights",
-        str(sample_run["weights"]),
-        "--device",
-        "cpu",
-        "-o",
-        str(tmp_path / "seg.tif"),
-        "--save-task",
-        str(tasks),
-    ]
+    args = [*_sample_segment(sample_run, tmp_path), "--save-task", str(tasks)]
     with caplog.at_level("INFO", logger="napari_revolver"):
         assert cli.main(args) == 0
     table = read_points(data / "points.csv")

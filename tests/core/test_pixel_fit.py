@@ -310,7 +310,6 @@ def test_a_task_followed_by_position_keeps_the_network(predictor, blobs) -> None
     assert not np.array_equal(fitted[0], network[0])
 
 
-
 def test_held_out_clicks_read_the_head_on_a_window_exactly(predictor, make_blobs) -> None:
     image = make_blobs((2, 512, 512), n_blobs=20)
     fg = image > 0.5
