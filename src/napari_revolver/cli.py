@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="labels image of IMAGE's shape whose non-zero slices were painted by hand: on "
         "each, a class task's value is its foreground and the rest its background; class "
-        "tasks then also learn from those slices (a validated pixel fit)",
+        "tasks then also learn from those slices (a validated pixel fit), and the painted "
+        "slices are written to the output as painted (not with --instances)",
     )
     p.add_argument(
         "--save-task",
@@ -480,6 +481,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     predictor = _predictor(args)
     axes, scale = _open_image(args, predictor)
     tasks = _guide_tasks(predictor, table, "object" if args.objects else "class")
+    args.painted_on = args.image  # painted slices are kept in this image's output
     if args.painted:
         tasks = _with_painted(predictor, tasks, args.painted)
     logger.info("guided %d task(s): %s", len(tasks), ", ".join(t.name for t in tasks))
@@ -635,6 +637,11 @@ def _propagated_pages(args: argparse.Namespace, predictor, tasks) -> tuple:
     info = predictor.info
     bar = Progress(f"segment {_stem(args.image)}")
     counts = {"fg": 0, "objects": 0}
+    painted = _kept_painted(args, info)
+    top = max(t.label_value for t in tasks)
+    if painted is not None:
+        top = max(top, int(painted.max()))
+    dtype = np.uint32 if args.instances else label_dtype(top)
 
     def pages() -> Iterator[np.ndarray]:
         # Instance ids come linked through z and t from propagate.
@@ -642,6 +649,8 @@ def _propagated_pages(args: argparse.Namespace, predictor, tasks) -> tuple:
             tasks, threshold=args.threshold, cache=False, local=args.local, instances=args.instances
         ):
             page = step.result
+            if painted is not None and painted[step.index].any():
+                page = painted[step.index]  # painted by hand: the user's truth is kept
             if args.instances:
                 counts["objects"] = max(counts["objects"], int(page.max(initial=0)))
             counts["fg"] += int((page > 0).sum())
@@ -653,8 +662,25 @@ def _propagated_pages(args: argparse.Namespace, predictor, tasks) -> tuple:
         extra = f", {counts['objects']} objects" if args.instances else ""
         return f"{fg:.1%} foreground, {len(tasks)} task(s){extra}"
 
-    dtype = np.uint32 if args.instances else label_dtype(max(t.label_value for t in tasks))
     return pages(), dtype, summary
+
+
+def _kept_painted(args: argparse.Namespace, info):
+    """Return the ``--painted`` labels to keep in this image's output, or ``None``.
+
+    Painted slices are the user's truth: they are written as painted, as in the plugin. Not
+    with ``--instances`` (instance ids are linked between predicted slices), and not in the
+    other images of ``--apply-to``.
+    """
+    import numpy as np
+    import tifffile
+
+    if not args.painted or args.instances or args.image != getattr(args, "painted_on", None):
+        return None
+    painted = np.asarray(tifffile.imread(args.painted))
+    if painted.min() < 0:
+        raise ValueError(f"--painted {args.painted} has negative labels; expected labels >= 0")
+    return painted.reshape(*info.leading_shape, *info.slice_shape)
 
 
 def _write_pages(

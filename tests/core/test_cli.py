@@ -643,6 +643,10 @@ def test_segment_learns_from_painted_slices(
     assert [k for k, _ in task.support_masks] == []  # support masks stay out of task files
     assert task.pixel_fit is not None  # a whole painted slice is enough to validate a fit
     assert task.mass[0] > (read_points(data / "points.csv").labels == 1).sum()
+    # The painted slice is written as painted; the others are predicted.
+    out = read_image(tmp_path / "seg.tif").data
+    np.testing.assert_array_equal(out[12], painted[12])
+    assert out[[0, 23]].any()
     # Wrong shape, all zero, or objects: refused with a reason.
     tifffile.imwrite(path, painted[:3])
     assert cli.main([*args[:-1], str(path), "--overwrite"]) == 1
