@@ -466,3 +466,19 @@ def test_class_tasks_fit_their_clicks_once_per_set_of_clicks(
     obj.points.add(np.array([[12, 30, 30]]))
     session.guide(obj)
     assert calls == [len(lab), len(lab) + 1]
+
+
+def test_the_task_list_says_whether_a_pixel_fit_counts(session: Session) -> None:
+    from dataclasses import replace
+
+    from napari_revolver._napari.tasks_box import task_text
+    from napari_revolver.core.pixel_fit import PixelFit
+
+    entry = session.tasks[0]
+    task = session.guide(entry)
+    fit = PixelFit(np.zeros(3), np.ones(3), np.zeros(4), 1.0, 0.0)
+    entry.task = replace(task, pixel_fit=fit)
+    assert "pixel fit used" in task_text(entry)
+    assert "pixel fit off while following positions" in task_text(entry, local=True)
+    entry.task = replace(task, pixel_fit=replace(fit, gain=0.0, net_weight=1.0))
+    assert "pixel fit" not in task_text(entry)

@@ -25,11 +25,12 @@ from .session import Session, TaskEntry
 TOGGLE_KEY = "t"
 
 
-def task_text(entry: TaskEntry) -> str:
+def task_text(entry: TaskEntry, local: bool = False) -> str:
     """One line of the task list: name, kind and value, clicks, and where it was guided.
 
     A class task that learns from slices painted by hand also says how many, and whether its
-    pixel fit counts.
+    pixel fit counts (from the painting or the clicks); with ``local`` (click positions
+    followed through the stack) the fit is off, and the line says so.
     """
     labels = L.point_labels(entry.points)
     pos = int((labels == 1).sum())
@@ -48,7 +49,8 @@ def task_text(entry: TaskEntry) -> str:
         n = len(entry.task.support_masks)
         painted = f"; {n} painted slice{'s' if n > 1 else ''}"
     fit = entry.task.pixel_fit if entry.task is not None else None
-    painted += ", pixel fit used" if fit is not None and fit.active else ""
+    if fit is not None and fit.active:
+        painted += ", pixel fit off while following positions" if local else ", pixel fit used"
     clicks = f"+{pos} / −{neg}"
     return f"■ {entry.name}  (label {entry.label_value}; {clicks}{painted}; {where}{read})"
 
@@ -196,7 +198,7 @@ class TasksBox(SessionBox):
         for row, entry in enumerate(self.session.tasks):
             item = self.task_list.item(row)
             if id(entry) in self._changed and item is not None:
-                text = task_text(entry)
+                text = task_text(entry, self.session.local)
                 if item.text() != text:
                     item.setText(text)
         self._changed.clear()
@@ -213,7 +215,7 @@ class TasksBox(SessionBox):
         self.task_list.blockSignals(True)
         self.task_list.clear()
         for entry in self.session.tasks:
-            item = QListWidgetItem(task_text(entry))
+            item = QListWidgetItem(task_text(entry, self.session.local))
             item.setForeground(QColor(entry.color))
             self.task_list.addItem(item)
         self.task_list.setCurrentRow(self.session.active)

@@ -107,6 +107,8 @@ class RevolverWidget(QWidget):
         ev.warned.connect(lambda message: self.report("warning", message))
         ev.status.connect(lambda message: self.report("status", message))
         self.propagate_box.local_check.toggled.connect(lambda _: self._schedule_update())
+        # The task list says whether a pixel fit counts, which following positions turns off.
+        self.propagate_box.local_check.toggled.connect(lambda _: self.tasks_box._refresh())
         self.propagate_box.instances_check.toggled.connect(lambda _: self._schedule_update())
         self.tasks_box.live_check.toggled.connect(lambda _: self._schedule_update())
         self._connect_viewer()
