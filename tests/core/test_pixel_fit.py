@@ -329,3 +329,26 @@ def test_held_out_clicks_read_the_head_on_a_window_exactly(predictor, make_blobs
             near, whole[max(y - 3, 0) : y + 4, max(x - 3, 0) : x + 4], atol=1e-4, rtol=1e-4
         )
         assert (maps[0] == 0).any()  # only a window was computed
+
+
+def test_fit_inputs_of_recent_support_slices_are_kept(predictor, blobs, monkeypatch) -> None:
+    from napari_revolver.core import predictor as predictor_module
+
+    image, _ = blobs
+    calls: list[int] = []
+    real = predictor_module.fit_features
+
+    def counting(f, images):
+        calls.append(images.shape[0])
+        return real(f, images)
+
+    monkeypatch.setattr(predictor_module, "fit_features", counting)
+    predictor.set_volume(image)
+    first = predictor._fit_features(0, predictor.features(0))
+    assert predictor._fit_features(0, predictor.features(0)) is first
+    predictor._fit_features(1, predictor.features(1))
+    assert len(calls) == 2
+    # Another volume reads its own slices.
+    predictor.set_volume(image[::-1].copy())
+    again = predictor._fit_features(0, predictor.features(0))
+    assert len(calls) == 3 and not torch.equal(again, first)

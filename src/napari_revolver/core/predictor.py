@@ -44,6 +44,8 @@ from .volume import (
 
 #: Annotations the network is guided by at once when validating a pixel fit (memory bound).
 _FOLD_BATCH = 8
+#: Support slices whose pixel-fit inputs are kept (about 8 MB each at 512 x 512).
+_FIT_INPUTS_KEPT = 2
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +110,8 @@ class RevolverPredictor(VolumeEncoder):
         self.follower = self.weights.follower
         self.follow_params = objects.FollowParams()
         self._last_slice: tuple[tuple[object, ...], torch.Tensor] | None = None
+        #: What pixel fits read on the last few support slices (clicks on one slice refit).
+        self._fit_inputs: dict[tuple[object, ...], torch.Tensor] = {}
 
     @property
     def refiner(self) -> ClickRefiner | None:
@@ -248,9 +252,7 @@ class RevolverPredictor(VolumeEncoder):
             one = point_masks(torch.from_numpy(row[None, n_lead:]), torch.ones(1), grid, stride)
             footprints.append((keys.index(key), one[0]))
         return validated_click_fit(
-            lambda: [
-                self._fit_features([info.flat(k)], f)[0] for k, f in zip(keys, feats, strict=True)
-            ],
+            lambda: [self._fit_features(info.flat(k), f) for k, f in zip(keys, feats, strict=True)],
             footprints,
             lab,
             lambda folds, focus: self._support_logits(feats, folds, focus),
@@ -368,23 +370,27 @@ class RevolverPredictor(VolumeEncoder):
         masks: Sequence[torch.Tensor],
     ) -> PixelFit | None:
         return validated_fit(
-            [
-                self._fit_features([self.info.flat(k)], f)[0]
-                for k, f in zip(keys, feats, strict=True)
-            ],
+            [self._fit_features(self.info.flat(k), f) for k, f in zip(keys, feats, strict=True)],
             masks,
             lambda fold: self._support_logits(feats, [fold])[0],
         )
 
-    def _fit_features(self, ks: Sequence[int], feats: EncoderOutput) -> torch.Tensor:
-        """Return what pixel fits read on flat slices ``ks`` (features ``feats``).
+    def _fit_features(self, k: int, feats: EncoderOutput) -> torch.Tensor:
+        """Return what pixel fits read on flat slice ``k`` (features ``feats``, batch 1).
+
+        The last :data:`_FIT_INPUTS_KEPT` slices are kept: each click on a slice fits again.
 
         Returns
         -------
         torch.Tensor
-            ``(S, D, h, w)``, see :func:`.pixel_fit.fit_features`.
+            ``(D, h, w)``, see :func:`.pixel_fit.fit_features`.
         """
-        return fit_features(feats, torch.stack([self._prepare(k) for k in ks]))
+        key = (self.info.fingerprint, k, self.preprocessing.key())
+        if key not in self._fit_inputs:
+            while len(self._fit_inputs) >= _FIT_INPUTS_KEPT:
+                self._fit_inputs.pop(next(iter(self._fit_inputs)))
+            self._fit_inputs[key] = fit_features(feats, self._prepare(k)[None])[0]
+        return self._fit_inputs[key]
 
     def _label_masks(
         self, labels: Mapping[Index, np.ndarray]
