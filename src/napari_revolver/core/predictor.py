@@ -249,7 +249,7 @@ class RevolverPredictor(VolumeEncoder):
         footprints = []
         for row, key in zip(pts, slices, strict=True):
             grid = tuple(feats[keys.index(key)].fine.shape[-2:])
-            one = point_masks(torch.from_numpy(row[None, n_lead:]), torch.ones(1), grid, stride)
+            one = point_masks(torch.tensor(row[None, n_lead:]), torch.ones(1), grid, stride)
             footprints.append((keys.index(key), one[0]))
         return validated_click_fit(
             lambda: [self._fit_features(info.flat(k), f) for k, f in zip(keys, feats, strict=True)],
