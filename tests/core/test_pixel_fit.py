@@ -352,3 +352,29 @@ def test_fit_inputs_of_recent_support_slices_are_kept(predictor, blobs, monkeypa
     predictor.set_volume(image[::-1].copy())
     again = predictor._fit_features(0, predictor.features(0))
     assert len(calls) == 3 and not torch.equal(again, first)
+
+
+def test_clicks_on_several_slices_fit_together(predictor, blobs, monkeypatch) -> None:
+    image, fg = blobs
+    predictor.set_volume(image)
+    yx0, lab0, _ = _clicks(predictor, fg, 3, k=0)
+    yx1, lab1, _ = _clicks(predictor, fg, 3, k=1)
+    pts = np.r_[np.c_[np.zeros(len(yx0)), yx0], np.c_[np.ones(len(yx1)), yx1]]
+    lab = np.r_[lab0, lab1]
+    feats = [predictor._fit_features(k, predictor.features(k)) for k in (0, 1)]
+    seen: list[int] = []
+    real = pf.validated_click_fit
+
+    def spy(features, footprints, labels, network_logits):
+        seen.extend(i for i, _ in footprints)
+        maps = network_logits([[torch.zeros(2, *f.shape[-2:]) for f in feats]], None)
+        assert len(maps) == 1 and len(maps[0]) == 2  # logits on both support slices
+        return real(features, footprints, labels, network_logits)
+
+    import napari_revolver.core.predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "validated_click_fit", spy)
+    fit = predictor.fit_clicks(pts, lab)
+    assert sorted(set(seen)) == [0, 1] and seen.count(0) == seen.count(1) == 6
+    if fit is not None:
+        assert fit.mean.shape == (feats[0].shape[0],)
