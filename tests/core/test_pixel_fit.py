@@ -228,19 +228,34 @@ def test_clicks_the_network_reproduces_give_no_fit(predictor, blobs) -> None:
     assert fit is None and not called  # one network pass, no features, no fit
 
 
-def test_clicks_the_network_gets_wrong_give_the_fit(predictor, blobs) -> None:
+def test_clicks_a_network_that_over_segments_gets_wrong_give_the_fit(predictor, blobs) -> None:
     image, fg = blobs
     x, _ = _support(predictor, image, fg)
     yx, lab, feet = _clicks(predictor, fg, 5)
-    fit = pf.validated_click_fit(lambda: [x], feet, lab, _fixed_click_network(None))
+    # The network marks everything: every negative click wrong, as on EM mitochondria.
+    fit = pf.validated_click_fit(lambda: [x], feet, lab, _fixed_click_network(None, 3.0))
     assert fit is not None and fit.active and fit.net_weight == 0.0
-    assert fit.scores["net"] == pytest.approx(0.5)  # every positive wrong, every negative right
+    assert fit.scores["net"] == pytest.approx(0.5)
+    assert fit.scores["net_on_negatives"] == 0.0 and fit.scores["net_on_positives"] == 1.0
     assert fit.scores["fit"] - fit.scores["net"] > pf.CLICK_MARGIN
+    assert fit.scores["fit_foreground"] < fit.scores["net_foreground"] == 1.0
     # The fit separates the blobs on the slice beyond the clicks.
     z = fit.logits(x[None])[0].numpy()
     cells = fg[0].reshape(32, 4, 32, 4).mean((1, 3))
     sure = (cells == 0) | (cells == 1)
     assert np.mean((z > 0)[sure] == (cells[sure] == 1)) > 0.85
+
+
+def test_a_fit_that_claims_more_than_the_network_is_not_used(predictor, blobs) -> None:
+    image, fg = blobs
+    x, _ = _support(predictor, image, fg)
+    _, lab, feet = _clicks(predictor, fg, 5)
+    # The network marks nothing: it misses every positive click, yet a fit that marks more
+    # of the slice than the network could be buying its click accuracy with false positives.
+    fit = pf.validated_click_fit(lambda: [x], feet, lab, _fixed_click_network(None, -3.0))
+    assert fit is not None and not fit.active
+    assert fit.scores["fit"] - fit.scores["net"] > pf.CLICK_MARGIN
+    assert fit.scores["fit_foreground"] > pf.MAX_AREA_RATIO * fit.scores["net_foreground"]
 
 
 def test_too_few_clicks_give_no_fit(predictor, blobs) -> None:
