@@ -23,7 +23,7 @@ is scored on 512 x 512 centre crops, every plane held out.
 
     python benchmarks/accuracy.py DATA_DIR [--weights W] [--points 1,2,5,10,20,dense]
         [--supports 1,2,4] [--seeds 3] [--datasets a,b] [--nearest-only] [--no-rf]
-        [--use-invert] [--out-dir docs/benchmarks]
+        [--use-invert] [--no-pixel-fit] [--out-dir docs/benchmarks]
 
 Writes ``accuracy.md`` (tables), ``accuracy.json`` (every row) and ``accuracy.png`` (IoU vs
 points, one line per method and support count) to ``--out-dir``.
@@ -164,6 +164,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                         baselines=() if (args.no_rf or local) else ("rf",),
                         local=local,
                         invert=spec.invert and args.use_invert,
+                        pixel_fit=not args.no_pixel_fit,
                     )
                     for support in groups
                 ]
@@ -388,6 +389,11 @@ def main() -> None:
         "--use-invert",
         action="store_true",
         help="read dark-on-light data sets with invert=True (default: as given)",
+    )
+    ap.add_argument(
+        "--no-pixel-fit",
+        action="store_true",
+        help="the network alone: tasks do not decide on a pixel fit of their support",
     )
     ap.add_argument(
         "--nearest-only",

@@ -388,6 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="object clicks with the simulated annotator (first click at the object's centre, "
         "then at the largest error); LABELS are instance ids",
     )
+    p.add_argument(
+        "--no-pixel-fit",
+        action="store_true",
+        help="score the network alone: class tasks do not decide on a pixel fit of their clicks "
+        "or support masks (which the segment command and the plugin do)",
+    )
     p.add_argument("--objects-per-slice", type=int, default=10, help="with --objects (default 10)")
     p.add_argument(
         "--max-clicks", type=int, default=20, help="with --objects: click budget (default 20)"
@@ -1001,6 +1007,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         progress=bar.update,
         local=args.local,
         invert=args.invert,
+        pixel_fit=not args.no_pixel_fit,
     )
     if args.json:
         print(json.dumps({"results": [r.to_dict() for r in results]}))

@@ -197,6 +197,30 @@ def test_dense_baseline_guides_with_every_support_mask(
     assert painted == [[0]]
 
 
+def test_tasks_decide_on_a_pixel_fit_unless_told_not_to(
+    tiny_predictor, stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image, labels = stack
+    asked: list[tuple[str, object]] = []
+    guide, guide_labels = tiny_predictor.guide, tiny_predictor.guide_labels
+
+    def spy_guide(*args, **kwargs):
+        asked.append(("clicks", kwargs.get("fit")))
+        return guide(*args, **kwargs)
+
+    def spy_labels(*args, **kwargs):
+        asked.append(("dense", kwargs.get("fit", True)))
+        return guide_labels(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_predictor, "guide", spy_guide)
+    monkeypatch.setattr(tiny_predictor, "guide_labels", spy_labels)
+    evaluate_few_shot(tiny_predictor, image, labels, points=(2, "dense"), seeds=1)
+    assert asked == [("clicks", True), ("dense", True)]  # as the CLI and the plugin do
+    asked.clear()
+    evaluate_few_shot(tiny_predictor, image, labels, points=(2, "dense"), seeds=1, pixel_fit=False)
+    assert asked == [("clicks", False), ("dense", False)]
+
+
 def test_label_value_selects_the_foreground(tiny_predictor, stack) -> None:
     image, labels = stack
     labels = labels * 2
@@ -324,6 +348,8 @@ def test_cli_eval_table_and_errors(
     out = capsys.readouterr().out
     assert out.startswith("| method |")
     assert "| revolver | 2 |" in out and "protocol:" in out
+    assert cli.main([*base, "--points", "2", "--seeds", "1", "--no-pixel-fit"]) == 0
+    assert "| revolver | 2 |" in capsys.readouterr().out
     assert cli.main([*base, "--support", "9"]) == 1
     assert "revolver: error: support slice 9 is out of range" in capsys.readouterr().err
     assert cli.main([*base, "--support-slices", "0,x"]) == 1

@@ -386,6 +386,7 @@ def evaluate_few_shot(
     local: bool = False,
     queries: Sequence[int] | None = None,
     invert: bool = False,
+    pixel_fit: bool = True,
 ) -> list[EvalResult]:
     """Score few-shot segmentation of a labelled stack (see the module docstring).
 
@@ -420,6 +421,10 @@ def evaluate_few_shot(
         runs with different support slices be compared on the same queries.
     invert : bool
         Dark objects on a light background: intensities reversed (``set_volume(invert=)``).
+    pixel_fit : bool
+        The network's tasks decide on a per-task pixel fit of their clicks and support masks,
+        as the CLI and the plugin do (``guide(fit=True)``, ``guide_labels``); ``False``: the
+        network alone.
 
     Returns
     -------
@@ -458,7 +463,7 @@ def evaluate_few_shot(
         tick(d - last)
         last = d
 
-    scorer = _NetworkScorer(predictor, fg, sup, query_list, local)
+    scorer = _NetworkScorer(predictor, fg, sup, query_list, local, pixel_fit)
     # The same points for the network and the forest: drawn per (budget, seed).
     draws = _draw_support_points(fg, sup, counts, seeds)
     rows: dict[tuple[str, int | str], EvalResult] = {}
@@ -577,6 +582,7 @@ class _NetworkScorer:
     support: tuple[int, ...]
     queries: list[int]
     local: bool
+    pixel_fit: bool = True
 
     def score(self, task: Task) -> tuple[float, float]:
         """Return the query-mean IoU and seconds per query slice of one task."""
@@ -603,7 +609,7 @@ class _NetworkScorer:
             )
             lab = np.concatenate([lab for _, lab in per_slice])
             # As the CLI and the plugin guide class tasks: the clicks decide on a pixel fit.
-            task = self.predictor.guide(pts, lab, name=f"P={p} seed={seed}", fit=True)
+            task = self.predictor.guide(pts, lab, name=f"P={p} seed={seed}", fit=self.pixel_fit)
             iou, sec = self.score(task)
             ious.append(iou)
             secs.append(sec)
@@ -613,7 +619,8 @@ class _NetworkScorer:
     def dense_row(self) -> EvalResult:
         """Guide with the whole support mask(s), as one task, and score it."""
         painted = {s: np.where(self.fg[s], 1, 2).astype(np.uint8) for s in self.support}
-        iou, sec = self.score(self.predictor.guide_labels(painted, name="dense"))
+        task = self.predictor.guide_labels(painted, name="dense", fit=self.pixel_fit)
+        iou, sec = self.score(task)
         return _row("dense", "dense", [iou], [sec], self.support, len(self.queries))
 
 
