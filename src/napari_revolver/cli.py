@@ -487,9 +487,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     predictor = _predictor(args)
     axes, scale = _open_image(args, predictor)
     tasks = _guide_tasks(predictor, table, "object" if args.objects else "class")
-    args.painted_on = args.image  # painted slices are kept in this image's output
-    if args.painted:
-        tasks = _with_painted(predictor, tasks, args.painted)
+    painted = _read_painted(predictor, args.painted) if args.painted else None
+    if painted is not None:
+        tasks = _with_painted(predictor, tasks, painted)
     logger.info("guided %d task(s): %s", len(tasks), ", ".join(t.name for t in tasks))
     if args.save_task:
         args.save_task.mkdir(parents=True, exist_ok=True)
@@ -513,7 +513,10 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                 axes, scale = _open_image(args, predictor)
             if many and output.exists() and not args.overwrite and not args.scheduler:
                 raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
-            _segment_one(args, predictor, tasks, output, axes, scale, client)
+            # Painted slices are the user's truth, written as painted in their own image's
+            # output (not with --instances: ids are linked between predicted slices).
+            kept = painted if k == 0 and not args.instances else None
+            _segment_one(args, predictor, tasks, output, axes, scale, client, kept)
     finally:
         if client is not None:
             client.close()
@@ -522,13 +525,18 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _segment_one(args, predictor, tasks, output, axes, scale, client) -> None:
-    """Segment the current image into ``output``: on Dask, as objects, or slice by slice."""
+def _segment_one(args, predictor, tasks, output, axes, scale, client, painted=None) -> None:
+    """Segment the current image into ``output``: on Dask, as objects, or slice by slice.
+
+    ``painted``: labels whose non-zero slices are written as they are (slice by slice only).
+    """
     if args.scheduler:
         _segment_distributed(args, predictor, tasks, output, client)
         return
-    make = _followed_pages if args.objects else _propagated_pages
-    pages, dtype, summary = make(args, predictor, tasks)
+    if args.objects:
+        pages, dtype, summary = _followed_pages(args, predictor, tasks)
+    else:
+        pages, dtype, summary = _propagated_pages(args, predictor, tasks, painted)
     info = predictor.info
     shape = (*info.leading_shape, *info.slice_shape)
     _write_pages(args, output, pages, shape, dtype, axes, scale)
@@ -554,8 +562,8 @@ def _check_segment_paths(args: argparse.Namespace, many: bool) -> None:
             raise FileNotFoundError(f"image file not found: {extra}")
 
 
-def _with_painted(predictor, tasks: list, path: Path) -> list:
-    """Guide class tasks again with the slices painted by hand in ``path`` (and their clicks)."""
+def _read_painted(predictor, path: Path):
+    """Read and check ``--painted``: labels of the image's shape, non-negative, not all zero."""
     import numpy as np
     import tifffile
 
@@ -567,10 +575,20 @@ def _with_painted(predictor, tasks: list, path: Path) -> list:
             f"--painted {path} has shape {painted.shape}; expected the image's labels shape "
             f"{expected}"
         )
+    if painted.min() < 0:
+        raise ValueError(f"--painted {path} has negative labels; expected labels >= 0")
+    if not painted.any():
+        raise ValueError(f"--painted {path} is all zero: paint at least one slice")
+    return painted
+
+
+def _with_painted(predictor, tasks: list, painted) -> list:
+    """Guide class tasks again with the slices painted by hand (and their clicks)."""
+    import numpy as np
+
+    info = predictor.info
     flat = painted.reshape(-1, *info.slice_shape)
     slices = [info.unflat(k) for k in range(len(flat)) if flat[k].any()]
-    if not slices:
-        raise ValueError(f"--painted {path} is all zero: paint at least one slice")
     if any(t.kind != "class" for t in tasks):
         raise ValueError("--painted teaches class tasks; leave out --objects")
     out = []
@@ -634,8 +652,11 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def _propagated_pages(args: argparse.Namespace, predictor, tasks) -> tuple:
-    """Pages streamed from the network (memory stays at one slice), their dtype, a summary."""
+def _propagated_pages(args: argparse.Namespace, predictor, tasks, painted=None) -> tuple:
+    """Pages streamed from the network (memory stays at one slice), their dtype, a summary.
+
+    The non-zero slices of ``painted`` (labels of the image's shape) are written as they are.
+    """
     import numpy as np
 
     from .core.labels import label_dtype
@@ -643,7 +664,6 @@ def _propagated_pages(args: argparse.Namespace, predictor, tasks) -> tuple:
     info = predictor.info
     bar = Progress(f"segment {_stem(args.image)}")
     counts = {"fg": 0, "objects": 0}
-    painted = _kept_painted(args, info)
     top = max(t.label_value for t in tasks)
     if painted is not None:
         top = max(top, int(painted.max()))
@@ -669,24 +689,6 @@ def _propagated_pages(args: argparse.Namespace, predictor, tasks) -> tuple:
         return f"{fg:.1%} foreground, {len(tasks)} task(s){extra}"
 
     return pages(), dtype, summary
-
-
-def _kept_painted(args: argparse.Namespace, info):
-    """Return the ``--painted`` labels to keep in this image's output, or ``None``.
-
-    Painted slices are the user's truth: they are written as painted, as in the plugin. Not
-    with ``--instances`` (instance ids are linked between predicted slices), and not in the
-    other images of ``--apply-to``.
-    """
-    import numpy as np
-    import tifffile
-
-    if not args.painted or args.instances or args.image != getattr(args, "painted_on", None):
-        return None
-    painted = np.asarray(tifffile.imread(args.painted))
-    if painted.min() < 0:
-        raise ValueError(f"--painted {args.painted} has negative labels; expected labels >= 0")
-    return painted.reshape(*info.leading_shape, *info.slice_shape)
 
 
 def _write_pages(
