@@ -528,10 +528,10 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 def _segment_one(args, predictor, tasks, output, axes, scale, client, painted=None) -> None:
     """Segment the current image into ``output``: on Dask, as objects, or slice by slice.
 
-    ``painted``: labels whose non-zero slices are written as they are (slice by slice only).
+    ``painted``: labels whose non-zero slices are written as they are.
     """
     if args.scheduler:
-        _segment_distributed(args, predictor, tasks, output, client)
+        _segment_distributed(args, predictor, tasks, output, client, painted)
         return
     if args.objects:
         pages, dtype, summary = _followed_pages(args, predictor, tasks)
@@ -749,8 +749,13 @@ def _segment_distributed(
     tasks,
     output: Path,
     client=None,
+    painted=None,
 ) -> None:
+    """Segment on Dask into the zarr store ``output``; then write the ``painted`` slices."""
+    import numpy as np
+
     from .core.batch import BatchJob, run_batch
+    from .core.labels import label_dtype
 
     if output.suffix != ".zarr":
         raise ValueError(
@@ -758,6 +763,12 @@ def _segment_distributed(
         )
     if args.instances:
         raise ValueError("--instances is not available with --scheduler yet; run without it")
+    top = max(t.label_value for t in tasks)
+    if painted is not None and int(painted.max()) > np.iinfo(label_dtype(top)).max:
+        raise ValueError(
+            f"--painted holds label {int(painted.max())}; the store of these tasks holds labels "
+            f"up to {np.iinfo(label_dtype(top)).max} (their largest value is {top})"
+        )
     job = BatchJob(
         str(args.image),
         str(output),
@@ -782,7 +793,21 @@ def _segment_distributed(
         predictor=predictor,
     )
     shape = predictor.info.leading_shape + predictor.info.slice_shape
+    if painted is not None:
+        _write_painted(out, painted)
     print(f"wrote {out}/labels {shape} ({len(tasks)} task(s), {args.scheduler})")
+
+
+def _write_painted(store: Path, painted) -> None:
+    """Write the non-zero slices of ``painted`` into a finished store's labels, as painted."""
+    import numpy as np
+    import zarr
+
+    labels = zarr.open_group(str(store), mode="r+")["labels"]
+    lead = painted.shape[:-2]
+    flat = painted.reshape(-1, *painted.shape[-2:])
+    for k in np.flatnonzero(flat.reshape(len(flat), -1).any(axis=1)):
+        labels[np.unravel_index(int(k), lead)] = flat[k].astype(labels.dtype)
 
 
 def _cmd_precompute(args: argparse.Namespace) -> int:

@@ -119,6 +119,38 @@ def test_cli_scheduler_needs_a_zarr_output(
     )
 
 
+def test_cli_scheduler_keeps_painted_slices(
+    stack: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from napari_revolver.core.io import PointTable, write_points
+
+    write_points(tmp_path / "p.csv", PointTable(stack["task"].points, stack["task"].labels))
+    painted = np.zeros(stack["reference"].shape, np.uint8)
+    painted[3, 10:40, 10:40] = 1  # a square painted on slice 3: not what the network draws
+    tifffile.imwrite(tmp_path / "painted.tif", painted)
+    args = [
+        "segment",
+        str(stack["image"]),
+        "--points",
+        str(tmp_path / "p.csv"),
+        "--painted",
+        str(tmp_path / "painted.tif"),
+        "-o",
+        str(tmp_path / "out.zarr"),
+        "--scheduler",
+        "local:1",
+    ]
+    assert cli.main(args) == 0
+    out = zarr.open_group(str(tmp_path / "out.zarr"))["labels"][:]
+    np.testing.assert_array_equal(out[3], painted[3])
+    assert out[[0, 11]].any()  # the others are predicted
+    wide = painted.astype(np.uint16)
+    wide[3, 0, 0] = 300  # more than the store of one task (uint8) can hold
+    tifffile.imwrite(tmp_path / "painted.tif", wide)
+    assert cli.main([*args, "--overwrite"]) == 1
+    assert "holds labels up to 255" in capsys.readouterr().err
+
+
 def test_cli_scheduler_over_several_files_on_one_cluster(stack: dict, tmp_path: Path) -> None:
     from napari_revolver.core.io import PointTable, write_points
 
