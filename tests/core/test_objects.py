@@ -290,6 +290,23 @@ def test_objects_share_one_encoder_pass_per_slice(
     assert sum(calls) == predictor.info.n_slices
 
 
+def test_objects_clicked_together_get_the_masks_they_get_alone(
+    stack_predictor: tuple[RevolverPredictor, np.ndarray],
+) -> None:
+    from napari_revolver.core.predictor import OBJECT_HEAD_BATCH
+
+    predictor, _ = stack_predictor
+    clicks = [(32, 18), (32, 44), (30, 20), (34, 46), (10, 10), (32, 40)]
+    assert len(clicks) % OBJECT_HEAD_BATCH  # a last, partial head batch
+    tasks = [
+        predictor.guide([[0, *c]], [1], kind="object", label_value=i + 1)
+        for i, c in enumerate(clicks)
+    ]
+    together = predictor.object_masks(0, tasks)
+    for t, m in zip(tasks, together, strict=True):
+        np.testing.assert_array_equal(m, predictor.object_mask(0, t))
+
+
 # ------------------------------------------------------------------ command line
 def test_cli_segment_objects_writes_ids_in_csv_order(
     tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
