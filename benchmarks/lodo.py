@@ -8,7 +8,10 @@ never trained on a data set is that set's leave-one-out result; the table sets i
 runs that did train on it, at the same training budget.
 
     python benchmarks/lodo.py DATA_DIR RUN [RUN ...] [--datasets a,b] [--points 5,dense]
-        [--seeds 2] [--out-dir DIR]
+        [--seeds 2] [--rows lodo.json ...] [--out-dir DIR]
+
+``--rows`` adds the rows of earlier runs of this script (their ``lodo.json``), so runs scored
+separately, as their training finished, end up in one table.
 
 Writes ``lodo.md`` (the table) and ``lodo.json`` (every row) to ``--out-dir``. The runs should
 differ only in their data sets (same steps, crop and seed), so that the difference is what a
@@ -106,7 +109,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("data", type=Path, help="folder of the data sets (with MANIFEST.md)")
-    ap.add_argument("runs", type=Path, nargs="+", help="training run folders")
+    ap.add_argument("runs", type=Path, nargs="*", help="training run folders")
     ap.add_argument(
         "--datasets",
         default="isbi2012_em,plant_cells_3d,dsb2018_u2os,usiigaci_phase",
@@ -115,14 +118,17 @@ def main() -> None:
     ap.add_argument("--points", default="5,dense")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rows", type=Path, nargs="*", default=[], help="earlier lodo.json files")
     ap.add_argument("--out-dir", type=Path, default=Path("."))
     args = ap.parse_args()
+    if not args.runs and not args.rows:
+        raise SystemExit("give training run folders to score, or --rows of earlier scores")
     for name in args.datasets.split(","):
         if name not in accuracy.DATASETS:
             raise SystemExit(f"unknown data set {name!r}; known: {', '.join(accuracy.DATASETS)}")
     for run in args.runs:  # every run usable before the first (long) score
         trained_on(run), weights_of(run)
-    rows = []
+    rows = [r for f in args.rows for r in json.loads(f.read_text())]
     for run in args.runs:
         print(f"{run.name}: trained on {', '.join(trained_on(run)) or 'procedural data'}")
         rows += score(args, run)

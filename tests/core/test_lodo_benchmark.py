@@ -73,6 +73,14 @@ def test_runs_are_scored_on_every_data_set_and_left_out_ones_marked(
     assert cells[-1] == "+0.000"
     line = next(t for t in text.splitlines() if t.startswith("| dsb2018_u2os | 2 |"))
     assert line.rstrip().endswith("| n/a | n/a |")  # nobody left it out
+    # Rows scored earlier join new ones in one table.
+    again = tmp_path / "again"
+    monkeypatch.setattr(
+        "sys.argv",
+        ["lodo.py", str(data), "--rows", str(out / "lodo.json"), "--out-dir", str(again)],
+    )
+    lodo.main()
+    assert json.loads((again / "lodo.json").read_text()) == rows
 
 
 def test_a_folder_that_is_not_a_run_is_refused_before_any_work(lodo, tmp_path: Path) -> None:
