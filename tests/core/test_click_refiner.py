@@ -15,12 +15,13 @@ from napari_revolver.core.model.click_refiner import (
     RefinerConfig,
     Window,
     click_maps,
+    crop_to,
     paste_logits,
     sample_window,
     stack_inputs,
     window_around,
 )
-from napari_revolver.core.objects import refined_mask, select_object
+from napari_revolver.core.objects import refined_mask, refined_masks, select_object
 from napari_revolver.core.predictor import RevolverPredictor
 from napari_revolver.core.weights import (
     load_refiner,
@@ -81,6 +82,28 @@ def test_click_maps_peak_at_the_clicks_by_polarity() -> None:
     assert float(maps[0, 30, 25]) < 1e-6
 
 
+def test_a_window_sampled_from_its_crop_is_the_window_sampled_from_the_slice() -> None:
+    maps = torch.rand(2, 50, 70)
+    for win in (Window(10.3, 20.7, 17.0), Window(-5.0, 60.0, 30.0), Window(40.0, -3.5, 12.0)):
+        crop, local = crop_to(maps, win)
+        assert crop.shape[-2] < 50 or crop.shape[-1] < 70
+        whole = torch.nn.functional.grid_sample(  # the window's pixels on the whole maps
+            maps[None],
+            torch.stack(
+                torch.meshgrid(
+                    *(
+                        ((o + (torch.arange(9) + 0.5) * win.side / 9) / n) * 2 - 1
+                        for o, n in ((win.y0, 50), (win.x0, 70))
+                    ),
+                    indexing="ij",
+                )[::-1],
+                -1,
+            )[None],
+            align_corners=False,
+        )[0]
+        torch.testing.assert_close(sample_window(crop, local, 9), whole)
+
+
 # --------------------------------------------------------------------------- wiring
 def _slice_inputs(shape: tuple[int, int] = (64, 64)) -> dict:
     rng = np.random.default_rng(0)
@@ -112,6 +135,33 @@ def test_refined_mask_keeps_only_parts_with_a_positive_click() -> None:
     ys, xs = window_around(sel, pts).pixel_bounds(prob.shape)
     assert out.sum() > sel.sum()
     assert out[ys, xs].all() and out.sum() == out[ys, xs].size  # the window, not beyond
+
+
+def test_refined_masks_of_many_objects_are_each_one_refined_alone() -> None:
+    torch.manual_seed(0)
+    refiner = ClickRefiner().eval()
+    with torch.no_grad():
+        for prm in refiner.parameters():
+            prm.normal_(0, 0.3)  # a refiner that changes the selections
+    shape = (96, 96)
+    centres = [(20, 20), (20, 70), (70, 30), (60, 70), (45, 45)]
+    prob = np.zeros(shape, np.float32)
+    for cy, cx in centres:
+        prob = np.maximum(prob, _disc(shape, cy, cx, 8).astype(np.float32))
+    items = []
+    for cy, cx in centres:
+        pts, lab = np.array([[cy, cx], [cy + 30.0, cx]]) % 96, np.array([1, 0])
+        items.append((prob, select_object(prob, pts, lab), pts, lab))
+    inputs = _slice_inputs(shape)
+    alone = [
+        refined_mask(refiner, **inputs, prob=p, selection=s, points=q, labels=lab)
+        for p, s, q, lab in items
+    ]
+    together = refined_masks(refiner, *inputs.values(), iter(items))
+    assert len(together) == len(alone)
+    assert any((a != s).any() for a, (_, s, _, _) in zip(alone, items, strict=True))
+    for a, b in zip(alone, together, strict=True):
+        assert (a != b).sum() <= 2  # the same, up to a pixel at logit 0 in another batch
 
 
 def test_predictor_object_clicks_go_through_its_refiner(predictor: RevolverPredictor) -> None:

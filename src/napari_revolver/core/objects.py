@@ -61,6 +61,7 @@ __all__ = [
     "memory_probability",
     "object_order",
     "refined_mask",
+    "refined_masks",
     "refiner_inputs",
     "select_object",
 ]
@@ -363,18 +364,84 @@ def refined_mask(
     if inputs is None:
         inputs = refiner_inputs(refiner, image, fine, fine_stride, prob, selection, points, labels)
     x, window = inputs
+    logits = _refiner_logits(refiner, [x])[0]
+    return _kept(logits, window, selection, points, labels)
+
+
+def _refiner_logits(refiner: ClickRefiner, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Run a refiner on windows ``(in_channels, size, size)`` as one batch: ``(B, size, size)``."""
     with torch.inference_mode():
-        x = x[None].to(next(refiner.parameters()).device, memory_format=torch.channels_last)
-        logits = refiner(x)[0]
-    patch, (ys, xs) = paste_logits(logits, window, prob.shape)
+        x = torch.stack(list(xs)).to(
+            next(refiner.parameters()).device, memory_format=torch.channels_last
+        )
+        return refiner(x)
+
+
+def _kept(
+    logits: torch.Tensor,
+    window: Window,
+    selection: np.ndarray,
+    points: np.ndarray,
+    labels: np.ndarray,
+) -> np.ndarray:
+    """Keep the parts of a refiner's window ``logits`` that hold a positive click.
+
+    Returns them on the whole slice; the selection when none does (see :func:`refined_mask`).
+    """
+    shape = selection.shape
+    patch, (ys, xs) = paste_logits(logits, window, shape)
     # The window holds every click: components are found inside it only.
-    pos = _click_pixels(points, prob.shape)[np.asarray(labels) == 1] - (ys.start, xs.start)
+    pos = _click_pixels(points, shape)[np.asarray(labels) == 1] - (ys.start, xs.start)
     pos = pos[((pos >= 0) & (pos < patch.shape)).all(axis=1)]
     kept = _connected_to(patch > 0, pos) if len(pos) else np.zeros(patch.shape, bool)
     if not kept.any():
         return np.asarray(selection, bool)
-    out = np.zeros(prob.shape, bool)
+    out = np.zeros(shape, bool)
     out[ys, xs] = kept
+    return out
+
+
+#: Windows per refiner pass in :func:`refined_masks`.
+REFINER_BATCH = 16
+
+
+def refined_masks(
+    refiner: ClickRefiner,
+    image: torch.Tensor,
+    fine: torch.Tensor,
+    fine_stride: int,
+    selections: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+) -> list[np.ndarray]:
+    """:func:`refined_mask` of several objects on one slice, their windows batched.
+
+    Parameters
+    ----------
+    refiner, image, fine, fine_stride
+        As :func:`refined_mask`.
+    selections : iterable of (prob, selection, points, labels)
+        Per object, the arguments of :func:`refined_mask` of those names. Each ``prob`` is
+        read once, into its window, as the item arrives (a generator need not keep them).
+
+    Returns
+    -------
+    list of np.ndarray
+        ``(H, W)`` bool per object, as :func:`refined_mask` returns it.
+    """
+    out: list[np.ndarray] = []
+    pending: list[tuple[torch.Tensor, Window, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def flush() -> None:
+        logits = _refiner_logits(refiner, [x for x, *_ in pending])
+        out.extend(_kept(lg, *rest) for lg, (_, *rest) in zip(logits, pending, strict=True))
+        pending.clear()
+
+    for prob, sel, pts, lab in selections:
+        x, window = refiner_inputs(refiner, image, fine, fine_stride, prob, sel, pts, lab)
+        pending.append((x, window, sel, pts, lab))
+        if len(pending) == REFINER_BATCH:
+            flush()
+    if pending:
+        flush()
     return out
 
 

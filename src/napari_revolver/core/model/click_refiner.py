@@ -34,6 +34,7 @@ __all__ = [
     "RefinerConfig",
     "Window",
     "click_maps",
+    "crop_to",
     "paste_logits",
     "sample_window",
     "window_around",
@@ -159,6 +160,19 @@ def _grid(
     return torch.stack([gx, gy], -1)[None]
 
 
+def crop_to(maps: torch.Tensor, window: Window) -> tuple[torch.Tensor, Window]:
+    """Crop full-resolution ``maps`` ``(..., H, W)`` to the pixels a window resamples.
+
+    Returns the crop (the window's pixels and the neighbours bilinear interpolation reads)
+    and the window in its coordinates: :func:`sample_window` of the two equals that of the
+    whole maps and the window, without touching the rest of the slice.
+    """
+    ys, xs = Window(window.y0 - 2, window.x0 - 2, window.side + 4).pixel_bounds(
+        (maps.shape[-2], maps.shape[-1])
+    )
+    return maps[..., ys, xs], Window(window.y0 - ys.start, window.x0 - xs.start, window.side)
+
+
 def sample_window(
     maps: torch.Tensor, window: Window, size: int, extent: tuple[float, float] | None = None
 ) -> torch.Tensor:
@@ -170,13 +184,7 @@ def sample_window(
         ``(C, size, size)``; zero outside the map.
     """
     if extent is None:
-        # Full-resolution maps: resample only the pixels the window reaches (plus the
-        # neighbours bilinear interpolation reads), never the whole slice.
-        ys, xs = Window(window.y0 - 2, window.x0 - 2, window.side + 4).pixel_bounds(
-            (maps.shape[-2], maps.shape[-1])
-        )
-        maps = maps[..., ys, xs]
-        window = Window(window.y0 - ys.start, window.x0 - xs.start, window.side)
+        maps, window = crop_to(maps, window)
         extent = (float(maps.shape[-2]), float(maps.shape[-1]))
     grid = _grid(window, size, extent, maps.device)
     return F.grid_sample(
@@ -310,6 +318,18 @@ class ClickRefiner(nn.Module):
         return (out + self.base_logit * (2 * selection - 1))[:, 0]
 
 
+def _sample_pair(
+    prob: torch.Tensor, selection: torch.Tensor, window: Window, size: int
+) -> torch.Tensor:
+    """Resample a probability and a selection ``(H, W)`` to the window together: ``(2, s, s)``.
+
+    Both are cropped first, so no full-slice copy is made per window.
+    """
+    p, local = crop_to(prob, window)
+    sel, _ = crop_to(selection, window)
+    return sample_window(torch.stack([p, sel.to(p.dtype)]), local, size)
+
+
 def stack_inputs(
     image: torch.Tensor,
     fine: torch.Tensor,
@@ -346,7 +366,7 @@ def stack_inputs(
     parts = [
         sample_window(image, window, s),
         sample_window(fine, window, s, extent),
-        sample_window(torch.stack([prob, selection.to(prob.dtype)]), window, s),
+        _sample_pair(prob, selection, window, s),
         click_maps(window, points, labels, s, config.click_sigmas),
     ]
     if config.previous_image:
