@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from napari_revolver.cli import main
 from napari_revolver.core.evaluate_objects import next_click, simulate_clicks
@@ -305,6 +306,75 @@ def test_objects_clicked_together_get_the_masks_they_get_alone(
     together = predictor.object_masks(0, tasks)
     for t, m in zip(tasks, together, strict=True):
         np.testing.assert_array_equal(m, predictor.object_mask(0, t))
+
+
+def test_select_in_box_is_select_object_whatever_lies_outside_the_box() -> None:
+    from napari_revolver.core.objects import select_in_box
+
+    shape = (192, 256)
+    prob = np.zeros(shape, np.float32)
+    prob[_disc(shape, 45, 50, 8)] = 0.9
+    prob[_disc(shape, 45, 68, 8)] = 0.9  # a touching look-alike
+    prob[20:26, 60:256] = 0.9  # a bar leaving the box
+    prob[_disc(shape, 8, 20, 6)] = 0.9  # at the slice's top edge
+    box = (0, 120, 0, 150)
+    noisy = np.random.default_rng(0).random(shape).astype(np.float32)
+    y0, y1, x0, x1 = box
+    noisy[y0:y1, x0:x1] = prob[y0:y1, x0:x1]  # exact in the box only
+    pts, lab = np.array([[45.0, 50.0], [45.0, 68.0]]), np.array([1, 0])
+    for points, labels in ((pts, lab), (pts[:1], lab[:1]), (np.array([[8.0, 20.0]]), [1])):
+        got = select_in_box(noisy[y0:y1, x0:x1], box, shape, points, labels)
+        assert got is not None
+        np.testing.assert_array_equal(got, select_object(prob, points, labels))
+    assert select_object(prob, pts[:1], [1]).any()
+    # The bar reaches the box's right side, which is not the slice's edge: unknown.
+    assert select_in_box(noisy[y0:y1, x0:x1], box, shape, [[22.0, 80.0]], [1]) is None
+    # A click outside the box: unknown.
+    assert select_in_box(noisy[y0:y1, x0:x1], box, shape, [[130.0, 50.0]], [1]) is None
+
+
+def test_object_clicks_on_windows_get_the_masks_of_the_whole_slice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The clicked slice's head runs in windows around the clicks, exactly."""
+    import napari_revolver.core.predictor as P
+    from napari_revolver.core.synthetic import sample_stack
+
+    image, labels, _, _ = sample_stack(seed=3, shape=(2, 512, 512))
+    predictor = RevolverPredictor(device="cpu")  # the shipped weights: local objects
+    predictor.set_volume(image)
+    ids, n = ndimage.label(labels[0] > 0)
+    sizes = ndimage.sum(np.ones_like(ids), ids, range(1, n + 1))
+    order = np.argsort(sizes)  # the smallest objects and the largest, which needs more
+    picks = [*order[:5], *order[-2:]]
+    tasks = []
+    for i, lab in enumerate(picks):
+        yx = ndimage.center_of_mass(ids == lab + 1)
+        tasks.append(predictor.guide([[0, *yx]], [1], kind="object", label_value=i + 1))
+    sides = []
+    segment = predictor.model.segment
+
+    def spy(features, *args, **kwargs):
+        sides.append(features.coarse.shape[-1])
+        return segment(features, *args, **kwargs)
+
+    monkeypatch.setattr(predictor.model, "segment", spy)
+    monkeypatch.setattr(P, "OBJECT_REACH", 16)
+    windowed = predictor.object_masks(0, tasks)
+    assert min(sides) < 64  # windows were used, on a 64-cell-wide slice
+    # Inside its box, a window's probability is the whole slice's (to float rounding).
+    clicks = [(t.points[:, 1:], t.labels) for t in tasks]
+    near = predictor._object_probabilities(0, tasks, clicks, 16)
+    for (prob, (y0, y1, x0, x1)), full in zip(near, predictor.predict_proba(0, tasks), strict=True):
+        assert (y1 - y0) * (x1 - x0) < prob.size / 4
+        np.testing.assert_allclose(prob[y0:y1, x0:x1], full[y0:y1, x0:x1], atol=2e-6)
+    monkeypatch.setattr(P, "OBJECT_WINDOW_SHARE", 0.0)
+    sides.clear()
+    whole = predictor.object_masks(0, tasks)
+    assert set(sides) == {64}
+    assert all(m.any() for m in whole)
+    for a, b in zip(windowed, whole, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 # ------------------------------------------------------------------ command line

@@ -63,6 +63,7 @@ __all__ = [
     "refined_mask",
     "refined_masks",
     "refiner_inputs",
+    "select_in_box",
     "select_object",
 ]
 
@@ -234,14 +235,16 @@ WINDOW_PAD = 32
 
 
 def _window(
-    prob: np.ndarray, yx: np.ndarray, pos: np.ndarray
+    prob: np.ndarray, yx: np.ndarray, pos: np.ndarray, area: int | None = None
 ) -> tuple[tuple[int, int], tuple[int, int]] | None:
     """Find the part of the slice that decides the object under ``pos`` (``None``: all of it).
 
     The object can only grow inside the 8-connected parts of ``prob >= BACKGROUND`` that hold
     its positive clicks (lower probability is background from the start); those parts and every
     click, padded by :data:`WINDOW_PAD`, bound the window. Distances inside it are the same as
-    on the whole slice, since the parts are surrounded by background.
+    on the whole slice, since the parts are surrounded by background. ``area``: the slice's
+    pixels, when ``prob`` is a part of it (default ``prob.size``); a window over half of them
+    is ``None``.
     """
     support, _ = ndimage.label(prob >= BACKGROUND, structure=np.ones((3, 3), bool))
     ids = np.unique(support[tuple(pos.T)])
@@ -253,9 +256,59 @@ def _window(
     h, w = prob.shape
     y0, y1 = max(0, int(ys.min()) - WINDOW_PAD), min(h, int(ys.max()) + WINDOW_PAD + 1)
     x0, x1 = max(0, int(xs.min()) - WINDOW_PAD), min(w, int(xs.max()) + WINDOW_PAD + 1)
-    if (y1 - y0) * (x1 - x0) > 0.5 * h * w:
+    if (y1 - y0) * (x1 - x0) > 0.5 * (h * w if area is None else area):
         return None
     return (y0, y1), (x0, x1)
+
+
+def select_in_box(
+    prob: np.ndarray,
+    box: tuple[int, int, int, int],
+    shape: tuple[int, int],
+    points: np.ndarray,
+    labels: np.ndarray,
+    *,
+    threshold: float = 0.5,
+) -> np.ndarray | None:
+    """:func:`select_object` from the probability inside a box of the slice only.
+
+    Parameters
+    ----------
+    prob : np.ndarray
+        ``(y1 - y0, x1 - x0)`` the probability on the slice pixels ``box``.
+    box : tuple of int
+        ``(y0, y1, x0, x1)``.
+    shape : tuple of int
+        ``(H, W)`` of the slice.
+    points, labels, threshold
+        As :func:`select_object`.
+
+    Returns
+    -------
+    np.ndarray or None
+        ``(H, W)`` bool, what :func:`select_object` gives on the whole slice, whatever the
+        probability outside the box; ``None`` where that answer could depend on it (the part
+        that decides the object reaches a side of the box that is not the slice's edge, or
+        is not found).
+    """
+    y0, y1, x0, x1 = box
+    h, w = shape
+    yx = _click_pixels(points, shape) - (y0, x0)
+    labels = np.asarray(labels)
+    if not ((yx >= 0) & (yx < prob.shape)).all() or not (labels == 1).any():
+        return None
+    pos, neg = yx[labels == 1], yx[labels == 0]
+    window = _window(prob, yx, pos, area=h * w)
+    if window is None:
+        return None
+    (wy0, wy1), (wx0, wx1) = window
+    if (wy0 == 0 < y0) or (wx0 == 0 < x0) or (y0 + wy1 == y1 < h) or (x0 + wx1 == x1 < w):
+        return None
+    out = np.zeros(shape, bool)
+    out[y0 + wy0 : y0 + wy1, x0 + wx0 : x0 + wx1] = _select(
+        prob[wy0:wy1, wx0:wx1], pos - (wy0, wx0), neg - (wy0, wx0), threshold
+    )
+    return out
 
 
 def _select(prob: np.ndarray, pos: np.ndarray, neg: np.ndarray, threshold: float) -> np.ndarray:

@@ -26,7 +26,7 @@ from . import objects
 from .compat import check_tasks
 from .encoding import VolumeEncoder
 from .labels import labels_from_probabilities
-from .model.click_refiner import ClickRefiner
+from .model.click_refiner import ClickRefiner, crop_bounds, window_around
 from .model.encoder import EncoderOutput
 from .model.guide import GuideOutput, point_masks
 from .pixel_fit import PixelFit, fit_features, fit_inputs, validated_click_fit, validated_fit
@@ -46,6 +46,12 @@ from .volume import (
 _FOLD_BATCH = 8
 #: Support slices whose pixel-fit inputs are kept (about 8 MB each at 512 x 512).
 _FIT_INPUTS_KEPT = 2
+#: Slice pixels around an object task's clicks in which its clicked slice's head pass is
+#: exact (:meth:`RevolverPredictor.object_masks`); an object reaching further is redone on
+#: the whole slice.
+OBJECT_REACH = 96
+#: Object windows covering more than this share of the slice are run on the whole slice.
+OBJECT_WINDOW_SHARE = 0.6
 #: Object tasks per head pass on a clicked slice (:meth:`RevolverPredictor.object_masks`).
 OBJECT_HEAD_BATCH = 4
 
@@ -536,19 +542,134 @@ class RevolverPredictor(VolumeEncoder):
                     "use propagate(task) to follow it there"
                 )
 
+        k = self.info.flat(key)
+
         def selected() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
             for j in range(0, len(tasks), OBJECT_HEAD_BATCH):
                 # A few tasks per head pass: faster than one at a time, and than one batch of
                 # many, whose activations outgrow the caches (50 objects on a 512 x 512
                 # slice: 364 ms one by one, 272 ms by 4, 497 ms by 16).
-                probs = self.predict_proba(index, tasks[j : j + OBJECT_HEAD_BATCH])
-                for prob, (pts, lab) in zip(probs, clicks[j : j + OBJECT_HEAD_BATCH], strict=True):
-                    yield prob, objects.select_object(prob, pts, lab, threshold=threshold), pts, lab
+                batch = tasks[j : j + OBJECT_HEAD_BATCH]
+                near = self._object_probabilities(
+                    k, batch, clicks[j : j + OBJECT_HEAD_BATCH], OBJECT_REACH
+                )
+                for t, (pts, lab), (prob, box) in zip(
+                    batch, clicks[j : j + OBJECT_HEAD_BATCH], near, strict=True
+                ):
+                    sel = self._selection_in(prob, box, pts, lab, threshold)
+                    # An object reaching beyond its box: a wider one, then the whole slice.
+                    for reach in (OBJECT_REACH * 3, None):
+                        if sel is not None:
+                            break
+                        [(prob, box)] = self._object_probabilities(k, [t], [(pts, lab)], reach)
+                        sel = self._selection_in(prob, box, pts, lab, threshold)
+                    assert sel is not None
+                    yield prob, sel, pts, lab
 
         if self.refiner is None:
             return [sel for _, sel, _, _ in selected()]
         # The refiner redraws the windows of many objects in one pass.
         return objects.refined_masks(self.refiner, *self.refiner_slice(key), selected())
+
+    def _selection_in(
+        self,
+        prob: np.ndarray,
+        box: tuple[int, int, int, int],
+        points: np.ndarray,
+        labels: np.ndarray,
+        threshold: float,
+    ) -> np.ndarray | None:
+        """Select an object from a probability exact only in ``box`` (see ``object_masks``).
+
+        ``None`` where the selection, or what :attr:`refiner` reads to redraw it, could depend
+        on the probability outside the box.
+        """
+        y0, y1, x0, x1 = box
+        h, w = prob.shape
+        if box == (0, h, 0, w):
+            return objects.select_object(prob, points, labels, threshold=threshold)
+        sel = objects.select_in_box(
+            prob[y0:y1, x0:x1], box, prob.shape, points, labels, threshold=threshold
+        )
+        if sel is None or self.refiner is None:
+            return sel
+        c = self.refiner.config
+        window = window_around(sel, points, context=c.context, min_side=c.min_side)
+        ys, xs = crop_bounds(window, sel.shape)
+        inside = y0 <= ys.start and ys.stop <= y1 and x0 <= xs.start and xs.stop <= x1
+        return sel if inside else None
+
+    @torch.inference_mode()
+    def _object_probabilities(
+        self,
+        k: int,
+        tasks: Sequence[Task],
+        clicks: Sequence[tuple[np.ndarray, np.ndarray]],
+        reach: int | None,
+    ) -> list[tuple[np.ndarray, tuple[int, int, int, int]]]:
+        """Probability of object tasks on flat slice ``k``, computed around their clicks.
+
+        The head runs on one window per task: the clicks' bounding box grown by ``reach``
+        pixels, plus :data:`.tiling.HEAD_OVERLAP` coarse cells, where the head is exact only
+        in the inner box. It runs on the whole slice when ``reach`` is ``None``, when the
+        windows would cover most of the slice, or when a task has a pixel fit.
+
+        Returns
+        -------
+        list of (np.ndarray, tuple of int)
+            Per task, the ``(H, W)`` float32 probability (0 outside its window) and the box
+            ``(y0, y1, x0, x1)`` of slice pixels where it equals the whole slice's.
+        """
+        feats = self._features([k])
+        hc, wc = feats.coarse.shape[-2:]
+        h, w = self.info.slice_shape
+        boxes = [_click_cells(pts, reach or 0, (hc, wc)) for pts, _ in clicks]
+        side_y = min(hc, max(b[1] - b[0] for b in boxes) + 2 * HEAD_OVERLAP)
+        side_x = min(wc, max(b[3] - b[2] for b in boxes) + 2 * HEAD_OVERLAP)
+        fits = any(t.pixel_fit is not None and t.pixel_fit.active for t in tasks)
+        if reach is None or fits or side_y * side_x > OBJECT_WINDOW_SHARE * hc * wc:
+            return [(p, (0, h, 0, w)) for p in self.predict_proba(self.info.unflat(k), tasks)]
+        prior = None
+        if self.model.config.local_prior:
+            grid = tuple(feats.fine.shape[-2:])
+            stride = self.model.fine_stride
+            prior = local_priors(tasks, self.info, [k], False, grid, stride)  # type: ignore[arg-type]
+        windows = []
+        for cy0, cy1, cx0, cx1 in boxes:
+            y0 = min(max((cy0 + cy1 - side_y) // 2, 0), hc - side_y)
+            x0 = min(max((cx0 + cx1 - side_x) // 2, 0), wc - side_x)
+            windows.append((y0, y0 + side_y, x0, x0 + side_x))
+        # Cropped before they are converted: on a large slice most of it is never read.
+        crops = EncoderOutput.cat(
+            [
+                EncoderOutput(
+                    feats.coarse[..., y0:y1, x0:x1],
+                    feats.fine[..., 2 * y0 : 2 * y1, 2 * x0 : 2 * x1],
+                )
+                for y0, y1, x0, x1 in windows
+            ]
+        ).to(self.device, torch.float32, memory_format=torch.channels_last)
+        if prior is not None:
+            prior = torch.cat(
+                [
+                    prior[i : i + 1, :, 2 * y0 : 2 * y1, 2 * x0 : 2 * x1]
+                    for i, (y0, y1, x0, x1) in enumerate(windows)
+                ]
+            ).to(self.device)
+        probs = torch.sigmoid(self.model.segment(crops, self._guidance(tasks), prior=prior))
+        probs = probs.float().cpu().numpy()
+        out = []
+        for p, (y0, y1, x0, x1) in zip(probs, windows, strict=True):
+            full = np.zeros((h, w), np.float32)
+            py1, px1 = min(8 * y1, h), min(8 * x1, w)
+            full[8 * y0 : py1, 8 * x0 : px1] = p[: py1 - 8 * y0, : px1 - 8 * x0]
+            # Exact where the head's whole receptive field lies in the window.
+            ey0 = 8 * (y0 + HEAD_OVERLAP) if y0 > 0 else 0
+            ex0 = 8 * (x0 + HEAD_OVERLAP) if x0 > 0 else 0
+            ey1 = min(8 * (y1 - HEAD_OVERLAP), h) if y1 < hc else h
+            ex1 = min(8 * (x1 - HEAD_OVERLAP), w) if x1 < wc else w
+            out.append((full, (ey0, ey1, ex0, ex1)))
+        return out
 
     def refiner_slice(self, index: Index) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Return a slice as the refiners read it.
@@ -840,3 +961,15 @@ def _head_window(f: EncoderOutput, cell: tuple[int, int]) -> tuple[int, int, int
         lo = min(max(c - reach, 0), size - side)
         box += [2 * lo, 2 * (lo + side)]
     return box[0], box[1], box[2], box[3]
+
+
+def _click_cells(
+    points: np.ndarray, reach: int, grid: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """Coarse cells ``(y0, y1, x0, x1)`` of the clicks' box grown by ``reach`` pixels."""
+    yx = np.asarray(points, float).reshape(-1, 2)
+    lo = np.floor((yx.min(0) - reach) / 8).astype(int)
+    hi = np.ceil((yx.max(0) + 1 + reach) / 8).astype(int)
+    lo = np.maximum(lo, 0)
+    hi = np.minimum(hi, grid)
+    return int(lo[0]), int(hi[0]), int(lo[1]), int(hi[1])

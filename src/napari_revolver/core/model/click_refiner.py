@@ -34,6 +34,7 @@ __all__ = [
     "RefinerConfig",
     "Window",
     "click_maps",
+    "crop_bounds",
     "crop_to",
     "paste_logits",
     "sample_window",
@@ -167,10 +168,16 @@ def crop_to(maps: torch.Tensor, window: Window) -> tuple[torch.Tensor, Window]:
     and the window in its coordinates: :func:`sample_window` of the two equals that of the
     whole maps and the window, without touching the rest of the slice.
     """
-    ys, xs = Window(window.y0 - 2, window.x0 - 2, window.side + 4).pixel_bounds(
-        (maps.shape[-2], maps.shape[-1])
-    )
+    ys, xs = crop_bounds(window, (maps.shape[-2], maps.shape[-1]))
     return maps[..., ys, xs], Window(window.y0 - ys.start, window.x0 - xs.start, window.side)
+
+
+def crop_bounds(window: Window, shape: tuple[int, int]) -> tuple[slice, slice]:
+    """Return the pixels of a slice of ``shape`` that resampling a window reads.
+
+    The window's pixels and the neighbours bilinear interpolation reads, clipped to the slice.
+    """
+    return Window(window.y0 - 2, window.x0 - 2, window.side + 4).pixel_bounds(shape)
 
 
 def sample_window(
