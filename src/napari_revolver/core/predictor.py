@@ -623,7 +623,8 @@ class RevolverPredictor(VolumeEncoder):
         feats = self._features([k])
         hc, wc = feats.coarse.shape[-2:]
         h, w = self.info.slice_shape
-        boxes = [_click_cells(pts, reach or 0, (hc, wc)) for pts, _ in clicks]
+        context = 1.0 if self.refiner is None else self.refiner.config.context
+        boxes = [_click_cells(pts, reach or 0, context, (hc, wc)) for pts, _ in clicks]
         side_y = min(hc, max(b[1] - b[0] for b in boxes) + 2 * HEAD_OVERLAP)
         side_x = min(wc, max(b[3] - b[2] for b in boxes) + 2 * HEAD_OVERLAP)
         fits = any(t.pixel_fit is not None and t.pixel_fit.active for t in tasks)
@@ -964,12 +965,19 @@ def _head_window(f: EncoderOutput, cell: tuple[int, int]) -> tuple[int, int, int
 
 
 def _click_cells(
-    points: np.ndarray, reach: int, grid: tuple[int, int]
+    points: np.ndarray, reach: int, context: float, grid: tuple[int, int]
 ) -> tuple[int, int, int, int]:
-    """Coarse cells ``(y0, y1, x0, x1)`` of the clicks' box grown by ``reach`` pixels."""
+    """Coarse cells ``(y0, y1, x0, x1)`` around an object's clicks that its head pass needs.
+
+    The clicks' box grown by ``reach`` pixels, and by what a refiner window around the clicks
+    (a square ``context`` times their box's longer side, read with a 2-pixel margin) adds.
+    """
     yx = np.asarray(points, float).reshape(-1, 2)
-    lo = np.floor((yx.min(0) - reach) / 8).astype(int)
-    hi = np.ceil((yx.max(0) + 1 + reach) / 8).astype(int)
+    lo, hi = yx.min(0), yx.max(0) + 1
+    span = hi - lo
+    grow = reach + np.maximum(span.max() * context - span, 0) / 2 + 2
+    lo = np.floor((lo - grow) / 8).astype(int)
+    hi = np.ceil((hi + grow) / 8).astype(int)
     lo = np.maximum(lo, 0)
     hi = np.minimum(hi, grid)
     return int(lo[0]), int(hi[0]), int(lo[1]), int(hi[1])
