@@ -442,3 +442,33 @@ def test_lock_held_by_another_process_times_out_naming_it(tmp_path: Path) -> Non
         holder.wait()
     # The kernel releases the lock of a killed process.
     assert not FeatureStore(path, _signature(), 3, COARSE, FINE, lock_timeout=0.2).done().any()
+
+
+def test_slice_bounds_are_found_once_per_volume_and_never_carried_over(
+    predictor: RevolverPredictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import napari_revolver.core.encoding as encoding
+    from napari_revolver.core.preprocess import normalize_slice
+
+    calls: list[int] = []
+    bounds = encoding.intensity_bounds
+
+    def counted(image, prep):
+        calls.append(1)
+        return bounds(image, prep)
+
+    monkeypatch.setattr(encoding, "intensity_bounds", counted)
+    rng = np.random.default_rng(0)
+    first = rng.random((3, 40, 40)).astype(np.float32)
+    predictor.set_volume(first)
+    for _ in range(3):
+        x = predictor._prepare(1).numpy()
+    np.testing.assert_array_equal(x, normalize_slice(first[1], predictor.preprocessing))
+    assert len(calls) == 1
+    second = 10 * first + 5  # other intensities, same shape
+    for invert in (False, True):
+        predictor.set_volume(second, invert=invert)
+        np.testing.assert_array_equal(
+            predictor._prepare(1).numpy(), normalize_slice(second[1], predictor.preprocessing)
+        )
+    assert predictor.preprocessing.invert and len(calls) == 3

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from napari_revolver.core.episodes import EpisodeConfig, _modality_shift
 from napari_revolver.core.model.filters import FILTER_SIGMAS, FilterBank
@@ -55,6 +56,23 @@ def test_filter_bank_sees_a_bright_blob_and_its_polarity() -> None:
 def test_filter_bank_works_on_the_smallest_slice() -> None:
     out = FilterBank()(torch.randn(1, 3, 32, 32))
     assert out.shape == (1, 16, 8, 8) and torch.isfinite(out).all()
+
+
+def test_filter_bank_smooths_as_a_separable_convolution_with_reflection() -> None:
+    bank = FilterBank()
+    x = torch.randn(2, 1, 40, 56)
+    for i in range(len(FILTER_SIGMAS)):
+        k = getattr(bank, f"kernel{i}")
+        r = k.numel() // 2
+        y = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+        y = F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+        torch.testing.assert_close(bank._smooth(x, k), y, atol=1e-6, rtol=1e-5)
+    small = torch.randn(1, 1, 8, 8)  # shorter than the widest kernel: replicated borders
+    k = getattr(bank, f"kernel{len(FILTER_SIGMAS) - 1}")
+    r = k.numel() // 2
+    y = F.conv2d(F.pad(small, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+    torch.testing.assert_close(bank._smooth(small, k), y, atol=1e-6, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ moments

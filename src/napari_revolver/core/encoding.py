@@ -20,7 +20,7 @@ from .device import resolve_device
 from .features import FeatureCache, FeatureSignature, FeatureStore
 from .model.encoder import EncoderOutput
 from .model.guided_net import GuidedNet
-from .preprocess import Preprocessing, normalize_slice
+from .preprocess import Preprocessing, intensity_bounds, normalize_slice
 from .tiling import encode_slices, feature_shapes
 from .volume import (
     Index,
@@ -73,6 +73,10 @@ class VolumeEncoder:
         self._info: VolumeInfo | None = None
         self._spec: VolumeSpec | None = None
         self.cache = FeatureCache(cache_bytes)
+        #: Each slice's intensity bounds (:func:`.preprocess.intensity_bounds`), by the
+        #: percentiles and the flat slice: a slice is normalised again for every fit and step
+        #: of following that reads its pixels.
+        self._bounds: dict[tuple[float, float, int], tuple[float, float]] = {}
 
     def clone(self) -> VolumeEncoder:
         """Make a predictor for another volume, sharing this one's model and weights.
@@ -164,6 +168,7 @@ class VolumeEncoder:
         info = check_and_fingerprint(array, info, spec)
         with self._lock:
             self._volume, self._info, self._spec = array, info, spec
+            self._bounds = {}
             self.preprocessing = replace(self._preprocessing, invert=spec.invert)
             feature_store = self._open_store(store, on_mismatch) if store is not None else None
             self.cache = FeatureCache(self.cache_bytes, feature_store)
@@ -194,12 +199,18 @@ class VolumeEncoder:
         """Forget the volume and its cached features."""
         with self._lock:
             self._volume = self._info = self._spec = None
+            self._bounds = {}
             self.cache = FeatureCache(self.cache_bytes)
 
     # ---------------------------------------------------------------- features
     def _prepare(self, k: int) -> torch.Tensor:
         try:
-            x = normalize_slice(self._read(k), self.preprocessing)
+            image = self._read(k)
+            prep = self.preprocessing
+            key = (prep.low, prep.high, k)
+            if key not in self._bounds:
+                self._bounds[key] = intensity_bounds(image, prep)
+            x = normalize_slice(image, prep, self._bounds[key])
         except ValueError as exc:
             raise ValueError(f"slice {self.info.unflat(k)}: {exc}") from exc
         return torch.from_numpy(x)

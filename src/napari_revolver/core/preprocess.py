@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Preprocessing", "normalize_slice"]
+__all__ = ["Preprocessing", "intensity_bounds", "normalize_slice"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,26 @@ class Preprocessing:
         return f"pct{self.low:g}-{self.high:g}-c{self.channels}" + ("-inv" if self.invert else "")
 
 
-def normalize_slice(image: np.ndarray, prep: Preprocessing = Preprocessing()) -> np.ndarray:
+def intensity_bounds(
+    image: np.ndarray, prep: Preprocessing = Preprocessing()
+) -> tuple[float, float]:
+    """Return the intensities of one slice that :func:`normalize_slice` maps to 0 and 1.
+
+    The ``prep.low`` and ``prep.high`` percentiles, or the minimum and maximum where those
+    coincide. ``image`` as :func:`normalize_slice`.
+    """
+    x = np.asarray(image, dtype=np.float32)
+    lo, hi = np.percentile(x, [prep.low, prep.high])
+    if hi - lo <= 1e-12:
+        lo, hi = float(x.min()), float(x.max())
+    return float(lo), float(hi)
+
+
+def normalize_slice(
+    image: np.ndarray,
+    prep: Preprocessing = Preprocessing(),
+    bounds: tuple[float, float] | None = None,
+) -> np.ndarray:
     """Normalise one slice to encoder input.
 
     Parameters
@@ -50,6 +69,8 @@ def normalize_slice(image: np.ndarray, prep: Preprocessing = Preprocessing()) ->
         ``(H, W)`` grayscale or ``(H, W, 3)`` RGB, any real dtype.
     prep : Preprocessing
         Percentiles and channel count.
+    bounds : tuple of float, optional
+        :func:`intensity_bounds` of this slice and ``prep``, when known already.
 
     Returns
     -------
@@ -71,9 +92,7 @@ def normalize_slice(image: np.ndarray, prep: Preprocessing = Preprocessing()) ->
     x = np.asarray(image, dtype=np.float32)
     if not np.isfinite(x).all():
         raise ValueError("slice contains NaN or infinite values; clean or mask them first")
-    lo, hi = np.percentile(x, [prep.low, prep.high])
-    if hi - lo <= 1e-12:
-        lo, hi = float(x.min()), float(x.max())
+    lo, hi = intensity_bounds(x, prep) if bounds is None else bounds
     if hi - lo <= 1e-12:
         out = np.zeros(x.shape, np.float32)
     else:
