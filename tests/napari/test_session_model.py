@@ -285,6 +285,37 @@ def test_an_object_task_is_the_clicked_nucleus_followed_with_one_id(
     ).all()
 
 
+def test_a_slice_left_blank_says_where_its_objects_were_clicked(
+    session: Session, sample: dict, model: ViewerModel
+) -> None:
+    truth = np.asarray(sample["labels"].data)
+    _, yx, _ = _largest_nucleus(truth[12])
+    session.remove_task(session.tasks[0])  # the sample's class task
+    obj = session.add_task("cell", kind="object")
+    obj.points.add(np.array([[12, *yx]]))
+    session.run_inline(session.encoding(session.missing_features([(12,)])))
+    assert session.update_slice((12,)) == "Updated slice 12."
+    changed: list[Any] = []
+    session.events.task_changed.connect(changed.append)
+    image = np.asarray(sample["image"].data)
+    model.layers.remove(sample["image"])
+    assert obj.image is None and obj in changed  # its line in the task list says so
+    again = model.add_image(image, name="reopened")
+    session.set_image(again)
+    session.run_inline(session.encoding(session.missing_features([(12,)])))
+    text = session.update_slice((12,))
+    assert "blank" in text and "'cell' was deleted" in text and "'reopened'" in text
+    # Another image beside it: the object stays on the image it was clicked on.
+    obj.points.add(np.array([[12, *yx]]))
+    session.update_slice((12,))
+    assert obj.image is again
+    other = model.add_image(image[:, ::-1].copy(), name="other")
+    session.set_image(other)
+    session.run_inline(session.encoding(session.missing_features([(12,)])))
+    text = session.update_slice((12,))
+    assert "clicked on 'reopened'" in text and "deleted" not in text
+
+
 def test_an_object_task_file_keeps_its_kind(session: Session, tmp_path: Path) -> None:
     truth = np.asarray(session.viewer.layers["ground truth"].data)
     _, yx, _ = _largest_nucleus(truth[12])

@@ -397,6 +397,7 @@ class Session:
         for entry in self.tasks:
             if entry.image is layer:
                 entry.image = None
+                self.events.task_changed.emit(entry)  # its line says the image is gone
         if self.image is state:
             self.image = None
             self.events.image_changed.emit(None)
@@ -1120,13 +1121,38 @@ class Session:
             renumber = False
         if result is None:
             self.clear_slice(index, state)
-            return f"No task has a positive point yet; {where} is blank."
+            return self._blank_reason(where, state)
         if self.write_slice(index, result, state=state, renumber=renumber):
             return f"Updated {where}."
         return (
             f"{where[0].upper()}{where[1:]} was painted by hand and is kept; propagate with "
             "'Also recompute slices I painted' to replace it."
         )
+
+    def _blank_reason(self, where: str, state: ImageState) -> str:
+        """Say why slice ``where`` of ``state``'s image has no result."""
+        others = [
+            e for e in self.tasks if e.kind == "object" and (L.point_labels(e.points) == 1).any()
+        ]
+        if others and all(e.image is not state.layer for e in others):
+            gone = [e.name for e in others if e.image is None]
+            elsewhere = sorted({e.image.name for e in others if e.image is not None})
+            why = []
+            if gone:
+                why.append(
+                    f"the image of {', '.join(map(repr, gone))} was deleted (add a point to an "
+                    f"object's layer to guide it on {state.layer.name!r})"
+                )
+            if elsewhere:
+                why.append(
+                    f"the objects were clicked on {', '.join(map(repr, elsewhere))}, and an "
+                    "object lives in the image it was clicked on (choose that image)"
+                )
+            return (
+                f"{where[0].upper()}{where[1:]} is blank: {'; '.join(why)}. A new object can "
+                "be started here."
+            )
+        return f"No task has a positive point yet; {where} is blank."
 
     # ---------------------------------------------------------------- runs
     def encoding(self, jobs: list[tuple[RevolverPredictor, tuple[int, ...]]]) -> Run:
