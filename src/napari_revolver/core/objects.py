@@ -124,15 +124,19 @@ def _disc(mask: np.ndarray, yx: Sequence[tuple[int, int]], r: int, value: int) -
         mask[y0:y1, x0:x1][(yy - y) ** 2 + (xx - x) ** 2 <= r * r] = value
 
 
-def _markers(prob: np.ndarray, pos: np.ndarray, neg: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """Watershed markers: 1 the object (its clicks and cores), 2 background, 3+ competitors."""
+def _markers(
+    prob: np.ndarray, pos: np.ndarray, neg: np.ndarray, region: np.ndarray, dist: np.ndarray
+) -> np.ndarray:
+    """Watershed markers: 1 the object (its clicks and cores), 2 background, 3+ competitors.
+
+    ``dist`` is the distance transform of ``region``.
+    """
     cores, n = ndimage.label(prob > CORE)
     pos_cores = set(cores[tuple(pos.T)].tolist()) - {0}
     lut = np.arange(n + 1, dtype=np.int32) + 2  # other cores compete (3, 4, ...)
     lut[0] = 0
     lut[list(pos_cores)] = 1
     markers = lut[cores]
-    dist = ndimage.distance_transform_edt(region)
     r = max(float(dist[tuple(pos[0])]), 2.0)
     obj = markers == 1
     if obj.sum() > 2.5 * np.pi * r * r:
@@ -314,8 +318,8 @@ def select_in_box(
 def _select(prob: np.ndarray, pos: np.ndarray, neg: np.ndarray, threshold: float) -> np.ndarray:
     """Run :func:`select_object` on ``prob`` (the slice or a window of it)."""
     region = _region(prob, pos, threshold)
-    markers = _markers(prob, pos, neg, region)
     dist = ndimage.distance_transform_edt(region)
+    markers = _markers(prob, pos, neg, region, dist)
     basins = watershed(-dist, markers, mask=region | (markers == 2))
     return _near_first(basins == 1, pos)
 
@@ -330,6 +334,8 @@ def _near_first(mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
     if not first:
         return np.zeros_like(mask)
     obj = comp == first
+    if len(pos) == 1:
+        return obj
     r = max(float(ndimage.distance_transform_edt(obj).max()), 2.0)
     reach = ndimage.distance_transform_edt(~obj)
     keep = {int(first)} | {int(comp[tuple(p)]) for p in pos[1:] if reach[tuple(p)] <= 2 * r}
