@@ -228,6 +228,24 @@ def test_clicks_the_network_reproduces_give_no_fit(predictor, blobs) -> None:
     assert fit is None and not called  # one network pass, no features, no fit
 
 
+def test_clicks_the_network_reproduces_in_windows_need_no_pass_over_the_slice(
+    predictor, blobs
+) -> None:
+    image, fg = blobs
+    x, masks = _support(predictor, image, fg)
+    _, lab, feet = _clicks(predictor, fg, 5)
+    truth = torch.where(masks[0] > masks[1], 8.0, -8.0)
+    network = _fixed_click_network(truth)
+    reads: list[object] = []
+
+    def logits(folds, focus=None):
+        reads.append(focus)
+        return network(folds, focus)
+
+    fit = pf.validated_click_fit(lambda: [x], feet, lab, logits, clicks_in_windows=True)
+    assert fit is None and len(reads) == 1 and reads[0] is not None and len(reads[0]) == 10
+
+
 def test_clicks_a_network_that_over_segments_gets_wrong_give_the_fit(predictor, blobs) -> None:
     image, fg = blobs
     x, _ = _support(predictor, image, fg)
@@ -380,11 +398,11 @@ def test_clicks_on_several_slices_fit_together(predictor, blobs, monkeypatch) ->
     seen: list[int] = []
     real = pf.validated_click_fit
 
-    def spy(features, footprints, labels, network_logits):
+    def spy(features, footprints, labels, network_logits, **kwargs):
         seen.extend(i for i, _ in footprints)
         maps = network_logits([[torch.zeros(2, *f.shape[-2:]) for f in feats]], None)
         assert len(maps) == 1 and len(maps[0]) == 2  # logits on both support slices
-        return real(features, footprints, labels, network_logits)
+        return real(features, footprints, labels, network_logits, **kwargs)
 
     import napari_revolver.core.predictor as predictor_module
 
@@ -393,3 +411,39 @@ def test_clicks_on_several_slices_fit_together(predictor, blobs, monkeypatch) ->
     assert sorted(set(seen)) == [0, 1] and seen.count(0) == seen.count(1) == 6
     if fit is not None:
         assert fit.mean.shape == (feats[0].shape[0],)
+
+
+def test_own_click_scores_read_in_windows_decide_as_the_whole_slice(
+    predictor, make_blobs, monkeypatch
+) -> None:
+    """On large slices the network's score on its clicks is read one window per click."""
+    import napari_revolver.core.predictor as P
+
+    image = make_blobs((2, 512, 512), n_blobs=20)
+    fg = image > 0.5
+    predictor.set_volume(image)
+    passes: list[bool] = []
+    logits = predictor._support_logits
+
+    def spy(feats, folds, focus=None):
+        passes.append(focus is None)
+        return logits(feats, folds, focus)
+
+    monkeypatch.setattr(predictor, "_support_logits", spy)
+    for n in (3, 6):
+        yx, lab, _ = _clicks(predictor, fg, n)
+        pts = np.c_[np.zeros(len(yx)), yx]
+        fits = {}
+        for share in (0.0, 1e9):  # never windows; always windows
+            monkeypatch.setattr(P, "CLICK_WINDOWS_SHARE", share)
+            passes.clear()
+            fits[share] = (predictor.fit_clicks(pts, lab), list(passes))
+        (whole, whole_passes), (windowed, windowed_passes) = fits[0.0], fits[1e9]
+        assert whole_passes[0] and not windowed_passes[0]
+        assert (whole is None) == (windowed is None)
+        if whole is None:  # the network reproduces its clicks: no pass over the slice at all
+            assert windowed_passes == [False]
+            continue
+        assert whole.scores == pytest.approx(windowed.scores, abs=1e-6)
+        assert (whole.gain, whole.net_weight) == (windowed.gain, windowed.net_weight)
+        np.testing.assert_allclose(whole.coef, windowed.coef, atol=1e-6)

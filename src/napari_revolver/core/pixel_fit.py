@@ -469,6 +469,17 @@ def _balanced(correct: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean([correct[y == c].mean() for c in (0, 1)]))
 
 
+def _held_clicks(y: np.ndarray) -> list[int]:
+    """Choose the clicks held out in turn: per class at most :data:`MAX_HELD_CLICKS`, spread."""
+    held: list[int] = []
+    for c in (0, 1):
+        idx = np.flatnonzero(y == c)
+        if len(idx) > MAX_HELD_CLICKS:
+            idx = idx[np.linspace(0, len(idx) - 1, MAX_HELD_CLICKS).round().astype(int)]
+        held.extend(idx.tolist())
+    return held
+
+
 def validated_click_fit(
     features: Callable[[], Sequence[torch.Tensor]],
     footprints: Sequence[tuple[int, torch.Tensor]],
@@ -477,6 +488,8 @@ def validated_click_fit(
         [list[list[torch.Tensor]], list[tuple[int, tuple[int, int]]] | None],
         list[list[torch.Tensor]],
     ],
+    *,
+    clicks_in_windows: bool = False,
 ) -> PixelFit | None:
     """Fit a task's pixel model to clicks; keep it only where held-out clicks say it is better.
 
@@ -496,6 +509,10 @@ def validated_click_fit(
         support slice and fine cell ``(y, x)``), the network's ``(h, w)`` logits on each
         support slice under each annotation alone (batched: one call for all held-out
         clicks, each needed only around its click).
+    clicks_in_windows : bool
+        Read the network's score on its own clicks one window per click rather than from one
+        pass over the support slices (the same scores; cheaper on large slices with few
+        clicks). The pass over the slices then runs only if the fit is tried.
 
     Returns
     -------
@@ -531,11 +548,20 @@ def validated_click_fit(
         z = maps[footprints[j][0]].reshape(-1).numpy()[cells[j]]
         return float(np.sum(wt * ((z > 0) == y[j])) / wt.sum())
 
-    (full,) = network_logits([masks], None)
-    own_each = np.array([click_score(full, j) for j in range(len(y))])
+    # Where each click's logits are read: its support slice and its footprint's peak cell.
+    at_click = [(i, divmod(int(torch.argmax(fp)), fp.shape[-1])) for i, fp in footprints]
+    if clicks_in_windows:
+        full = None
+        own_maps = network_logits([masks] * len(y), at_click)
+    else:
+        (full,) = network_logits([masks], None)
+        own_maps = [full] * len(y)
+    own_each = np.array([click_score(own_maps[j], j) for j in range(len(y))])
     own = _balanced(own_each, y)
     if own >= 1.0 - CLICK_MARGIN:
         return None
+    if full is None:
+        (full,) = network_logits([masks], None)
     feats = features()
     x_all = torch.cat([f.reshape(f.shape[0], -1) for f in feats], dim=1).T.numpy()
     mean = x_all.mean(0)
@@ -550,12 +576,7 @@ def validated_click_fit(
         cell=np.concatenate(cells),
     )
     coef = _fit(s, np.ones(len(s.y), bool), mean, scale)
-    held: list[int] = []
-    for c in (0, 1):
-        idx = np.flatnonzero(y == c)
-        if len(idx) > MAX_HELD_CLICKS:
-            idx = idx[np.linspace(0, len(idx) - 1, MAX_HELD_CLICKS).round().astype(int)]
-        held.extend(idx.tolist())
+    held = _held_clicks(y)
     fit_ok, folds = [], []
     for j in held:
         fold_coef = _fit(s, s.group != j, mean, scale, start=coef)
@@ -566,11 +587,7 @@ def validated_click_fit(
         fold = [m.clone() for m in masks]
         fold[i][1 - y[j]] = (fold[i][1 - y[j]] - fp).clamp_min(0.0)
         folds.append(fold)
-    focus = []
-    for j in held:
-        i, fp = footprints[j]
-        peak = int(torch.argmax(fp))
-        focus.append((i, divmod(peak, fp.shape[-1])))
+    focus = [at_click[j] for j in held]
     net_ok = [
         click_score(maps, j) for maps, j in zip(network_logits(folds, focus), held, strict=True)
     ]

@@ -46,6 +46,9 @@ from .volume import (
 _FOLD_BATCH = 8
 #: Support slices whose pixel-fit inputs are kept (about 8 MB each at 512 x 512).
 _FIT_INPUTS_KEPT = 2
+#: A click fit's network scores on its clicks are read in one window per click when the
+#: windows cover less than this share of the support slices (:meth:`RevolverPredictor.fit_clicks`).
+CLICK_WINDOWS_SHARE = 0.5
 #: Slice pixels around an object task's clicks in which its clicked slice's head pass is
 #: exact (:meth:`RevolverPredictor.object_masks`); an object reaching further is redone on
 #: the whole slice.
@@ -259,11 +262,18 @@ class RevolverPredictor(VolumeEncoder):
             grid = tuple(feats[keys.index(key)].fine.shape[-2:])
             one = point_masks(torch.tensor(row[None, n_lead:]), torch.ones(1), grid, stride)
             footprints.append((keys.index(key), one[0]))
+        # One head window per click costs less than a pass over the slices when the slices
+        # are large and the clicks few (the windows are exact at the clicks).
+        side = 2 * (HEAD_OVERLAP + 2) + 1
+        shapes = [f.coarse.shape[-2:] for f in feats]
+        windows = sum(min(side, shapes[i][0]) * min(side, shapes[i][1]) for i, _ in footprints)
+        slices = sum(h * w for h, w in shapes)
         return validated_click_fit(
             lambda: [self._fit_features(info.flat(k), f) for k, f in zip(keys, feats, strict=True)],
             footprints,
             lab,
             lambda folds, focus: self._support_logits(feats, folds, focus),
+            clicks_in_windows=windows < CLICK_WINDOWS_SHARE * slices,
         )
 
     def guide_mask(
