@@ -533,6 +533,11 @@ class RevolverPredictor(VolumeEncoder):
     ) -> list[np.ndarray]:
         """:meth:`object_mask` of several object tasks clicked on one slice.
 
+        On a large slice the head runs in a window around each object's clicks
+        (:data:`OBJECT_REACH` pixels plus the head's receptive field), where it is exact; an
+        object whose selection or refiner window reaches beyond it is redone in a wider
+        window, then on the whole slice. The masks are those of the whole slice.
+
         Returns
         -------
         list of np.ndarray
