@@ -594,7 +594,8 @@ def validated_click_fit(
     fit_score = _balanced(np.array(fit_ok), y[held])
     net_score = _balanced(np.array(net_ok), y[held])
     net_area = float(np.mean(np.concatenate([m.reshape(-1).numpy() > 0 for m in full])))
-    fit_area = float(np.mean(np.c_[(x_all - mean) / scale, np.ones(len(x_all))] @ coef > 0))
+    # The fit's logits on every cell, without stacking a column of ones onto all of them.
+    fit_area = float(np.mean(((x_all - mean) / scale) @ coef[:-1] + coef[-1] > 0))
     scores = {
         "net": net_score,
         "fit": fit_score,
