@@ -224,14 +224,11 @@ def select_object(
     pos, neg = yx[labels == 1], yx[labels == 0]
     if not len(pos):
         raise ValueError("an object needs at least one positive click on its slice")
-    window = _window(prob, yx, pos)
-    if window is not None:
-        # Everything that can decide the object lies in this window: work there only.
-        (y0, y1), (x0, x1) = window
-        out = np.zeros(prob.shape, bool)
-        out[y0:y1, x0:x1] = _select(prob[y0:y1, x0:x1], pos - (y0, x0), neg - (y0, x0), threshold)
-        return out
-    return _select(prob, pos, neg, threshold)
+    # Everything that can decide the object lies in a window around it: work there only,
+    # unless that window is most of the slice.
+    h, w = prob.shape
+    near = select_in_box(prob, (0, h, 0, w), (h, w), points, labels, threshold=threshold)
+    return near if near is not None else _select(prob, pos, neg, threshold)
 
 
 #: Margin of the selection window around what can be the object, in pixels.

@@ -44,6 +44,9 @@ from .volume import (
 
 #: Annotations the network is guided by at once when validating a pixel fit (memory bound).
 _FOLD_BATCH = 8
+#: Side in coarse cells of a head window exact at one click (:func:`_head_window`): the head's
+#: receptive field, plus two cells for the click's footprint, on each side.
+_FOCUS_SIDE = 2 * (HEAD_OVERLAP + 2) + 1
 #: Support slices whose pixel-fit inputs are kept (about 8 MB each at 512 x 512).
 _FIT_INPUTS_KEPT = 2
 #: A click fit's network scores on its clicks are read in one window per click when the
@@ -264,9 +267,10 @@ class RevolverPredictor(VolumeEncoder):
             footprints.append((keys.index(key), one[0]))
         # One head window per click costs less than a pass over the slices when the slices
         # are large and the clicks few (the windows are exact at the clicks).
-        side = 2 * (HEAD_OVERLAP + 2) + 1
         shapes = [f.coarse.shape[-2:] for f in feats]
-        windows = sum(min(side, shapes[i][0]) * min(side, shapes[i][1]) for i, _ in footprints)
+        windows = sum(
+            min(_FOCUS_SIDE, shapes[i][0]) * min(_FOCUS_SIDE, shapes[i][1]) for i, _ in footprints
+        )
         slices = sum(h * w for h, w in shapes)
         return validated_click_fit(
             lambda: [self._fit_features(info.flat(k), f) for k, f in zip(keys, feats, strict=True)],
@@ -970,10 +974,10 @@ def _head_window(f: EncoderOutput, cell: tuple[int, int]) -> tuple[int, int, int
     windows batch), and its corners are on the coarse grid.
     """
     hc, wc = f.coarse.shape[-2:]
-    reach = HEAD_OVERLAP + 2
+    reach = _FOCUS_SIDE // 2
     box = []
     for c, size in ((cell[0] // 2, hc), (cell[1] // 2, wc)):
-        side = min(2 * reach + 1, size)
+        side = min(_FOCUS_SIDE, size)
         lo = min(max(c - reach, 0), size - side)
         box += [2 * lo, 2 * (lo + side)]
     return box[0], box[1], box[2], box[3]
