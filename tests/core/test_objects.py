@@ -304,8 +304,78 @@ def test_objects_clicked_together_get_the_masks_they_get_alone(
         for i, c in enumerate(clicks)
     ]
     together = predictor.object_masks(0, tasks)
+    predictor.forget_object_masks()  # each one computed again, alone
     for t, m in zip(tasks, together, strict=True):
         np.testing.assert_array_equal(m, predictor.object_mask(0, t))
+
+
+def _count_head_passes(predictor: RevolverPredictor, monkeypatch: pytest.MonkeyPatch) -> list:
+    passes: list[int] = []
+    segment = predictor.model.segment
+
+    def spy(*args, **kwargs):
+        passes.append(1)
+        return segment(*args, **kwargs)
+
+    monkeypatch.setattr(predictor.model, "segment", spy)
+    return passes
+
+
+def test_clicked_masks_are_kept_for_the_same_clicks_only(
+    stack_predictor: tuple[RevolverPredictor, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    predictor, _ = stack_predictor
+    passes = _count_head_passes(predictor, monkeypatch)
+    task = predictor.guide([[0, 32, 18]], [1], kind="object")
+    first = predictor.object_mask(0, task)
+    assert passes and first.any()
+    n = len(passes)
+    # The same click guided again (another Task): the mask it got, without a head pass.
+    again = predictor.object_mask(0, predictor.guide([[0, 32, 18]], [1], kind="object"))
+    np.testing.assert_array_equal(again, first)
+    assert len(passes) == n
+    again[:] = ~again  # a copy: what is kept does not change
+    np.testing.assert_array_equal(predictor.object_mask(0, task), first)
+    # Other clicks, another threshold, another slice, another refiner: computed.
+    for call in (
+        lambda: predictor.object_mask(
+            0, predictor.guide([[0, 32, 18], [0, 32, 44]], [1, 0], kind="object")
+        ),
+        lambda: predictor.object_mask(0, task, threshold=0.4),
+        lambda: predictor.object_mask(1, predictor.guide([[1, 32, 18]], [1], kind="object")),
+    ):
+        before = len(passes)
+        call()
+        assert len(passes) > before
+    predictor.refiner = predictor.refiner  # setting a refiner forgets every mask
+    before = len(passes)
+    np.testing.assert_array_equal(predictor.object_mask(0, task), first)
+    assert len(passes) > before
+    # The same clicks on another volume of the same shape: computed there.
+    image, _ = _stack()
+    predictor.set_volume(image[:, ::-1].copy())
+    before = len(passes)
+    predictor.object_mask(0, predictor.guide([[0, 32, 18]], [1], kind="object"))
+    assert len(passes) > before
+
+
+def test_kept_clicked_masks_stay_within_their_memory(
+    stack_predictor: tuple[RevolverPredictor, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import napari_revolver.core.predictor as P
+
+    predictor, _ = stack_predictor
+    monkeypatch.setattr(P, "OBJECT_MASKS_KEPT_BYTES", 1)  # the latest mask only
+    passes = _count_head_passes(predictor, monkeypatch)
+    a = predictor.guide([[0, 32, 18]], [1], kind="object")
+    b = predictor.guide([[0, 32, 44]], [1], kind="object")
+    predictor.object_mask(0, a)
+    predictor.object_mask(0, b)
+    before = len(passes)
+    predictor.object_mask(0, b)
+    assert len(passes) == before
+    predictor.object_mask(0, a)
+    assert len(passes) > before
 
 
 def test_select_in_box_is_select_object_whatever_lies_outside_the_box() -> None:
@@ -370,6 +440,7 @@ def test_object_clicks_on_windows_get_the_masks_of_the_whole_slice(
         np.testing.assert_allclose(prob[y0:y1, x0:x1], full[y0:y1, x0:x1], atol=2e-6)
     monkeypatch.setattr(P, "OBJECT_WINDOW_SHARE", 0.0)
     sides.clear()
+    predictor.forget_object_masks()  # computed again, not read back
     whole = predictor.object_masks(0, tasks)
     assert set(sides) == {64}
     assert all(m.any() for m in whole)

@@ -13,7 +13,9 @@ coordinates first, ``(y, x)`` last, as napari's Points layers hold them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Literal
@@ -32,6 +34,7 @@ from .model.guide import GuideOutput, point_masks
 from .pixel_fit import PixelFit, fit_features, fit_inputs, validated_click_fit, validated_fit
 from .prior import label_support, local_priors
 from .propagation import PropagationStep, finish_slice
+from .snap import bounding_box
 from .task import Task
 from .tiling import HEAD_OVERLAP, segment_slices
 from .tracking import InstanceLinker
@@ -60,6 +63,9 @@ OBJECT_REACH = 96
 OBJECT_WINDOW_SHARE = 0.6
 #: Object tasks per head pass on a clicked slice (:meth:`RevolverPredictor.object_masks`).
 OBJECT_HEAD_BATCH = 4
+#: Bytes of clicked-slice object masks kept (each cropped to its box): following an object
+#: starts from the mask shown while it was clicked, not from a second head pass.
+OBJECT_MASKS_KEPT_BYTES = 64 * 2**20
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +126,11 @@ class RevolverPredictor(VolumeEncoder):
         super().__init__(*args, **kwargs)
         self._refiner: ClickRefiner | None = None
         self._follower: ClickRefiner | None = None
+        #: Clicked-slice object masks by :meth:`_object_key`: the box and the mask in it
+        #: (``None``: empty), least recently used first.
+        self._object_kept: OrderedDict[bytes, tuple[tuple[slice, slice], np.ndarray] | None] = (
+            OrderedDict()
+        )
         self.refiner = self.weights.refiner
         self.follower = self.weights.follower
         self.follow_params = objects.FollowParams()
@@ -135,6 +146,7 @@ class RevolverPredictor(VolumeEncoder):
     @refiner.setter
     def refiner(self, refiner: ClickRefiner | None) -> None:
         self._refiner = self._checked(refiner, "click refiner")
+        self._object_kept.clear()
 
     @property
     def follower(self) -> ClickRefiner | None:
@@ -542,6 +554,11 @@ class RevolverPredictor(VolumeEncoder):
         object whose selection or refiner window reaches beyond it is redone in a wider
         window, then on the whole slice. The masks are those of the whole slice.
 
+        The masks are kept (:data:`OBJECT_MASKS_KEPT_BYTES`): asked again for an object
+        with the same clicks and guidance on the same slice of the same volume (following
+        it from the slice it was clicked on), the mask it got is returned without another
+        head pass.
+
         Returns
         -------
         list of np.ndarray
@@ -560,8 +577,27 @@ class RevolverPredictor(VolumeEncoder):
                     f"object task {t.name!r} has no positive click on slice {key}; "
                     "use propagate(task) to follow it there"
                 )
-
         k = self.info.flat(key)
+        ids = [self._object_key(t, k, threshold) for t in tasks]
+        out: list[np.ndarray | None] = [self._kept_object(i) for i in ids]
+        todo = [j for j, m in enumerate(out) if m is None]
+        if todo:
+            masks = self._new_object_masks(
+                k, [tasks[j] for j in todo], [clicks[j] for j in todo], threshold
+            )
+            for j, m in zip(todo, masks, strict=True):
+                self._keep_object(ids[j], m)
+                out[j] = m
+        return out  # type: ignore[return-value]
+
+    def _new_object_masks(
+        self,
+        k: int,
+        tasks: Sequence[Task],
+        clicks: Sequence[tuple[np.ndarray, np.ndarray]],
+        threshold: float,
+    ) -> list[np.ndarray]:
+        """Compute :meth:`object_masks` on flat slice ``k`` (nothing kept is read)."""
 
         def selected() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
             for j in range(0, len(tasks), OBJECT_HEAD_BATCH):
@@ -588,7 +624,71 @@ class RevolverPredictor(VolumeEncoder):
         if self.refiner is None:
             return [sel for _, sel, _, _ in selected()]
         # The refiner redraws the windows of many objects in one pass.
-        return objects.refined_masks(self.refiner, *self.refiner_slice(key), selected())
+        here = self.refiner_slice(self.info.unflat(k))
+        return objects.refined_masks(self.refiner, *here, selected())
+
+    def forget_object_masks(self) -> None:
+        """Forget the kept clicked-slice object masks (:meth:`object_masks` computes anew).
+
+        Nothing else needs it: a mask is only read back for the same volume, slice, clicks
+        and guidance. Timing a click that repeats the same clicks does.
+        """
+        self._object_kept.clear()
+
+    def _object_key(self, task: Task, k: int, threshold: float) -> bytes:
+        """Digest of everything an object's mask on flat slice ``k`` depends on.
+
+        The volume and its reading, the slice, the threshold, and the task's guidance and
+        clicks (the refiner is the predictor's: setting another one forgets every mask).
+        """
+        h = hashlib.blake2b(digest_size=20)
+        for part in (
+            self.info.fingerprint,
+            self.preprocessing.key(),
+            k,
+            float(threshold),
+            task.kind,
+            task.model_key,
+            task.weights_sha256,
+            task.invert,
+        ):
+            h.update(repr(part).encode())
+        arrays = (task.sum_coarse, task.sum_fine, task.mass, task.moments, task.points, task.labels)
+        for a in arrays:
+            a = np.ascontiguousarray(np.zeros(0) if a is None else a)
+            h.update(repr((a.dtype.str, a.shape)).encode())
+            h.update(a.tobytes())
+        if task.pixel_fit is not None:
+            h.update(repr(task.pixel_fit.to_dict()).encode())
+        return h.digest()
+
+    def _kept_object(self, key: bytes) -> np.ndarray | None:
+        """Return a kept clicked-slice mask as a new ``(H, W)`` array (``None``: not kept)."""
+        if key not in self._object_kept:
+            return None
+        self._object_kept.move_to_end(key)
+        mask = np.zeros(self.info.slice_shape, bool)
+        kept = self._object_kept[key]
+        if kept is not None:
+            box, crop = kept
+            mask[box] = crop
+        return mask
+
+    def _keep_object(self, key: bytes, mask: np.ndarray) -> None:
+        """Keep a clicked-slice mask, cropped; forget the oldest beyond the memory budget.
+
+        The budget is :data:`OBJECT_MASKS_KEPT_BYTES`; the most recent mask is always kept.
+        """
+        kept = None
+        if mask.any():
+            box = bounding_box(mask, 0)
+            kept = (box, mask[box].copy())
+        self._object_kept[key] = kept
+        self._object_kept.move_to_end(key)
+        size = sum(v[1].nbytes for v in self._object_kept.values() if v is not None)
+        while size > OBJECT_MASKS_KEPT_BYTES and len(self._object_kept) > 1:
+            _, old = self._object_kept.popitem(last=False)
+            size -= 0 if old is None else old[1].nbytes
 
     def _selection_in(
         self,
