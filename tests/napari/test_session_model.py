@@ -300,7 +300,8 @@ def test_a_slice_left_blank_says_where_its_objects_were_clicked(
     image = np.asarray(sample["image"].data)
     model.layers.remove(sample["image"])
     assert obj.image is None and obj in changed  # its line in the task list says so
-    again = model.add_image(image, name="reopened")
+    # Another image (the same one opened again would take the object up: next test).
+    again = model.add_image(image[:, ::-1].copy(), name="reopened")
     session.set_image(again)
     session.run_inline(session.encoding(session.missing_features([(12,)])))
     text = session.update_slice((12,))
@@ -309,11 +310,47 @@ def test_a_slice_left_blank_says_where_its_objects_were_clicked(
     obj.points.add(np.array([[12, *yx]]))
     session.update_slice((12,))
     assert obj.image is again
-    other = model.add_image(image[:, ::-1].copy(), name="other")
+    other = model.add_image(image[:, :, ::-1].copy(), name="other")
     session.set_image(other)
     session.run_inline(session.encoding(session.missing_features([(12,)])))
     text = session.update_slice((12,))
     assert "clicked on 'reopened'" in text and "deleted" not in text
+
+
+def test_the_same_image_opened_again_takes_up_its_objects_and_output(
+    session: Session, sample: dict, model: ViewerModel
+) -> None:
+    truth = np.asarray(sample["labels"].data)
+    _, yx, _ = _largest_nucleus(truth[12])
+    session.remove_task(session.tasks[0])  # the sample's class task
+    obj = session.add_task("cell", kind="object")
+    obj.points.add(np.array([[12, *yx]]))
+    session.run_inline(session.encoding(session.missing_features([(12,)])))
+    session.update_slice((12,))
+    output = session.image.labels
+    before = np.asarray(output.data[12]) == obj.label_value
+    assert before.any()
+    name, image = sample["image"].name, np.asarray(sample["image"].data)
+    model.layers.remove(sample["image"])
+    assert obj.image is None
+    # The same data opened again under its name: a new layer, on top of the others.
+    again = model.add_image(image.copy(), name=name)
+    changed: list[Any] = []
+    session.events.task_changed.connect(changed.append)
+    session.set_image(again)
+    assert obj.image is again and obj in changed
+    assert session.image.labels is output  # the user's output layer is written on again
+    order = list(model.layers)
+    assert order.index(output) > order.index(again) < order.index(obj.points)
+    session.run_inline(session.encoding(session.missing_features([(12,)])))
+    text = session.update_slice((12,))
+    assert "blank" not in text
+    np.testing.assert_array_equal(np.asarray(output.data[12]) == obj.label_value, before)
+    # Other data does not take up an object whose image was deleted.
+    model.layers.remove(again)
+    other = model.add_image(image[:, ::-1].copy(), name="other")
+    session.set_image(other)
+    assert obj.image is None
 
 
 def test_an_object_task_file_keeps_its_kind(session: Session, tmp_path: Path) -> None:

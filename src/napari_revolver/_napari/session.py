@@ -314,7 +314,46 @@ class Session:
         if self.image is old and old is not None:
             self.image = state
         self._rebind(old, state)
+        if old is None:
+            self._reattach(state)
         return state
+
+    def _reattach(self, state: ImageState) -> None:
+        """Tasks whose image was deleted take up ``state``'s layer if it holds the same data.
+
+        The same file opened again after its layer was deleted: objects go on being followed
+        in it, and every task's line names it again. The output layer and those tasks' Points
+        layers are raised above the image (a new layer lands on top and would hide them).
+        """
+        orphans = [t for t in self.tasks if t.image is None and t.task is not None]
+        if not orphans:
+            return
+        same = []
+        for entry in orphans:
+            try:
+                fingerprint = self.predictor_for(state, entry.spec).info.fingerprint
+            except ValueError:  # read with a channel this image lacks
+                continue
+            if entry.task.source == fingerprint:  # type: ignore[union-attr]
+                entry.image = state.layer
+                same.append(entry)
+        self._raise_over(state, same)
+        for entry in same:
+            self.events.task_changed.emit(entry)
+
+    def _raise_over(self, state: ImageState, entries: list[TaskEntry]) -> None:
+        """Move ``state``'s output layer, then ``entries``' Points layers, above its image."""
+        layers = self.viewer.layers
+        if not L.is_alive(self.viewer, state.layer):
+            return
+        if state.labels is not None and L.is_alive(self.viewer, state.labels):
+            at, image = layers.index(state.labels), layers.index(state.layer)
+            if at < image:
+                layers.move(at, image + 1)
+        for entry in entries:
+            if L.is_alive(self.viewer, entry.points):
+                if layers.index(entry.points) < layers.index(state.layer):
+                    layers.move(layers.index(entry.points), len(layers))
 
     def _rebind(self, old: ImageState | None, new: ImageState) -> None:
         """Tasks guided on ``old`` read the image as ``new`` does from now on."""
@@ -333,6 +372,7 @@ class Session:
             if existing.name == name and tuple(existing.data.shape) == shape:
                 state.labels = existing
                 self._watch_labels(state)
+                self._raise_over(state, [])
                 break
 
     def use_store(self, path: str | Path | None, state: ImageState | None = None) -> ImageState:
