@@ -285,15 +285,21 @@ def test_an_object_task_is_the_clicked_nucleus_followed_with_one_id(
     ).all()
 
 
-def test_a_slice_left_blank_says_where_its_objects_were_clicked(
-    session: Session, sample: dict, model: ViewerModel
-) -> None:
+def _one_clicked_object(session: Session, sample: dict) -> tuple[Any, np.ndarray]:
+    """The sample's class task replaced by one object clicked on slice 12; its click."""
     truth = np.asarray(sample["labels"].data)
     _, yx, _ = _largest_nucleus(truth[12])
     session.remove_task(session.tasks[0])  # the sample's class task
     obj = session.add_task("cell", kind="object")
     obj.points.add(np.array([[12, *yx]]))
     session.run_inline(session.encoding(session.missing_features([(12,)])))
+    return obj, np.asarray(yx)
+
+
+def test_a_slice_left_blank_says_where_its_objects_were_clicked(
+    session: Session, sample: dict, model: ViewerModel
+) -> None:
+    obj, yx = _one_clicked_object(session, sample)
     assert session.update_slice((12,)) == "Updated slice 12."
     changed: list[Any] = []
     session.events.task_changed.connect(changed.append)
@@ -320,12 +326,7 @@ def test_a_slice_left_blank_says_where_its_objects_were_clicked(
 def test_the_same_image_opened_again_takes_up_its_objects_and_output(
     session: Session, sample: dict, model: ViewerModel
 ) -> None:
-    truth = np.asarray(sample["labels"].data)
-    _, yx, _ = _largest_nucleus(truth[12])
-    session.remove_task(session.tasks[0])  # the sample's class task
-    obj = session.add_task("cell", kind="object")
-    obj.points.add(np.array([[12, *yx]]))
-    session.run_inline(session.encoding(session.missing_features([(12,)])))
+    obj, _ = _one_clicked_object(session, sample)
     session.update_slice((12,))
     output = session.image.labels
     before = np.asarray(output.data[12]) == obj.label_value
