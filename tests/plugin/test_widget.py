@@ -641,3 +641,19 @@ def test_new_object_selects_one_nucleus_and_propagation_follows_it(
     assert status.startswith("Propagated to 24 slice(s).")
     assert "Objects ended" not in status or status.count(obj.name) == 1  # one clause per object
     assert not errors(notes)
+
+
+def test_a_short_window_scrolls_the_widget_instead_of_squeezing_its_buttons(
+    qtbot: Any, viewer: Any, widget: Any
+) -> None:
+    window = viewer.window._qt_window
+    window.resize(1000, 600)
+    window.show()
+    ended = "; ".join(f"object {i} at slice {i} (area grew 3.0x in one step)" for i in range(60))
+    widget.report("status", f"Propagated to 100 slice(s). Objects ended: {ended}.")
+    qtbot.wait(100)
+    # The dock does not force the window taller than asked (it did: 872 px); it scrolls.
+    assert window.height() <= 600
+    assert widget.scroll.verticalScrollBar().maximum() > 0
+    for button in (widget.propagate_box.propagate_button, widget.propagate_box.cancel_button):
+        assert button.height() >= button.minimumSizeHint().height()

@@ -13,7 +13,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QFrame, QLabel, QScrollArea, QVBoxLayout, QWidget
 
 from . import layers as L
 from . import workers
@@ -85,7 +85,15 @@ class RevolverWidget(QWidget):
         self._thumbnail_timer.setInterval(400)
         self._thumbnail_timer.timeout.connect(self._refresh_thumbnail)
 
-        root = QVBoxLayout(self)
+        # The boxes scroll in a short window rather than being squeezed: a long status (the
+        # objects that ended, by name) would otherwise crush the buttons above it.
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        self.scroll = QScrollArea(self)
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setFrameShape(QFrame.Shape.NoFrame)
+        content = QWidget()
+        root = QVBoxLayout(content)
         self.image_box = ImageBox(self.session, self.report)
         self.tasks_box = TasksBox(self.session, self.report)
         self.propagate_box = PropagateBox(self.session, self.report)
@@ -96,6 +104,8 @@ class RevolverWidget(QWidget):
         self.status.setWordWrap(True)
         root.addWidget(self.status)
         root.addStretch(1)
+        self.scroll.setWidget(content)
+        outer.addWidget(self.scroll)
 
         ev = self.session.events
         ev.task_stale.connect(self._on_stale)
