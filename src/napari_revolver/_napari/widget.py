@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QFrame, QLabel, QScrollArea, QVBoxLayout, QWidget
 
 from . import layers as L
@@ -105,6 +105,10 @@ class RevolverWidget(QWidget):
         root.addWidget(self.status)
         root.addStretch(1)
         self.scroll.setWidget(content)
+        # As wide as the boxes and a vertical scroll bar: never a horizontal one.
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        bar = self.scroll.verticalScrollBar().sizeHint().width()
+        self.scroll.setMinimumWidth(content.minimumSizeHint().width() + bar)
         outer.addWidget(self.scroll)
 
         ev = self.session.events
