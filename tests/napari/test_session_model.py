@@ -449,6 +449,34 @@ def test_where_objects_ended_reads_as_one_clause_per_object() -> None:
     assert _ends_text(ends) == "cell at slices 6 and 17 (r); b at slices 3-5 (q)"
 
 
+def test_a_task_added_after_a_slice_was_painted_does_not_learn_from_it(
+    session: Session,
+) -> None:
+    entry = session.tasks[0]
+    session.run_inline(session.propagation(5, 6))
+    labels = session.image.labels
+    labels.brush_size = 9
+
+    def stroke(at: tuple[int, int, int], value: int) -> None:
+        with labels.block_history():
+            labels.paint(at, value)
+
+    stroke((5, 40, 40), entry.label_value)
+    assert (5,) in session.painted_support(entry)
+    later = session.add_task("background")
+    later.points.add(np.array([[5, 10, 10]]))
+    # Nobody painted 'background' on slice 5: its unpainted pixels there are not known to
+    # be anything for it, so the slice does not teach it.
+    assert session.painted_support(later) == {}
+    task = session.guide(later)
+    assert task is not None and not task.support_masks
+    # Painting the slice again makes it the truth for every task there is by then.
+    stroke((5, 80, 80), later.label_value)
+    support = session.painted_support(later)
+    assert list(support) == [(5,)] and (support[(5,)] == 1).any()
+    assert (5,) in session.painted_support(entry)
+
+
 def test_a_slice_painted_by_hand_teaches_the_class_tasks(
     session: Session, monkeypatch: pytest.MonkeyPatch
 ) -> None:

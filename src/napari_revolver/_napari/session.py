@@ -93,6 +93,9 @@ class ImageState:
     labels: Labels | None = None
     #: Slices the user painted by hand; never overwritten unless asked.
     painted: set[tuple[int, ...]] = field(default_factory=set)
+    #: For each painted slice, the label values of the tasks there were when it was last
+    #: painted: it is the truth for those tasks only (a task added later was not painted).
+    painted_for: dict[tuple[int, ...], frozenset[int]] = field(default_factory=dict)
     #: Checksum of each slice as last written by the plugin (unpainted state of the slice).
     written: dict[tuple[int, ...], int] = field(default_factory=dict)
     #: The painted slices and their checksums when class tasks last learnt from them.
@@ -304,6 +307,7 @@ class Session:
         if old is not None and old.geometry.channel_axis == channel_axis:
             # Same geometry: keep the output layer and the painted slices.
             state.labels, state.painted, state.written = old.labels, old.painted, old.written
+            state.painted_for = old.painted_for
             state.next_id = old.next_id
             self._unwatch_labels(old)
             if state.labels is not None:
@@ -722,8 +726,10 @@ class Session:
     ) -> dict[tuple[int, ...], np.ndarray]:
         """Return the slices painted by hand as a class task's support, ``{slice: (H, W)}``.
 
-        A painted slice is the user's truth for every class task: 1 (foreground) where it
-        holds the task's value, 2 (background) everywhere else.
+        A painted slice is the user's truth for every class task there was when it was last
+        painted: 1 (foreground) where it holds the task's value, 2 (background) everywhere
+        else. A task added afterwards does not learn from it (nobody painted that task there,
+        so its pixels are not background for it) until the slice is painted again.
         """
         state = state or self.image_state_of(entry)
         if not state.painted or state.labels is None or not L.is_alive(self.viewer, state.labels):
@@ -732,6 +738,7 @@ class Session:
         return {
             k: np.where(np.asarray(data[k]) == entry.label_value, 1, 2).astype(np.uint8)
             for k in sorted(state.painted)
+            if entry.label_value in state.painted_for.get(k, ())
         }
 
     def _painted_on(self, entry: TaskEntry) -> bool:
@@ -876,6 +883,8 @@ class Session:
         for item in getattr(event, "value", None) or []:
             touched |= _painted_slices(item[0], n, state.labels.data.shape[:n])
         state.painted.update(touched)
+        tasks = frozenset(t.label_value for t in self.tasks)
+        state.painted_for.update(dict.fromkeys(touched, tasks))
         if state.painted != before:
             self.events.painted_changed.emit(state)
         if touched:
@@ -895,6 +904,8 @@ class Session:
             painted = _checksum(data[k]) != state.written.get(k, _zero_checksum(data[k]))
             if painted != (k in state.painted):
                 (state.painted.add if painted else state.painted.discard)(k)
+                if painted and k not in state.painted_for:  # painted back by a redo
+                    state.painted_for[k] = frozenset(t.label_value for t in self.tasks)
                 changed = True
         if changed:
             self.events.painted_changed.emit(state)
