@@ -449,17 +449,25 @@ def test_where_objects_ended_reads_as_one_clause_per_object() -> None:
     assert _ends_text(ends) == "cell at slices 6 and 17 (r); b at slices 3-5 (q)"
 
 
+def _brush(session: Session) -> Any:
+    """Paint on the image's output layer as a mouse stroke does, with a 9 px brush."""
+    labels = session.image.labels
+    labels.brush_size = 9
+
+    def stroke(at: tuple[int, int, int], value: int) -> None:
+        # As a mouse stroke: napari sends its paint event once the stroke is written.
+        with labels.block_history():
+            labels.paint(at, value)
+
+    return stroke
+
+
 def test_a_task_added_after_a_slice_was_painted_does_not_learn_from_it(
     session: Session,
 ) -> None:
     entry = session.tasks[0]
     session.run_inline(session.propagation(5, 6))
-    labels = session.image.labels
-    labels.brush_size = 9
-
-    def stroke(at: tuple[int, int, int], value: int) -> None:
-        with labels.block_history():
-            labels.paint(at, value)
+    stroke = _brush(session)
 
     stroke((5, 40, 40), entry.label_value)
     assert (5,) in session.painted_support(entry)
@@ -493,12 +501,7 @@ def test_a_slice_painted_by_hand_teaches_the_class_tasks(
     monkeypatch.setattr(predictor, "fit_labels", counting)
     rec = Recorder(session)
     labels = session.image.labels
-    labels.brush_size = 9
-
-    def stroke(at: tuple[int, int, int], value: int) -> None:
-        # As a mouse stroke: napari sends its paint event once the stroke is written.
-        with labels.block_history():
-            labels.paint(at, value)
+    stroke = _brush(session)
 
     stroke((5, 40, 40), entry.label_value)
     assert session.image.painted == {(5,)}
