@@ -142,6 +142,9 @@ def test_two_tasks_switch_and_label_values(
     widget.tasks_box.rename_task("nuclei 2")
     assert first.points.name == "nuclei 2 points"
     qtbot.waitUntil(lambda: "nuclei 2" in widget.tasks_box.task_list.item(0).text())
+    for row in range(widget.tasks_box.task_list.count()):  # the whole line, on hover
+        item = widget.tasks_box.task_list.item(row)
+        assert item.toolTip() == item.text()
     widget.tasks_box.delete_task()
     assert [t.name for t in widget.session.tasks] == ["background"]
 

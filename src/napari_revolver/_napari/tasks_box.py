@@ -201,6 +201,7 @@ class TasksBox(SessionBox):
                 text = task_text(entry, self.session.local)
                 if item.text() != text:
                     item.setText(text)
+                    item.setToolTip(text)  # the whole line, which the list may cut
         self._changed.clear()
 
     def _on_active(self, index: int) -> None:
@@ -216,6 +217,7 @@ class TasksBox(SessionBox):
         self.task_list.clear()
         for entry in self.session.tasks:
             item = QListWidgetItem(task_text(entry, self.session.local))
+            item.setToolTip(item.text())  # the whole line, which the list may cut
             item.setForeground(QColor(entry.color))
             self.task_list.addItem(item)
         self.task_list.setCurrentRow(self.session.active)
