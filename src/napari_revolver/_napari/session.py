@@ -872,6 +872,10 @@ class Session:
         except Exception as exc:  # older napari: keep its automatic colours
             logger.debug("could not set task colours on the labels layer: %s", exc)
 
+    def _task_values(self) -> frozenset[int]:
+        """Return the label values of the tasks there are now (what a painting teaches)."""
+        return frozenset(t.label_value for t in self.tasks)
+
     def _on_paint(self, event: Any) -> None:
         state = self._state_of_labels(event.source)
         if state is None or state.labels is None:
@@ -883,8 +887,7 @@ class Session:
         for item in getattr(event, "value", None) or []:
             touched |= _painted_slices(item[0], n, state.labels.data.shape[:n])
         state.painted.update(touched)
-        tasks = frozenset(t.label_value for t in self.tasks)
-        state.painted_for.update(dict.fromkeys(touched, tasks))
+        state.painted_for.update(dict.fromkeys(touched, self._task_values()))
         if state.painted != before:
             self.events.painted_changed.emit(state)
         if touched:
@@ -905,7 +908,7 @@ class Session:
             if painted != (k in state.painted):
                 (state.painted.add if painted else state.painted.discard)(k)
                 if painted and k not in state.painted_for:  # painted back by a redo
-                    state.painted_for[k] = frozenset(t.label_value for t in self.tasks)
+                    state.painted_for[k] = self._task_values()
                 changed = True
         if changed:
             self.events.painted_changed.emit(state)

@@ -146,7 +146,7 @@ class RevolverPredictor(VolumeEncoder):
     @refiner.setter
     def refiner(self, refiner: ClickRefiner | None) -> None:
         self._refiner = self._checked(refiner, "click refiner")
-        self._object_kept.clear()
+        self.forget_object_masks()  # they were drawn by the refiner before
 
     @property
     def follower(self) -> ClickRefiner | None:
