@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from napari_revolver.core.click_training import ClickTrainConfig, refiner_loss, train_refiner
 from napari_revolver.core.model.click_refiner import (
@@ -181,6 +182,25 @@ def test_predictor_object_clicks_go_through_its_refiner(predictor: RevolverPredi
     mask = predictor.predict_slice(1, task)
     win = window_around(np.zeros((64, 64), bool), np.array([[32, 32]]))
     assert mask.sum() >= 0.8 * win.side**2 or mask.all()
+
+
+def test_a_negative_click_the_refiner_draws_over_is_cut_out(
+    predictor: RevolverPredictor,
+) -> None:
+    rng = np.random.default_rng(1)
+    predictor.set_volume(rng.random((3, 64, 64)).astype(np.float32))
+    channels = predictor.model.config.feature_fine_channels
+    refiner = ClickRefiner(RefinerConfig(feature_channels=channels))
+    with torch.no_grad():
+        refiner.out.bias.fill_(20.0)  # draws its whole window, whatever the clicks say
+    predictor.refiner = refiner
+    one = predictor.predict_slice(1, predictor.guide([[1, 32, 32]], [1], kind="object"))
+    assert one[32, 44]
+    task = predictor.guide([[1, 32, 32], [1, 32, 44]], [1, 0], kind="object")
+    cut = predictor.predict_slice(1, task)
+    assert cut[32, 32] and not cut[32, 44]
+    assert cut[:, :38].sum() > 0.9 * one[:, :38].sum()  # the positive side is kept
+    assert ndimage.label(cut)[1] == 1
 
 
 # ---------------------------------------------------------------------------- files

@@ -11,7 +11,7 @@ from scipy import ndimage
 from napari_revolver.cli import main
 from napari_revolver.core.evaluate_objects import next_click, simulate_clicks
 from napari_revolver.core.io import PointTable, read_image, write_points
-from napari_revolver.core.objects import object_order, select_object
+from napari_revolver.core.objects import obey_clicks, object_order, select_object
 from napari_revolver.core.predictor import RevolverPredictor
 from napari_revolver.core.task import Task, load_task
 
@@ -72,6 +72,45 @@ def test_select_object_needs_a_positive_click() -> None:
     prob, _ = _twins()
     with pytest.raises(ValueError, match="positive click"):
         select_object(prob, np.array([[32.0, 18.0]]), np.array([0]))
+
+
+def test_a_negative_click_inside_a_mask_cuts_its_side_at_the_neck() -> None:
+    _, ids = _twins()
+    dumbbell = ids > 0
+    dumbbell[31:34, 18:44] = True  # a thin bridge between the two discs
+    pts = np.array([[32.0, 18.0], [32.0, 44.0]])
+    cut = obey_clicks(dumbbell, pts, np.array([1, 0]))
+    assert cut[ids == 1].all()
+    assert not cut[ids == 2].any()
+    # A protrusion clicked negative goes; the body stays.
+    body = _disc((64, 64), 32, 24, 12)
+    bump = _disc((64, 64), 32, 40, 5)
+    cut = obey_clicks(body | bump, np.array([[32.0, 24.0], [32.0, 41.0]]), np.array([1, 0]))
+    assert cut[body].mean() > 0.97 and cut[bump & ~body].mean() < 0.2
+
+
+def test_a_positive_click_on_a_near_miss_joins_it_to_the_mask() -> None:
+    mask = _disc((64, 64), 32, 18, 9)
+    pts = np.array([[32.0, 18.0], [32.0, 33.0]])
+    grown = obey_clicks(mask, pts, np.array([1, 1]))
+    assert grown[32, 33] and grown[mask].all()
+    assert ndimage.label(grown)[1] == 1
+    assert grown.sum() < 2 * mask.sum()
+    far = np.array([[32.0, 18.0], [32.0, 60.0]])  # beyond twice the radius: nothing new
+    np.testing.assert_array_equal(obey_clicks(mask, far, np.array([1, 1])), mask)
+
+
+def test_a_mask_that_agrees_with_its_clicks_is_left_as_it_is() -> None:
+    _, ids = _twins()
+    mask = ids == 1
+    for pts, lab in (
+        (np.array([[32.0, 18.0], [32.0, 44.0]]), np.array([1, 0])),  # negative outside
+        (np.array([[32.0, 18.0], [30.0, 20.0]]), np.array([1, 1])),
+        (np.array([[32.0, 44.0]]), np.array([0])),
+    ):
+        np.testing.assert_array_equal(obey_clicks(mask, pts, lab), mask)
+    empty = np.zeros_like(mask)
+    np.testing.assert_array_equal(obey_clicks(empty, np.array([[32.0, 18.0]]), [1]), empty)
 
 
 # ------------------------------------------------------------------ simulated annotator

@@ -59,6 +59,7 @@ __all__ = [
     "follow_objects",
     "follow_step",
     "memory_probability",
+    "obey_clicks",
     "object_order",
     "refined_mask",
     "refined_masks",
@@ -338,6 +339,83 @@ def _near_first(mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
     keep = {int(first)} | {int(comp[tuple(p)]) for p in pos[1:] if reach[tuple(p)] <= 2 * r}
     keep.discard(0)
     return np.isin(comp, list(keep))
+
+
+def obey_clicks(mask: np.ndarray, points: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Make an object's mask agree with every click on its slice.
+
+    The network (the click refiner above all) may draw over a negative click or leave out a
+    positive one. The click would then change nothing, and the annotator would click there
+    again and again. Here:
+
+    * a positive click on a miss, within twice the object's radius of it (a click farther
+      away starts nothing new, as in :func:`select_object`), adds the disc around it that
+      reaches the mask;
+    * a negative click inside the mask cuts the mask along its narrowest necks between the
+      positive clicks and the negative ones (a seeded watershed on its distance transform),
+      and the negative clicks' side goes: a protrusion at its neck, a merged neighbour at the
+      waist between the two, and on a convex mask the part behind the click.
+
+    Parameters
+    ----------
+    mask : np.ndarray
+        ``(H, W)`` bool, the object's mask.
+    points : np.ndarray
+        ``(N, 2)`` ``(y, x)`` clicks on this slice, in pixels.
+    labels : np.ndarray
+        ``(N,)`` 1 positive, 0 negative.
+
+    Returns
+    -------
+    np.ndarray
+        ``(H, W)`` bool: ``mask`` itself when every click agrees with it (or it is empty).
+    """
+    mask = np.asarray(mask, bool)
+    yx = _click_pixels(points, mask.shape)
+    labels = np.asarray(labels)
+    if not mask.any() or not len(yx):
+        return mask
+    wrong = mask[tuple(yx.T)] != (labels == 1)
+    if not wrong.any():
+        return mask
+    mask = _fill_misses(mask, yx[wrong & (labels == 1)])
+    return _cut_negatives(mask, yx[labels == 1], yx[wrong & (labels == 0)])
+
+
+def _fill_misses(mask: np.ndarray, misses: np.ndarray) -> np.ndarray:
+    """Add to ``mask`` the disc from each positive click in ``misses`` to it, when near."""
+    if not len(misses):
+        return mask
+    outside = ndimage.distance_transform_edt(~mask)
+    r = max(float(ndimage.distance_transform_edt(np.pad(mask, 1)).max()), 2.0)
+    out = mask.copy()
+    for y, x in misses:
+        d = float(outside[y, x])
+        if d <= 2 * r:
+            _disc(out.view(np.uint8), [(int(y), int(x))], int(np.ceil(d)) + 1, 1)
+    return out
+
+
+def _cut_negatives(mask: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """Cut from ``mask`` the side of the negative clicks ``neg`` inside it (:func:`obey_clicks`).
+
+    ``pos``: every positive click; those inside the mask seed the side that stays.
+    """
+    pos = pos[mask[tuple(pos.T)]] if len(pos) else pos
+    if not len(neg) or not len(pos):
+        return mask
+    box = _mask_box(mask, 1)
+    crop = mask[box]
+    at = np.array([box[0].start, box[1].start])
+    markers = np.zeros(crop.shape, np.int32)
+    markers[tuple((neg - at).T)] = 2
+    markers[tuple((pos - at).T)] = 1  # a click that is both: the positive wins
+    # The slice's edge bounds the mask as its background does.
+    dist = ndimage.distance_transform_edt(np.pad(crop, 1))[1:-1, 1:-1]
+    basins = watershed(-dist, markers, mask=crop)
+    out = mask.copy()
+    out[box] = basins == 1
+    return out
 
 
 def _click_pixels(points: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

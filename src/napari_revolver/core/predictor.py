@@ -622,10 +622,15 @@ class RevolverPredictor(VolumeEncoder):
                     yield prob, sel, pts, lab
 
         if self.refiner is None:
-            return [sel for _, sel, _, _ in selected()]
-        # The refiner redraws the windows of many objects in one pass.
-        here = self.refiner_slice(self.info.unflat(k))
-        return objects.refined_masks(self.refiner, *here, selected())
+            masks = [sel for _, sel, _, _ in selected()]
+        else:
+            # The refiner redraws the windows of many objects in one pass.
+            here = self.refiner_slice(self.info.unflat(k))
+            masks = objects.refined_masks(self.refiner, *here, selected())
+        # Every click is obeyed, whatever the network drew.
+        return [
+            objects.obey_clicks(m, pts, lab) for m, (pts, lab) in zip(masks, clicks, strict=True)
+        ]
 
     def forget_object_masks(self) -> None:
         """Forget the kept clicked-slice object masks (:meth:`object_masks` computes anew).
