@@ -472,3 +472,24 @@ def test_slice_bounds_are_found_once_per_volume_and_never_carried_over(
             predictor._prepare(1).numpy(), normalize_slice(second[1], predictor.preprocessing)
         )
     assert predictor.preprocessing.invert and len(calls) == 3
+
+
+def test_features_of_the_same_data_read_the_same_way_are_taken_over(
+    predictor: RevolverPredictor,
+) -> None:
+    rng = np.random.default_rng(0)
+    vol = rng.random((4, 40, 40)).astype(np.float32)
+    predictor.set_volume(vol)
+    for k in (0, 2):
+        predictor.features(k)
+    again = predictor.clone()
+    again.set_volume(vol.copy())
+    assert again.adopt_features(predictor) == 2
+    assert 0 in again.cache and 2 in again.cache and 1 not in again.cache
+    torch.testing.assert_close(again.features(2).fine, predictor.features(2).fine)
+    # Other data, another reading, or no volume: nothing is taken over.
+    for data, invert in ((vol[:, ::-1].copy(), False), (vol, True)):
+        other = predictor.clone()
+        other.set_volume(data, invert=invert)
+        assert other.adopt_features(predictor) == 0 and len(other.cache) == 0
+    assert predictor.clone().adopt_features(predictor) == 0

@@ -354,6 +354,27 @@ def test_the_same_image_opened_again_takes_up_its_objects_and_output(
     assert obj.image is None
 
 
+def test_the_same_image_opened_again_takes_over_its_features(
+    session: Session, sample: dict, model: ViewerModel
+) -> None:
+    obj, _ = _one_clicked_object(session, sample)
+    session.run_inline(session.encoding(session.missing_features([(3,), (20,)])))
+    name, image = sample["image"].name, np.asarray(sample["image"].data)
+    model.layers.remove(sample["image"])
+    again = model.add_image(image.copy(), name=name)
+    session.set_image(again)
+    # The slices encoded before the image was deleted are not encoded again.
+    assert session.missing_features([(3,), (12,), (20,)]) == []
+    assert [i for _, i in session.missing_features([(4,)])] == [(4,)]
+    # Other data takes nothing over; with no task left without its image, nothing is kept.
+    model.layers.remove(again)
+    other = model.add_image(image[:, ::-1].copy(), name="other")
+    session.set_image(other)
+    assert len(session.missing_features([(3,), (12,), (20,)])) == 3
+    session.remove_task(obj)
+    assert session._released == []
+
+
 def test_an_object_task_file_keeps_its_kind(session: Session, tmp_path: Path) -> None:
     truth = np.asarray(session.viewer.layers["ground truth"].data)
     _, yx, _ = _largest_nucleus(truth[12])

@@ -190,6 +190,10 @@ class Session:
         self.device = device
         self._base: RevolverPredictor | None = None
         self.images: dict[int, ImageState] = {}
+        #: The predictors (and features) of the last image deleted while tasks were guided
+        #: on it: the same data opened again takes its features over instead of encoding
+        #: them again. Forgotten once no task is left without its image.
+        self._released: list[RevolverPredictor] = []
         self.image: ImageState | None = None
         self.tasks: list[TaskEntry] = []
         self.active: int = -1
@@ -226,6 +230,7 @@ class Session:
             return
         self.weights, self.device = weights, device
         self._base = None
+        self._released = []  # features of the old model
         self.base_predictor()
         # Each image keeps its output layer and the slices painted by hand; only the
         # predictors (and with them the feature caches) are replaced.
@@ -256,6 +261,9 @@ class Session:
             predictor = self.base_predictor().clone()
             store = state.store if spec == state.spec else None
             predictor.set_volume(state.geometry.data, spec, store=store)
+            for old in self._released:
+                if predictor.adopt_features(old):
+                    break
             state.predictors[spec] = predictor
         return predictor
 
@@ -344,6 +352,12 @@ class Session:
         self._raise_over(state, same)
         for entry in same:
             self.events.task_changed.emit(entry)
+        self._release_if_unused()
+
+    def _release_if_unused(self) -> None:
+        """Forget the deleted image's predictors once no task is left without an image."""
+        if not any(t.image is None and t.task is not None for t in self.tasks):
+            self._released = []
 
     def _raise_over(self, state: ImageState, entries: list[TaskEntry]) -> None:
         """Move ``state``'s output layer, then ``entries``' Points layers, above its image."""
@@ -438,10 +452,14 @@ class Session:
             return
         del self.images[id(layer)]
         self._unwatch_labels(state)
+        orphaned = False
         for entry in self.tasks:
             if entry.image is layer:
                 entry.image = None
+                orphaned = True
                 self.events.task_changed.emit(entry)  # its line says the image is gone
+        if orphaned:
+            self._released = list(state.predictors.values())
         if self.image is state:
             self.image = None
             self.events.image_changed.emit(None)
@@ -566,6 +584,7 @@ class Session:
         for state in self.images.values():
             if state.labels is not None:
                 self._erase_value(state, entry.label_value)
+        self._release_if_unused()
         self.events.task_removed.emit(entry)
         self.set_active(min(self.active, len(self.tasks) - 1))
 

@@ -174,6 +174,32 @@ class VolumeEncoder:
             self.cache = FeatureCache(self.cache_bytes, feature_store)
         return info
 
+    def adopt_features(self, other: VolumeEncoder) -> int:
+        """Take over the features ``other`` has computed, if they are of this volume as read.
+
+        The same data opened again (another array or layer of the same pixels, read the
+        same way, with the same model): its slices need not be encoded a second time.
+
+        Parameters
+        ----------
+        other : VolumeEncoder
+            Another predictor, typically of a layer that was deleted.
+
+        Returns
+        -------
+        int
+            Slices taken over; 0 when ``other`` has no volume or its features depend on
+            something else (data, reading, model or weights: :meth:`signature`).
+        """
+        if other is self or not (self.has_volume and other.has_volume):
+            return 0
+        if other.signature() != self.signature():
+            return 0
+        with self._lock, other._lock:
+            n = self.cache.adopt(other.cache)
+            self._bounds.update(other._bounds)
+        return n
+
     def _open_store(
         self, path: str | Path, on_mismatch: Literal["recompute", "raise"]
     ) -> FeatureStore:

@@ -656,6 +656,17 @@ class FeatureCache:
             _, old = self._items.popitem(last=False)
             self._bytes -= self._size(old)
 
+    def adopt(self, other: FeatureCache) -> int:
+        """Take over the slices ``other`` holds in memory (features of the same data).
+
+        They are added least recently used first, within this cache's budget, and written to
+        its store if it has one. Returns the number of slices taken over.
+        """
+        items = list(other._items.items())
+        for k, f in items:
+            self.put(k, f)
+        return len(items)
+
     def clear(self) -> None:
         """Forget everything held in memory (the store stays)."""
         self._items.clear()
