@@ -386,13 +386,20 @@ def _fill_misses(mask: np.ndarray, misses: np.ndarray) -> np.ndarray:
     """Add to ``mask`` the disc from each positive click in ``misses`` to it, when near."""
     if not len(misses):
         return mask
-    outside = ndimage.distance_transform_edt(~mask)
-    r = max(float(ndimage.distance_transform_edt(np.pad(mask, 1)).max()), 2.0)
+    tight = _mask_box(mask, 0)
+    r = max(float(ndimage.distance_transform_edt(np.pad(mask[tight], 1)).max()), 2.0)
+    # Only clicks within 2r of the mask count: they lie in its box grown by 2r.
+    box = _mask_box(mask, int(np.ceil(2 * r)) + 1)
+    at = np.array([box[0].start, box[1].start])
+    near = misses[((misses >= at) & (misses < [box[0].stop, box[1].stop])).all(axis=1)]
+    if not len(near):
+        return mask
+    outside = ndimage.distance_transform_edt(~mask[box])
     out = mask.copy()
-    for y, x in misses:
+    for y, x in near - at:
         d = float(outside[y, x])
         if d <= 2 * r:
-            _disc(out.view(np.uint8), [(int(y), int(x))], int(np.ceil(d)) + 1, 1)
+            _disc(out[box].view(np.uint8), [(int(y), int(x))], int(np.ceil(d)) + 1, 1)
     return out
 
 
