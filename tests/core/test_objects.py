@@ -348,6 +348,37 @@ def test_objects_clicked_together_get_the_masks_they_get_alone(
         np.testing.assert_array_equal(m, predictor.object_mask(0, t))
 
 
+def test_a_negative_click_far_from_the_object_changes_nothing(
+    predictor: RevolverPredictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from napari_revolver.core.model.click_refiner import ClickRefiner, RefinerConfig
+
+    ids = np.zeros((3, 160, 160), np.int32)
+    ids[:, _disc((160, 160), 40, 40, 10)] = 1
+    ids[:, _disc((160, 160), 120, 110, 10)] = 2
+    rng = np.random.default_rng(0)
+    predictor.set_volume((ids > 0) + 0.05 * rng.standard_normal(ids.shape).astype(np.float32))
+    _force_probability(monkeypatch, ids)
+    refiner = ClickRefiner(
+        RefinerConfig(feature_channels=predictor.model.config.feature_fine_channels)
+    )
+    with torch.no_grad():
+        refiner.out.bias.fill_(20.0)  # draws its whole window: the window is what it saw
+    predictor.refiner = refiner
+
+    def mask(points: list, labels: list) -> np.ndarray:
+        return predictor.predict_slice(1, predictor.guide(points, labels, kind="object"))
+
+    one = mask([[1, 40, 40]], [1])
+    assert one[ids[1] == 1].all() and one.sum() < 0.2 * one.size
+    for far in ([1, 150, 150], [1, 120, 110]):  # on the background, on a look-alike
+        np.testing.assert_array_equal(mask([[1, 40, 40], far], [1, 0]), one)
+    near = mask([[1, 40, 40], [1, 40, 47]], [1, 0])  # inside the object: it counts
+    assert not near[40, 47] and near[40, 40]
+
+
 def _count_head_passes(predictor: RevolverPredictor, monkeypatch: pytest.MonkeyPatch) -> list:
     passes: list[int] = []
     segment = predictor.model.segment
@@ -571,6 +602,73 @@ def test_cli_eval_objects_reports_clicks_and_following(
     assert 1 <= res["clicks"]["noc@90"] <= 3
     assert res["follow"]["n_objects"] == 2
     assert 0.0 <= res["follow"]["iou_mean"] <= 1.0
+
+
+def _whole_slice_watershed(prob: np.ndarray, prevs: list[np.ndarray]) -> list:
+    """The joint following watershed on the whole slice, written plainly (the reference)."""
+    from skimage.segmentation import watershed
+
+    from napari_revolver.core.objects import BACKGROUND, CORE, FollowParams
+    from napari_revolver.core.snap import bounding_box
+
+    region = prob > 0.5
+    markers = np.zeros(prob.shape, np.int32)
+    markers[prob < BACKGROUND] = 1
+    for i, m in enumerate(prevs, start=2):
+        r = float(ndimage.distance_transform_edt(m[bounding_box(m, 1)]).max())
+        core = ndimage.binary_erosion(m, iterations=max(1, int(FollowParams.erosion * r)))
+        markers[(core if core.any() else m) & region] = i
+    cores, n = ndimage.label(prob > CORE)
+    others = np.setdiff1d(np.arange(1, n + 1), np.unique(cores[markers > 1]))
+    sel = np.isin(cores, others)
+    markers[sel] = cores[sel] + len(prevs) + 2
+    basins = watershed(
+        -ndimage.distance_transform_edt(region), markers, mask=region | (markers == 1)
+    )
+    out = []
+    for i in range(2, len(prevs) + 2):
+        seeds = np.argwhere(markers == i)
+        if not len(seeds):
+            out.append(None)
+            continue
+        comps, _ = ndimage.label(basins == i)
+        out.append(comps == comps[tuple(seeds[0])])
+    return out
+
+
+def test_following_watershed_in_its_window_is_that_of_the_whole_slice() -> None:
+    from napari_revolver.core.objects import FollowParams, _Track, _watershed_masks
+
+    task = Task("o", *(np.zeros((2, 4), np.float32),) * 2, np.ones(2, np.float32),
+                np.zeros((1, 3)), np.ones(1, np.int8), "m", "w")  # fmt: skip
+    rng = np.random.default_rng(0)
+    differing = total = 0
+    for _ in range(60):
+        h, w = rng.integers(40, 160, 2)
+        prob = ndimage.gaussian_filter(rng.random((h, w)), rng.uniform(1.5, 5))
+        prob = np.clip((prob - prob.min()) / np.ptp(prob) * rng.uniform(0.8, 1.5), 0, 1)
+        prevs = [
+            _disc((h, w), rng.integers(0, h), rng.integers(0, w), rng.integers(2, 15))
+            for _ in range(rng.integers(1, 6))
+        ]
+        tracks = [_Track(task, {(1,): (1, (0,))}, {(0,): m}, {}) for m in prevs]
+        got = _watershed_masks(prob.astype(np.float32), (1,), tracks, 0.5, FollowParams())
+        for a, b in zip(got, _whole_slice_watershed(prob.astype(np.float32), prevs), strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                differing += int((a ^ b).sum())
+                total += int((a | b).sum())
+    # The same, up to the order in which the watershed breaks ties on a plateau.
+    assert total > 0 and differing <= 0.002 * total
+    # Two objects in one probable bar that fills its box: split where the whole slice does.
+    prob = np.zeros((40, 80), np.float32)
+    prob[10:22, 5:70] = 0.9
+    prevs = [np.zeros((40, 80), bool), np.zeros((40, 80), bool)]
+    prevs[0][12:20, 8:20] = prevs[1][12:20, 40:66] = True
+    tracks = [_Track(task, {(1,): (1, (0,))}, {(0,): m}, {}) for m in prevs]
+    got = _watershed_masks(prob, (1,), tracks, 0.5, FollowParams())
+    for a, b in zip(got, _whole_slice_watershed(prob, prevs), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_follow_step_keeps_the_basin_and_reach_bounds_a_leak() -> None:

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FollowParams",
     "clicks_on",
+    "deciding_selection",
     "follow_objects",
     "follow_step",
     "memory_probability",
@@ -237,16 +238,17 @@ WINDOW_PAD = 32
 
 
 def _window(
-    prob: np.ndarray, yx: np.ndarray, pos: np.ndarray, area: int | None = None
+    prob: np.ndarray, pos: np.ndarray, area: int | None = None
 ) -> tuple[tuple[int, int], tuple[int, int]] | None:
     """Find the part of the slice that decides the object under ``pos`` (``None``: all of it).
 
     The object can only grow inside the 8-connected parts of ``prob >= BACKGROUND`` that hold
-    its positive clicks (lower probability is background from the start); those parts and every
-    click, padded by :data:`WINDOW_PAD`, bound the window. Distances inside it are the same as
-    on the whole slice, since the parts are surrounded by background. ``area``: the slice's
-    pixels, when ``prob`` is a part of it (default ``prob.size``); a window over half of them
-    is ``None``.
+    its positive clicks (lower probability is background from the start); those parts and the
+    positive clicks, padded by :data:`WINDOW_PAD`, bound the window. A negative click outside
+    it cannot change the object: it is not in those parts, where competitors start. Distances
+    inside the window are the same as on the whole slice, since the parts are surrounded by
+    background. ``area``: the slice's pixels, when ``prob`` is a part of it (default
+    ``prob.size``); a window over half of them is ``None``.
     """
     support, _ = ndimage.label(prob >= BACKGROUND, structure=np.ones((3, 3), bool))
     ids = np.unique(support[tuple(pos.T)])
@@ -254,7 +256,7 @@ def _window(
     if not len(ids):
         return None
     ys, xs = np.nonzero(np.isin(support, ids))
-    ys, xs = np.concatenate([ys, yx[:, 0]]), np.concatenate([xs, yx[:, 1]])
+    ys, xs = np.concatenate([ys, pos[:, 0]]), np.concatenate([xs, pos[:, 1]])
     h, w = prob.shape
     y0, y1 = max(0, int(ys.min()) - WINDOW_PAD), min(h, int(ys.max()) + WINDOW_PAD + 1)
     x0, x1 = max(0, int(xs.min()) - WINDOW_PAD), min(w, int(xs.max()) + WINDOW_PAD + 1)
@@ -293,24 +295,53 @@ def select_in_box(
         that decides the object reaches a side of the box that is not the slice's edge, or
         is not found).
     """
+    found = deciding_selection(prob, box, shape, points, labels, threshold=threshold)
+    return None if found is None else found[0]
+
+
+def deciding_selection(
+    prob: np.ndarray,
+    box: tuple[int, int, int, int],
+    shape: tuple[int, int],
+    points: np.ndarray,
+    labels: np.ndarray,
+    *,
+    threshold: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`select_in_box`, and which clicks can decide the object.
+
+    Arguments as :func:`select_in_box`.
+
+    Returns
+    -------
+    (np.ndarray, np.ndarray) or None
+        The ``(H, W)`` bool selection and an ``(N,)`` bool mask of the clicks that decide it:
+        the positive ones, and the negative ones in the window around the probable parts that
+        hold the positives. A negative click farther away changes nothing (it starts no
+        competitor there), and is best not shown to the click refiner, whose window would
+        grow to take it in. ``None`` as :func:`select_in_box`.
+    """
     y0, y1, x0, x1 = box
     h, w = shape
     yx = _click_pixels(points, shape) - (y0, x0)
     labels = np.asarray(labels)
-    if not ((yx >= 0) & (yx < prob.shape)).all() or not (labels == 1).any():
+    pos = yx[labels == 1]
+    if not len(pos) or not ((pos >= 0) & (pos < prob.shape)).all():
         return None
-    pos, neg = yx[labels == 1], yx[labels == 0]
-    window = _window(prob, yx, pos, area=h * w)
+    window = _window(prob, pos, area=h * w)
     if window is None:
         return None
     (wy0, wy1), (wx0, wx1) = window
     if (wy0 == 0 < y0) or (wx0 == 0 < x0) or (y0 + wy1 == y1 < h) or (x0 + wx1 == x1 < w):
         return None
+    inside = (yx >= (wy0, wx0)).all(axis=1) & (yx < (wy1, wx1)).all(axis=1)
+    deciding = (labels == 1) | inside
+    neg = yx[(labels == 0) & inside]
     out = np.zeros(shape, bool)
     out[y0 + wy0 : y0 + wy1, x0 + wx0 : x0 + wx1] = _select(
         prob[wy0:wy1, wx0:wx1], pos - (wy0, wx0), neg - (wy0, wx0), threshold
     )
-    return out
+    return out, deciding
 
 
 def _select(prob: np.ndarray, pos: np.ndarray, neg: np.ndarray, threshold: float) -> np.ndarray:
@@ -1088,29 +1119,63 @@ def _watershed_masks(
             within = np.zeros(prob.shape, bool)
             within[win] = ndimage.binary_dilation(mw, iterations=grow)
             reach[i] = within
-    cores, n = ndimage.label(prob > CORE)
-    free = np.unique(cores[markers > 1])
+    # Only the parts of the probable region that hold a seed matter (the watershed floods
+    # within them): everything below runs in their bounding box, which is exact.
+    win = _seeded_window(region, markers)
+    if win is None:
+        return [None] * len(tracks)
+    region_w, markers_w = region[win], markers[win]
+    cores, n = ndimage.label(prob[win] > CORE)
+    free = np.unique(cores[markers_w > 1])
     others = np.setdiff1d(np.arange(1, n + 1), free)
     base = len(tracks) + 2
     sel = np.isin(cores, others)
-    markers[sel] = cores[sel] + base
-    dist = ndimage.distance_transform_edt(region)
-    basins = watershed(-dist, markers, mask=region | (markers == 1))
+    markers_w[sel] = cores[sel] + base
+    # Every pixel nearest to one of those parts' pixels lies in the box: distances are those
+    # of the whole slice.
+    dist = ndimage.distance_transform_edt(region_w)
+    basins = watershed(-dist, markers_w, mask=region_w | (markers_w == 1))
     boxes = ndimage.find_objects(basins)
     out: list[np.ndarray | None] = []
     for i, _ in enumerate(tracks, start=2):
         new = None
         box = boxes[i - 1] if i - 1 < len(boxes) else None
         # The first seed in the box is the first on the slice: every seed lies in its basin.
-        seeds = np.argwhere(markers[box] == i)[:1] if box is not None else ()
+        seeds = np.argwhere(markers_w[box] == i)[:1] if box is not None else ()
         if len(seeds):
             part = basins[box] == i
             if i in reach:
-                part &= reach[i][box]
+                part &= reach[i][win][box]
+            at = (
+                slice(win[0].start + box[0].start, win[0].start + box[0].stop),
+                slice(win[1].start + box[1].start, win[1].start + box[1].stop),
+            )
             new = np.zeros(prob.shape, bool)
-            new[box] = _connected_to(part, seeds)
+            new[at] = _connected_to(part, seeds)
         out.append(new)
     return out
+
+
+def _seeded_window(region: np.ndarray, markers: np.ndarray) -> tuple[slice, slice] | None:
+    """Bounding box (grown by one pixel) of the parts of ``region`` that hold a seed (> 1).
+
+    ``None`` when no seed is in the region. The parts are 4-connected, as the watershed
+    floods: nothing outside them can reach a seed's basin, and every pixel within the
+    nearest-background distance of one of their pixels lies inside the box.
+    """
+    parts, _ = ndimage.label(region)
+    held = np.unique(parts[markers > 1])
+    held = held[held > 0]
+    if not len(held):
+        return None
+    found = ndimage.find_objects(parts)
+    boxes = [found[i - 1] for i in held]
+    h, w = region.shape
+    y0 = max(0, min(b[0].start for b in boxes) - 1)
+    y1 = min(h, max(b[0].stop for b in boxes) + 1)
+    x0 = max(0, min(b[1].start for b in boxes) - 1)
+    x1 = min(w, max(b[1].stop for b in boxes) + 1)
+    return slice(y0, y1), slice(x0, x1)
 
 
 def _advance(

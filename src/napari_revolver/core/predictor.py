@@ -611,15 +611,15 @@ class RevolverPredictor(VolumeEncoder):
                 for t, (pts, lab), (prob, box) in zip(
                     batch, clicks[j : j + OBJECT_HEAD_BATCH], near, strict=True
                 ):
-                    sel = self._selection_in(prob, box, pts, lab, threshold)
+                    found = self._selection_in(prob, box, pts, lab, threshold)
                     # An object reaching beyond its box: a wider one, then the whole slice.
                     for reach in (OBJECT_REACH * 3, None):
-                        if sel is not None:
+                        if found is not None:
                             break
                         [(prob, box)] = self._object_probabilities(k, [t], [(pts, lab)], reach)
-                        sel = self._selection_in(prob, box, pts, lab, threshold)
-                    assert sel is not None
-                    yield prob, sel, pts, lab
+                        found = self._selection_in(prob, box, pts, lab, threshold)
+                    assert found is not None
+                    yield prob, *found
 
         if self.refiner is None:
             masks = [sel for _, sel, _, _ in selected()]
@@ -702,26 +702,33 @@ class RevolverPredictor(VolumeEncoder):
         points: np.ndarray,
         labels: np.ndarray,
         threshold: float,
-    ) -> np.ndarray | None:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Select an object from a probability exact only in ``box`` (see ``object_masks``).
 
-        ``None`` where the selection, or what :attr:`refiner` reads to redraw it, could depend
-        on the probability outside the box.
+        Returns the selection and the clicks that decide it (the refiner sees those only:
+        :func:`.objects.deciding_selection`); ``None`` where the selection, or what
+        :attr:`refiner` reads to redraw it, could depend on the probability outside the box.
         """
         y0, y1, x0, x1 = box
         h, w = prob.shape
-        if box == (0, h, 0, w):
-            return objects.select_object(prob, points, labels, threshold=threshold)
-        sel = objects.select_in_box(
+        found = objects.deciding_selection(
             prob[y0:y1, x0:x1], box, prob.shape, points, labels, threshold=threshold
         )
-        if sel is None or self.refiner is None:
-            return sel
+        if found is None:
+            if box != (0, h, 0, w):
+                return None
+            # The whole slice decides it: every click counts.
+            sel = objects.select_object(prob, points, labels, threshold=threshold)
+            return sel, points, labels
+        sel, deciding = found
+        points, labels = points[deciding], labels[deciding]
+        if self.refiner is None or box == (0, h, 0, w):
+            return sel, points, labels
         c = self.refiner.config
         window = window_around(sel, points, context=c.context, min_side=c.min_side)
         ys, xs = crop_bounds(window, sel.shape)
         inside = y0 <= ys.start and ys.stop <= y1 and x0 <= xs.start and xs.stop <= x1
-        return sel if inside else None
+        return (sel, points, labels) if inside else None
 
     @torch.inference_mode()
     def _object_probabilities(
@@ -748,7 +755,8 @@ class RevolverPredictor(VolumeEncoder):
         hc, wc = feats.coarse.shape[-2:]
         h, w = self.info.slice_shape
         context = 1.0 if self.refiner is None else self.refiner.config.context
-        boxes = [_click_cells(pts, reach or 0, context, (hc, wc)) for pts, _ in clicks]
+        # Around the positive clicks: a negative click far from them decides nothing.
+        boxes = [_click_cells(pts[lab == 1], reach or 0, context, (hc, wc)) for pts, lab in clicks]
         side_y = min(hc, max(b[1] - b[0] for b in boxes) + 2 * HEAD_OVERLAP)
         side_x = min(wc, max(b[3] - b[2] for b in boxes) + 2 * HEAD_OVERLAP)
         fits = any(t.pixel_fit is not None and t.pixel_fit.active for t in tasks)
