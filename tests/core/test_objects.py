@@ -463,13 +463,13 @@ def test_select_in_box_is_select_object_whatever_lies_outside_the_box() -> None:
     noisy[y0:y1, x0:x1] = prob[y0:y1, x0:x1]  # exact in the box only
     pts, lab = np.array([[45.0, 50.0], [45.0, 68.0]]), np.array([1, 0])
     for points, labels in ((pts, lab), (pts[:1], lab[:1]), (np.array([[8.0, 20.0]]), [1])):
-        got = select_in_box(noisy[y0:y1, x0:x1], box, shape, points, labels)
-        assert got is not None
-        np.testing.assert_array_equal(got, select_object(prob, points, labels))
+        found = select_in_box(noisy[y0:y1, x0:x1], box, shape, points, labels)
+        assert found is not None
+        np.testing.assert_array_equal(found[0], select_object(prob, points, labels))
     assert select_object(prob, pts[:1], [1]).any()
     # The bar reaches the box's right side, which is not the slice's edge: unknown.
     assert select_in_box(noisy[y0:y1, x0:x1], box, shape, [[22.0, 80.0]], [1]) is None
-    # A click outside the box: unknown.
+    # A positive click outside the box: unknown.
     assert select_in_box(noisy[y0:y1, x0:x1], box, shape, [[130.0, 50.0]], [1]) is None
 
 

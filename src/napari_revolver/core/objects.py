@@ -56,7 +56,6 @@ if TYPE_CHECKING:
 __all__ = [
     "FollowParams",
     "clicks_on",
-    "deciding_selection",
     "follow_objects",
     "follow_step",
     "memory_probability",
@@ -230,7 +229,7 @@ def select_object(
     # unless that window is most of the slice.
     h, w = prob.shape
     near = select_in_box(prob, (0, h, 0, w), (h, w), points, labels, threshold=threshold)
-    return near if near is not None else _select(prob, pos, neg, threshold)
+    return near[0] if near is not None else _select(prob, pos, neg, threshold)
 
 
 #: Margin of the selection window around what can be the object, in pixels.
@@ -273,7 +272,7 @@ def select_in_box(
     labels: np.ndarray,
     *,
     threshold: float = 0.5,
-) -> np.ndarray | None:
+) -> tuple[np.ndarray, np.ndarray] | None:
     """:func:`select_object` from the probability inside a box of the slice only.
 
     Parameters
@@ -289,37 +288,15 @@ def select_in_box(
 
     Returns
     -------
-    np.ndarray or None
-        ``(H, W)`` bool, what :func:`select_object` gives on the whole slice, whatever the
-        probability outside the box; ``None`` where that answer could depend on it (the part
-        that decides the object reaches a side of the box that is not the slice's edge, or
-        is not found).
-    """
-    found = deciding_selection(prob, box, shape, points, labels, threshold=threshold)
-    return None if found is None else found[0]
-
-
-def deciding_selection(
-    prob: np.ndarray,
-    box: tuple[int, int, int, int],
-    shape: tuple[int, int],
-    points: np.ndarray,
-    labels: np.ndarray,
-    *,
-    threshold: float = 0.5,
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """:func:`select_in_box`, and which clicks can decide the object.
-
-    Arguments as :func:`select_in_box`.
-
-    Returns
-    -------
     (np.ndarray, np.ndarray) or None
-        The ``(H, W)`` bool selection and an ``(N,)`` bool mask of the clicks that decide it:
-        the positive ones, and the negative ones in the window around the probable parts that
-        hold the positives. A negative click farther away changes nothing (it starts no
-        competitor there), and is best not shown to the click refiner, whose window would
-        grow to take it in. ``None`` as :func:`select_in_box`.
+        The ``(H, W)`` bool selection, what :func:`select_object` gives on the whole slice
+        whatever the probability outside the box, and an ``(N,)`` bool mask of the clicks
+        that decide it: the positive ones, and the negative ones in the window around the
+        probable parts that hold the positives. A negative click farther away changes nothing
+        (it starts no competitor there), and is best not shown to the click refiner, whose
+        window would grow to take it in. ``None`` where the answer could depend on the
+        probability outside the box (the part that decides the object reaches a side of the
+        box that is not the slice's edge, or is not found) or a positive click is outside it.
     """
     y0, y1, x0, x1 = box
     h, w = shape

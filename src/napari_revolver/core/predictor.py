@@ -706,12 +706,12 @@ class RevolverPredictor(VolumeEncoder):
         """Select an object from a probability exact only in ``box`` (see ``object_masks``).
 
         Returns the selection and the clicks that decide it (the refiner sees those only:
-        :func:`.objects.deciding_selection`); ``None`` where the selection, or what
+        :func:`.objects.select_in_box`); ``None`` where the selection, or what
         :attr:`refiner` reads to redraw it, could depend on the probability outside the box.
         """
         y0, y1, x0, x1 = box
         h, w = prob.shape
-        found = objects.deciding_selection(
+        found = objects.select_in_box(
             prob[y0:y1, x0:x1], box, prob.shape, points, labels, threshold=threshold
         )
         if found is None:
