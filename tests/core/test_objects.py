@@ -98,6 +98,10 @@ def test_a_positive_click_on_a_near_miss_joins_it_to_the_mask() -> None:
     assert grown.sum() < 2 * mask.sum()
     far = np.array([[32.0, 18.0], [32.0, 60.0]])  # beyond twice the radius: nothing new
     np.testing.assert_array_equal(obey_clicks(mask, far, np.array([1, 1])), mask)
+    # A negative click beside the missed one stays out, though the disc reaches over it.
+    both = np.array([[32.0, 18.0], [32.0, 30.0], [32.0, 32.0]])
+    grown = obey_clicks(mask, both, np.array([1, 1, 0]))
+    assert grown[32, 30] and not grown[32, 32] and grown[mask].all()
 
 
 def test_a_mask_that_agrees_with_its_clicks_is_left_as_it_is() -> None:

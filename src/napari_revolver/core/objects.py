@@ -387,7 +387,9 @@ def obey_clicks(mask: np.ndarray, points: np.ndarray, labels: np.ndarray) -> np.
     if not wrong.any():
         return mask
     mask = _fill_misses(mask, yx[wrong & (labels == 1)])
-    return _cut_negatives(mask, yx[labels == 1], yx[wrong & (labels == 0)])
+    # After the fill: a disc may have covered a negative click beside a positive one.
+    neg = yx[labels == 0]
+    return _cut_negatives(mask, yx[labels == 1], neg[mask[tuple(neg.T)]])
 
 
 def _fill_misses(mask: np.ndarray, misses: np.ndarray) -> np.ndarray:
@@ -407,7 +409,8 @@ def _fill_misses(mask: np.ndarray, misses: np.ndarray) -> np.ndarray:
     for y, x in near - at:
         d = float(outside[y, x])
         if d <= 2 * r:
-            _disc(out[box].view(np.uint8), [(int(y), int(x))], int(np.ceil(d)) + 1, 1)
+            # Just wide enough to reach the mask (its nearest pixel is in the disc).
+            _disc(out[box].view(np.uint8), [(int(y), int(x))], max(int(np.ceil(d)), 1), 1)
     return out
 
 
