@@ -357,12 +357,13 @@ def obey_clicks(mask: np.ndarray, points: np.ndarray, labels: np.ndarray) -> np.
     again and again. Here:
 
     * a positive click on a miss, within twice the object's radius of it (a click farther
-      away starts nothing new, as in :func:`select_object`), adds the disc around it that
-      reaches the mask;
-    * a negative click inside the mask cuts the mask along its narrowest necks between the
-      positive clicks and the negative ones (a seeded watershed on its distance transform),
-      and the negative clicks' side goes: a protrusion at its neck, a merged neighbour at the
-      waist between the two, and on a convex mask the part behind the click.
+      away starts nothing new, as in :func:`select_object`), adds the disc around it that is
+      just wide enough to reach the mask;
+    * then a negative click inside the mask (a disc may have reached over one) cuts the mask
+      along its narrowest necks between the positive clicks and the negative ones (a seeded
+      watershed on its distance transform), and the negative clicks' side goes: a
+      protrusion at its neck, a merged neighbour at the waist between the two, and on a
+      convex mask the part behind the click.
 
     Parameters
     ----------
