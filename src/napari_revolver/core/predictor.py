@@ -562,7 +562,8 @@ class RevolverPredictor(VolumeEncoder):
         Returns
         -------
         list of np.ndarray
-            ``(H, W)`` bool per task: the selection, redrawn by :attr:`refiner` if there is one.
+            ``(H, W)`` bool per task: the selection, redrawn by :attr:`refiner` if there is one,
+            and made to agree with every click on the slice (:func:`.objects.obey_clicks`).
 
         Raises
         ------
