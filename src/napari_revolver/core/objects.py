@@ -24,7 +24,7 @@ No napari or Qt here.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -1075,14 +1075,15 @@ def _watershed_masks(
     Each object's new mask (``None``: no seed of it is probable) is the part of its watershed
     basin connected to its seeds (within ``params.reach``, when set). Per-object work runs in
     windows: the radius, core and reach around the previous mask (padded beyond what the
-    erosion and dilation can reach), the basin in its bounding box; each equals the
-    whole-slice result, at a fraction of the cost
-    with many objects.
+    erosion and dilation can reach), the basin in its bounding box; and the watershed runs
+    in each part of the probable region that holds a first seed, in that part's box. Each
+    equals the whole-slice result, at a fraction of the cost with many objects.
     """
     region = prob > threshold
     markers = np.zeros(prob.shape, np.int32)
     markers[prob < BACKGROUND] = 1
     reach: dict[int, np.ndarray] = {}
+    seed_windows: dict[int, tuple[slice, slice]] = {}
     for i, t in enumerate(tracks, start=2):
         m = t.masks[t.order[key][1]]
         if not m.any():
@@ -1096,67 +1097,78 @@ def _watershed_masks(
         if not core.any():
             core = mw
         markers[win][core & region[win]] = i
+        seed_windows[i] = win
         if params.reach is not None:
             within = np.zeros(prob.shape, bool)
             within[win] = ndimage.binary_dilation(mw, iterations=grow)
             reach[i] = within
-    # Only the parts of the probable region that hold a seed matter (the watershed floods
-    # within them): everything below runs in their bounding box, which is exact.
-    win = _seeded_window(region, markers)
-    if win is None:
-        return [None] * len(tracks)
-    region_w, markers_w = region[win], markers[win]
-    cores, n = ndimage.label(prob[win] > CORE)
-    free = np.unique(cores[markers_w > 1])
-    others = np.setdiff1d(np.arange(1, n + 1), free)
-    base = len(tracks) + 2
-    sel = np.isin(cores, others)
-    markers_w[sel] = cores[sel] + base
-    # Every pixel nearest to one of those parts' pixels lies in the box: distances are those
-    # of the whole slice.
-    dist = ndimage.distance_transform_edt(region_w)
-    basins = watershed(-dist, markers_w, mask=region_w | (markers_w == 1))
-    boxes = ndimage.find_objects(basins)
-    out: list[np.ndarray | None] = []
-    for i, _ in enumerate(tracks, start=2):
-        new = None
-        box = boxes[i - 1] if i - 1 < len(boxes) else None
-        # The first seed in the box is the first on the slice: every seed lies in its basin.
-        seeds = np.argwhere(markers_w[box] == i)[:1] if box is not None else ()
-        if len(seeds):
-            part = basins[box] == i
-            if i in reach:
-                part &= reach[i][win][box]
-            at = (
-                slice(win[0].start + box[0].start, win[0].start + box[0].stop),
-                slice(win[1].start + box[1].start, win[1].start + box[1].stop),
-            )
-            new = np.zeros(prob.shape, bool)
-            new[at] = _connected_to(part, seeds)
-        out.append(new)
+    # Only the parts of the probable region that hold a seed matter, each on its own (the
+    # watershed floods within them): each runs in its bounding box grown by one pixel, where
+    # every pixel nearest to one of its pixels lies, so its basins are the whole slice's.
+    parts, _ = ndimage.label(region)
+    found = ndimage.find_objects(parts)
+    # Each object's basin is taken at its first seed on the slice (raster order).
+    firsts: dict[int, tuple[int, int]] = {}
+    for i, win in seed_windows.items():
+        at = np.argwhere(markers[win] == i)[:1]
+        if len(at):
+            firsts[i] = (int(at[0, 0]) + win[0].start, int(at[0, 1]) + win[1].start)
+    by_part: dict[int, list[int]] = {}
+    for i, (y, x) in firsts.items():
+        by_part.setdefault(int(parts[y, x]), []).append(i)
+    out: list[np.ndarray | None] = [None] * len(tracks)
+    for pid, ids in by_part.items():
+        flooded = _flood_part(prob, parts, pid, found[pid - 1], markers, len(tracks) + 2)
+        for i in ids:
+            out[i - 2] = flooded(i, firsts[i], reach.get(i))
     return out
 
 
-def _seeded_window(region: np.ndarray, markers: np.ndarray) -> tuple[slice, slice] | None:
-    """Bounding box (grown by one pixel) of the parts of ``region`` that hold a seed (> 1).
+def _flood_part(
+    prob: np.ndarray,
+    parts: np.ndarray,
+    pid: int,
+    found: tuple[slice, slice],
+    markers: np.ndarray,
+    base: int,
+) -> Callable[[int, tuple[int, int], np.ndarray | None], np.ndarray | None]:
+    """Run the following watershed in part ``pid`` of the probable region, in its box.
 
-    ``None`` when no seed is in the region. The parts are 4-connected, as the watershed
-    floods: nothing outside them can reach a seed's basin, and every pixel within the
-    nearest-background distance of one of their pixels lies inside the box.
+    Returns ``mask(i, first, within)``: object ``i``'s basin connected to its first seed
+    ``first`` (slice pixels), within ``within`` if given, on the whole slice (``None``: no
+    basin).
     """
-    parts, _ = ndimage.label(region)
-    held = np.unique(parts[markers > 1])
-    held = held[held > 0]
-    if not len(held):
-        return None
-    found = ndimage.find_objects(parts)
-    boxes = [found[i - 1] for i in held]
-    h, w = region.shape
-    y0 = max(0, min(b[0].start for b in boxes) - 1)
-    y1 = min(h, max(b[0].stop for b in boxes) + 1)
-    x0 = max(0, min(b[1].start for b in boxes) - 1)
-    x1 = min(w, max(b[1].stop for b in boxes) + 1)
-    return slice(y0, y1), slice(x0, x1)
+    h, w = prob.shape
+    win = (
+        slice(max(0, found[0].start - 1), min(h, found[0].stop + 1)),
+        slice(max(0, found[1].start - 1), min(w, found[1].stop + 1)),
+    )
+    inside = parts[win] == pid
+    markers_w = np.where(inside | (markers[win] == 1), markers[win], 0)
+    # Confident cores that no seed touches compete.
+    cores, n = ndimage.label((prob[win] > CORE) & inside)
+    others = np.setdiff1d(np.arange(1, n + 1), np.unique(cores[markers_w > 1]))
+    sel = np.isin(cores, others)
+    markers_w[sel] = cores[sel] + base
+    dist = ndimage.distance_transform_edt(parts[win] > 0)
+    basins = watershed(-dist, markers_w, mask=inside | (markers_w == 1))
+    boxes = ndimage.find_objects(basins)
+
+    def mask(i: int, first: tuple[int, int], within: np.ndarray | None) -> np.ndarray | None:
+        box = boxes[i - 1] if i - 1 < len(boxes) else None
+        if box is None:
+            return None
+        part = basins[box] == i
+        if within is not None:
+            part &= within[win][box]
+        y0, x0 = win[0].start + box[0].start, win[1].start + box[1].start
+        new = np.zeros(prob.shape, bool)
+        new[y0 : y0 + part.shape[0], x0 : x0 + part.shape[1]] = _connected_to(
+            part, np.array([[first[0] - y0, first[1] - x0]])
+        )
+        return new
+
+    return mask
 
 
 def _advance(
