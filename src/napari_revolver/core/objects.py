@@ -222,14 +222,12 @@ def select_object(
             f"expected prob (H, W), points (N, 2) and labels (N,); got {prob.shape}, "
             f"{np.shape(points)} and {labels.shape}"
         )
-    pos, neg = yx[labels == 1], yx[labels == 0]
-    if not len(pos):
+    if not (labels == 1).any():
         raise ValueError("an object needs at least one positive click on its slice")
-    # Everything that can decide the object lies in a window around it: work there only,
-    # unless that window is most of the slice.
     h, w = prob.shape
-    near = select_in_box(prob, (0, h, 0, w), (h, w), points, labels, threshold=threshold)
-    return near[0] if near is not None else _select(prob, pos, neg, threshold)
+    found = select_in_box(prob, (0, h, 0, w), (h, w), points, labels, threshold=threshold)
+    assert found is not None  # the whole slice is known
+    return found[0]
 
 
 #: Margin of the selection window around what can be the object, in pixels.
@@ -296,7 +294,8 @@ def select_in_box(
         (it starts no competitor there), and is best not shown to the click refiner, whose
         window would grow to take it in. ``None`` where the answer could depend on the
         probability outside the box (the part that decides the object reaches a side of the
-        box that is not the slice's edge, or is not found) or a positive click is outside it.
+        box that is not the slice's edge, or is not found) or a positive click is outside it;
+        never when the box is the whole slice and there is a positive click.
     """
     y0, y1, x0, x1 = box
     h, w = shape
@@ -305,9 +304,13 @@ def select_in_box(
     pos = yx[labels == 1]
     if not len(pos) or not ((pos >= 0) & (pos < prob.shape)).all():
         return None
+    # Everything that can decide the object lies in a window around it: work there only,
+    # unless that window is most of the slice.
     window = _window(prob, pos, area=h * w)
     if window is None:
-        return None
+        if box != (0, h, 0, w):
+            return None
+        return _select(prob, pos, yx[labels == 0], threshold), np.ones(len(labels), bool)
     (wy0, wy1), (wx0, wx1) = window
     if (wy0 == 0 < y0) or (wx0 == 0 < x0) or (y0 + wy1 == y1 < h) or (x0 + wx1 == x1 < w):
         return None

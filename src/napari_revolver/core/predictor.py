@@ -716,11 +716,7 @@ class RevolverPredictor(VolumeEncoder):
             prob[y0:y1, x0:x1], box, prob.shape, points, labels, threshold=threshold
         )
         if found is None:
-            if box != (0, h, 0, w):
-                return None
-            # The whole slice decides it: every click counts.
-            sel = objects.select_object(prob, points, labels, threshold=threshold)
-            return sel, points, labels
+            return None
         sel, deciding = found
         points, labels = points[deciding], labels[deciding]
         if self.refiner is None or box == (0, h, 0, w):
