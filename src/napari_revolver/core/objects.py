@@ -24,7 +24,7 @@ No napari or Qt here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -1110,21 +1110,43 @@ def _watershed_masks(
     # every pixel nearest to one of its pixels lies, so its basins are the whole slice's.
     parts, _ = ndimage.label(region)
     found = ndimage.find_objects(parts)
-    # Each object's basin is taken at its first seed on the slice (raster order).
-    firsts: dict[int, tuple[int, int]] = {}
-    for i, win in seed_windows.items():
-        at = np.argwhere(markers[win] == i)[:1]
-        if len(at):
-            firsts[i] = (int(at[0, 0]) + win[0].start, int(at[0, 1]) + win[1].start)
+    firsts = _first_seeds(markers, seed_windows)
     by_part: dict[int, list[int]] = {}
     for i, (y, x) in firsts.items():
         by_part.setdefault(int(parts[y, x]), []).append(i)
     out: list[np.ndarray | None] = [None] * len(tracks)
     for pid, ids in by_part.items():
-        flooded = _flood_part(prob, parts, pid, found[pid - 1], markers, len(tracks) + 2)
+        win, basins = _flood_part(prob, parts, pid, found[pid - 1], markers, len(tracks) + 2)
+        boxes = ndimage.find_objects(basins)
         for i in ids:
-            out[i - 2] = flooded(i, firsts[i], reach.get(i))
+            box = boxes[i - 1] if i - 1 < len(boxes) else None
+            if box is None:
+                continue
+            part = basins[box] == i
+            if i in reach:
+                part &= reach[i][win][box]
+            y0, x0 = win[0].start + box[0].start, win[1].start + box[1].start
+            seed = np.array([[firsts[i][0] - y0, firsts[i][1] - x0]])
+            new = np.zeros(prob.shape, bool)
+            new[y0 : y0 + part.shape[0], x0 : x0 + part.shape[1]] = _connected_to(part, seed)
+            out[i - 2] = new
     return out
+
+
+def _first_seeds(
+    markers: np.ndarray, windows: dict[int, tuple[slice, slice]]
+) -> dict[int, tuple[int, int]]:
+    """Each seeded object's first seed on the slice (raster order), where its basin is taken.
+
+    ``windows``: the slice window holding every seed of each object (its label in
+    ``markers``); an object whose seeds were all overwritten by others' has none.
+    """
+    firsts = {}
+    for i, win in windows.items():
+        at = np.argwhere(markers[win] == i)[:1]
+        if len(at):
+            firsts[i] = (int(at[0, 0]) + win[0].start, int(at[0, 1]) + win[1].start)
+    return firsts
 
 
 def _flood_part(
@@ -1134,12 +1156,11 @@ def _flood_part(
     found: tuple[slice, slice],
     markers: np.ndarray,
     base: int,
-) -> Callable[[int, tuple[int, int], np.ndarray | None], np.ndarray | None]:
+) -> tuple[tuple[slice, slice], np.ndarray]:
     """Run the following watershed in part ``pid`` of the probable region, in its box.
 
-    Returns ``mask(i, first, within)``: object ``i``'s basin connected to its first seed
-    ``first`` (slice pixels), within ``within`` if given, on the whole slice (``None``: no
-    basin).
+    ``found``: the part's bounding box; ``base``: the first label of competing cores.
+    Returns the box grown by one pixel and the basins (marker labels) inside it.
     """
     h, w = prob.shape
     win = (
@@ -1154,24 +1175,7 @@ def _flood_part(
     sel = np.isin(cores, others)
     markers_w[sel] = cores[sel] + base
     dist = ndimage.distance_transform_edt(parts[win] > 0)
-    basins = watershed(-dist, markers_w, mask=inside | (markers_w == 1))
-    boxes = ndimage.find_objects(basins)
-
-    def mask(i: int, first: tuple[int, int], within: np.ndarray | None) -> np.ndarray | None:
-        box = boxes[i - 1] if i - 1 < len(boxes) else None
-        if box is None:
-            return None
-        part = basins[box] == i
-        if within is not None:
-            part &= within[win][box]
-        y0, x0 = win[0].start + box[0].start, win[1].start + box[1].start
-        new = np.zeros(prob.shape, bool)
-        new[y0 : y0 + part.shape[0], x0 : x0 + part.shape[1]] = _connected_to(
-            part, np.array([[first[0] - y0, first[1] - x0]])
-        )
-        return new
-
-    return mask
+    return win, watershed(-dist, markers_w, mask=inside | (markers_w == 1))
 
 
 def _advance(
