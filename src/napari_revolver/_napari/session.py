@@ -337,7 +337,7 @@ class Session:
         in it, and every task's line names it again. The output layer and those tasks' Points
         layers are raised above the image (a new layer lands on top and would hide them).
         """
-        orphans = [t for t in self.tasks if t.image is None and t.task is not None]
+        orphans = self._orphans()
         if not orphans:
             return
         same = []
@@ -354,9 +354,13 @@ class Session:
             self.events.task_changed.emit(entry)
         self._release_if_unused()
 
+    def _orphans(self) -> list[TaskEntry]:
+        """Return the guided tasks whose image was deleted."""
+        return [t for t in self.tasks if t.image is None and t.task is not None]
+
     def _release_if_unused(self) -> None:
         """Forget the deleted image's predictors once no task is left without an image."""
-        if not any(t.image is None and t.task is not None for t in self.tasks):
+        if not self._orphans():
             self._released = []
 
     def _raise_over(self, state: ImageState, entries: list[TaskEntry]) -> None:
