@@ -5,12 +5,13 @@
 #   bash scripts/gpu_burst.sh prepare DATA_DIR    # here: copy the trainable data sets into
 #                                                 # .gpu-data/ (ignored by git)
 #   bash scripts/gpu_burst.sh run OUT [MINUTES]   # on the GPU machine: train for MINUTES
-#                                                 # (default 7), then test and time
+#                                                 # (default 6.5), then test and time
 #
 # The run uses the machine's own python3 and torch (no install): the package is put on
 # PYTHONPATH from src/. It warm-starts from the shipped weights unless INIT names others, and
-# writes OUT/log.jsonl, OUT/best.safetensors and OUT/checkpoint.pt every CHECKPOINT_EVERY steps,
-# plus OUT/cuda-tests.log and OUT/gpu-speed.json. Only data sets whose terms allow training are
+# writes OUT/run/log.jsonl, OUT/run/best.safetensors and OUT/run/checkpoint.pt (every
+# CHECKPOINT_EVERY steps), OUT/train.log, OUT/cuda-tests.log and OUT/gpu-speed.json. DEVICE=cpu
+# runs the same steps here, as a dry run. Only data sets whose terms allow training are
 # copied (vnc_sstem_organelles is non-commercial and miccai2015_he states no terms: both are
 # for evaluation only).
 set -euo pipefail
@@ -31,31 +32,37 @@ prepare)
     ;;
 run)
     out=${2:?usage: gpu_burst.sh run OUT [MINUTES]}
-    minutes=${3:-7}
+    minutes=${3:-6.5}
+    device=${DEVICE:-cuda}
     export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-    python3 -c 'import torch; assert torch.cuda.is_available(), "no CUDA GPU"; print(torch.cuda.get_device_name())'
+    # Episode workers are single-threaded numpy: one core each, no oversubscription.
+    export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
+    if [ "$device" = cuda ]; then
+        python3 -c 'import torch; assert torch.cuda.is_available(), "no CUDA GPU"; print(torch.__version__, torch.cuda.get_device_name())'
+    fi
     init=${INIT:-src/napari_revolver/weights/revolver-s.safetensors}
     datasets=$(ls .gpu-data | paste -sd, -)
-    # Train in the background; stop it after the time budget (it checkpoints as it goes and
-    # the same command resumes it).
-    python3 -m napari_revolver.cli train --out "$out/run" --device cuda --init "$init" \
-        --data .gpu-data --datasets "$datasets" --steps "${STEPS:-100000}" \
-        --batch "${BATCH:-64}" --crop "${CROP:-256}" --workers "${WORKERS:-12}" \
-        --checkpoint-every "${CHECKPOINT_EVERY:-100}" --val-every "${VAL_EVERY:-250}" \
-        --p-real "${P_REAL:-0.6}" >"$out/train.log" 2>&1 &
-    pid=$!
-    sleep $((minutes * 60)) || true
-    kill -INT "$pid" 2>/dev/null || true
-    wait "$pid" || true
-    # Flat copies: only files two folders down come back.
-    for f in best.safetensors checkpoint.pt log.jsonl config.json; do
-        [ -f "$out/run/$f" ] && cp "$out/run/$f" "$out/$f"
-    done
-    rm -rf "$out/run"
-    python3 -m pytest -q -p no:cacheprovider tests/core/test_model.py tests/core/test_predictor.py \
-        -k "cuda or device or tiled or model" >"$out/cuda-tests.log" 2>&1 || true
-    python3 benchmarks/engine_speed.py --device cuda --json >"$out/gpu-speed.json" 2>&1 || true
-    tail -5 "$out/train.log"
+    workers=${WORKERS:-$(($(nproc) - 2))}
+    # The run stops itself after MINUTES (the learning rate decays over them) and writes
+    # straight under OUT/run, one folder down, so a run cut short still returns its files.
+    # --freeze-encoder (FREEZE=1, the default) keeps the shipped encoder: the cached features
+    # and the object refiners trained on them stay valid.
+    freeze=()
+    [ "${FREEZE:-1}" = 1 ] && freeze=(--freeze-encoder)
+    timeout $(python3 -c "print(int(60 * $minutes + 120))") \
+        python3 -m napari_revolver.cli train --out "$out/run" --device "$device" --init "$init" \
+        --data .gpu-data --datasets "$datasets" --steps "${STEPS:-100000}" --minutes "$minutes" \
+        --batch "${BATCH:-32}" --lr "${LR:-8e-4}" --crop "${CROP:-256}" --workers "$workers" \
+        --checkpoint-every "${CHECKPOINT_EVERY:-100}" --val-every "${VAL_EVERY:-200}" \
+        --p-real "${P_REAL:-0.6}" "${freeze[@]}" >"$out/train.log" 2>&1 || true
+    tail -3 "$out/train.log"
+    timeout "${TEST_S:-90}" python3 -m pytest -q -p no:cacheprovider tests/core/test_model.py \
+        tests/core/test_predictor.py -k "cuda or device or tiled or model" \
+        >"$out/cuda-tests.log" 2>&1 || true
+    tail -1 "$out/cuda-tests.log"
+    timeout "${SPEED_S:-90}" python3 benchmarks/engine_speed.py --device "$device" --json \
+        >"$out/gpu-speed.json" 2>&1 || true
+    tail -3 "$out/gpu-speed.json"
     ;;
 *)
     echo "usage: gpu_burst.sh prepare DATA_DIR | run OUT [MINUTES]" >&2

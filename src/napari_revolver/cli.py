@@ -262,6 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="withhold the annotations: trains the paper's foreground-background baseline",
     )
+    p.add_argument(
+        "--freeze-encoder",
+        action="store_true",
+        help="keep the encoder of --init as it is, so cached features and the object "
+        "refiners trained on it stay valid",
+    )
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="stop after this many minutes; the learning rate decays over whichever of "
+        "--steps and --minutes runs out first",
+    )
 
     p = sub.add_parser(
         "train-clicks",
@@ -848,6 +861,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         init=str(args.init) if args.init else None,
         guidance=not args.no_guidance,
         p_instance=args.p_instance,
+        freeze_encoder=args.freeze_encoder,
+        minutes=args.minutes,
     )
     if args.init is not None and not args.init.exists():
         raise FileNotFoundError(f"--init weights {args.init} do not exist")

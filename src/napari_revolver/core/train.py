@@ -69,6 +69,13 @@ class TrainConfig:
     guidance: bool = True
     #: Share of aligned episodes that are instance tasks (see ``EpisodeConfig``).
     p_instance: float = 0.4
+    #: Keep the encoder as ``init`` has it (weights and batch-norm statistics): the cached
+    #: features, and the click refiner and follower that read them, stay valid.
+    freeze_encoder: bool = False
+    #: A wall-clock budget for this invocation: the learning rate decays over whichever of
+    #: ``steps`` and ``minutes`` runs out first, and training stops there (a GPU burst of fixed
+    #: length). ``None``: steps only.
+    minutes: float | None = None
 
 
 @dataclass(frozen=True)
@@ -167,8 +174,8 @@ def evaluate(
     Parameters
     ----------
     model : torch.nn.Module
-        A :class:`~napari_revolver.core.model.guided_net.GuidedNet`; it is left in training
-        mode.
+        A :class:`~napari_revolver.core.model.guided_net.GuidedNet`; each of its modules is
+        left in the mode it had.
     batches : list of tuple of torch.Tensor
         ``(support (B, C, H, W), masks (B, 2, H/4, W/4), query (B, C, H, W), target (B, H, W),
         aligned (B,))`` batches, as from the validation set of :func:`train`.
@@ -184,6 +191,8 @@ def evaluate(
         The mean over episodes of :func:`~napari_revolver.core.evaluate.foreground_iou`
         between the predicted mask (logit > 0, probability > 0.5) and ``target > 0.5``.
     """
+    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     ious = []
     for s, m, q, t, a in batches:
@@ -192,7 +201,9 @@ def evaluate(
         pred = (model(s.to(device), m.to(device), q.to(device), a.to(device)) > 0).cpu().numpy()
         truth = (t > 0.5).numpy()
         ious.extend(foreground_iou(p, g) for p, g in zip(pred, truth, strict=True))
-    model.train()
+    if was_training:
+        for m, mode in modes.items():
+            m.train(mode)
     return float(np.mean(ious))
 
 
@@ -263,8 +274,9 @@ FIT_LR_SCALE = 10.0
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; the task fit's scalars get ``FIT_LR_SCALE`` times the rate and no decay."""
-    fit = [p for n, p in model.named_parameters() if ".fit." in n]
-    rest = [p for n, p in model.named_parameters() if ".fit." not in n]
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    fit = [p for n, p in trained if ".fit." in n]
+    rest = [p for n, p in trained if ".fit." not in n]
     groups: list[dict] = [{"params": rest, "lr_scale": 1.0}]
     if fit:
         groups.append({"params": fit, "lr_scale": FIT_LR_SCALE, "weight_decay": 0.0})
@@ -275,11 +287,17 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
 _WARMUP = 300
 
 
-def _lr_at(cfg: TrainConfig, step: int) -> float:
-    """Return the learning rate of ``step``: linear warm-up, then cosine decay to 0."""
+def _lr_at(cfg: TrainConfig, step: int, elapsed_s: float = 0.0) -> float:
+    """Return the learning rate of ``step``: linear warm-up, then cosine decay to 0.
+
+    With a time budget (``cfg.minutes``) the decay follows whichever of the steps and the
+    budget is further spent (``elapsed_s`` seconds of this invocation).
+    """
     if step < _WARMUP:
         return cfg.lr * (step + 1) / _WARMUP
     progress = min(1.0, (step - _WARMUP) / max(1, cfg.steps - _WARMUP))
+    if cfg.minutes:
+        progress = max(progress, min(1.0, elapsed_s / (60.0 * cfg.minutes)))
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -300,7 +318,18 @@ def _initial_model(cfg: TrainConfig, ckpt: Path, device: torch.device) -> torch.
     if cfg.init and not ckpt.exists():
         widened = warm_start(model, cfg.init)
         logger.info("started from %s (widened: %s)", cfg.init, ", ".join(widened) or "none")
+    if cfg.freeze_encoder:
+        if not cfg.init:
+            raise ValueError("freeze_encoder keeps the encoder of init; give init weights")
+        model.encoder.requires_grad_(False)
     return model.to(device)
+
+
+def _train_mode(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Put ``model`` in training mode; a frozen encoder stays in eval mode (its statistics)."""
+    model.train()
+    if cfg.freeze_encoder:
+        model.encoder.eval()
 
 
 def _resume(
@@ -333,13 +362,14 @@ def _train_step(
     cfg: TrainConfig,
     step: int,
     device: torch.device,
+    elapsed_s: float = 0.0,
 ) -> float:
     """Take one optimiser step on ``batch`` at the learning rate of ``step``; return the loss."""
     s, m, q, t, a = (x.to(device, non_blocking=True) for x in batch)
     if not cfg.guidance:
         m, a = torch.zeros_like(m), torch.zeros_like(a)
     for g in opt.param_groups:
-        g["lr"] = _lr_at(cfg, step) * g.get("lr_scale", 1.0)
+        g["lr"] = _lr_at(cfg, step, elapsed_s) * g.get("lr_scale", 1.0)
     loss = episode_loss(model(s, m, q, a), t)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -384,16 +414,24 @@ def train(cfg: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | No
     step, best = _resume(ckpt, model, opt, device)
     val = _validation_set(cfg)
     it = _training_batches(cfg, step)
-    model.train()
+    _train_mode(model, cfg)
     t0 = time.perf_counter()
+    budget_s = 60.0 * cfg.minutes if cfg.minutes else math.inf
     running: float | None = None
     with (out / "log.jsonl").open("a") as log:
+        if step == 0 and cfg.init:
+            # The warm start's own score: the bar a run must clear to write best weights.
+            best = evaluate(model, val, device, cfg.guidance)
+            _log_progress(log, TrainProgress(0, math.nan, 0.0, best), on_progress)
         while step < cfg.steps:
-            lv = _train_step(model, opt, next(it), cfg, step, device)
+            elapsed = time.perf_counter() - t0
+            last = elapsed >= budget_s
+            lv = _train_step(model, opt, next(it), cfg, step, device, elapsed)
             step += 1
+            last = last or step == cfg.steps
             running = lv if running is None else 0.98 * running + 0.02 * lv
             val_iou = None
-            if step % cfg.val_every == 0 or step == cfg.steps:
+            if step % cfg.val_every == 0 or last:
                 val_iou = evaluate(model, val, device, cfg.guidance)
                 if val_iou > best:
                     best = val_iou
@@ -402,8 +440,10 @@ def train(cfg: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | No
             if step % 20 == 0 or val_iou is not None:
                 rec = TrainProgress(step, running, time.perf_counter() - t0, val_iou)
                 _log_progress(log, rec, on_progress)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if step % cfg.checkpoint_every == 0 or last:
                 _save_checkpoint(ckpt, model, opt, step, best)
+            if last:
+                break
     if not best_path.exists():
         save_weights(model, best_path, extra={"step": str(step)})
     return best_path
