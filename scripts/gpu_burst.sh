@@ -35,6 +35,9 @@ run)
     minutes=${3:-6.5}
     device=${DEVICE:-cuda}
     export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+    # All cores but two make episodes (counted before OMP_NUM_THREADS=1, which nproc obeys).
+    cores=$(python3 -c 'import os; print(len(os.sched_getaffinity(0)))')
+    workers=${WORKERS:-$((cores > 3 ? cores - 2 : 1))}
     # Episode workers are single-threaded numpy: one core each, no oversubscription.
     export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
     if [ "$device" = cuda ]; then
@@ -42,7 +45,7 @@ run)
     fi
     init=${INIT:-src/napari_revolver/weights/revolver-s.safetensors}
     datasets=$(ls .gpu-data | paste -sd, -)
-    workers=${WORKERS:-$(($(nproc) - 2))}
+    echo "$cores cores, $workers episode workers"
     # The run stops itself after MINUTES (the learning rate decays over them) and writes
     # straight under OUT/run, one folder down, so a run cut short still returns its files.
     # --freeze-encoder (FREEZE=1, the default) keeps the shipped encoder: the cached features
