@@ -17,10 +17,14 @@ import shutil
 from pathlib import Path
 
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from napari_revolver.core.weights import (
+    ENCODER_OF,
     default_refiner_path,
     default_weights_path,
+    encoder_sources,
+    encoder_state_equal,
     load_refiner,
     load_weights,
     sha256_file,
@@ -72,7 +76,15 @@ def main() -> None:
     loaded = load_weights(src)  # refuses anything that is not a valid checkpoint
     dst = default_weights_path()
     dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
+    meta = dict(loaded.metadata)
+    new_state = load_file(str(src))
+    if dst.exists() and encoder_state_equal(new_state, load_file(str(dst))):
+        # A head trained on the installed encoder (`revolver train --freeze-encoder`): the
+        # refiners trained on the installed weights read the same features.
+        old = load_weights()
+        meta[ENCODER_OF] = ",".join(dict.fromkeys([old.sha256, *encoder_sources(old.metadata)]))
+        print(f"same encoder as the installed weights {old.sha256[:16]}...: refiners kept")
+    save_file(new_state, str(dst), metadata=meta)
     config = _clean(json.loads((args.run / "config.json").read_text()))
     info = {
         "sha256": sha256_file(dst),
@@ -80,6 +92,7 @@ def main() -> None:
         "bytes": dst.stat().st_size,
         "step": loaded.metadata.get("step"),
         "val_iou": loaded.metadata.get("val_iou"),
+        ENCODER_OF: meta.get(ENCODER_OF),
         "train_config": config,
         "note": args.note,
     }

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import torch
 import zarr
 
 from napari_revolver import cli
@@ -506,6 +507,35 @@ def test_train_writes_checkpoint_log_and_weights_then_resumes(
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     # The second run continued from step 2 instead of starting again.
     assert steps == [2, 4]
+
+
+def test_train_with_a_frozen_encoder_and_a_time_budget(tiny_weights: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from napari_revolver.core.train import TrainConfig, _lr_at
+    from napari_revolver.core.weights import encoder_state_equal
+
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), "--model", "revolver-tiny", "--crop", "64"]
+    args += ["--batch", "2", "--val-every", "50", "--val-episodes", "8", "--workers", "0"]
+    args += ["--device", "cpu", "--init", str(tiny_weights), "--lr", "0.05"]
+    assert cli.main([*args, "--freeze-encoder", "--minutes", "0"]) == 0
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    # The warm start is scored first; a spent budget stops after one step, scored and saved.
+    assert [r["step"] for r in log] == [0, 1] and log[1]["val_iou"] is not None
+    state = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    init = load_file(str(tiny_weights))
+    assert encoder_state_equal(init, state)  # weights and batch-norm statistics alike
+    assert not all(torch.equal(init[k], state[k]) for k in init if k in state)  # the head moved
+    # The learning rate decays over whichever of steps and minutes is further spent.
+    cfg = TrainConfig(lr=1.0, steps=100_000, minutes=10.0)
+    assert _lr_at(cfg, 400, elapsed_s=0.0) == pytest.approx(1.0, abs=1e-3)
+    assert _lr_at(cfg, 400, elapsed_s=300.0) == pytest.approx(0.5, abs=1e-3)
+    assert _lr_at(cfg, 400, elapsed_s=900.0) == 0.0
+    from napari_revolver.core.train import train
+
+    with pytest.raises(ValueError, match="init"):
+        train(TrainConfig(out=str(tmp_path / "r2"), model="revolver-tiny", freeze_encoder=True))
 
 
 def test_train_rejects_a_crop_that_is_not_a_multiple_of_32(

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from scipy import ndimage
 
 from napari_revolver.core.click_training import ClickTrainConfig, refiner_loss, train_refiner
@@ -25,6 +26,11 @@ from napari_revolver.core.model.click_refiner import (
 from napari_revolver.core.objects import refined_mask, refined_masks, select_object
 from napari_revolver.core.predictor import RevolverPredictor
 from napari_revolver.core.weights import (
+    ENCODER_OF,
+    default_refiner_path,
+    encoder_sources,
+    encoder_state_equal,
+    in_memory_weights,
     load_refiner,
     load_weights,
     save_refiner,
@@ -226,11 +232,59 @@ def test_refiner_files_round_trip_and_refuse_other_weights(
     assert load_weights(weights).refiner is None  # a bad refiner is left out, with a warning
 
 
+def test_a_refiner_of_the_same_encoder_is_kept_for_a_new_head(
+    tiny_model: torch.nn.Module, tmp_path: Path
+) -> None:
+    # A head trained on a frozen encoder, packaged with `encoder_of` naming the weights the
+    # refiner was trained on, keeps that refiner; other weights still refuse it.
+    old = save_weights(tiny_model, tmp_path / "old.safetensors")
+    old_sha = load_weights(old).sha256
+    refiner = ClickRefiner(RefinerConfig(size=32, feature_channels=tiny_model.config.fine_channels))
+    with torch.no_grad():
+        next(tiny_model.segmentor.parameters()).add_(0.5)  # a new head, the same encoder
+    new = save_weights(tiny_model, tmp_path / "new.safetensors", extra={ENCODER_OF: old_sha})
+    save_refiner(refiner, default_refiner_path(new), {"base_sha256": old_sha})
+    assert encoder_state_equal(load_file(str(old)), load_file(str(new)))
+    loaded = load_weights(new)
+    assert encoder_sources(loaded.metadata) == (old_sha,)
+    assert loaded.refiner is not None
+    assert RevolverPredictor(loaded, device="cpu").refiner is not None
+    other = save_weights(tiny_model, tmp_path / "other.safetensors")
+    save_refiner(refiner, default_refiner_path(other), {"base_sha256": old_sha})
+    assert load_weights(other).refiner is None  # no `encoder_of`: refused, with a warning
+    with torch.no_grad():
+        tiny_model.encoder.stem[0][0].weight.add_(0.1)
+    save_weights(tiny_model, tmp_path / "moved.safetensors")
+    assert not encoder_state_equal(
+        load_file(str(old)), load_file(str(tmp_path / "moved.safetensors"))
+    )
+
+
+def test_a_refiner_of_the_learnt_channels_reads_them_alone(tiny_model: torch.nn.Module) -> None:
+    # A network with a task fit appends filter responses to its fine features; a refiner
+    # trained on the learnt channels reads just those.
+    cfg = tiny_model.config
+    assert cfg.feature_fine_channels > cfg.fine_channels
+    fine = torch.randn(cfg.feature_fine_channels, 16, 16)
+    image, prob = torch.randn(3, 64, 64), torch.rand(64, 64)
+    sel, win = (prob > 0.5).float(), Window(8.0, 8.0, 40.0)
+    pts, lab = np.array([[30.0, 30.0]]), np.array([1])
+    short = RefinerConfig(size=24, feature_channels=cfg.fine_channels)
+    x = stack_inputs(image, fine, 4, prob, sel, win, pts, lab, short)
+    y = stack_inputs(image, fine[: cfg.fine_channels], 4, prob, sel, win, pts, lab, short)
+    assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="feature channels"):
+        RevolverPredictor(in_memory_weights(tiny_model), device="cpu").refiner = ClickRefiner(
+            RefinerConfig(feature_channels=cfg.fine_channels + 1)
+        )
+
+
 def test_shipped_weights_and_refiner_belong_together() -> None:
     w = load_weights()
     if w.refiner is None:
         pytest.skip("no click refiner shipped beside the weights")
-    assert w.refiner.config.feature_channels == w.model.config.feature_fine_channels
+    c = w.model.config
+    assert w.refiner.config.feature_channels in (c.fine_channels, c.feature_fine_channels)
 
 
 # ---------------------------------------------------------------------------- learning

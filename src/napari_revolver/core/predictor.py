@@ -158,13 +158,21 @@ class RevolverPredictor(VolumeEncoder):
         self._follower = self._checked(follower, "follower")
 
     def _checked(self, refiner: ClickRefiner | None, what: str) -> ClickRefiner | None:
-        """Check that a refiner reads these weights' fine features; move it, in eval mode."""
+        """Check that a refiner reads these weights' fine features; move it, in eval mode.
+
+        A refiner reads the encoder's learnt fine channels, or those and the filter responses
+        of a network with a task fit.
+        """
         if refiner is None:
             return None
-        want = self.model.config.feature_fine_channels
+        cfg = self.model.config
+        want = sorted({cfg.fine_channels, cfg.feature_fine_channels})
         got = refiner.config.feature_channels
-        if got != want:
-            raise ValueError(f"the {what} reads {got} feature channels; these weights have {want}")
+        if got not in want:
+            raise ValueError(
+                f"the {what} reads {got} feature channels; these weights have "
+                + " or ".join(map(str, want))
+            )
         return refiner.to(self.device).eval()
 
     # ------------------------------------------------------------------- guide

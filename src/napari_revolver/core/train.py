@@ -296,8 +296,8 @@ def _lr_at(cfg: TrainConfig, step: int, elapsed_s: float = 0.0) -> float:
     if step < _WARMUP:
         return cfg.lr * (step + 1) / _WARMUP
     progress = min(1.0, (step - _WARMUP) / max(1, cfg.steps - _WARMUP))
-    if cfg.minutes:
-        progress = max(progress, min(1.0, elapsed_s / (60.0 * cfg.minutes)))
+    if cfg.minutes is not None:
+        progress = max(progress, min(1.0, elapsed_s / max(60.0 * cfg.minutes, 1e-9)))
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -416,7 +416,7 @@ def train(cfg: TrainConfig, *, on_progress: Callable[[TrainProgress], None] | No
     it = _training_batches(cfg, step)
     _train_mode(model, cfg)
     t0 = time.perf_counter()
-    budget_s = 60.0 * cfg.minutes if cfg.minutes else math.inf
+    budget_s = 60.0 * cfg.minutes if cfg.minutes is not None else math.inf
     running: float | None = None
     with (out / "log.jsonl").open("a") as log:
         if step == 0 and cfg.init:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -24,6 +25,8 @@ __all__ = [
     "LoadedWeights",
     "default_refiner_path",
     "default_weights_path",
+    "encoder_sources",
+    "encoder_state_equal",
     "load_refiner",
     "load_weights",
     "save_refiner",
@@ -32,6 +35,10 @@ __all__ = [
 ]
 
 FORMAT_VERSION = "1"
+#: Weights metadata: comma-separated sha256s of earlier weights files whose encoder these keep
+#: bit for bit (a head trained on a frozen encoder; written by ``scripts/package_weights.py``
+#: after comparing the tensors). Refiners trained on those read the same features.
+ENCODER_OF = "encoder_of"
 
 
 @dataclass(frozen=True)
@@ -196,10 +203,39 @@ def load_weights(
         refiner_path = default_refiner_path(path, role)
         if refiner_path.exists():
             try:
-                found[role] = load_refiner(refiner_path, digest, device)
+                found[role] = load_refiner(
+                    refiner_path, digest, device, same_encoder=encoder_sources(meta)
+                )
             except ValueError as exc:
                 logger.warning("%s: %s", without, exc)
     return LoadedWeights(model, str(path), digest, meta, found["clicks"], found["follow"])
+
+
+def encoder_sources(metadata: Mapping[str, str]) -> tuple[str, ...]:
+    """Return the sha256s of earlier weights with the same encoder, from weights metadata."""
+    return tuple(s for s in metadata.get(ENCODER_OF, "").split(",") if s)
+
+
+def encoder_state_equal(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    """Whether two state dicts hold the same encoder, parameters and batch-norm statistics.
+
+    Parameters
+    ----------
+    a, b : mapping of str to torch.Tensor
+        State dicts of guided networks (as read from their safetensors files).
+
+    Returns
+    -------
+    bool
+        ``True`` if both have the same ``encoder.*`` entries with equal shapes and values.
+    """
+    keys_a = {k for k in a if k.startswith("encoder.")}
+    keys_b = {k for k in b if k.startswith("encoder.")}
+    return (
+        bool(keys_a)
+        and keys_a == keys_b
+        and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in keys_a)
+    )
 
 
 def in_memory_weights(model: GuidedNet) -> LoadedWeights:
@@ -254,7 +290,11 @@ def default_refiner_path(
 
 
 def load_refiner(
-    path: str | Path, base_sha256: str | None = None, device: str | torch.device = "cpu"
+    path: str | Path,
+    base_sha256: str | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    same_encoder: Collection[str] = (),
 ) -> ClickRefiner:
     """Load a click refiner in eval mode, checked against the network it refines.
 
@@ -266,6 +306,10 @@ def load_refiner(
         sha256 of the guided network's weights in use; a refiner trained on other weights is
         refused (its inputs would mean something else).
     device : str or torch.device
+    same_encoder : collection of str
+        sha256s of earlier weights whose encoder the weights in use keep unchanged (see
+        :func:`encoder_sources`): a refiner trained on those reads the same features, and is
+        accepted too.
 
     Raises
     ------
@@ -281,7 +325,8 @@ def load_refiner(
     _, meta, state = _read_checked(path, "click refiner")
     if "refiner_config" not in meta:
         raise ValueError(f"{path} has no refiner config; expected a file written by save_refiner")
-    if base_sha256 is not None and meta.get("base_sha256") not in (None, base_sha256):
+    accepted = {None, base_sha256, *same_encoder}
+    if base_sha256 is not None and meta.get("base_sha256") not in accepted:
         raise ValueError(
             f"click refiner {path} was trained on weights {meta.get('base_sha256', '')[:12]}, "
             f"not on the weights in use ({base_sha256[:12]})"

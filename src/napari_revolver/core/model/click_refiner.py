@@ -357,7 +357,8 @@ def stack_inputs(
         ``(C, H, W)`` normalised slice.
     fine : torch.Tensor
         ``(Cf, h, w)`` fine features (of the padded slice), one cell per ``fine_stride``
-        slice pixels.
+        slice pixels. The refiner reads the first ``config.feature_channels``: the encoder's
+        learnt channels, before any filter responses of a network with a task fit.
     prob, selection : torch.Tensor
         ``(H, W)`` class probability and selection (0/1).
     window : Window
@@ -372,7 +373,7 @@ def stack_inputs(
     extent = (float(fine.shape[-2] * fine_stride), float(fine.shape[-1] * fine_stride))
     parts = [
         sample_window(image, window, s),
-        sample_window(fine, window, s, extent),
+        sample_window(fine[: config.feature_channels], window, s, extent),
         _sample_pair(prob, selection, window, s),
         click_maps(window, points, labels, s, config.click_sigmas),
     ]
