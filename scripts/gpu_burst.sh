@@ -11,9 +11,9 @@
 # PYTHONPATH from src/. It warm-starts from the shipped weights unless INIT names others, and
 # writes OUT/run/log.jsonl, OUT/run/best.safetensors and OUT/run/checkpoint.pt (every
 # CHECKPOINT_EVERY steps), OUT/train.log, OUT/cuda-tests.log and OUT/gpu-speed.json. DEVICE=cpu
-# runs the same steps here, as a dry run. Only data sets whose terms allow training are
-# copied (vnc_sstem_organelles is non-commercial and miccai2015_he states no terms: both are
-# for evaluation only).
+# runs the same steps here, as a dry run (tests/core/test_gpu_burst.py does, on DATA). Only
+# data sets whose terms allow training are copied (vnc_sstem_organelles is non-commercial and
+# miccai2015_he states no terms: both are for evaluation only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,16 +35,18 @@ run)
     minutes=${3:-6.5}
     device=${DEVICE:-cuda}
     export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+    py=${PYTHON:-python3}
     # All cores but two make episodes (counted before OMP_NUM_THREADS=1, which nproc obeys).
-    cores=$(python3 -c 'import os; print(len(os.sched_getaffinity(0)))')
+    cores=$("$py" -c 'import os; print(len(os.sched_getaffinity(0)))')
     workers=${WORKERS:-$((cores > 3 ? cores - 2 : 1))}
     # Episode workers are single-threaded numpy: one core each, no oversubscription.
     export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
     if [ "$device" = cuda ]; then
-        python3 -c 'import torch; assert torch.cuda.is_available(), "no CUDA GPU"; print(torch.__version__, torch.cuda.get_device_name())'
+        "$py" -c 'import torch; assert torch.cuda.is_available(), "no CUDA GPU"; print(torch.__version__, torch.cuda.get_device_name())'
     fi
     init=${INIT:-src/napari_revolver/weights/revolver-s.safetensors}
-    datasets=$(ls .gpu-data | paste -sd, -)
+    data=${DATA:-.gpu-data}
+    datasets=$(ls "$data" | paste -sd, -)
     echo "$cores cores, $workers episode workers"
     # The run stops itself after MINUTES (the learning rate decays over them) and writes
     # straight under OUT/run, one folder down, so a run cut short still returns its files.
@@ -52,18 +54,18 @@ run)
     # and the object refiners trained on them stay valid.
     freeze=()
     [ "${FREEZE:-1}" = 1 ] && freeze=(--freeze-encoder)
-    timeout $(python3 -c "print(int(60 * $minutes + 120))") \
-        python3 -m napari_revolver.cli train --out "$out/run" --device "$device" --init "$init" \
-        --data .gpu-data --datasets "$datasets" --steps "${STEPS:-100000}" --minutes "$minutes" \
+    timeout $("$py" -c "print(int(60 * $minutes + 120))") \
+        "$py" -m napari_revolver.cli train --out "$out/run" --device "$device" --init "$init" \
+        --data "$data" --datasets "$datasets" --steps "${STEPS:-100000}" --minutes "$minutes" \
         --batch "${BATCH:-32}" --lr "${LR:-8e-4}" --crop "${CROP:-256}" --workers "$workers" \
         --checkpoint-every "${CHECKPOINT_EVERY:-100}" --val-every "${VAL_EVERY:-200}" \
         --p-real "${P_REAL:-0.6}" "${freeze[@]}" >"$out/train.log" 2>&1 || true
     tail -3 "$out/train.log"
-    timeout "${TEST_S:-90}" python3 -m pytest -q -p no:cacheprovider tests/core/test_model.py \
+    timeout "${TEST_S:-90}" "$py" -m pytest -q -p no:cacheprovider tests/core/test_model.py \
         tests/core/test_predictor.py -k "cuda or device or tiled or model" \
         >"$out/cuda-tests.log" 2>&1 || true
     tail -1 "$out/cuda-tests.log"
-    timeout "${SPEED_S:-90}" python3 benchmarks/engine_speed.py --device "$device" --json \
+    timeout "${SPEED_S:-90}" "$py" benchmarks/engine_speed.py --device "$device" --json \
         >"$out/gpu-speed.json" 2>&1 || true
     tail -3 "$out/gpu-speed.json"
     ;;
