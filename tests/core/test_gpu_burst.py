@@ -61,7 +61,9 @@ def test_the_burst_trains_on_its_default_worker_count_and_keeps_the_encoder(
     assert done.returncode == 0, done.stderr + log_text
     assert "episode workers" in done.stdout
     assert "error" not in log_text.lower(), log_text
-    steps = [json.loads(line)["step"] for line in (out / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (out / "run" / "log.jsonl").read_text().splitlines()
+    ]
     assert steps == [0, 1]
     shipped = load_file(str(default_weights_path()))
     state = torch.load(out / "run" / "checkpoint.pt", weights_only=True)["model"]
