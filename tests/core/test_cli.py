@@ -512,7 +512,7 @@ def test_train_writes_checkpoint_log_and_weights_then_resumes(
 def test_train_with_a_frozen_encoder_and_a_time_budget(tiny_weights: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from napari_revolver.core.train import TrainConfig, _lr_at
+    from napari_revolver.core.train import TrainConfig, _lr_at, train
     from napari_revolver.core.weights import encoder_state_equal
 
     run = tmp_path / "run"
@@ -532,8 +532,6 @@ def test_train_with_a_frozen_encoder_and_a_time_budget(tiny_weights: Path, tmp_p
     assert _lr_at(cfg, 400, elapsed_s=0.0) == pytest.approx(1.0, abs=1e-3)
     assert _lr_at(cfg, 400, elapsed_s=300.0) == pytest.approx(0.5, abs=1e-3)
     assert _lr_at(cfg, 400, elapsed_s=900.0) == 0.0
-    from napari_revolver.core.train import train
-
     with pytest.raises(ValueError, match="init"):
         train(TrainConfig(out=str(tmp_path / "r2"), model="revolver-tiny", freeze_encoder=True))
 

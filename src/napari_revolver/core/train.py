@@ -191,8 +191,7 @@ def evaluate(
         The mean over episodes of :func:`~napari_revolver.core.evaluate.foreground_iou`
         between the predicted mask (logit > 0, probability > 0.5) and ``target > 0.5``.
     """
-    was_training = model.training
-    modes = {m: m.training for m in model.modules()}
+    modes = {module: module.training for module in model.modules()}
     model.eval()
     ious = []
     for s, m, q, t, a in batches:
@@ -201,9 +200,8 @@ def evaluate(
         pred = (model(s.to(device), m.to(device), q.to(device), a.to(device)) > 0).cpu().numpy()
         truth = (t > 0.5).numpy()
         ious.extend(foreground_iou(p, g) for p, g in zip(pred, truth, strict=True))
-    if was_training:
-        for m, mode in modes.items():
-            m.train(mode)
+    for module, mode in modes.items():
+        module.train(mode)
     return float(np.mean(ious))
 
 
