@@ -89,6 +89,71 @@ def test_pixel_fit_checks_shapes_and_channels() -> None:
     assert PixelFit.from_dict(fit.to_dict()).to_dict() == fit.to_dict()
 
 
+def test_smoothing_keeps_constants_and_spreads_an_impulse_evenly() -> None:
+    flat = torch.full((2, 9, 11), 3.0)
+    torch.testing.assert_close(pf.smooth_cells(flat, 1.5), flat)
+    assert pf.smooth_cells(flat, 0.0) is flat
+    impulse = torch.zeros(1, 21, 21)
+    impulse[0, 10, 10] = 1.0
+    out = pf.smooth_cells(impulse, 2.0)[0]
+    assert float(out.sum()) == pytest.approx(1.0, abs=1e-5)
+    torch.testing.assert_close(out, out.flip(0))
+    torch.testing.assert_close(out, out.T)
+    assert float(out[10, 10]) == pytest.approx(1 / (2 * np.pi * 4), rel=0.05)
+    # Smoothing and the shift act on the fit's logit, and survive a task file.
+    fit = PixelFit(np.zeros(1), np.ones(1), np.array([1.0, 0.0]), 1.0, bias=-0.5, smooth=2.0)
+    torch.testing.assert_close(fit.logits(impulse[:, None])[0], out - 0.5)
+    assert PixelFit.from_dict(fit.to_dict()).to_dict() == fit.to_dict()
+    with pytest.raises(ValueError, match="smoothing must be >= 0"):
+        PixelFit(np.zeros(1), np.ones(1), np.zeros(2), 1.0, smooth=-1.0)
+
+
+def _small_noisy_class(
+    rng: np.random.Generator, patches: bool, n: int = 96
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """One feature channel, a class on about 8% of the cells, both classes with unit noise.
+
+    ``patches``: the class is square patches (neighbours share it); else scattered cells.
+    """
+    if patches:
+        truth = np.zeros((n, n), bool)
+        for y in range(6, n - 12, 24):
+            for x in range(6, n - 12, 24):
+                truth[y : y + 7, x : x + 7] = True
+    else:
+        truth = np.random.default_rng(7).random((n, n)) < 0.08
+    x = np.where(truth, 1.0, -1.0) + rng.normal(size=(n, n))
+    masks = torch.from_numpy(np.stack([truth, ~truth]).astype(np.float32))
+    return torch.from_numpy(x[None].astype(np.float32)), masks, truth
+
+
+def _iou(fit: PixelFit, x: torch.Tensor, truth: np.ndarray, net: torch.Tensor) -> float:
+    """IoU of the task's foreground where the network's logits are ``net``."""
+    z = fit.combine(net, fit.logits(x[None])[0]).numpy() > 0
+    return float((z & truth).sum() / (z | truth).sum())
+
+
+@pytest.mark.parametrize("patches", [False, True])
+def test_cross_validation_shifts_or_smooths_a_fit_that_overmarks_a_small_class(
+    rng, patches: bool
+) -> None:
+    x, masks, truth = _small_noisy_class(rng, patches)
+    # A network that knows nothing: loud noise, unrelated to the class.
+    net = torch.from_numpy(4.0 * np.random.default_rng(3).normal(size=truth.shape)).float()
+    fit = validated_fit([x], [masks], lambda fold: [net])
+    assert fit is not None and (fit.gain, fit.net_weight) == (1.0, 0.0)
+    if patches:
+        # Neighbours share the class: smoothing pools the noise.
+        assert fit.smooth > 0.0
+    else:
+        # Both classes weigh the same in the fit, so unshifted it marks far more than the
+        # class: the held-out quadrants move its threshold up, and smoothing would only blur.
+        assert fit.bias < 0.0 and fit.smooth == 0.0
+    raw = replace(fit, bias=0.0, smooth=0.0)  # the fit as it was chosen before either
+    fresh, _, _ = _small_noisy_class(rng, patches)  # the same scene, new noise: not fitted on
+    assert _iou(fit, fresh, truth, net) > _iou(raw, fresh, truth, net) + 0.05
+
+
 def test_guide_labels_gives_a_task_that_predictions_use(predictor, blobs) -> None:
     image, fg = blobs
     predictor.set_volume(image)
