@@ -327,6 +327,46 @@ def test_clicks_a_network_that_over_segments_gets_wrong_give_the_fit(predictor, 
     cells = fg[0].reshape(32, 4, 32, 4).mean((1, 3))
     sure = (cells == 0) | (cells == 1)
     assert np.mean((z > 0)[sure] == (cells[sure] == 1)) > 0.85
+    # Drawn for the slice: smoothed, calibrated to the class's share of it (which the fit
+    # estimates) and thresholded for the best expected IoU.
+    z = replace(fit, bias=0.0).logits(x[None]).numpy()
+    share, prior = pf.prior_shift(z)
+    t, _ = pf.expected_iou_threshold(1 / (1 + np.exp(-(z + prior))))
+    assert fit.smooth == pf.CLICK_SMOOTHING
+    assert fit.bias == pytest.approx(prior - np.log(t / (1 - t)))
+    assert (fit.scores["fit_share"], fit.scores["fit_threshold"]) == pytest.approx((share, t))
+    assert abs(share - fg[0].mean()) < 0.1
+
+
+def test_prior_shift_recovers_the_share_of_a_class(rng) -> None:
+    for share in (0.05, 0.3, 0.8):
+        y = rng.random(20000) < share
+        # A balanced fit of two unit Gaussians at -1 and +1: its logit is 2 x.
+        z = 2.0 * (np.where(y, 1.0, -1.0) + rng.normal(size=y.size))
+        est, shift = pf.prior_shift(z)
+        assert est == pytest.approx(share, abs=0.02)
+        assert shift == pytest.approx(np.log(est / (1 - est)))
+        # Shifted, the fit's errors are the fewest: the posterior is calibrated.
+        errors = [np.mean((z + b > 0) != y) for b in (shift - 1.0, shift, shift + 1.0)]
+        assert errors[1] == min(errors)
+    with pytest.raises(ValueError, match="at least one cell"):
+        pf.prior_shift(np.zeros(0))
+
+
+def test_expected_iou_threshold_is_the_best_threshold_on_calibrated_labels(rng) -> None:
+    # A class that is hard to tell: probabilities spread low; labels drawn from them.
+    p = rng.beta(1.0, 6.0, size=200000)
+    y = rng.random(p.size) < p
+    t, expected = pf.expected_iou_threshold(p)
+    grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
+    realised = {g: np.sum((p > g) & y) / np.sum((p > g) | y) for g in grid}
+    assert t < 0.5 and realised[t] > realised[0.5] + 0.05
+    assert realised[t] == pytest.approx(max(realised.values()), abs=0.005)
+    assert expected == pytest.approx(realised[t], abs=0.01)
+    # Sure labels: every threshold is as good, and 0.5 is kept.
+    assert pf.expected_iou_threshold(np.r_[np.zeros(50), np.ones(50)]) == (0.5, 1.0)
+    with pytest.raises(ValueError, match="at least one cell"):
+        pf.expected_iou_threshold(np.zeros(0))
 
 
 def test_a_fit_that_claims_more_than_the_network_is_not_used(predictor, blobs) -> None:
