@@ -246,7 +246,7 @@ def test_painted_slices_are_kept_marked_and_undo_clears_the_mark(
     labels.paint((5, 100, 100), 1, refresh=True)
     box = widget.propagate_box
     assert widget.session.image.painted == {(5,)}
-    assert box.strip.painted == {5} and box.painted_label.text() == "Painted by hand: 5"
+    assert box.strip.painted == {5} and box.painted_label.text() == "Slices painted by hand: 5"
     painted = labels.data[5].copy()
     propagate_and_wait(qtbot, widget)
     np.testing.assert_array_equal(labels.data[5], painted)
@@ -257,7 +257,7 @@ def test_painted_slices_are_kept_marked_and_undo_clears_the_mark(
     assert widget.session.image.painted == {(5,)}  # the first stroke is still there
     labels.undo()
     assert widget.session.image.painted == set()
-    assert box.strip.painted == set() and box.painted_label.text() == "Painted by hand: none"
+    assert box.strip.painted == set() and box.painted_label.text() == "Slices painted by hand: none"
     box.recompute_check.setChecked(True)
     labels.paint((5, 100, 100), 1, refresh=True)
     propagate_and_wait(qtbot, widget)

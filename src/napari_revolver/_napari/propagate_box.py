@@ -97,7 +97,7 @@ class PropagateBox(SessionBox):
         self.strip = SliceStrip()
         form.addRow("", self.strip)
         prow = QHBoxLayout()
-        self.painted_label = QLabel("Painted by hand: none")
+        self.painted_label = QLabel("Slices painted by hand: none")
         self.painted_label.setWordWrap(True)
         self.forget_button = QPushButton("Forget")
         self.forget_button.setToolTip("Let propagation write over the painted slices again")
@@ -263,7 +263,8 @@ class PropagateBox(SessionBox):
     def _on_painted(self, state: ImageState) -> None:
         if state is not self.session.image:
             return
-        self.painted_label.setText(f"Painted by hand: {L.slices_text(sorted(state.painted))}")
+        painted = L.slices_text(sorted(state.painted))
+        self.painted_label.setText(f"Slices painted by hand: {painted}")
         self.forget_button.setEnabled(bool(state.painted))
         self.show_slice()
 
