@@ -87,8 +87,9 @@ BIASES = (-3.0, -2.5, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0)
 SMOOTHING = (0.0, 1.0, 2.0)
 #: Lead in cross-validated IoU a candidate needs over the network alone.
 MARGIN = 0.05
-#: Annotated fine cells per class below which the network is used alone.
-MIN_CELLS = 200
+#: Annotated fine cells per class below which the network is used alone (32 cells are 512
+#: pixels: a small class, as glia or synapses in EM, painted on a whole slice).
+MIN_CELLS = 32
 #: L2 strength of the fit, on standardised features.
 STRENGTH = 10.0
 #: Annotated cells per class a fit is solved on at most (evenly spaced among them): a painted
