@@ -333,9 +333,23 @@ def test_clicks_a_network_that_over_segments_gets_wrong_give_the_fit(predictor, 
     share, prior = pf.prior_shift(z)
     t, _ = pf.expected_iou_threshold(1 / (1 + np.exp(-(z + prior))))
     assert fit.smooth == pf.CLICK_SMOOTHING
+    assert pf.BIASES[0] < fit.bias < pf.BIASES[-1]
     assert fit.bias == pytest.approx(prior - np.log(t / (1 - t)))
+    assert pf.drawn_shift(z) == pytest.approx((share, t, fit.bias))
     assert (fit.scores["fit_share"], fit.scores["fit_threshold"]) == pytest.approx((share, t))
     assert abs(share - fg[0].mean()) < 0.1
+
+
+def test_the_drawn_shift_stays_within_what_a_painted_support_may_choose(rng) -> None:
+    # A fit sure of almost nothing: its share is estimated near zero, and the shift that
+    # implies would erase the few cells it does mark.
+    z = np.r_[np.full(5000, -12.0), np.full(5, 5.0)] + 0.1 * rng.normal(size=5005)
+    share, t, shift = pf.drawn_shift(z)
+    unbounded = np.log(share / (1 - share)) - np.log(t / (1 - t))
+    assert share < 0.001 and np.sum(z + unbounded > 0) == 0
+    assert shift == pf.BIASES[0] and np.sum(z + shift > 0) == 5
+    # And one sure of almost everything.
+    assert pf.drawn_shift(-z)[2] == pf.BIASES[-1]
 
 
 def test_prior_shift_recovers_the_share_of_a_class(rng) -> None:

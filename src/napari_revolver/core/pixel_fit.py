@@ -70,6 +70,7 @@ __all__ = [
     "FitInputs",
     "fit_features",
     "fit_inputs",
+    "drawn_shift",
     "expected_iou_threshold",
     "prior_shift",
     "validated_click_fit",
@@ -604,6 +605,31 @@ def expected_iou_threshold(probabilities: np.ndarray) -> tuple[float, float]:
     return best, best_iou
 
 
+def drawn_shift(logits: np.ndarray) -> tuple[float, float, float]:
+    """Find the shift that draws a balanced fit for its slices: calibrated, IoU-thresholded.
+
+    Parameters
+    ----------
+    logits : np.ndarray
+        The balanced fit's logits on every cell of the support slices (smoothed as it will be
+        drawn), any shape.
+
+    Returns
+    -------
+    (float, float, float)
+        The class's estimated share (:func:`prior_shift`), the threshold on the calibrated
+        probabilities (:func:`expected_iou_threshold`) and the shift of the logit that both
+        imply, ``log(pi / (1 - pi)) - log(t / (1 - t))``, kept within :data:`BIASES` (the
+        shifts a painted support may choose): a share estimated near zero (or one) by a fit
+        that is sure of few cells would otherwise erase the class (or fill the slice).
+    """
+    z = np.asarray(logits, np.float64).reshape(-1)
+    share, prior = prior_shift(z)
+    threshold, _ = expected_iou_threshold(1.0 / (1.0 + np.exp(-(z + prior))))
+    shift = prior - math.log(threshold / (1.0 - threshold))
+    return share, threshold, min(max(shift, BIASES[0]), BIASES[-1])
+
+
 def _balanced(correct: np.ndarray, y: np.ndarray) -> float:
     """Class-balanced mean of per-click scores ``correct`` (clicks labelled ``y``)."""
     return float(np.mean([correct[y == c].mean() for c in (0, 1)]))
@@ -665,7 +691,8 @@ def validated_click_fit(
         ``"net_on_clicks"`` and both foreground fractions (of the fit as chosen: both
         classes weighing the same). An active fit is shifted by :func:`prior_shift` of its
         logits on the support slices (the estimated share is ``scores["fit_share"]``) and
-        smoothed by :data:`CLICK_SMOOTHING` fine cells.
+        the threshold of :func:`expected_iou_threshold` (``scores["fit_threshold"]``), within
+        :data:`BIASES`, and smoothed by :data:`CLICK_SMOOTHING` fine cells.
 
     Raises
     ------
@@ -757,9 +784,7 @@ def validated_click_fit(
     # class's share of the support slices, and thresholded where the expected IoU is best.
     smooth = PixelFit(mean, scale, coef, 1.0, smooth=CLICK_SMOOTHING)
     z = np.concatenate([smooth.logits(f[None].float()).reshape(-1).numpy() for f in feats])
-    share, prior = prior_shift(z)
-    threshold, _ = expected_iou_threshold(1.0 / (1.0 + np.exp(-(z + prior))))
+    share, threshold, shift = drawn_shift(z)
     scores["fit_share"] = share
     scores["fit_threshold"] = threshold
-    shift = prior - math.log(threshold / (1.0 - threshold))
     return PixelFit(mean, scale, coef, 1.0, 0.0, scores, bias=shift, smooth=CLICK_SMOOTHING)
