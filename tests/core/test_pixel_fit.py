@@ -104,6 +104,9 @@ def test_smoothing_keeps_constants_and_spreads_an_impulse_evenly() -> None:
     fit = PixelFit(np.zeros(1), np.ones(1), np.array([1.0, 0.0]), 1.0, bias=-0.5, smooth=2.0)
     torch.testing.assert_close(fit.logits(impulse[:, None])[0], out - 0.5)
     assert PixelFit.from_dict(fit.to_dict()).to_dict() == fit.to_dict()
+    # Task files written before the fit had a smoothing and a shift read as neither.
+    old = {k: v for k, v in fit.to_dict().items() if k not in ("bias", "smooth")}
+    assert (PixelFit.from_dict(old).bias, PixelFit.from_dict(old).smooth) == (0.0, 0.0)
     with pytest.raises(ValueError, match="smoothing must be >= 0"):
         PixelFit(np.zeros(1), np.ones(1), np.zeros(2), 1.0, smooth=-1.0)
 
