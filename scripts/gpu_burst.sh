@@ -51,7 +51,9 @@ run)
     # The run stops itself after MINUTES (the learning rate decays over them) and writes
     # straight under OUT/run, one folder down, so a run cut short still returns its files.
     # --freeze-encoder (FREEZE=1, the default) keeps the shipped encoder: the cached features
-    # and the object refiners trained on them stay valid.
+    # and the object refiners trained on them stay valid. No inverted or colour-mixed episodes
+    # by default (P_INVERT, P_COLOUR): at an equal CPU budget they cost the plant cell and
+    # U2OS and gained nothing on H&E or mitochondria (docs/model-card.md, v10).
     freeze=()
     [ "${FREEZE:-1}" = 1 ] && freeze=(--freeze-encoder)
     timeout $("$py" -c "print(int(60 * $minutes + 120))") \
@@ -59,7 +61,9 @@ run)
         --data "$data" --datasets "$datasets" --steps "${STEPS:-100000}" --minutes "$minutes" \
         --batch "${BATCH:-32}" --lr "${LR:-8e-4}" --crop "${CROP:-256}" --workers "$workers" \
         --checkpoint-every "${CHECKPOINT_EVERY:-100}" --val-every "${VAL_EVERY:-200}" \
-        --p-real "${P_REAL:-0.6}" "${freeze[@]}" >"$out/train.log" 2>&1 || true
+        --p-real "${P_REAL:-0.6}" --p-instance "${P_INSTANCE:-0.6}" \
+        --p-invert "${P_INVERT:-0}" --p-colour "${P_COLOUR:-0}" \
+        "${freeze[@]}" >"$out/train.log" 2>&1 || true
     tail -3 "$out/train.log"
     timeout "${TEST_S:-90}" "$py" -m pytest -q -p no:cacheprovider tests/core/test_model.py \
         tests/core/test_predictor.py -k "cuda or device or tiled or model" \

@@ -245,6 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.4,
         help="share of aligned episodes that follow one object (default 0.4)",
     )
+    p.add_argument(
+        "--p-invert",
+        type=float,
+        default=0.4,
+        help="share of episodes read intensity-inverted (default 0.4)",
+    )
+    p.add_argument(
+        "--p-colour",
+        type=float,
+        default=0.25,
+        help="share of episodes with a random colour mixing, as stain variation (default 0.25)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--workers", type=int, default=1, help="episode-generating processes")
@@ -841,6 +853,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.crop % 32:
         raise ValueError(f"--crop must be a multiple of 32; got {args.crop}")
+    for name in ("p_real", "p_instance", "p_invert", "p_colour"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} is a share, between 0 and 1; got {getattr(args, name)}")
     device = str(resolve_device(args.device))
     cfg = TrainConfig(
         out=str(args.out),
@@ -861,6 +877,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         init=str(args.init) if args.init else None,
         guidance=not args.no_guidance,
         p_instance=args.p_instance,
+        p_invert=args.p_invert,
+        p_colour=args.p_colour,
         freeze_encoder=args.freeze_encoder,
         minutes=args.minutes,
     )

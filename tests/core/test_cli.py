@@ -536,6 +536,23 @@ def test_train_with_a_frozen_encoder_and_a_time_budget(tiny_weights: Path, tmp_p
         train(TrainConfig(out=str(tmp_path / "r2"), model="revolver-tiny", freeze_encoder=True))
 
 
+def test_train_takes_the_share_of_inverted_and_colour_mixed_episodes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from napari_revolver.core.train import TrainConfig, _episode_config
+
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), "--model", "revolver-tiny", "--crop", "64", "--steps", "1"]
+    args += ["--batch", "2", "--val-episodes", "8", "--workers", "0", "--device", "cpu"]
+    assert cli.main([*args, "--p-invert", "0", "--p-colour", "0.1"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert (config["p_invert"], config["p_colour"]) == (0.0, 0.1)
+    ecfg = _episode_config(TrainConfig(**config), p_instance=0.7)
+    assert (ecfg.p_invert, ecfg.p_colour, ecfg.p_instance, ecfg.crop) == (0.0, 0.1, 0.7, 64)
+    assert cli.main([*args, "--p-colour", "1.5"]) == 1
+    assert "--p-colour is a share, between 0 and 1; got 1.5" in capsys.readouterr().err
+
+
 def test_train_rejects_a_crop_that_is_not_a_multiple_of_32(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -65,6 +65,9 @@ def test_the_burst_trains_on_its_default_worker_count_and_keeps_the_encoder(
         json.loads(line)["step"] for line in (out / "run" / "log.jsonl").read_text().splitlines()
     ]
     assert steps == [0, 1]
+    # The recipe: no inverted or colour-mixed episodes, 60% one-object episodes.
+    config = json.loads((out / "run" / "config.json").read_text())
+    assert (config["p_invert"], config["p_colour"], config["p_instance"]) == (0.0, 0.0, 0.6)
     shipped = load_file(str(default_weights_path()))
     state = torch.load(out / "run" / "checkpoint.pt", weights_only=True)["model"]
     assert encoder_state_equal(shipped, state)

@@ -69,6 +69,10 @@ class TrainConfig:
     guidance: bool = True
     #: Share of aligned episodes that are instance tasks (see ``EpisodeConfig``).
     p_instance: float = 0.4
+    #: Share of episodes read intensity-inverted, and of episodes with a random colour mixing
+    #: (see ``EpisodeConfig``); training and validation episodes alike.
+    p_invert: float = 0.4
+    p_colour: float = 0.25
     #: Keep the encoder as ``init`` has it (weights and batch-norm statistics): the cached
     #: features, and the click refiner and follower that read them, stay valid.
     freeze_encoder: bool = False
@@ -135,7 +139,7 @@ class _Mixed(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         info = torch.utils.data.get_worker_info()
         seed = self.seed + (info.id if info else 0) * 7919
-        ecfg = EpisodeConfig(crop=self.cfg.crop, p_instance=self.cfg.p_instance)
+        ecfg = _episode_config(self.cfg, p_instance=self.cfg.p_instance)
         synth = SyntheticEpisodes(ecfg, seed)
         real = None
         if self.cfg.data:
@@ -150,14 +154,19 @@ class _Mixed(torch.utils.data.IterableDataset):
             yield _collate(eps)
 
 
+def _episode_config(cfg: TrainConfig, **overrides: float) -> EpisodeConfig:
+    """Return the episodes a run draws: its crop, its shares of inverted and colour-mixed ones."""
+    return EpisodeConfig(crop=cfg.crop, p_invert=cfg.p_invert, p_colour=cfg.p_colour, **overrides)
+
+
 def _validation_set(cfg: TrainConfig) -> list[tuple[torch.Tensor, ...]]:
     """Draw fixed, seeded validation batches: synthetic, and the held-out split of real data."""
-    synth = SyntheticEpisodes(EpisodeConfig(crop=cfg.crop), seed=10_000 + cfg.seed)
+    synth = SyntheticEpisodes(_episode_config(cfg), seed=10_000 + cfg.seed)
     n = max(1, cfg.val_episodes // 8)
     batches = [_collate([next(synth) for _ in range(8)]) for _ in range(n)]
     if cfg.data:
         stacks = load_labelled_stacks(cfg.data, cfg.datasets or None, "val")
-        real = StackEpisodes(stacks, EpisodeConfig(crop=cfg.crop), seed=20_000 + cfg.seed)
+        real = StackEpisodes(stacks, _episode_config(cfg), seed=20_000 + cfg.seed)
         batches += [_collate([next(real) for _ in range(8)]) for _ in range(n)]
     return batches
 
