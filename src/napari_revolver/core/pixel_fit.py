@@ -66,6 +66,7 @@ __all__ = [
     "CLICK_SMOOTHING",
     "PixelFit",
     "SMOOTHING",
+    "smooth_cells",
     "cell_features",
     "FitInputs",
     "fit_features",
@@ -196,16 +197,13 @@ class PixelFit:
         b = float(self.coef[-1] - np.dot(self.coef[:-1], self.mean / self.scale))
         if isinstance(features, torch.Tensor):
             out = torch.einsum("bdhw,d->bhw", features.float(), w) + b
-            return smooth_cells(out, self.smooth) + self.bias
-        fine, coarse, filters = features.parts
-        cf, cc = fine.shape[1], coarse.shape[1]
-        out = torch.einsum("bdhw,d->bhw", fine.float(), w[:cf])
-        low = torch.einsum("bdhw,d->bhw", coarse.float(), w[cf : cf + cc])[:, None]
-        out = (
-            out
-            + F.interpolate(low, size=out.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        )
-        out = out + torch.einsum("bdhw,d->bhw", filters, w[cf + cc :]) + b
+        else:
+            fine, coarse, filters = features.parts
+            cf, cc = fine.shape[1], coarse.shape[1]
+            out = torch.einsum("bdhw,d->bhw", fine.float(), w[:cf])
+            low = torch.einsum("bdhw,d->bhw", coarse.float(), w[cf : cf + cc])[:, None]
+            up = F.interpolate(low, size=out.shape[-2:], mode="bilinear", align_corners=False)
+            out = out + up[:, 0] + torch.einsum("bdhw,d->bhw", filters, w[cf + cc :]) + b
         return smooth_cells(out, self.smooth) + self.bias
 
     def combine(self, net_logits: torch.Tensor, fit_logits: torch.Tensor) -> torch.Tensor:
@@ -476,10 +474,14 @@ def validated_fit(
     mean = s.x.mean(0)
     scale = s.x.std(0) + 1e-3
     coef = _fit(s, np.ones(len(s.y), bool), mean, scale)
-    # (name, network weight, gain); every mix with the fit is tried at each smoothing and shift.
-    mixes = [("net", 1.0, 0.0), *[(f"net+{g:g}*fit", 1.0, g) for g in GAINS], ("fit", 0.0, 1.0)]
+    # name: (network weight, gain); every mix with the fit is tried at each smoothing and shift.
+    mixes = {"net": (1.0, 0.0), **{f"net+{g:g}*fit": (1.0, g) for g in GAINS}, "fit": (0.0, 1.0)}
     keys = [("net", 0.0, 0.0)] + [
-        (name, sigma, bias) for name, _, g in mixes if g for sigma in SMOOTHING for bias in BIASES
+        (name, sigma, bias)
+        for name, (_, g) in mixes.items()
+        if g
+        for sigma in SMOOTHING
+        for bias in BIASES
     ]
     inter = dict.fromkeys(keys, 0.0)
     union = dict.fromkeys(keys, 0.0)
@@ -511,7 +513,7 @@ def validated_fit(
         truth = s.y[held] > 0
         wt = s.w[held]
         for name, sigma, bias in keys:
-            _, net_weight, gain = next(m for m in mixes if m[0] == name)
+            net_weight, gain = mixes[name]
             z = net_weight * net + gain * (smoothed[sigma] + bias) if gain else net
             pred = z > 0
             inter[(name, sigma, bias)] += float(np.sum(wt * (pred & truth)))
@@ -521,10 +523,10 @@ def validated_fit(
     score = {k: inter[k] / union[k] if union[k] else 0.0 for k in keys}
     # Ties go to the network, then to the smaller shift and the lesser smoothing.
     best = max(keys, key=lambda k: (score[k], k[0] == "net", -abs(k[2]), -k[1]))
-    scores = {name: max(v for k, v in score.items() if k[0] == name) for name, _, _ in mixes}
+    scores = {name: max(v for k, v in score.items() if k[0] == name) for name in mixes}
     if best[0] == "net" or score[best] - score[keys[0]] <= MARGIN:
         return PixelFit(mean, scale, coef, 0.0, 1.0, scores)
-    _, net_weight, gain = next(m for m in mixes if m[0] == best[0])
+    net_weight, gain = mixes[best[0]]
     return PixelFit(mean, scale, coef, gain, net_weight, scores, bias=best[2], smooth=best[1])
 
 
@@ -555,13 +557,11 @@ def prior_shift(logits: np.ndarray, iterations: int = 100) -> tuple[float, float
         raise ValueError("prior_shift needs the logits of at least one cell")
     pi = 0.5
     for _ in range(iterations):
-        shift = math.log(pi / (1.0 - pi))
-        new = float(np.mean(0.5 * (1.0 + np.tanh(0.5 * (z + shift)))))
-        new = min(max(new, 1e-4), 1.0 - 1e-4)
-        if abs(new - pi) < 1e-6:
-            pi = new
-            break
+        new = float(np.mean(0.5 * (1.0 + np.tanh(0.5 * (z + math.log(pi / (1.0 - pi)))))))
+        new, last = min(max(new, 1e-4), 1.0 - 1e-4), pi
         pi = new
+        if abs(new - last) < 1e-6:
+            break
     return pi, math.log(pi / (1.0 - pi))
 
 
@@ -782,8 +782,15 @@ def validated_click_fit(
     # The clicks chose the fit as a classifier, both classes weighing the same (as held-out
     # clicks do). It is drawn for the slice: smoothed, its probabilities calibrated to the
     # class's share of the support slices, and thresholded where the expected IoU is best.
-    smooth = PixelFit(mean, scale, coef, 1.0, smooth=CLICK_SMOOTHING)
-    z = np.concatenate([smooth.logits(f[None].float()).reshape(-1).numpy() for f in feats])
+    maps = np.split(z_all, np.cumsum([f.shape[-2] * f.shape[-1] for f in feats])[:-1])
+    z = np.concatenate(
+        [
+            smooth_cells(torch.from_numpy(m.reshape(1, *f.shape[-2:])), CLICK_SMOOTHING)
+            .reshape(-1)
+            .numpy()
+            for m, f in zip(maps, feats, strict=True)
+        ]
+    )
     share, threshold, shift = drawn_shift(z)
     scores["fit_share"] = share
     scores["fit_threshold"] = threshold
