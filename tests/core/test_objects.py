@@ -38,6 +38,29 @@ def test_one_click_selects_only_the_clicked_look_alike() -> None:
     assert (mask == (ids == 2)).mean() > 0.99
 
 
+def test_a_click_beside_a_dim_spot_selects_the_whole_object() -> None:
+    # One large cell with a dim spot (a nucleus, a vacuole) beside the click, next to a
+    # look-alike: the distance to the edge at the click is small, but the cell is not a
+    # clump of small objects.
+    shape = (100, 140)
+    cell, twin = _disc(shape, 50, 45, 30), _disc(shape, 50, 108, 30)
+    spot = _disc(shape, 50, 33, 5)
+    prob = (cell | twin).astype(np.float32) * 0.95
+    prob[spot] = 0.05
+    mask = select_object(prob, np.array([[50.0, 41.0]]), np.array([1]))
+    truth = cell & ~spot
+    assert (mask & truth).sum() / (mask | truth).sum() > 0.95
+    assert not mask[twin].any()
+    # A row of touching discs is still a clump of objects, wherever the first is clicked.
+    shape = (40, 80)
+    discs = [_disc(shape, 20, cx, 8) for cx in (14, 29, 44, 59)]
+    prob = np.any(discs, axis=0).astype(np.float32) * 0.95
+    for x in (11.0, 14.0, 17.0):
+        mask = select_object(prob, np.array([[20.0, x]]), np.array([1]))
+        assert mask[discs[0]].mean() > 0.8
+        assert not mask[discs[2] | discs[3]].any()
+
+
 def test_negative_click_on_a_merged_neighbour_removes_it() -> None:
     # Two discs merged by a bridge: one region, cut apart by a negative click on the second.
     prob, ids = _twins()
