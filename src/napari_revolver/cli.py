@@ -281,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
         "refiners trained on it stay valid",
     )
     p.add_argument(
+        "--fit-only",
+        action="store_true",
+        help="train only the per-task fit (its scalars and the head's inputs that read it) "
+        "on top of --init, whose encoder and head stay as they are",
+    )
+    p.add_argument(
         "--minutes",
         type=float,
         default=None,
@@ -880,6 +886,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         p_invert=args.p_invert,
         p_colour=args.p_colour,
         freeze_encoder=args.freeze_encoder,
+        fit_only=args.fit_only,
         minutes=args.minutes,
     )
     if args.init is not None and not args.init.exists():

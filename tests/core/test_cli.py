@@ -536,6 +536,32 @@ def test_train_with_a_frozen_encoder_and_a_time_budget(tiny_weights: Path, tmp_p
         train(TrainConfig(out=str(tmp_path / "r2"), model="revolver-tiny", freeze_encoder=True))
 
 
+def test_train_fit_only_moves_the_fit_and_nothing_else(tiny_weights: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from napari_revolver.core.train import TrainConfig, train
+
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), "--model", "revolver-tiny", "--crop", "64"]
+    args += ["--batch", "2", "--val-every", "50", "--val-episodes", "4", "--workers", "0"]
+    args += ["--device", "cpu", "--init", str(tiny_weights), "--lr", "0.05", "--steps", "3"]
+    assert cli.main([*args, "--fit-only"]) == 0
+    state = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    init = load_file(str(tiny_weights))
+    moved = {k for k in init if not torch.equal(init[k], state[k])}
+    # The fit's scalars and the fusions' weights moved; in those, only the columns of the fit.
+    assert {"segmentor.fit.gain", "segmentor.fuse.weight", "segmentor.fine_fuse.weight"} <= moved
+    assert moved <= {k for k in init if ".fit." in k} | {
+        "segmentor.fuse.weight",
+        "segmentor.fine_fuse.weight",
+    }
+    for name, n in (("segmentor.fuse.weight", 1), ("segmentor.fine_fuse.weight", 1 + 16)):
+        assert torch.equal(init[name][:, :-n], state[name][:, :-n])
+        assert not torch.equal(init[name][:, -n:], state[name][:, -n:])
+    with pytest.raises(ValueError, match="fit_only keeps the network of init"):
+        train(TrainConfig(out=str(tmp_path / "r2"), model="revolver-tiny", fit_only=True))
+
+
 def test_train_takes_the_share_of_inverted_and_colour_mixed_episodes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

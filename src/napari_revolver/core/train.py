@@ -76,6 +76,11 @@ class TrainConfig:
     #: Keep the encoder as ``init`` has it (weights and batch-norm statistics): the cached
     #: features, and the click refiner and follower that read them, stay valid.
     freeze_encoder: bool = False
+    #: Train the per-task fit only: its scalars and the head's input columns that read its
+    #: response and the filter responses. Everything else stays bit for bit as ``init`` has it
+    #: (the encoder, and the head's weights for the pooled vectors and the local prior), so
+    #: the fit is learnt on top of a head that keeps its behaviour with a few clicks.
+    fit_only: bool = False
     #: A wall-clock budget for this invocation: the learning rate decays over whichever of
     #: ``steps`` and ``minutes`` runs out first, and training stops there (a GPU burst of fixed
     #: length). ``None``: steps only.
@@ -283,8 +288,11 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     """AdamW; the task fit's scalars get ``FIT_LR_SCALE`` times the rate and no decay."""
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     fit = [p for n, p in trained if ".fit." in n]
-    rest = [p for n, p in trained if ".fit." not in n]
+    kept = [p for n, p in trained if ".fit." not in n and getattr(p, "no_decay", False)]
+    rest = [p for n, p in trained if ".fit." not in n and not getattr(p, "no_decay", False)]
     groups: list[dict] = [{"params": rest, "lr_scale": 1.0}]
+    if kept:
+        groups.append({"params": kept, "lr_scale": 1.0, "weight_decay": 0.0})
     if fit:
         groups.append({"params": fit, "lr_scale": FIT_LR_SCALE, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -325,17 +333,46 @@ def _initial_model(cfg: TrainConfig, ckpt: Path, device: torch.device) -> torch.
     if cfg.init and not ckpt.exists():
         widened = warm_start(model, cfg.init)
         logger.info("started from %s (widened: %s)", cfg.init, ", ".join(widened) or "none")
-    if cfg.freeze_encoder:
+    if cfg.freeze_encoder or cfg.fit_only:
         if not cfg.init:
-            raise ValueError("freeze_encoder keeps the encoder of init; give init weights")
+            what = (
+                "fit_only keeps the network" if cfg.fit_only else "freeze_encoder keeps the encoder"
+            )
+            raise ValueError(f"{what} of init; give init weights")
         model.encoder.requires_grad_(False)
+    if cfg.fit_only:
+        _train_fit_only(model)
     return model.to(device)
+
+
+def _train_fit_only(model: torch.nn.Module) -> None:
+    """Leave only the per-task fit trainable (see ``TrainConfig.fit_only``).
+
+    The fit's scalars train whole; each fusion trains only its last input columns, those that
+    read the fit (``Segmentor.fit_columns``): a gradient hook zeroes the others, and the
+    optimiser gives these layers no weight decay (which would move the frozen columns too).
+    """
+    seg = model.segmentor
+    columns = seg.fit_columns()
+    if not columns:
+        raise ValueError(
+            f"fit_only needs a model with the per-task fit; {type(seg).__name__} has none"
+        )
+    model.requires_grad_(False)
+    seg.fit.requires_grad_(True)
+    for name, n in columns.items():
+        weight = getattr(seg, name).weight
+        mask = torch.zeros_like(weight)
+        mask[:, -n:] = 1.0
+        weight.requires_grad_(True)
+        weight.register_hook(lambda g, mask=mask: g * mask)
+        weight.no_decay = True  # type: ignore[attr-defined]
 
 
 def _train_mode(model: torch.nn.Module, cfg: TrainConfig) -> None:
     """Put ``model`` in training mode; a frozen encoder stays in eval mode (its statistics)."""
     model.train()
-    if cfg.freeze_encoder:
+    if cfg.freeze_encoder or cfg.fit_only:
         model.encoder.eval()
 
 

@@ -136,6 +136,7 @@ class Segmentor(nn.Module):
         c = coarse_channels
         self.local_prior = local_prior
         self.fine_channels = fine_channels
+        self.filter_channels = filter_channels
         self.fit = TaskFit() if filter_channels else None
         extra_coarse, extra_fine = (PRIOR_CHANNELS, PRIOR_CHANNELS - 1) if local_prior else (0, 0)
         if self.fit is not None:
@@ -155,6 +156,20 @@ class Segmentor(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(fine_width, 1, 1),
         )
+
+    def fit_columns(self) -> dict[str, int]:
+        """Input columns of each fusion that read the per-task fit: the last ones.
+
+        Returns
+        -------
+        dict of str to int
+            Per fusion layer name (``fuse``, ``fine_fuse``), how many of its last input
+            channels carry the fit's response (and, in the fine fusion, the filter responses).
+            Empty for a segmentor without the fit.
+        """
+        if self.fit is None:
+            return {}
+        return {"fuse": 1, "fine_fuse": 1 + self.filter_channels}
 
     def forward(
         self,
