@@ -193,6 +193,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                             ),
                             "n_queries": r.n_queries,
                             "seeds": r.seeds,
+                            # Tasks (seeds x groups) that chose a pixel fit over the network.
+                            "fits_used": None
+                            if r.fits_used is None
+                            else sum(x.fits_used or 0 for x in results),
                             "groups": [
                                 {
                                     "support_slices": [start + s for s in x.support],
@@ -206,7 +210,13 @@ def run(args: argparse.Namespace) -> list[dict]:
                     print(
                         f"  {method:15s} P={r.points:5s} IoU {mean:.3f} ± {std:.3f} ("
                         + ", ".join(f"{x.iou_mean:.3f}" for x in results)
-                        + f"; {1000 * rows[-1]['seconds_per_slice']:.0f} ms/slice)",
+                        + f"; {1000 * rows[-1]['seconds_per_slice']:.0f} ms/slice"
+                        + (
+                            ""
+                            if r.fits_used is None
+                            else f"; fit in {rows[-1]['fits_used']} of {r.seeds * len(results)}"
+                        )
+                        + ")",
                         file=sys.stderr,
                     )
     return rows

@@ -123,6 +123,31 @@ def test_results_have_the_documented_fields(tiny_predictor, stack) -> None:
     assert "| revolver | 5 |" in table
 
 
+def test_rows_count_the_tasks_that_chose_a_pixel_fit(tiny_predictor, stack) -> None:
+    image, labels = stack
+    res = evaluate_few_shot(tiny_predictor, image, labels, support=0, points=(2, "dense"), seeds=2)
+    # The dense row's one task is the one guide_labels makes of the same painted slice.
+    painted = {0: np.where(labels[0] > 0, 1, 2).astype(np.uint8)}
+    expected = int(tiny_predictor.guide_labels(painted, fit=True).pixel_fit is not None)
+    assert res[1].fits_used == expected
+    # The points row counts its seeds' tasks: the same points (seeded), guided as it guides.
+    chosen = 0
+    for seed in range(2):
+        rng = np.random.default_rng(seed)
+        pos = sample_support_points(rng, labels[0] > 0, 2)
+        neg = sample_support_points(rng, labels[0] == 0, 2)
+        pts = np.column_stack([np.zeros(4), np.concatenate([pos, neg])])
+        task = tiny_predictor.guide(pts, np.array([1, 1, 0, 0]), fit=True)
+        chosen += task.pixel_fit is not None
+    assert res[0].fits_used == chosen
+    assert res[0].to_dict()["fits_used"] == res[0].fits_used
+    off = evaluate_few_shot(
+        tiny_predictor, image, labels, support=0, points=(2, "dense"), seeds=2, pixel_fit=False
+    )
+    assert [r.fits_used for r in off] == [0, 0]
+    assert "| 0 of 2 |" in format_table(off) and "| 0 of 1 |" in format_table(off)
+
+
 def test_fixed_queries_are_the_only_slices_scored(tiny_predictor, stack) -> None:
     image, labels = stack
     one = evaluate_few_shot(tiny_predictor, image, labels, support=0, queries=[3], points=(2,))

@@ -236,6 +236,10 @@ class EvalResult:
         Query slices scored.
     seeds : int
         Seeds averaged (1 for ``"dense"``).
+    fits_used : int or None
+        How many of the row's tasks (one per seed) carried a per-task pixel fit, the fit
+        chosen over the network alone (``RevolverPredictor.fit_clicks``, ``guide_labels``);
+        ``None`` for the forest.
     """
 
     method: str
@@ -246,6 +250,7 @@ class EvalResult:
     support: tuple[int, ...]
     n_queries: int
     seeds: int
+    fits_used: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the row as JSON-friendly built-in types."""
@@ -258,6 +263,7 @@ class EvalResult:
             "support": [int(s) for s in self.support],
             "n_queries": int(self.n_queries),
             "seeds": int(self.seeds),
+            "fits_used": None if self.fits_used is None else int(self.fits_used),
         }
 
 
@@ -599,7 +605,7 @@ class _NetworkScorer:
 
     def points_row(self, p: int, draws: list[_SupportDraw], tick: Callable[[], None]) -> EvalResult:
         """Guide with each seed's points (``draws[seed]``) and summarise budget ``p``."""
-        ious, secs = [], []
+        ious, secs, fits = [], [], 0
         for seed, per_slice in enumerate(draws):
             pts = np.concatenate(
                 [
@@ -613,15 +619,17 @@ class _NetworkScorer:
             iou, sec = self.score(task)
             ious.append(iou)
             secs.append(sec)
+            fits += task.pixel_fit is not None
             tick()
-        return _row("revolver", str(p), ious, secs, self.support, len(self.queries))
+        return _row("revolver", str(p), ious, secs, self.support, len(self.queries), fits)
 
     def dense_row(self) -> EvalResult:
         """Guide with the whole support mask(s), as one task, and score it."""
         painted = {s: np.where(self.fg[s], 1, 2).astype(np.uint8) for s in self.support}
         task = self.predictor.guide_labels(painted, name="dense", fit=self.pixel_fit)
         iou, sec = self.score(task)
-        return _row("dense", "dense", [iou], [sec], self.support, len(self.queries))
+        fits = int(task.pixel_fit is not None)
+        return _row("dense", "dense", [iou], [sec], self.support, len(self.queries), fits)
 
 
 def _ordered_rows(
@@ -713,6 +721,7 @@ def _row(
     secs: list[float],
     sup: tuple[int, ...],
     n_queries: int,
+    fits_used: int | None = None,
 ) -> EvalResult:
     return EvalResult(
         method=method,
@@ -723,6 +732,7 @@ def _row(
         support=tuple(sup),
         n_queries=n_queries,
         seeds=len(ious),
+        fits_used=fits_used,
     )
 
 
@@ -739,16 +749,19 @@ def format_table(results: Sequence[EvalResult]) -> str:
     -------
     str
         One line per row after a header: method, points per class, IoU mean and standard
-        deviation, seeds and milliseconds per query slice (``n/a`` when not finite).
+        deviation, seeds, milliseconds per query slice (``n/a`` when not finite) and how many
+        of the seeds' tasks chose a pixel fit (``n/a`` for the forest).
     """
     lines = [
-        "| method | points per class | IoU mean | IoU std | seeds | ms / slice |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | points per class | IoU mean | IoU std | seeds | ms / slice | pixel fit |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         ms = 1000 * r.seconds_per_slice
         ms_s = f"{ms:.1f}" if math.isfinite(ms) else "n/a"
+        fit = "n/a" if r.fits_used is None else f"{r.fits_used} of {r.seeds}"
         lines.append(
-            f"| {r.method} | {r.points} | {r.iou_mean:.3f} | {r.iou_std:.3f} | {r.seeds} | {ms_s} |"
+            f"| {r.method} | {r.points} | {r.iou_mean:.3f} | {r.iou_std:.3f} | {r.seeds} | "
+            f"{ms_s} | {fit} |"
         )
     return "\n".join(lines)
