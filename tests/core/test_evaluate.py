@@ -128,7 +128,8 @@ def test_rows_count_the_tasks_that_chose_a_pixel_fit(tiny_predictor, stack) -> N
     res = evaluate_few_shot(tiny_predictor, image, labels, support=0, points=(2, "dense"), seeds=2)
     # The dense row's one task is the one guide_labels makes of the same painted slice.
     painted = {0: np.where(labels[0] > 0, 1, 2).astype(np.uint8)}
-    expected = int(tiny_predictor.guide_labels(painted, fit=True).pixel_fit is not None)
+    fit = tiny_predictor.guide_labels(painted, fit=True).pixel_fit
+    expected = int(fit is not None and fit.active)
     assert res[1].fits_used == expected
     # The points row counts its seeds' tasks: the same points (seeded), guided as it guides.
     chosen = 0
@@ -138,7 +139,7 @@ def test_rows_count_the_tasks_that_chose_a_pixel_fit(tiny_predictor, stack) -> N
         neg = sample_support_points(rng, labels[0] == 0, 2)
         pts = np.column_stack([np.zeros(4), np.concatenate([pos, neg])])
         task = tiny_predictor.guide(pts, np.array([1, 1, 0, 0]), fit=True)
-        chosen += task.pixel_fit is not None
+        chosen += task.pixel_fit is not None and task.pixel_fit.active
     assert res[0].fits_used == chosen
     assert res[0].to_dict()["fits_used"] == res[0].fits_used
     off = evaluate_few_shot(

@@ -237,9 +237,9 @@ class EvalResult:
     seeds : int
         Seeds averaged (1 for ``"dense"``).
     fits_used : int or None
-        How many of the row's tasks (one per seed) carried a per-task pixel fit, the fit
-        chosen over the network alone (``RevolverPredictor.fit_clicks``, ``guide_labels``);
-        ``None`` for the forest.
+        How many of the row's tasks (one per seed) chose a per-task pixel fit over the
+        network alone (``PixelFit.active``; see ``RevolverPredictor.fit_clicks`` and
+        ``guide_labels``); ``None`` for the forest.
     """
 
     method: str
@@ -579,6 +579,11 @@ def _draw_support_points(
     return draws
 
 
+def _fit_active(task: Task) -> bool:
+    """Whether a task's pixel fit counts in its logits (a fit tried and not chosen does not)."""
+    return task.pixel_fit is not None and task.pixel_fit.active
+
+
 @dataclass(frozen=True)
 class _NetworkScorer:
     """Score tasks of the guided network on the query slices of one labelled stack."""
@@ -619,7 +624,7 @@ class _NetworkScorer:
             iou, sec = self.score(task)
             ious.append(iou)
             secs.append(sec)
-            fits += task.pixel_fit is not None
+            fits += _fit_active(task)
             tick()
         return _row("revolver", str(p), ious, secs, self.support, len(self.queries), fits)
 
@@ -628,7 +633,7 @@ class _NetworkScorer:
         painted = {s: np.where(self.fg[s], 1, 2).astype(np.uint8) for s in self.support}
         task = self.predictor.guide_labels(painted, name="dense", fit=self.pixel_fit)
         iou, sec = self.score(task)
-        fits = int(task.pixel_fit is not None)
+        fits = int(_fit_active(task))
         return _row("dense", "dense", [iou], [sec], self.support, len(self.queries), fits)
 
 
