@@ -33,6 +33,7 @@ prepare)
 run)
     out=${2:?usage: gpu_burst.sh run OUT [MINUTES]}
     minutes=${3:-6.5}
+    mkdir -p "$out"
     device=${DEVICE:-cuda}
     export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
     py=${PYTHON:-python3}
