@@ -146,6 +146,11 @@ def test_rows_count_the_tasks_that_chose_a_pixel_fit(tiny_predictor, stack) -> N
         tiny_predictor, image, labels, support=0, points=(2, "dense"), seeds=2, pixel_fit=False
     )
     assert [r.fits_used for r in off] == [0, 0]
+    # Followed by position, a task keeps the network: its fit is not counted either.
+    local = evaluate_few_shot(
+        tiny_predictor, image, labels, support=0, points=(2,), seeds=2, local=True
+    )
+    assert local[0].fits_used == 0
     assert "| 0 of 2 |" in format_table(off) and "| 0 of 1 |" in format_table(off)
 
 

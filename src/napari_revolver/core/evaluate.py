@@ -237,9 +237,9 @@ class EvalResult:
     seeds : int
         Seeds averaged (1 for ``"dense"``).
     fits_used : int or None
-        How many of the row's tasks (one per seed) chose a per-task pixel fit over the
-        network alone (``PixelFit.active``; see ``RevolverPredictor.fit_clicks`` and
-        ``guide_labels``); ``None`` for the forest.
+        How many of the row's tasks (one per seed) were predicted with a per-task pixel fit
+        in place of the network alone (``PixelFit.active``, and not followed by position;
+        see ``RevolverPredictor.fit_clicks`` and ``guide_labels``); ``None`` for the forest.
     """
 
     method: str
@@ -579,11 +579,6 @@ def _draw_support_points(
     return draws
 
 
-def _fit_active(task: Task) -> bool:
-    """Whether a task's pixel fit counts in its logits (a fit tried and not chosen does not)."""
-    return task.pixel_fit is not None and task.pixel_fit.active
-
-
 @dataclass(frozen=True)
 class _NetworkScorer:
     """Score tasks of the guided network on the query slices of one labelled stack."""
@@ -594,6 +589,14 @@ class _NetworkScorer:
     queries: list[int]
     local: bool
     pixel_fit: bool = True
+
+    def fit_used(self, task: Task) -> bool:
+        """Whether the task's pixel fit counts in the scored predictions.
+
+        Not a fit tried and not chosen (kept for its scores), and not with ``local``: a task
+        followed by position keeps the network (``RevolverPredictor.propagate``).
+        """
+        return not self.local and task.pixel_fit is not None and task.pixel_fit.active
 
     def score(self, task: Task) -> tuple[float, float]:
         """Return the query-mean IoU and seconds per query slice of one task."""
@@ -624,7 +627,7 @@ class _NetworkScorer:
             iou, sec = self.score(task)
             ious.append(iou)
             secs.append(sec)
-            fits += _fit_active(task)
+            fits += self.fit_used(task)
             tick()
         return _row("revolver", str(p), ious, secs, self.support, len(self.queries), fits)
 
@@ -633,7 +636,7 @@ class _NetworkScorer:
         painted = {s: np.where(self.fg[s], 1, 2).astype(np.uint8) for s in self.support}
         task = self.predictor.guide_labels(painted, name="dense", fit=self.pixel_fit)
         iou, sec = self.score(task)
-        fits = int(_fit_active(task))
+        fits = int(self.fit_used(task))
         return _row("dense", "dense", [iou], [sec], self.support, len(self.queries), fits)
 
 
