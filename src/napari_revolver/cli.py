@@ -1088,7 +1088,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         f"negative points drawn at random from each support slice's foreground ({fg}) and "
         f"background, {args.seeds} seed(s); foreground IoU averaged over queries, mean and std "
         "over seeds; dense = whole support mask(s), one seed; time per query slice (revolver: "
-        "features precomputed; rf: features + prediction)"
+        "features precomputed; rf: features + prediction); pixel fit = tasks whose per-task "
+        "pixel fit replaced the network (--no-pixel-fit: none)"
     )
     return 0
 
