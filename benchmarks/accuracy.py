@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                         + f"; {1000 * rows[-1]['seconds_per_slice']:.0f} ms/slice"
                         + (
                             ""
-                            if r.fits_used is None
+                            if rows[-1]["fits_used"] is None
                             else f"; fit in {rows[-1]['fits_used']} of {r.seeds * len(results)}"
                         )
                         + ")",

@@ -288,11 +288,12 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     """AdamW; the task fit's scalars get ``FIT_LR_SCALE`` times the rate and no decay."""
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     fit = [p for n, p in trained if ".fit." in n]
-    kept = [p for n, p in trained if ".fit." not in n and getattr(p, "no_decay", False)]
-    rest = [p for n, p in trained if ".fit." not in n and not getattr(p, "no_decay", False)]
-    groups: list[dict] = [{"params": rest, "lr_scale": 1.0}]
-    if kept:
-        groups.append({"params": kept, "lr_scale": 1.0, "weight_decay": 0.0})
+    rest = [p for n, p in trained if ".fit." not in n]
+    # With fit_only the rest is the fusions' weights, trained in part: decay would move the
+    # frozen columns too.
+    groups: list[dict] = [
+        {"params": rest, "lr_scale": 1.0, "weight_decay": 0.0 if cfg.fit_only else cfg.weight_decay}
+    ]
     if fit:
         groups.append({"params": fit, "lr_scale": FIT_LR_SCALE, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -350,7 +351,7 @@ def _train_fit_only(model: torch.nn.Module) -> None:
 
     The fit's scalars train whole; each fusion trains only its last input columns, those that
     read the fit (``Segmentor.fit_columns``): a gradient hook zeroes the others, and the
-    optimiser gives these layers no weight decay (which would move the frozen columns too).
+    optimiser gives them no weight decay (``_optimizer``), which would move the frozen columns.
     """
     seg = model.segmentor
     columns = seg.fit_columns()
@@ -366,7 +367,6 @@ def _train_fit_only(model: torch.nn.Module) -> None:
         mask[:, -n:] = 1.0
         weight.requires_grad_(True)
         weight.register_hook(lambda g, mask=mask: g * mask)
-        weight.no_decay = True  # type: ignore[attr-defined]
 
 
 def _train_mode(model: torch.nn.Module, cfg: TrainConfig) -> None:
