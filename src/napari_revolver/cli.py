@@ -73,6 +73,12 @@ _FLAG_WORDS = (
 )
 
 
+def _check_exists(path: Path | None, flag: str) -> None:
+    """Refuse a file given on the command line that is not there (``None``: not given)."""
+    if path is not None and not path.exists():
+        raise FileNotFoundError(f"{flag} {path} does not exist")
+
+
 def _in_flags(message: str) -> str:
     """Translate the core's parameter names in an error message into this CLI's flags."""
     for pattern, flag in _FLAG_WORDS:
@@ -327,6 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--val-objects", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from this click refiner (.safetensors, trained on --weights) instead of "
+        "from scratch: to fine-tune it on your data, or train it longer",
+    )
+    p.add_argument("--threads", type=int, default=2, help="CPU threads torch may use (default 2)")
 
     p = sub.add_parser(
         "train-follow",
@@ -365,6 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from this follower (.safetensors, trained on --weights) instead of "
+        "from scratch: to fine-tune it on your data, or train it longer",
+    )
+    p.add_argument("--threads", type=int, default=2, help="CPU threads torch may use (default 2)")
 
     p = sub.add_parser("compare", help="score a segmentation against ground-truth labels")
     p.add_argument("prediction", type=Path, help="label TIFF to score")
@@ -889,8 +911,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         fit_only=args.fit_only,
         minutes=args.minutes,
     )
-    if args.init is not None and not args.init.exists():
-        raise FileNotFoundError(f"--init weights {args.init} do not exist")
+    _check_exists(args.init, "--init")
     bar = Progress("train", unit="step")
 
     def show(p) -> None:
@@ -906,8 +927,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_train_clicks(args: argparse.Namespace) -> int:
     from .core.click_training import ClickTrainConfig, train_refiner
 
-    if args.weights is not None and not args.weights.exists():
-        raise FileNotFoundError(f"--weights {args.weights} do not exist")
+    _check_exists(args.weights, "--weights")
+    _check_exists(args.init, "--init")
     cfg = ClickTrainConfig(
         out=str(args.out),
         weights=str(args.weights) if args.weights else None,
@@ -924,6 +945,8 @@ def _cmd_train_clicks(args: argparse.Namespace) -> int:
         seed=args.seed,
         val_every=args.val_every,
         val_objects=args.val_objects,
+        init=str(args.init) if args.init else None,
+        threads=args.threads,
     )
     bar = Progress("train clicks", unit="step")
 
@@ -948,8 +971,8 @@ def _cmd_train_clicks(args: argparse.Namespace) -> int:
 def _cmd_train_follow(args: argparse.Namespace) -> int:
     from .core.follow_training import FollowTrainConfig, train_follower
 
-    if args.weights is not None and not args.weights.exists():
-        raise FileNotFoundError(f"--weights {args.weights} do not exist")
+    _check_exists(args.weights, "--weights")
+    _check_exists(args.init, "--init")
     cfg = FollowTrainConfig(
         out=str(args.out),
         weights=str(args.weights) if args.weights else None,
@@ -963,6 +986,8 @@ def _cmd_train_follow(args: argparse.Namespace) -> int:
         rollout=args.rollout,
         seed=args.seed,
         val_every=args.val_every,
+        init=str(args.init) if args.init else None,
+        threads=args.threads,
     )
     bar = Progress("train follower", unit="step")
 

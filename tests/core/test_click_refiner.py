@@ -375,6 +375,42 @@ def test_training_runs_checkpoints_and_resumes(tmp_path: Path) -> None:
     assert load_refiner(best).config.size == 32
 
 
+def test_training_starts_from_an_init_refiner_and_keeps_it_unless_beaten(tmp_path: Path) -> None:
+    small = RefinerConfig(size=32, width=8, mid_width=8, dilations=(1,))
+    first = ClickTrainConfig(
+        out=str(tmp_path / "a"), steps=2, batch=4, synthetic=3, val_every=2, val_objects=2,
+        max_corrections=2, refiner=small,
+    )  # fmt: skip
+    start = train_refiner(first)
+    # Another architecture by default: the init's replaces it. No learning rate: nothing moves,
+    # so the best is the init itself, saved at step 0 with its validation.
+    cfg = ClickTrainConfig(
+        out=str(tmp_path / "b"), steps=2, batch=4, synthetic=3, val_every=2, val_objects=2,
+        max_corrections=2, lr=0.0, init=str(start),
+    )  # fmt: skip
+    best = train_refiner(cfg)
+    log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] == 0 and "selection" in log[0] and "val" in log[0]
+    assert log[-1]["val"] == log[0]["val"]
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert saved["refiner"]["size"] == 32 and saved["init"] == str(start)
+    a, b = load_file(str(start)), load_file(str(best))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any("bn" in k or "running_mean" in k for k in a)  # trainable layout, not folded
+
+
+def test_a_refiner_of_another_role_is_refused_as_init(tmp_path: Path) -> None:
+    path = save_refiner(
+        ClickRefiner(RefinerConfig(size=32)), tmp_path / "f.safetensors", {"role": "follow"}
+    )
+    assert load_refiner(path, role="follow") is not None
+    with pytest.raises(ValueError, match="'follow' refiner; expected a 'clicks'"):
+        load_refiner(path, role="clicks")
+    cfg = ClickTrainConfig(out=str(tmp_path / "run"), steps=1, synthetic=2, init=str(path))
+    with pytest.raises(ValueError, match="expected a 'clicks'"):
+        train_refiner(cfg)
+
+
 def test_train_clicks_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from napari_revolver.cli import main
 
@@ -387,3 +423,13 @@ def test_train_clicks_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert load_refiner(run / "best.safetensors", load_weights().sha256) is not None
     with pytest.raises(SystemExit):
         main(["train-clicks"])  # --out is required
+    capsys.readouterr()
+    assert main([*args, "--init", str(tmp_path / "missing.safetensors")]) != 0
+    err = capsys.readouterr().err
+    assert "--init " in err and "missing.safetensors does not exist" in err
+    # Fine-tuning the refiner just trained, on one thread: it starts from its weights.
+    again = ["train-clicks", "--out", str(tmp_path / "ft"), "--steps", "1", "--batch", "2"]
+    again += ["--synthetic", "2", "--val-every", "1", "--val-objects", "1", "--threads", "1"]
+    assert main([*again, "--init", str(run / "best.safetensors")]) == 0
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert cfg["init"] == str(run / "best.safetensors") and cfg["threads"] == 1

@@ -43,7 +43,7 @@ from .model.click_refiner import (
     sample_window,
 )
 from .objects import refined_mask, refiner_inputs, select_object
-from .weights import LoadedWeights, load_weights, save_refiner
+from .weights import LoadedWeights, encoder_sources, load_refiner, load_weights, save_refiner
 
 if TYPE_CHECKING:
     from .predictor import RevolverPredictor
@@ -75,6 +75,10 @@ class RefinerTrainConfig:
     val_objects: int = 32
     threads: int = 2
     refiner: RefinerConfig = field(default_factory=RefinerConfig)
+    #: A refiner file of the same role to start from (fine-tuning, on new data or for longer);
+    #: its architecture replaces ``refiner``. Trained on ``weights`` (or on weights with the same
+    #: encoder). A run that already has a checkpoint resumes from that instead.
+    init: str | None = None
 
 
 @dataclass
@@ -413,9 +417,8 @@ def train_refiner(
     Resumes from ``<out>/checkpoint.pt`` when it exists. The best refiner (by the sum of the
     validation IoUs after 1, 3 and 5 clicks) is ``<out>/best.safetensors``.
     """
-    weights = start_run(cfg)
+    weights, refiner = start_run(cfg, "clicks")
     train_src, val_items = _sources(cfg, weights)
-    refiner = ClickRefiner(cfg.refiner)
     return run_steps(
         refiner,
         cfg,
@@ -429,15 +432,31 @@ def train_refiner(
     )
 
 
-def start_run(cfg: RefinerTrainConfig) -> LoadedWeights:
-    """Create the run folder, write its configuration, set threads and seeds; load weights."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+def start_run(cfg: RefinerTrainConfig, role: str) -> tuple[LoadedWeights, ClickRefiner]:
+    """Start a run: load the weights and the module to train, write the configuration.
+
+    Creates the run folder and sets threads and seeds. The module is new (``cfg.refiner``) or
+    read from ``cfg.init``, whose architecture is then written as the run's ``refiner``.
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    return load_weights(cfg.weights)
+    weights = load_weights(cfg.weights)
+    if cfg.init is None:
+        module = ClickRefiner(cfg.refiner)
+    else:
+        module = load_refiner(
+            cfg.init,
+            weights.sha256,
+            same_encoder=encoder_sources(weights.metadata),
+            role=role,
+            fused=False,
+        )
+        cfg.refiner = module.config
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    return weights, module
 
 
 def run_steps(
@@ -492,7 +511,13 @@ def run_steps(
     meta = {"base_sha256": weights.sha256, "base_model": weights.model_key, "role": role}
     with (out / "log.jsonl").open("a") as log:
         if step == 0:
-            log.write(json.dumps({"step": 0, baseline[0]: baseline[1]()}) + "\n")
+            rec0 = {"step": 0, baseline[0]: baseline[1]()}
+            if cfg.init is not None:  # the file started from is the score to beat
+                module.eval()
+                rec0["val"] = validate()
+                best = score(rec0["val"])
+                save_refiner(module, out / "best.safetensors", {**meta, "step": "0"})
+            log.write(json.dumps(rec0) + "\n")
         while step < cfg.steps:
             t = time.perf_counter()
             module.eval()

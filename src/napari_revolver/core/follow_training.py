@@ -371,9 +371,8 @@ def train_follower(
     Resumes from ``<out>/checkpoint.pt`` when it exists. The best follower (by validation 3D
     IoU) is ``<out>/best.safetensors``.
     """
-    weights = start_run(cfg)
+    weights, follower = start_run(cfg, "follow")
     onto, ends, val_items = _prepare(cfg, weights)
-    follower = ClickRefiner(cfg.refiner)
     return run_steps(
         follower,
         cfg,

@@ -295,6 +295,8 @@ def load_refiner(
     device: str | torch.device = "cpu",
     *,
     same_encoder: Collection[str] = (),
+    role: str | None = None,
+    fused: bool = True,
 ) -> ClickRefiner:
     """Load a click refiner in eval mode, checked against the network it refines.
 
@@ -310,14 +312,19 @@ def load_refiner(
         sha256s of earlier weights whose encoder the weights in use keep unchanged (see
         :func:`encoder_sources`): a refiner trained on those reads the same features, and is
         accepted too.
+    role : {"clicks", "follow"}, optional
+        What the file must have been trained as (files that record no role pass).
+    fused : bool
+        Fold the batch norms into the convolutions (for inference; the default). ``False``
+        keeps the trainable layout, to start a training run from the file.
 
     Raises
     ------
     FileNotFoundError
         If the file does not exist.
     ValueError
-        If it is not a refiner checkpoint, its sha256 differs from the recorded one, or it was
-        trained on other weights than ``base_sha256``.
+        If it is not a refiner checkpoint, its sha256 differs from the recorded one, it was
+        trained on other weights than ``base_sha256``, or in another ``role``.
     """
     path = Path(path)
     if not path.exists():
@@ -331,6 +338,12 @@ def load_refiner(
             f"click refiner {path} was trained on weights {meta.get('base_sha256', '')[:12]}, "
             f"not on the weights in use ({base_sha256[:12]})"
         )
+    if role is not None and meta.get("role", role) != role:
+        raise ValueError(
+            f"{path} is a {meta['role']!r} refiner; expected a {role!r} one "
+            "(the click refiner and the follower are trained on different episodes)"
+        )
     refiner = ClickRefiner(RefinerConfig.from_dict(json.loads(meta["refiner_config"])))
     refiner.load_state_dict(state)
-    return fuse_batchnorm(refiner.to(device).eval())  # type: ignore[return-value]
+    refiner = refiner.to(device).eval()
+    return fuse_batchnorm(refiner) if fused else refiner  # type: ignore[return-value]
