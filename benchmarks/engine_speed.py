@@ -20,6 +20,7 @@ predicting the same slice in the same process.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -219,7 +220,13 @@ def main() -> None:
     propagation_s = _propagation_s(predictor, task, sync)
     propagation_fit_s = _propagation_s(predictor, fitted, sync)
 
+    same_objects = copy.deepcopy(rng)
     following, following_anew = follow_seconds(predictor, z, labels, rng, args.objects, sync)
+    # The same objects with their ends decided by the watershed alone (no look fit).
+    params = predictor.follow_params
+    predictor.follow_params = replace(params, look=None)
+    following_no_look, _ = follow_seconds(predictor, z, labels, same_objects, args.objects, sync)
+    predictor.follow_params = params
 
     rf = RandomForestBaseline()
     feats = rf.features(image[z])
@@ -242,6 +249,7 @@ def main() -> None:
         "follow_objects": args.objects,
         "follow_s": min(following),
         "follow_clicked_anew_s": min(following_anew),
+        "follow_no_look_s": min(following_no_look),
         "precompute_s": precompute_s,
         "rf_slice_ms_median": median_ms(rf_predict),
     }
@@ -250,6 +258,7 @@ def main() -> None:
     res["encoder_vs_rf"] = res["encoder_ms_median"] / res["rf_slice_ms_median"]
     res["follow_vs_class"] = res["follow_s"] / res["propagation_s"]
     res["follow_clicked_anew_vs_class"] = res["follow_clicked_anew_s"] / res["propagation_s"]
+    res["follow_no_look_vs_class"] = res["follow_no_look_s"] / res["propagation_s"]
     res["propagation_vs_rf"] = 1000 * res["propagation_s"] / (res["rf_slice_ms_median"] * n)
     if args.json:
         print(json.dumps(res, indent=2))
@@ -302,6 +311,10 @@ def _report(res: dict, objects: int) -> None:
     print(
         f"{'  the same, clicked slices anew':38s} {res['follow_clicked_anew_s']:9.2f}s "
         f"{'':>9s} {res['follow_clicked_anew_vs_class']:7.2f}x one class task"
+    )
+    print(
+        f"{'  the same, ends by the watershed':38s} {res['follow_no_look_s']:9.2f}s "
+        f"{'':>9s} {res['follow_no_look_vs_class']:7.2f}x one class task"
     )
     print(f"{'(precompute all features)':38s} {res['precompute_s']:9.2f}s")
     print(f"{'random forest, one slice (feat+predict)':38s} {res['rf_slice_ms_median']:8.1f}ms")

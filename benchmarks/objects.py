@@ -163,6 +163,7 @@ def _follow_once(predictor, name, image, labels, z, k, given_start) -> dict:
         "start": z,
         "follower": predictor.follower is not None,
         "snap": predictor.follow_params.snap,
+        "look": predictor.follow_params.look,
         **summarise_following(res),
         "ious": [r.iou for r in res],
         "seconds": time.perf_counter() - t0,
@@ -179,7 +180,8 @@ def write(rows: list[dict], follow: list[dict], out: Path, max_clicks: int) -> N
         "",
         f"Click refiner: {'yes' if rows and rows[0]['refiner'] else 'no (selection only)'}.",
         f"Follower: {'yes' if follow and follow[0]['follower'] else 'no (the last mask)'}; "
-        f"snapped to edges: {'yes' if follow and follow[0].get('snap') else 'no'}.",
+        f"snapped to edges: {'yes' if follow and follow[0].get('snap') else 'no'}; "
+        f"ends by the objects' look: {'yes' if follow and follow[0].get('look') else 'no'}.",
         "",
         "| data set | objects | IoU@1 | IoU@3 | IoU@5 | NoC@85 | NoC@90 |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -249,6 +251,19 @@ def main() -> None:
     ap.add_argument(
         "--no-snap", action="store_true", help="followed masks not snapped to the image's edges"
     )
+    ap.add_argument(
+        "--no-look",
+        action="store_true",
+        help="the watershed's region says where followed objects end (not the follower's mask "
+        "and their look)",
+    )
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="write the tables of these objects.json files together (to --out-dir); run nothing",
+    )
     ap.add_argument("--skip-clicks", action="store_true", help="score following only")
     ap.add_argument("--sets", default=None, help="comma-separated click data sets (default all)")
     ap.add_argument("--skip-follow", action="store_true", help="score clicks only")
@@ -256,6 +271,13 @@ def main() -> None:
     ap.add_argument("--follow", type=int, default=20, help="objects followed per 3D data set")
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args()
+    if args.merge:
+        if args.out_dir is None:
+            ap.error("--merge needs --out-dir")
+        parts = [json.loads(f.read_text()) for f in args.merge]
+        rows = [r for part in parts for r in part["clicks"]]
+        write(rows, [r for part in parts for r in part["follow"]], args.out_dir, args.max_clicks)
+        return
     predictor = RevolverPredictor(args.weights, device="cpu")
     if args.refiner:
         predictor.refiner = load_refiner(args.refiner, predictor.weights.sha256)
@@ -267,6 +289,8 @@ def main() -> None:
         predictor.follower = None
     if args.no_snap:
         predictor.follow_params = replace(predictor.follow_params, snap=None)
+    if args.no_look:
+        predictor.follow_params = replace(predictor.follow_params, look=None)
     print(f"click refiner: {'none' if predictor.refiner is None else 'yes'}", flush=True)
     print(f"follower: {'none' if predictor.follower is None else 'yes'}", flush=True)
     follow = [] if args.skip_follow else follow_rows(predictor, args.data, args.follow)

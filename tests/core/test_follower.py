@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,13 @@ from napari_revolver.core.follow_training import (
     train_follower,
 )
 from napari_revolver.core.model.click_refiner import ClickRefiner, RefinerConfig
-from napari_revolver.core.objects import _follower_masks, innermost, memory_probability
+from napari_revolver.core.objects import (
+    _follower_masks,
+    _tracks,
+    innermost,
+    look_fit,
+    memory_probability,
+)
 from napari_revolver.core.predictor import RevolverPredictor
 from napari_revolver.core.weights import (
     default_refiner_path,
@@ -102,6 +109,54 @@ def test_a_follower_that_sees_nothing_ends_the_object_there(
     events = [e for step in predictor.propagate(task) for e in step.events]
     assert sorted(e.index for e in events) == [(1,), (3,)]
     assert all("nothing probable" in e.reason for e in events)
+
+
+def _vanishing(n: int, until: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A bright disc on slices ``0 .. until - 1`` of ``n``, gone after; noise everywhere."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((n, 96, 96), np.int64)
+    labels[:until][:, _disc((96, 96), 48, 44, 18)] = 1
+    images = labels.astype(np.float32) + 0.1 * rng.standard_normal(labels.shape)
+    return images.astype(np.float32), labels
+
+
+def test_an_object_ends_where_its_look_is_gone_though_the_follower_carries_it(
+    predictor: RevolverPredictor,
+) -> None:
+    images, labels = _vanishing(6, 3, 2)
+    predictor.follower = _follower(predictor, size=48).eval()  # a copy: never lets go
+    predictor.set_volume(images)
+    task = predictor.guide([[1, *innermost(labels[1] == 1)]], [1], kind="object")
+    task = replace(task, object_masks=(((1,), labels[1] == 1),))  # painted: the tiny net is blind
+    steps = list(predictor.propagate(task))
+    out = {s.index: s.result for s in steps}
+    events = [e for s in steps for e in s.events]
+    assert [e.index for e in events] == [(3,)]
+    assert "its look is gone" in events[0].reason
+    for z in (0, 2):
+        assert foreground_iou(out[(z,)] == 1, labels[z] == 1) > 0.9
+    assert not (out[(3,)] == 1).any() and not (out[(5,)] == 1).any()
+    # Without the look, the watershed's region decides, as it did before the look.
+    predictor.follow_params = replace(predictor.follow_params, look=None)
+    events = [e for s in predictor.propagate(task) for e in s.events]
+    assert events and not any("look" in e.reason for e in events)
+
+
+def test_the_look_fit_tells_the_objects_from_their_surroundings(
+    predictor: RevolverPredictor,
+) -> None:
+    images, labels = _vanishing(3, 3, 4)
+    predictor.set_volume(images)
+    task = predictor.guide([[1, *innermost(labels[1] == 1)]], [1], kind="object")
+    [track] = _tracks([task], predictor.info)
+    track.masks[(1,)] = labels[1] == 1
+    fit = look_fit(predictor, [track], band=4)
+    assert fit is not None and fit.active
+    seen = predictor.fit_probability(0, fit)
+    assert seen[labels[0] == 1].mean() > 0.7 and seen[labels[0] == 0].mean() < 0.3
+    # Nothing to fit on (no anchor mask yet): no look.
+    track.masks.clear()
+    assert look_fit(predictor, [track], band=4) is None
 
 
 def test_the_predictor_refuses_a_follower_of_other_features(

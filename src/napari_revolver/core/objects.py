@@ -51,6 +51,7 @@ from .volume import VolumeInfo
 
 if TYPE_CHECKING:
     from .model.guide import GuideOutput
+    from .pixel_fit import PixelFit
     from .predictor import RevolverPredictor
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "clicks_on",
     "follow_objects",
     "follow_step",
+    "look_fit",
     "memory_probability",
     "obey_clicks",
     "object_order",
@@ -104,6 +106,19 @@ class FollowParams:
         Each continuing object's new mask (the follower's; without a follower, its last mask)
         is redrawn on the image's edges within this share of its radius (:mod:`.snap`).
         ``None``: no snapping (without a follower, the watershed's mask is the new mask).
+    look : float or None
+        With a follower, who says whether an object goes on. A number: the follower's new mask
+        must pass the rules above, and the object's *look* must be under it: the mean
+        probability of a pixel fit of the objects against their surroundings on the slices
+        they were clicked on (:func:`look_fit`) at least this much. Where that fit cannot be
+        made, or does not tell the objects from their surroundings better than the network
+        (its cross-validation on those slices), the watershed decides, as with ``None``: the
+        rules on the region each object's last mask seeds in the memory probability.
+        Measured (``benchmarks/objects.py``, :doc:`objects`): the watershed's region ends
+        most objects where they go on (EM mitochondria leak into the cytoplasm, plant cells'
+        regions collapse), and the follower alone never lets go of an EM mitochondrion.
+    look_band : int
+        Pixels around the objects left out of the look fit's negatives (their rims).
     """
 
     min_overlap: float = 0.3
@@ -113,6 +128,8 @@ class FollowParams:
     erosion: float = 0.3
     reach: float | None = None
     snap: float | None = 0.25
+    look: float | None = 0.3
+    look_band: int = 8
 
 
 # ------------------------------------------------------------------------- clicked slice
@@ -737,10 +754,14 @@ def follow_objects(
     canvas: dict[Key, np.ndarray] = {}
     lum: dict[Key, np.ndarray] = {}
     seen: set[int] = set()
+    look: PixelFit | None = None
     for step in sorted(keys_by_step):
+        if step == 1 and params.look is not None and predictor.follower is not None:
+            # Every anchor (step 0) has its mask now: what the objects look like there.
+            look = look_fit(predictor, tracks, params.look_band)
         for key in keys_by_step[step]:
             active = [t for t in tracks if t.order.get(key, (-1,))[0] == step]
-            events = _visit(predictor, key, active, threshold, params, lum)
+            events = _visit(predictor, key, active, threshold, params, lum, look)
             labels = canvas.setdefault(key, np.zeros(info.slice_shape, np.uint32))
             for t in active:
                 m = t.masks.get(key)
@@ -816,45 +837,65 @@ def _visit(
     threshold: float,
     params: FollowParams,
     lum: dict[Key, np.ndarray],
+    look: PixelFit | None = None,
 ) -> tuple[ObjectEvent, ...]:
     """Segment the active objects on one slice: clicked ones by their clicks, others followed.
 
     ``lum``: smoothed slices kept between visits for snapping (see :func:`_snapped`).
+    ``look``: the objects' look against their surroundings (:func:`look_fit`); with it and a
+    follower, the follower's masks and the look decide who goes on (``FollowParams.look``).
     """
-    clicked = [t for t in active if t.order[key][1] == key]
+    _anchor_masks(predictor, key, [t for t in active if t.order[key][1] == key], threshold)
     followed = [t for t in active if t.order[key][1] != key and t.order[key][1] in t.masks]
-    for t in clicked:
+    if not followed:
+        return ()
+    prob = _memory_probability(predictor, key, followed)
+    prev = [t.masks[t.order[key][1]] for t in followed]
+    why: list[str | None] = [None] * len(followed)
+    if look is not None and params.look is not None and predictor.follower is not None:
+        # The follower draws every object; its mask and the object's look under it say
+        # whether the object goes on.
+        drawn = _follower_masks(predictor, prob, key, followed, params)
+        why = _look_ends(predictor.fit_probability(key, look), drawn, prev, params)
+        on = [i for i, w in enumerate(why) if w is None]
+        moved = [drawn[i] for i in on]
+    else:
+        drawn = _watershed_masks(prob, key, followed, threshold, params)
+        # The watershed says whether each object goes on (the end rules on the region its
+        # last mask seeds); the follower (without one: the last mask) carries those that do.
+        on = [i for i, (m, p) in enumerate(zip(drawn, prev, strict=True)) if _goes_on(m, p, params)]
+        moved = []
+        if predictor.follower is not None or params.snap is not None:
+            going = [followed[i] for i in on]
+            moved = (
+                _follower_masks(predictor, prob, key, going, params)
+                if predictor.follower is not None
+                else [prev[i] for i in on]
+            )
+    if moved and params.snap is not None:
+        # Snapping moves the rims of those that go on onto the image's edges.
+        going = [followed[i] for i in on]
+        moved = _snapped(predictor, key, going, moved, params.snap, lum)
+    for i, m in zip(on[: len(moved)], moved, strict=True):
+        drawn[i] = m
+    events: list[ObjectEvent] = []
+    for t, m, p, w in zip(followed, drawn, prev, why, strict=True):
+        _advance(t, key, m, p, params, events, w)
+    return tuple(events)
+
+
+def _anchor_masks(
+    predictor: RevolverPredictor, key: Key, anchored: list[_Track], threshold: float
+) -> None:
+    """Give the objects anchored on slice ``key`` their masks there: painted, else clicked."""
+    for t in anchored:
         if key in t.given:
             t.masks[key] = t.given[key]
-    todo = [t for t in clicked if key not in t.given]
+    todo = [t for t in anchored if key not in t.given]
     if todo:
         masks = predictor.object_masks(key, [t.task for t in todo], threshold=threshold)
         for t, m in zip(todo, masks, strict=True):
             t.masks[key] = m
-    if not followed:
-        return ()
-    prob = _memory_probability(predictor, key, followed)
-    drawn = _watershed_masks(prob, key, followed, threshold, params)
-    prev = [t.masks[t.order[key][1]] for t in followed]
-    if predictor.follower is not None or params.snap is not None:
-        # The watershed says whether each object goes on (the end rules on the region its
-        # last mask seeds); the follower (without one: the last mask) carries those that do,
-        # and snapping moves their rims onto the image's edges.
-        on = [i for i, (m, p) in enumerate(zip(drawn, prev, strict=True)) if _goes_on(m, p, params)]
-        going = [followed[i] for i in on]
-        moved: list[np.ndarray | None] = (
-            _follower_masks(predictor, prob, key, going, params)
-            if predictor.follower is not None
-            else [prev[i] for i in on]
-        )
-        if params.snap is not None:
-            moved = _snapped(predictor, key, going, moved, params.snap, lum)
-        for i, m in zip(on, moved, strict=True):
-            drawn[i] = m
-    events: list[ObjectEvent] = []
-    for t, m, p in zip(followed, drawn, prev, strict=True):
-        _advance(t, key, m, p, params, events)
-    return tuple(events)
 
 
 #: Smoothed slices kept for snapping: a slice is read as a parent and as the slice itself.
@@ -1036,6 +1077,32 @@ def _core(mask: np.ndarray, erosion: float) -> np.ndarray:
     return out
 
 
+def look_fit(predictor: RevolverPredictor, tracks: list[_Track], band: int) -> PixelFit | None:
+    """Fit what the followed objects look like against their surroundings, on their anchors.
+
+    Positives are every object's mask on the slices it was clicked (or painted) on; negatives
+    the rest of those slices beyond ``band`` pixels of an object. The fit is cross-validated
+    on those slices as a painted class task's is (:meth:`.RevolverPredictor.fit_labels`).
+
+    Returns
+    -------
+    PixelFit or None
+        ``None`` where no fit could be made, or where it does not tell the objects from their
+        surroundings better than the network guided by the same masks.
+    """
+    labels: dict[Key, np.ndarray] = {}
+    for t in tracks:
+        for key, (_, parent) in t.order.items():
+            if parent == key and key in t.masks:
+                lab = labels.setdefault(key, np.zeros(predictor.info.slice_shape, np.uint8))
+                lab[t.masks[key]] = 1
+    for lab in labels.values():
+        near = ndimage.binary_dilation(lab == 1, iterations=band) if band > 0 else lab == 1
+        lab[~near] = 2
+    fit = predictor.fit_labels(labels) if labels else None
+    return fit if fit is not None and fit.active else None
+
+
 def _memory_probability(predictor: RevolverPredictor, key: Key, tracks: list[_Track]) -> np.ndarray:
     """One head pass for all followed objects on slice ``key``, guided by their last masks."""
     info = predictor.info
@@ -1202,6 +1269,27 @@ def _flood_part(
     return win, watershed(-dist, markers_w, mask=inside | (markers_w == 1))
 
 
+def _look_ends(
+    seen: np.ndarray,
+    new: list[np.ndarray | None],
+    prev: list[np.ndarray],
+    params: FollowParams,
+) -> list[str | None]:
+    """Why each object ends with its ``new`` mask, given its look ``seen`` ``(H, W)``.
+
+    ``None`` where it goes on: the end rules pass and the mean look probability under the new
+    mask is at least ``params.look``.
+    """
+    assert params.look is not None
+    out = []
+    for m, p in zip(new, prev, strict=True):
+        why = _end_reason(m, p, params)
+        if why is None and (under := float(seen[m].mean())) < params.look:
+            why = f"its look is gone (look probability {under:.2f} under its mask)"
+        out.append(why)
+    return out
+
+
 def _advance(
     t: _Track,
     key: Key,
@@ -1209,9 +1297,13 @@ def _advance(
     prev: np.ndarray,
     params: FollowParams,
     events: list[ObjectEvent],
+    reason: str | None = None,
 ) -> None:
-    """Move an object onto slice ``key`` with its ``new`` mask, or end it there (an event)."""
-    reason = _end_reason(new, prev, params)
+    """Move an object onto slice ``key`` with its ``new`` mask, or end it there (an event).
+
+    ``reason``: why it ends, when that is known already; otherwise the end rules decide.
+    """
+    reason = reason or _end_reason(new, prev, params)
     if reason is None:
         t.masks[key] = new  # type: ignore[assignment]
     else:

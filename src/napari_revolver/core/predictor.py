@@ -31,7 +31,14 @@ from .labels import labels_from_probabilities
 from .model.click_refiner import ClickRefiner, crop_bounds, window_around
 from .model.encoder import EncoderOutput
 from .model.guide import GuideOutput, point_masks
-from .pixel_fit import PixelFit, fit_features, fit_inputs, validated_click_fit, validated_fit
+from .pixel_fit import (
+    FitInputs,
+    PixelFit,
+    fit_features,
+    fit_inputs,
+    validated_click_fit,
+    validated_fit,
+)
 from .prior import label_support, local_priors
 from .propagation import PropagationStep, finish_slice
 from .snap import bounding_box
@@ -904,18 +911,31 @@ class RevolverPredictor(VolumeEncoder):
         fits = [None if local else t.pixel_fit for t in tasks]
         if any(p is not None and p.active for p in fits):
             cells = fit_inputs(f, torch.stack([self._prepare(k) for k in ks]))
-            h, w = self.info.slice_shape
             for j, p in enumerate(fits):
-                if p is None or not p.active:
-                    continue
-                r = F.interpolate(
-                    p.logits(cells)[:, None],
-                    scale_factor=self.model.fine_stride,
-                    mode="bilinear",
-                    align_corners=False,
-                )[:, 0, :h, :w]
-                logits[j::n_t] = p.combine(logits[j::n_t], r)
+                if p is not None and p.active:
+                    logits[j::n_t] = p.combine(logits[j::n_t], self._fit_logits(p, cells))
         return torch.sigmoid(logits).reshape(n_s, n_t, *logits.shape[-2:])
+
+    def _fit_logits(self, fit: PixelFit, cells: FitInputs) -> torch.Tensor:
+        """Return a pixel fit's logits ``(S, H, W)`` on the slices of ``cells``, in pixels."""
+        h, w = self.info.slice_shape
+        return F.interpolate(
+            fit.logits(cells)[:, None],
+            scale_factor=self.model.fine_stride,
+            mode="bilinear",
+            align_corners=False,
+        )[:, 0, :h, :w]
+
+    @torch.inference_mode()
+    def fit_probability(self, index: Index, fit: PixelFit) -> np.ndarray:
+        """Return a pixel fit's own probability ``(H, W)`` on one slice (no network mixed in).
+
+        ``fit`` must have been made on this network's features (:meth:`fit_labels`).
+        """
+        k = self.info.flat(index)
+        f = self.features(index).to(self.device, torch.float32)
+        cells = fit_inputs(f, self._prepare(k)[None])
+        return torch.sigmoid(self._fit_logits(fit, cells))[0].cpu().numpy()
 
     def predict_proba(
         self, index: Index, tasks: Task | Sequence[Task], *, local: bool = False
