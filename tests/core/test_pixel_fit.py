@@ -569,3 +569,32 @@ def test_own_click_scores_read_in_windows_decide_as_the_whole_slice(
         assert whole.scores == pytest.approx(windowed.scores, abs=1e-6)
         assert (whole.gain, whole.net_weight) == (windowed.gain, windowed.net_weight)
         np.testing.assert_allclose(whole.coef, windowed.coef, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "box",
+    [
+        (slice(100, 140), slice(150, 230)),  # inside
+        (slice(0, 30), slice(0, 20)),  # at the top left corner
+        (slice(250, 300), slice(380, 420)),  # at the bottom right corner (padded features)
+        (slice(0, 300), slice(0, 420)),  # all of it
+    ],
+)
+def test_a_fit_read_in_a_box_is_that_of_the_whole_slice(predictor, make_blobs, box) -> None:
+    image = make_blobs((2, 300, 420), n_blobs=12)  # not a multiple of the grids: padded
+    predictor.set_volume(image)
+    d = predictor._fit_features(1, predictor.features(1)).shape[0]
+    rng = np.random.default_rng(0)
+    fit = PixelFit(
+        np.zeros(d, np.float32),
+        np.ones(d, np.float32),
+        rng.normal(0, 0.5, d + 1).astype(np.float32),
+        1.0,
+        0.0,
+        smooth=2.0,
+    )
+    whole = predictor.fit_probability(1, fit)
+    boxed = predictor.fit_probability(1, fit, box)
+    assert boxed.shape == whole.shape
+    np.testing.assert_allclose(boxed[box], whole[box], atol=1e-5)
+    assert 0.01 < whole[box].mean() < 0.99  # not a saturated map that any crop reproduces

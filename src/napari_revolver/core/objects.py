@@ -856,7 +856,15 @@ def _visit(
         # The follower draws every object; its mask and the object's look under it say
         # whether the object goes on.
         drawn = _follower_masks(predictor, prob, key, followed, params)
-        why = _look_ends(predictor.fit_probability(key, look), drawn, prev, params)
+        boxes = [_mask_box(m, 0) for m in drawn if m is not None and m.any()]
+        seen = np.zeros(prob.shape, np.float32)
+        if boxes:  # the look is read under the new masks only
+            box = (
+                slice(min(b[0].start for b in boxes), max(b[0].stop for b in boxes)),
+                slice(min(b[1].start for b in boxes), max(b[1].stop for b in boxes)),
+            )
+            seen = predictor.fit_probability(key, look, box)
+        why = _look_ends(seen, drawn, prev, params)
         on = [i for i, w in enumerate(why) if w is None]
         moved = [drawn[i] for i in on]
     else:

@@ -85,6 +85,12 @@ __all__ = [
 ]
 
 
+#: Pixels around a box that a pixel fit's probability there depends on: the widest filter
+#: (sigma 16 px, three sigmas), the fit's smoothing (2 fine cells, three sigmas) and the
+#: coarse features' interpolation, with room to spare.
+FIT_REACH = 96
+
+
 class RevolverPredictor(VolumeEncoder):
     """Few-shot segmentation of a volume from point annotations.
 
@@ -927,15 +933,51 @@ class RevolverPredictor(VolumeEncoder):
         )[:, 0, :h, :w]
 
     @torch.inference_mode()
-    def fit_probability(self, index: Index, fit: PixelFit) -> np.ndarray:
+    def fit_probability(
+        self, index: Index, fit: PixelFit, box: tuple[slice, slice] | None = None
+    ) -> np.ndarray:
         """Return a pixel fit's own probability ``(H, W)`` on one slice (no network mixed in).
 
-        ``fit`` must have been made on this network's features (:meth:`fit_labels`).
+        Parameters
+        ----------
+        index : int or tuple of int
+            The slice.
+        fit : PixelFit
+            Made on this network's features (:meth:`fit_labels`).
+        box : (slice, slice), optional
+            The pixels that are needed: the fit is read in this box grown by
+            :data:`FIT_REACH` pixels, where it is the whole slice's (to float rounding), and
+            is 0 outside it. Default: the whole slice.
         """
         k = self.info.flat(index)
         f = self.features(index).to(self.device, torch.float32)
-        cells = fit_inputs(f, self._prepare(k)[None])
-        return torch.sigmoid(self._fit_logits(fit, cells))[0].cpu().numpy()
+        image = self._prepare(k)
+        h, w = self.info.slice_shape
+        if box is None:
+            cells = fit_inputs(f, image[None])
+            return torch.sigmoid(self._fit_logits(fit, cells))[0].cpu().numpy()
+        # Grown by the reach, on the coarse grid (a whole number of cells of every grid); to
+        # the slice's end where it reaches it (the features there are padded as a whole).
+        fine = self.model.fine_stride
+        unit = fine * f.fine.shape[-2] // f.coarse.shape[-2]
+        lo, hi = [], []
+        for b, n in zip(box, (h, w), strict=True):
+            lo.append(max(0, (b.start - FIT_REACH) // unit * unit))
+            end = -(-(b.stop + FIT_REACH) // unit) * unit
+            hi.append(None if end >= n else end)
+        (y0, x0), (y1, x1) = lo, hi
+        crop = EncoderOutput(
+            f.coarse[..., y0 // unit : y1 and y1 // unit, x0 // unit : x1 and x1 // unit],
+            f.fine[..., y0 // fine : y1 and y1 // fine, x0 // fine : x1 and x1 // fine],
+        )
+        cells = fit_inputs(crop, image[None, :, y0:y1, x0:x1])
+        y1, x1 = y1 or h, x1 or w
+        logits = F.interpolate(
+            fit.logits(cells)[:, None], scale_factor=fine, mode="bilinear", align_corners=False
+        )[0, 0, : y1 - y0, : x1 - x0]
+        out = np.zeros((h, w), np.float32)
+        out[y0:y1, x0:x1] = torch.sigmoid(logits).cpu().numpy()
+        return out
 
     def predict_proba(
         self, index: Index, tasks: Task | Sequence[Task], *, local: bool = False
