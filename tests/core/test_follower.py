@@ -132,7 +132,7 @@ def test_an_object_ends_where_its_look_is_gone_though_the_follower_carries_it(
     out = {s.index: s.result for s in steps}
     events = [e for s in steps for e in s.events]
     assert [e.index for e in events] == [(3,)]
-    assert "its look is gone" in events[0].reason
+    assert "no longer looks like the object" in events[0].reason
     for z in (0, 2):
         assert foreground_iou(out[(z,)] == 1, labels[z] == 1) > 0.9
     assert not (out[(3,)] == 1).any() and not (out[(5,)] == 1).any()

@@ -1293,7 +1293,10 @@ def _look_ends(
     for m, p in zip(new, prev, strict=True):
         why = _end_reason(m, p, params)
         if why is None and (under := float(seen[m].mean())) < params.look:
-            why = f"its look is gone (look probability {under:.2f} under its mask)"
+            why = (
+                f"what is under it no longer looks like the object ({under:.2f} by the look "
+                f"fit, below {params.look:.2f})"
+            )
         out.append(why)
     return out
 
