@@ -275,7 +275,11 @@ def main() -> None:
         if args.out_dir is None:
             ap.error("--merge needs --out-dir")
         parts = [json.loads(f.read_text()) for f in args.merge]
-        rows = [r for part in parts for r in part["clicks"]]
+        order = ["dsb2018_u2os", "usiigaci_phase", "miccai2015_he", "isbi2012_em"]
+        rows = sorted(
+            (r for part in parts for r in part["clicks"]),
+            key=lambda r: order.index(r["data"]) if r["data"] in order else len(order),
+        )
         write(rows, [r for part in parts for r in part["follow"]], args.out_dir, args.max_clicks)
         return
     predictor = RevolverPredictor(args.weights, device="cpu")

@@ -6,12 +6,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from napari_revolver.cli import main
 from napari_revolver.core.evaluate_objects import next_click, simulate_clicks
 from napari_revolver.core.io import PointTable, read_image, write_points
-from napari_revolver.core.objects import obey_clicks, object_order, select_object
+from napari_revolver.core.model.click_refiner import Window
+from napari_revolver.core.objects import (
+    _kept,
+    click_threshold,
+    obey_clicks,
+    object_order,
+    select_object,
+)
 from napari_revolver.core.predictor import RevolverPredictor
 from napari_revolver.core.task import Task, load_task
 
@@ -729,3 +737,40 @@ def test_follow_step_keeps_the_basin_and_reach_bounds_a_leak() -> None:
     assert free[25, 58] and free[20:30, 20:30].all()
     bound = step(FollowParams(reach=0.3))
     assert bound[20:30, 20:30].all() and not bound[25, 40:].any()
+
+
+def _cone(size: int = 60) -> np.ndarray:
+    """Logits falling from 5 at the centre by 0.2 a pixel: the object at 0 is a disc of r 25."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    return (5 - 0.2 * np.hypot(yy - size // 2, xx - size // 2)).astype(np.float32)
+
+
+def test_a_negative_click_on_the_rim_draws_the_edge_inside_it() -> None:
+    logits = _cone()
+    window = Window(0.0, 0.0, 60.0)  # the window is the slice, pixel for pixel
+    pts, lab = np.array([[30.0, 30.0], [30.0, 45.0]]), np.array([1, 0])
+    mask = _kept(torch.from_numpy(logits), window, np.zeros((60, 60), bool), pts, lab)
+    assert mask[30, 30] and not mask[30, 45]  # the rim beyond the click goes, not the object
+    assert mask[30, 43] and mask[43, 30] and not mask[30 + 14, 30]  # a disc of r 13.75 remains
+    # The threshold nearest 0 with the clicks 0.25 inside their sides: 2.0 + 0.25.
+    assert click_threshold(logits, np.array([[30, 30]]), np.array([[30, 45]])) == pytest.approx(
+        2.25
+    )
+
+
+def test_a_positive_click_on_a_missed_rim_lowers_the_edge_past_it() -> None:
+    logits = _cone()
+    pos = np.array([[30, 30], [30, 57]])  # the second at logit -0.4: outside the disc
+    assert click_threshold(logits, pos, np.zeros((0, 2), int)) == pytest.approx(-0.65)
+    mask = _kept(
+        torch.from_numpy(logits), Window(0.0, 0.0, 60.0), np.zeros((60, 60), bool),
+        pos.astype(float), np.array([1, 1]),
+    )  # fmt: skip
+    assert mask[30, 57] and mask[30, 2]
+
+
+def test_clicks_no_threshold_can_satisfy_leave_the_edge_at_zero() -> None:
+    logits = _cone()
+    # The negative click more probable than the positive one: a neighbour, not a rim.
+    assert click_threshold(logits, np.array([[30, 50]]), np.array([[30, 31]])) == 0.0
+    assert click_threshold(logits, np.zeros((0, 2), int), np.array([[30, 31]])) == 0.0

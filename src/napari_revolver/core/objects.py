@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FollowParams",
+    "click_threshold",
     "clicks_on",
     "follow_objects",
     "follow_step",
@@ -574,6 +575,33 @@ def _refiner_logits(refiner: ClickRefiner, xs: Sequence[torch.Tensor]) -> torch.
         return refiner(x)
 
 
+#: Logit margin by which :func:`click_threshold` puts every click on its side.
+CLICK_LOGIT_MARGIN = 0.25
+
+
+def click_threshold(logits: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> float:
+    """Return the threshold nearest 0 that puts every click on its side of an object's logits.
+
+    A negative click on a rim the refiner drew as the object's (or a positive one on a part
+    it left out) says where this object's edge lies in its logits: the mask is drawn at the
+    threshold nearest 0 with every negative click at least :data:`CLICK_LOGIT_MARGIN` below
+    and every positive one as much above. Where no threshold does that (a negative click more
+    probable than a positive one: a neighbour, not a rim), 0; :func:`obey_clicks` then cuts.
+
+    Parameters
+    ----------
+    logits : np.ndarray
+        ``(h, w)`` the object's logits.
+    pos, neg : np.ndarray
+        ``(N, 2)`` integer ``(y, x)`` positive and negative clicks inside ``logits``.
+    """
+    if not len(pos):
+        return 0.0
+    lo = float(logits[tuple(neg.T)].max()) + CLICK_LOGIT_MARGIN if len(neg) else -np.inf
+    hi = float(logits[tuple(pos.T)].min()) - CLICK_LOGIT_MARGIN
+    return float(np.clip(0.0, lo, hi)) if lo < hi else 0.0
+
+
 def _kept(
     logits: torch.Tensor,
     window: Window,
@@ -583,14 +611,18 @@ def _kept(
 ) -> np.ndarray:
     """Keep the parts of a refiner's window ``logits`` that hold a positive click.
 
-    Returns them on the whole slice; the selection when none does (see :func:`refined_mask`).
+    The logits are cut at :func:`click_threshold` of the clicks. Returns the parts on the
+    whole slice; the selection when none does (see :func:`refined_mask`).
     """
     shape = selection.shape
     patch, (ys, xs) = paste_logits(logits, window, shape)
     # The window holds every click: components are found inside it only.
     pos = _click_pixels(points, shape)[np.asarray(labels) == 1] - (ys.start, xs.start)
     pos = pos[((pos >= 0) & (pos < patch.shape)).all(axis=1)]
-    kept = _connected_to(patch > 0, pos) if len(pos) else np.zeros(patch.shape, bool)
+    neg = _click_pixels(points, shape)[np.asarray(labels) == 0] - (ys.start, xs.start)
+    neg = neg[((neg >= 0) & (neg < patch.shape)).all(axis=1)]
+    tau = click_threshold(patch, pos, neg)
+    kept = _connected_to(patch > tau, pos) if len(pos) else np.zeros(patch.shape, bool)
     if not kept.any():
         return np.asarray(selection, bool)
     out = np.zeros(shape, bool)
