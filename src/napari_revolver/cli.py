@@ -73,6 +73,18 @@ _FLAG_WORDS = (
 )
 
 
+def _add_refiner_run_args(p: argparse.ArgumentParser, role: str) -> None:
+    """``--init`` and ``--threads`` of the refiner training commands (``role``: what they train)."""
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help=f"start from this {role} (.safetensors, trained on --weights) instead of "
+        "from scratch: to fine-tune it on your data, or train it longer",
+    )
+    p.add_argument("--threads", type=int, default=2, help="CPU threads torch may use (default 2)")
+
+
 def _check_exists(path: Path | None, flag: str) -> None:
     """Refuse a file given on the command line that is not there (``None``: not given)."""
     if path is not None and not path.exists():
@@ -333,14 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--val-objects", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--init",
-        type=Path,
-        default=None,
-        help="start from this click refiner (.safetensors, trained on --weights) instead of "
-        "from scratch: to fine-tune it on your data, or train it longer",
-    )
-    p.add_argument("--threads", type=int, default=2, help="CPU threads torch may use (default 2)")
+    _add_refiner_run_args(p, "click refiner")
 
     p = sub.add_parser(
         "train-follow",
@@ -379,14 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--init",
-        type=Path,
-        default=None,
-        help="start from this follower (.safetensors, trained on --weights) instead of "
-        "from scratch: to fine-tune it on your data, or train it longer",
-    )
-    p.add_argument("--threads", type=int, default=2, help="CPU threads torch may use (default 2)")
+    _add_refiner_run_args(p, "follower")
 
     p = sub.add_parser("compare", help="score a segmentation against ground-truth labels")
     p.add_argument("prediction", type=Path, help="label TIFF to score")
