@@ -888,36 +888,29 @@ def _visit(
         # The follower draws every object; its mask and the object's look under it say
         # whether the object goes on.
         drawn = _follower_masks(predictor, prob, key, followed, params)
-        boxes = [_mask_box(m, 0) for m in drawn if m is not None and m.any()]
+        live = [m for m in drawn if m is not None and m.any()]
         seen = np.zeros(prob.shape, np.float32)
-        if boxes:  # the look is read under the new masks only
-            box = (
-                slice(min(b[0].start for b in boxes), max(b[0].stop for b in boxes)),
-                slice(min(b[1].start for b in boxes), max(b[1].stop for b in boxes)),
-            )
-            seen = predictor.fit_probability(key, look, box)
+        if live:  # the look is read under the new masks only
+            seen = predictor.fit_probability(key, look, _mask_box(np.logical_or.reduce(live), 0))
         why = _look_ends(seen, drawn, prev, params)
         on = [i for i, w in enumerate(why) if w is None]
-        moved = [drawn[i] for i in on]
+        moved: list[np.ndarray | None] | None = [drawn[i] for i in on]
     else:
         drawn = _watershed_masks(prob, key, followed, threshold, params)
         # The watershed says whether each object goes on (the end rules on the region its
         # last mask seeds); the follower (without one: the last mask) carries those that do.
         on = [i for i, (m, p) in enumerate(zip(drawn, prev, strict=True)) if _goes_on(m, p, params)]
-        moved = []
-        if predictor.follower is not None or params.snap is not None:
-            going = [followed[i] for i in on]
-            moved = (
-                _follower_masks(predictor, prob, key, going, params)
-                if predictor.follower is not None
-                else [prev[i] for i in on]
-            )
-    if moved and params.snap is not None:
-        # Snapping moves the rims of those that go on onto the image's edges.
-        going = [followed[i] for i in on]
-        moved = _snapped(predictor, key, going, moved, params.snap, lum)
-    for i, m in zip(on[: len(moved)], moved, strict=True):
-        drawn[i] = m
+        moved = None  # without a follower or snapping, the watershed's masks are the new ones
+        if predictor.follower is not None:
+            moved = _follower_masks(predictor, prob, key, [followed[i] for i in on], params)
+        elif params.snap is not None:
+            moved = [prev[i] for i in on]
+    if moved is not None:
+        if params.snap is not None:
+            # Snapping moves the rims of those that go on onto the image's edges.
+            moved = _snapped(predictor, key, [followed[i] for i in on], moved, params.snap, lum)
+        for i, m in zip(on, moved, strict=True):
+            drawn[i] = m
     events: list[ObjectEvent] = []
     for t, m, p, w in zip(followed, drawn, prev, why, strict=True):
         _advance(t, key, m, p, params, events, w)

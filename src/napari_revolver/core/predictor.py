@@ -922,9 +922,14 @@ class RevolverPredictor(VolumeEncoder):
                     logits[j::n_t] = p.combine(logits[j::n_t], self._fit_logits(p, cells))
         return torch.sigmoid(logits).reshape(n_s, n_t, *logits.shape[-2:])
 
-    def _fit_logits(self, fit: PixelFit, cells: FitInputs) -> torch.Tensor:
-        """Return a pixel fit's logits ``(S, H, W)`` on the slices of ``cells``, in pixels."""
-        h, w = self.info.slice_shape
+    def _fit_logits(
+        self, fit: PixelFit, cells: FitInputs, size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Return a pixel fit's logits ``(S, H, W)`` on ``cells``, in pixels.
+
+        ``size``: the ``(H, W)`` pixels the cells cover (default the slice shape).
+        """
+        h, w = size or self.info.slice_shape
         return F.interpolate(
             fit.logits(cells)[:, None],
             scale_factor=self.model.fine_stride,
@@ -953,9 +958,7 @@ class RevolverPredictor(VolumeEncoder):
         f = self.features(index).to(self.device, torch.float32)
         image = self._prepare(k)
         h, w = self.info.slice_shape
-        if box is None:
-            cells = fit_inputs(f, image[None])
-            return torch.sigmoid(self._fit_logits(fit, cells))[0].cpu().numpy()
+        box = box or (slice(0, h), slice(0, w))
         # Grown by the reach, on the coarse grid (a whole number of cells of every grid); to
         # the slice's end where it reaches it (the features there are padded as a whole).
         fine = self.model.fine_stride
@@ -972,9 +975,7 @@ class RevolverPredictor(VolumeEncoder):
         )
         cells = fit_inputs(crop, image[None, :, y0:y1, x0:x1])
         y1, x1 = y1 or h, x1 or w
-        logits = F.interpolate(
-            fit.logits(cells)[:, None], scale_factor=fine, mode="bilinear", align_corners=False
-        )[0, 0, : y1 - y0, : x1 - x0]
+        logits = self._fit_logits(fit, cells, (y1 - y0, x1 - x0))[0]
         out = np.zeros((h, w), np.float32)
         out[y0:y1, x0:x1] = torch.sigmoid(logits).cpu().numpy()
         return out
