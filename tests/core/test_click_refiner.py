@@ -11,7 +11,12 @@ import torch
 from safetensors.torch import load_file
 from scipy import ndimage
 
-from napari_revolver.core.click_training import ClickTrainConfig, refiner_loss, train_refiner
+from napari_revolver.core.click_training import (
+    ClickTrainConfig,
+    refiner_loss,
+    train_refiner,
+    unreliable_probability,
+)
 from napari_revolver.core.model.click_refiner import (
     ClickRefiner,
     RefinerConfig,
@@ -23,7 +28,15 @@ from napari_revolver.core.model.click_refiner import (
     stack_inputs,
     window_around,
 )
-from napari_revolver.core.objects import refined_mask, refined_masks, select_object
+from napari_revolver.core.objects import (
+    REFINER_REGROW,
+    reaches_edge,
+    refine_once,
+    refined_mask,
+    refined_masks,
+    refiner_inputs,
+    select_object,
+)
 from napari_revolver.core.predictor import RevolverPredictor
 from napari_revolver.core.weights import (
     ENCODER_OF,
@@ -135,13 +148,46 @@ def test_refined_mask_keeps_only_parts_with_a_positive_click() -> None:
     refiner = ClickRefiner().eval()
     with torch.no_grad():
         refiner.out.bias.fill_(20.0)  # "everything in the window is the object"
-    prob = _disc((64, 64), 32, 32, 6).astype(np.float32)
-    pts, lab = np.array([[32.0, 32.0]]), np.array([1])
+    shape = (160, 160)
+    prob = _disc(shape, 80, 80, 6).astype(np.float32) + _disc(shape, 80, 20, 6)
+    pts, lab = np.array([[80.0, 80.0]]), np.array([1])
     sel = select_object(prob, pts, lab)
-    out = refined_mask(refiner, prob=prob, selection=sel, points=pts, labels=lab, **_slice_inputs())
-    ys, xs = window_around(sel, pts).pixel_bounds(prob.shape)
-    assert out.sum() > sel.sum()
-    assert out[ys, xs].all() and out.sum() == out[ys, xs].size  # the window, not beyond
+    inputs = _slice_inputs(shape)
+    out = refined_mask(refiner, prob=prob, selection=sel, points=pts, labels=lab, **inputs)
+    # The mask fills its window, so it reaches the window's edge: it is redrawn in the window
+    # around it, REFINER_REGROW times, and is the last window, not beyond.
+    win = window_around(sel, pts)
+    for _ in range(REFINER_REGROW):
+        ys, xs = win.pixel_bounds(shape)
+        grown = np.zeros(shape, bool)
+        grown[ys, xs] = True
+        win = window_around(grown, pts)
+    ys, xs = win.pixel_bounds(shape)
+    assert out[ys, xs].all() and out.sum() == out[ys, xs].size
+    assert not out[:, :40].any()  # the other disc's selection never joins
+    once = refine_once(
+        refiner,
+        refiner_inputs(refiner, **inputs, prob=prob, selection=sel, points=pts, labels=lab),
+        sel,
+        pts,
+        lab,
+    )
+    assert once.sum() < out.sum() and (once <= out).all()
+
+
+def test_a_mask_reaches_its_window_edge_only_inside_the_slice() -> None:
+    win = Window(10.0, 10.0, 20.0)  # pixels 10..29
+    mask = np.zeros((40, 40), bool)
+    mask[15:25, 15:25] = True
+    assert not reaches_edge(mask, win)
+    mask[15:25, 15:30] = True  # to the window's right edge, inside the slice
+    assert reaches_edge(mask, win)
+    corner = Window(-5.0, -5.0, 20.0)  # clipped by the slice at the top and the left
+    mask = np.zeros((40, 40), bool)
+    mask[0:8, 0:8] = True
+    assert not reaches_edge(mask, corner)
+    mask[0:8, 0:15] = True
+    assert reaches_edge(mask, corner)
 
 
 def test_refined_masks_of_many_objects_are_each_one_refined_alone() -> None:
@@ -288,6 +334,24 @@ def test_shipped_weights_and_refiner_belong_together() -> None:
 
 
 # ---------------------------------------------------------------------------- learning
+def test_an_unreliable_probability_breaks_the_object_up_or_leaks() -> None:
+    prob = _disc((96, 96), 48, 48, 16).astype(np.float32)
+    inside, outside = [], []
+    for seed in range(12):
+        q = unreliable_probability(prob, 16.0, np.random.default_rng(seed))
+        assert q.shape == prob.shape and q.dtype == np.float32
+        assert q.min() >= 0 and q.max() <= 1
+        np.testing.assert_array_equal(
+            q, unreliable_probability(prob, 16.0, np.random.default_rng(seed))
+        )
+        inside.append(float(q[prob > 0].mean()))
+        outside.append(float(q[prob == 0].mean()))
+    # Some draws break the object up (and leave its surroundings), others add false foreground.
+    assert min(inside) < 0.7 and max(outside) > 0.2
+    assert any(i < 0.9 and o == 0 for i, o in zip(inside, outside, strict=True))
+    assert any(i == 1 and o > 0.1 for i, o in zip(inside, outside, strict=True))
+
+
 def _merged_pair(rng: np.random.Generator, shape: tuple[int, int] = (64, 64)) -> tuple:
     """Two touching look-alike discs that the selection cannot split, and a negative click."""
     r = rng.uniform(7, 10)
@@ -361,6 +425,7 @@ def test_training_runs_checkpoints_and_resumes(tmp_path: Path) -> None:
         val_every=2,
         val_objects=2,
         max_corrections=2,
+        p_unreliable=0.5,
         refiner=RefinerConfig(size=32, width=8, mid_width=8, dilations=(1,)),
     )
     best = train_refiner(cfg)

@@ -402,6 +402,8 @@ def test_a_negative_click_far_from_the_object_changes_nothing(
     with torch.no_grad():
         refiner.out.bias.fill_(20.0)  # draws its whole window: the window is what it saw
     predictor.refiner = refiner
+    # A mask filling its window is redrawn in a larger one; here the first window is the test.
+    monkeypatch.setattr("napari_revolver.core.objects.REFINER_REGROW", 0)
 
     def mask(points: list, labels: list) -> np.ndarray:
         return predictor.predict_slice(1, predictor.guide(points, labels, kind="object"))
@@ -508,16 +510,30 @@ def test_select_in_box_is_select_object_whatever_lies_outside_the_box() -> None:
     assert select_in_box(noisy[y0:y1, x0:x1], box, shape, [[130.0, 50.0]], [1]) is None
 
 
+@pytest.mark.parametrize("grows", [False, True])
 def test_object_clicks_on_windows_get_the_masks_of_the_whole_slice(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, grows: bool
 ) -> None:
-    """The clicked slice's head runs in windows around the clicks, exactly."""
+    """The clicked slice's head runs in windows around the clicks, exactly.
+
+    ``grows``: a refiner that draws its whole window, so every mask reaches its window's edge
+    and is redrawn in larger windows, beyond the box its probability is exact in.
+    """
+    import copy
+
+    import torch
+
     import napari_revolver.core.predictor as P
     from napari_revolver.core.synthetic import sample_stack
 
     image, labels, _, _ = sample_stack(seed=3, shape=(2, 512, 512))
     predictor = RevolverPredictor(device="cpu")  # the shipped weights: local objects
     predictor.set_volume(image)
+    if grows:
+        predictor.refiner = copy.deepcopy(predictor.refiner)
+        with torch.no_grad():
+            predictor.refiner.out.bias.add_(20.0)
+        monkeypatch.setattr("napari_revolver.core.objects.REFINER_REGROW", 4)
     ids, n = ndimage.label(labels[0] > 0)
     sizes = ndimage.sum(np.ones_like(ids), ids, range(1, n + 1))
     order = np.argsort(sizes)  # the smallest objects and the largest, which needs more
@@ -537,6 +553,9 @@ def test_object_clicks_on_windows_get_the_masks_of_the_whole_slice(
     monkeypatch.setattr(P, "OBJECT_REACH", 16)
     windowed = predictor.object_masks(0, tasks)
     assert min(sides) < 64  # windows were used, on a 64-cell-wide slice
+    # Objects reaching beyond their windows need 4 passes on the whole slice; redraws
+    # beyond their boxes read it too.
+    assert sides.count(64) == 4 if not grows else sides.count(64) > 4
     # Inside its box, a window's probability is the whole slice's (to float rounding).
     clicks = [(t.points[:, 1:], t.labels) for t in tasks]
     near = predictor._object_probabilities(0, tasks, clicks, 16)

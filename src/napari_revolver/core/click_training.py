@@ -40,9 +40,17 @@ from .evaluate_objects import next_click
 from .model.click_refiner import (
     ClickRefiner,
     RefinerConfig,
+    Window,
     sample_window,
 )
-from .objects import refined_mask, refiner_inputs, select_object
+from .objects import (
+    REFINER_REGROW,
+    reaches_edge,
+    refine_once,
+    refined_mask,
+    refiner_inputs,
+    select_object,
+)
 from .weights import LoadedWeights, encoder_sources, load_refiner, load_weights, save_refiner
 
 if TYPE_CHECKING:
@@ -90,6 +98,10 @@ class ClickTrainConfig(RefinerTrainConfig):
     #: ``datasets``); leave out those a benchmark scores, so that it did not choose the weights.
     val_datasets: list[str] | None = None
     max_corrections: int = 8
+    #: Share of episodes whose class probability is made unreliable
+    #: (:func:`unreliable_probability`): the refiner learns to find the object in the image
+    #: where the network is lost (a modality it never saw).
+    p_unreliable: float = 0.0
 
 
 @dataclass
@@ -248,6 +260,21 @@ def first_click(truth: np.ndarray, rng: np.random.Generator | None) -> tuple[int
     return int(y), int(x)
 
 
+def unreliable_probability(prob: np.ndarray, radius: float, rng: np.random.Generator) -> np.ndarray:
+    """Spoil a class probability ``(H, W)`` the way a modality the network never saw does.
+
+    Half the time the object breaks up (the probability times a smooth random mask whose
+    blobs are 0.3-1 times the object's ``radius``: the selection is a fragment of the object),
+    half the time the surroundings look like it too (a smooth random field of false
+    foreground added: the selection leaks). The same field serves a whole episode.
+    """
+    n = synthetic.smooth_noise(rng, prob.shape, max(2.0, radius * rng.uniform(0.3, 1.0)))
+    m = 1 / (1 + np.exp(-3 * (n + rng.uniform(-1.0, 0.5))))
+    if rng.random() < 0.5:
+        return (prob * m).astype(np.float32)
+    return np.maximum(prob, m * rng.uniform(0.6, 1.0)).astype(np.float32)
+
+
 def click_episode(
     refiner: ClickRefiner,
     src: ObjectSource,
@@ -255,37 +282,63 @@ def click_episode(
     oid: int,
     corrections: int,
     rng: np.random.Generator | None,
+    *,
+    p_unreliable: float = 0.0,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Click one object, then ``corrections`` times where the refiner's mask is most wrong.
+
+    Each click's selection is refined as :func:`.objects.refined_mask` does it, redraws
+    of a mask that reaches its window's edge included; every window the refiner reads is a
+    sample. With probability ``p_unreliable`` the episode's class probability is spoiled
+    (:func:`unreliable_probability`).
 
     Returns
     -------
     list of (x, target)
-        After each click: the refiner's input ``(in_channels, size, size)`` and the object's
-        share of each window pixel ``(size, size)``.
+        Per refiner pass: its input ``(in_channels, size, size)`` and the object's share of
+        each window pixel ``(size, size)``.
     """
     truth = src.labels[z] == oid
     truth_map = torch.from_numpy(truth.astype(np.float32))[None]
     here = src.slice_inputs(z)
+    size = refiner.config.size
     pts = [first_click(truth, rng)]
     labs = [1]
-    prob = src.probability(z, np.asarray(pts, float), np.asarray(labs, np.int8))
+    spoil = None
+    if rng is not None and rng.random() < p_unreliable:
+        radius = float(ndimage.distance_transform_edt(np.pad(truth, 1)).max())
+        seed = int(rng.integers(1 << 31))
+        spoil = lambda q: unreliable_probability(q, radius, np.random.default_rng(seed))  # noqa: E731
+
+    def probability() -> np.ndarray:
+        q = src.probability(z, np.asarray(pts, float), np.asarray(labs, np.int8))
+        return q if spoil is None else spoil(q)
+
+    prob = probability()
     out = []
     for i in range(corrections + 1):
         p, lab = np.asarray(pts, float), np.asarray(labs, np.int8)
         sel = select_object(prob, p, lab)
-        x, window = refiner_inputs(refiner, *here, prob, sel, p, lab)
-        out.append((x, sample_window(truth_map, window, refiner.config.size)[0]))  # type: ignore[arg-type]
+        inputs: tuple[torch.Tensor, Window] | None = refiner_inputs(
+            refiner, *here, prob, sel, p, lab
+        )
+        for _ in range(REFINER_REGROW + 1):
+            if inputs is None:
+                break
+            x, window = inputs
+            out.append((x, sample_window(truth_map, window, size)[0]))  # type: ignore[arg-type]
+            mask = refine_once(refiner, (x, window), sel, p, lab)
+            grows = reaches_edge(mask, window)
+            inputs = refiner_inputs(refiner, *here, prob, mask, p, lab) if grows else None
         if i == corrections:
             break
-        mask = refined_mask(refiner, *here, prob, sel, p, lab, inputs=(x, window))
         click = next_click(mask, truth)
         if click is None:
             break
         pts.append(click[0])
         labs.append(click[1])
         if click[1] == 1:
-            prob = src.probability(z, np.asarray(pts, float), np.asarray(labs, np.int8))
+            prob = probability()
     return out
 
 
@@ -383,7 +436,8 @@ def _batch(
     while len(xs) < cfg.batch:
         src, z, oid = _draw(rng, sources)
         n = _corrections(rng, cfg.max_corrections)
-        for x, y in click_episode(refiner, src, z, oid, n, rng)[: cfg.batch - len(xs)]:
+        episode = click_episode(refiner, src, z, oid, n, rng, p_unreliable=cfg.p_unreliable)
+        for x, y in episode[: cfg.batch - len(xs)]:
             x, y = augment(x, y, rng)
             xs.append(x)
             ys.append(y)

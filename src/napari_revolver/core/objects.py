@@ -24,7 +24,7 @@ No napari or Qt here.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -64,9 +64,12 @@ __all__ = [
     "memory_probability",
     "obey_clicks",
     "object_order",
+    "reaches_edge",
+    "refine_once",
     "refined_mask",
     "refined_masks",
     "refiner_inputs",
+    "refiner_window",
     "select_in_box",
     "select_object",
 ]
@@ -504,7 +507,7 @@ def refiner_inputs(
     """
     c = refiner.config
     yx = _click_pixels(points, prob.shape)
-    window = window_around(selection, yx, context=c.context, min_side=c.min_side)
+    window = refiner_window(refiner, selection, points)
     x = stack_inputs(
         image,
         fine,
@@ -518,6 +521,13 @@ def refiner_inputs(
         previous,
     )
     return x, window
+
+
+def refiner_window(refiner: ClickRefiner, selection: np.ndarray, points: np.ndarray) -> Window:
+    """Return the window :func:`refiner_inputs` gives a ``(H, W)`` selection and its clicks."""
+    c = refiner.config
+    yx = _click_pixels(points, selection.shape)
+    return window_around(selection, yx, context=c.context, min_side=c.min_side)
 
 
 def refined_mask(
@@ -557,13 +567,29 @@ def refined_mask(
     -------
     np.ndarray
         ``(H, W)`` bool: the parts of the refined mask that hold a positive click (the
-        selection when none does).
+        selection when none does). A mask that reaches its window's edge inside the slice
+        is redrawn in the window around it (:func:`reaches_edge`), up to
+        :data:`REFINER_REGROW` times.
     """
-    if inputs is None:
-        inputs = refiner_inputs(refiner, image, fine, fine_stride, prob, selection, points, labels)
+    [mask] = refined_masks(
+        refiner, image, fine, fine_stride, [(prob, selection, points, labels)], inputs=[inputs]
+    )
+    return mask
+
+
+def refine_once(
+    refiner: ClickRefiner,
+    inputs: tuple[torch.Tensor, Window],
+    selection: np.ndarray,
+    points: np.ndarray,
+    labels: np.ndarray,
+) -> np.ndarray:
+    """One refiner pass on :func:`refiner_inputs` ``inputs``: the kept mask ``(H, W)``, no redraw.
+
+    :func:`refined_mask` redraws a mask that reaches its window's edge; this does not.
+    """
     x, window = inputs
-    logits = _refiner_logits(refiner, [x])[0]
-    return _kept(logits, window, selection, points, labels)
+    return _kept(_refiner_logits(refiner, [x])[0], window, selection, points, labels)
 
 
 def _refiner_logits(refiner: ClickRefiner, xs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -632,6 +658,29 @@ def _kept(
 
 #: Windows per refiner pass in :func:`refined_masks`.
 REFINER_BATCH = 16
+#: Times an object whose refined mask reaches its window's edge is redrawn in a window
+#: around that mask (:func:`reaches_edge`).
+REFINER_REGROW = 2
+
+
+def reaches_edge(mask: np.ndarray, window: Window) -> bool:
+    """Whether ``mask`` ``(H, W)`` touches an edge of ``window`` that lies inside the slice.
+
+    The refiner drew the object up to the edge of what it saw: the object goes on beyond
+    it (a selection much smaller than its object gives a window too small for it), and
+    :func:`refined_masks` redraws it in the window around that mask.
+    """
+    ys, xs = window.pixel_bounds(mask.shape)
+    m = mask[ys, xs]
+    if not m.size:
+        return False
+    h, w = mask.shape
+    return bool(
+        (ys.start > 0 and m[0].any())
+        or (ys.stop < h and m[-1].any())
+        or (xs.start > 0 and m[:, 0].any())
+        or (xs.stop < w and m[:, -1].any())
+    )
 
 
 def refined_masks(
@@ -640,6 +689,9 @@ def refined_masks(
     fine: torch.Tensor,
     fine_stride: int,
     selections: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+    *,
+    inputs: Sequence[tuple[torch.Tensor, Window] | None] | None = None,
+    reprobe: Callable[[int, Window], np.ndarray | None] | None = None,
 ) -> list[np.ndarray]:
     """:func:`refined_mask` of several objects on one slice, their windows batched.
 
@@ -648,28 +700,51 @@ def refined_masks(
     refiner, image, fine, fine_stride
         As :func:`refined_mask`.
     selections : iterable of (prob, selection, points, labels)
-        Per object, the arguments of :func:`refined_mask` of those names. Each ``prob`` is
-        read once, into its window, as the item arrives (a generator need not keep them).
+        Per object, the arguments of :func:`refined_mask` of those names. Each is held only
+        until its object's passes are done: a generator need not keep them.
+    inputs : sequence of (torch.Tensor, Window) or None, optional
+        Per object, :func:`refiner_inputs` of its arguments when made already.
+    reprobe : callable, optional
+        ``reprobe(j, window)``: where object ``j`` is redrawn in a larger ``window`` (its
+        mask reached the edge of the last one), the probability to read there if its ``prob``
+        is not exact in that window (a probability computed around the clicks only), else
+        ``None``.
 
     Returns
     -------
     list of np.ndarray
         ``(H, W)`` bool per object, as :func:`refined_mask` returns it.
     """
+    given = iter(inputs) if inputs is not None else None
     out: list[np.ndarray] = []
-    pending: list[tuple[torch.Tensor, Window, np.ndarray, np.ndarray, np.ndarray]] = []
+    # (object, its input and window, its arguments, redraws so far); the arguments (a whole
+    # slice's probability) are held only while the object waits for a pass.
+    pending: list[tuple[int, tuple[torch.Tensor, Window], tuple, int]] = []
+    parts = (image, fine, fine_stride)
 
     def flush() -> None:
-        logits = _refiner_logits(refiner, [x for x, *_ in pending])
-        out.extend(_kept(lg, *rest) for lg, (_, *rest) in zip(logits, pending, strict=True))
-        pending.clear()
+        batch = pending[:REFINER_BATCH]
+        del pending[:REFINER_BATCH]
+        logits = _refiner_logits(refiner, [x for _, (x, _), _, _ in batch])
+        for lg, (j, (_, window), item, n) in zip(logits, batch, strict=True):
+            prob, sel, pts, lab = item
+            out[j] = mask = _kept(lg, window, sel, pts, lab)
+            if n == REFINER_REGROW or not reaches_edge(mask, window):
+                continue
+            # The object goes on beyond what the refiner saw: redraw it around its mask.
+            if reprobe is not None:
+                wider = reprobe(j, refiner_window(refiner, mask, pts))
+                prob = prob if wider is None else wider
+            nxt = refiner_inputs(refiner, *parts, prob, mask, pts, lab)
+            pending.append((j, nxt, (prob, sel, pts, lab), n + 1))
 
-    for prob, sel, pts, lab in selections:
-        x, window = refiner_inputs(refiner, image, fine, fine_stride, prob, sel, pts, lab)
-        pending.append((x, window, sel, pts, lab))
-        if len(pending) == REFINER_BATCH:
+    for j, item in enumerate(selections):
+        made = next(given) if given is not None else None
+        out.append(np.asarray(item[1], bool))
+        pending.append((j, made or refiner_inputs(refiner, *parts, *item), item, 0))
+        if len(pending) >= REFINER_BATCH:
             flush()
-    if pending:
+    while pending:
         flush()
     return out
 

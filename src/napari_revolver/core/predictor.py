@@ -28,7 +28,7 @@ from . import objects
 from .compat import check_tasks
 from .encoding import VolumeEncoder
 from .labels import labels_from_probabilities
-from .model.click_refiner import ClickRefiner, crop_bounds, window_around
+from .model.click_refiner import ClickRefiner, Window, crop_bounds, window_around
 from .model.encoder import EncoderOutput
 from .model.guide import GuideOutput, point_masks
 from .pixel_fit import (
@@ -620,6 +620,7 @@ class RevolverPredictor(VolumeEncoder):
         threshold: float,
     ) -> list[np.ndarray]:
         """Compute :meth:`object_masks` on flat slice ``k`` (nothing kept is read)."""
+        boxes: list[tuple[int, int, int, int]] = []  # where each object's probability is exact
 
         def selected() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
             for j in range(0, len(tasks), OBJECT_HEAD_BATCH):
@@ -641,14 +642,23 @@ class RevolverPredictor(VolumeEncoder):
                         [(prob, box)] = self._object_probabilities(k, [t], [(pts, lab)], reach)
                         found = self._selection_in(prob, box, pts, lab, threshold)
                     assert found is not None
+                    boxes.append(box)
                     yield prob, *found
+
+        def reprobe(j: int, window: Window) -> np.ndarray | None:
+            # A redraw reading beyond the box of its probability: the whole slice's.
+            y0, y1, x0, x1 = boxes[j]
+            ys, xs = crop_bounds(window, self.info.slice_shape)
+            if y0 <= ys.start and ys.stop <= y1 and x0 <= xs.start and xs.stop <= x1:
+                return None
+            return self._object_probabilities(k, [tasks[j]], [clicks[j]], None)[0][0]
 
         if self.refiner is None:
             masks = [sel for _, sel, _, _ in selected()]
         else:
             # The refiner redraws the windows of many objects in one pass.
             here = self.refiner_slice(self.info.unflat(k))
-            masks = objects.refined_masks(self.refiner, *here, selected())
+            masks = objects.refined_masks(self.refiner, *here, selected(), reprobe=reprobe)
         # Every click is obeyed, whatever the network drew.
         return [
             objects.obey_clicks(m, pts, lab) for m, (pts, lab) in zip(masks, clicks, strict=True)
