@@ -70,6 +70,8 @@ _FLAG_WORDS = (
     (re.compile(r"open the volume with set_volume\(\.\.\., invert=True\)"), "pass --invert"),
     (re.compile(r"open the volume with set_volume\(\.\.\., invert=False\)"), "leave out --invert"),
     (re.compile(r"scheduler 'local:N'"), "--scheduler local:N"),
+    (re.compile(r"\bp_unreliable must"), "--p-unreliable must"),
+    (re.compile(r"\bregrow must"), "--regrow must"),
 )
 
 
@@ -341,6 +343,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic", type=int, default=96, help="procedural training slices")
     p.add_argument(
         "--max-corrections", type=int, default=8, help="most corrective clicks simulated"
+    )
+    p.add_argument(
+        "--p-unreliable",
+        type=float,
+        default=0.0,
+        help="share of episodes whose class probability is spoiled (broken up or leaking), "
+        "so the refiner learns to find the object in the image (default 0)",
+    )
+    p.add_argument(
+        "--regrow",
+        type=int,
+        default=None,
+        help="times a mask that reaches its window's edge is redrawn in the window around it, "
+        "in training and by the refiner trained (default: the --init refiner's, else 0)",
     )
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--val-objects", type=int, default=32)
@@ -940,6 +956,8 @@ def _cmd_train_clicks(args: argparse.Namespace) -> int:
         lr=args.lr,
         synthetic=args.synthetic,
         max_corrections=args.max_corrections,
+        p_unreliable=args.p_unreliable,
+        regrow=args.regrow,
         seed=args.seed,
         val_every=args.val_every,
         val_objects=args.val_objects,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,6 @@ from napari_revolver.core.model.click_refiner import (
     window_around,
 )
 from napari_revolver.core.objects import (
-    REFINER_REGROW,
     reaches_edge,
     refine_once,
     refined_mask,
@@ -154,17 +154,22 @@ def test_refined_mask_keeps_only_parts_with_a_positive_click() -> None:
     sel = select_object(prob, pts, lab)
     inputs = _slice_inputs(shape)
     out = refined_mask(refiner, prob=prob, selection=sel, points=pts, labels=lab, **inputs)
-    # The mask fills its window, so it reaches the window's edge: it is redrawn in the window
-    # around it, REFINER_REGROW times, and is the last window, not beyond.
+    ys, xs = window_around(sel, pts).pixel_bounds(shape)
+    assert out.sum() > sel.sum()
+    assert out[ys, xs].all() and out.sum() == out[ys, xs].size  # the window, not beyond
+    # A refiner with redraws: the mask fills its window, so it reaches the window's edge and
+    # is redrawn in the window around it, config.regrow times; it is the last window.
+    refiner.config = replace(refiner.config, regrow=2)
+    grown = refined_mask(refiner, prob=prob, selection=sel, points=pts, labels=lab, **inputs)
     win = window_around(sel, pts)
-    for _ in range(REFINER_REGROW):
+    for _ in range(2):
         ys, xs = win.pixel_bounds(shape)
-        grown = np.zeros(shape, bool)
-        grown[ys, xs] = True
-        win = window_around(grown, pts)
+        box = np.zeros(shape, bool)
+        box[ys, xs] = True
+        win = window_around(box, pts)
     ys, xs = win.pixel_bounds(shape)
-    assert out[ys, xs].all() and out.sum() == out[ys, xs].size
-    assert not out[:, :40].any()  # the other disc's selection never joins
+    assert grown[ys, xs].all() and grown.sum() == grown[ys, xs].size
+    assert not grown[:, :40].any()  # the other disc's selection never joins
     once = refine_once(
         refiner,
         refiner_inputs(refiner, **inputs, prob=prob, selection=sel, points=pts, labels=lab),
@@ -172,7 +177,7 @@ def test_refined_mask_keeps_only_parts_with_a_positive_click() -> None:
         pts,
         lab,
     )
-    assert once.sum() < out.sum() and (once <= out).all()
+    np.testing.assert_array_equal(once, out)
 
 
 def test_a_mask_reaches_its_window_edge_only_inside_the_slice() -> None:
@@ -426,6 +431,7 @@ def test_training_runs_checkpoints_and_resumes(tmp_path: Path) -> None:
         val_objects=2,
         max_corrections=2,
         p_unreliable=0.5,
+        regrow=1,
         refiner=RefinerConfig(size=32, width=8, mid_width=8, dilations=(1,)),
     )
     best = train_refiner(cfg)
@@ -437,7 +443,7 @@ def test_training_runs_checkpoints_and_resumes(tmp_path: Path) -> None:
     train_refiner(cfg)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "val" in r] == [2, 3]  # resumed, not restarted
-    assert load_refiner(best).config.size == 32
+    assert load_refiner(best).config.size == 32 and load_refiner(best).config.regrow == 1
 
 
 def test_training_starts_from_an_init_refiner_and_keeps_it_unless_beaten(tmp_path: Path) -> None:
@@ -495,6 +501,11 @@ def test_train_clicks_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     # Fine-tuning the refiner just trained, on one thread: it starts from its weights.
     again = ["train-clicks", "--out", str(tmp_path / "ft"), "--steps", "1", "--batch", "2"]
     again += ["--synthetic", "2", "--val-every", "1", "--val-objects", "1", "--threads", "1"]
+    again += ["--p-unreliable", "0.5", "--regrow", "2"]
     assert main([*again, "--init", str(run / "best.safetensors")]) == 0
     cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert cfg["init"] == str(run / "best.safetensors") and cfg["threads"] == 1
+    assert cfg["p_unreliable"] == 0.5 and cfg["refiner"]["regrow"] == 2
+    assert load_refiner(tmp_path / "ft" / "best.safetensors").config.regrow == 2
+    assert main([*args, "--p-unreliable", "1.5"]) != 0
+    assert "--p-unreliable must be in [0, 1]; got 1.5" in capsys.readouterr().err

@@ -401,9 +401,7 @@ def test_a_negative_click_far_from_the_object_changes_nothing(
     )
     with torch.no_grad():
         refiner.out.bias.fill_(20.0)  # draws its whole window: the window is what it saw
-    predictor.refiner = refiner
-    # A mask filling its window is redrawn in a larger one; here the first window is the test.
-    monkeypatch.setattr("napari_revolver.core.objects.REFINER_REGROW", 0)
+    predictor.refiner = refiner  # no redraws (config.regrow 0): the first window is the test
 
     def mask(points: list, labels: list) -> np.ndarray:
         return predictor.predict_slice(1, predictor.guide(points, labels, kind="object"))
@@ -520,6 +518,7 @@ def test_object_clicks_on_windows_get_the_masks_of_the_whole_slice(
     and is redrawn in larger windows, beyond the box its probability is exact in.
     """
     import copy
+    import dataclasses
 
     import torch
 
@@ -531,9 +530,9 @@ def test_object_clicks_on_windows_get_the_masks_of_the_whole_slice(
     predictor.set_volume(image)
     if grows:
         predictor.refiner = copy.deepcopy(predictor.refiner)
+        predictor.refiner.config = dataclasses.replace(predictor.refiner.config, regrow=4)
         with torch.no_grad():
             predictor.refiner.out.bias.add_(20.0)
-        monkeypatch.setattr("napari_revolver.core.objects.REFINER_REGROW", 4)
     ids, n = ndimage.label(labels[0] > 0)
     sizes = ndimage.sum(np.ones_like(ids), ids, range(1, n + 1))
     order = np.argsort(sizes)  # the smallest objects and the largest, which needs more

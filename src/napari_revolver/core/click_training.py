@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,7 +44,6 @@ from .model.click_refiner import (
     sample_window,
 )
 from .objects import (
-    REFINER_REGROW,
     reaches_edge,
     refine_once,
     refined_mask,
@@ -102,6 +101,16 @@ class ClickTrainConfig(RefinerTrainConfig):
     #: (:func:`unreliable_probability`): the refiner learns to find the object in the image
     #: where the network is lost (a modality it never saw).
     p_unreliable: float = 0.0
+    #: Redraws of a mask that reaches its window's edge (``RefinerConfig.regrow``), written
+    #: into the refiner trained (new or ``init``); ``None``: the refiner's own.
+    regrow: int | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse a share outside [0, 1] and a negative number of redraws."""
+        if not 0.0 <= self.p_unreliable <= 1.0:
+            raise ValueError(f"p_unreliable must be in [0, 1]; got {self.p_unreliable}")
+        if self.regrow is not None and self.regrow < 0:
+            raise ValueError(f"regrow must be 0 or more; got {self.regrow}")
 
 
 @dataclass
@@ -287,10 +296,10 @@ def click_episode(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Click one object, then ``corrections`` times where the refiner's mask is most wrong.
 
-    Each click's selection is refined as :func:`.objects.refined_mask` does it, redraws
-    of a mask that reaches its window's edge included; every window the refiner reads is a
-    sample. With probability ``p_unreliable`` the episode's class probability is spoiled
-    (:func:`unreliable_probability`).
+    Each click's selection is refined as :func:`.objects.refined_mask` does it, the
+    refiner's redraws of a mask that reaches its window's edge (``config.regrow``) included;
+    every window the refiner reads is a sample. With probability ``p_unreliable`` the
+    episode's class probability is spoiled (:func:`unreliable_probability`).
 
     Returns
     -------
@@ -322,7 +331,7 @@ def click_episode(
         inputs: tuple[torch.Tensor, Window] | None = refiner_inputs(
             refiner, *here, prob, sel, p, lab
         )
-        for _ in range(REFINER_REGROW + 1):
+        for _ in range(refiner.config.regrow + 1):
             if inputs is None:
                 break
             x, window = inputs
@@ -471,7 +480,12 @@ def train_refiner(
     Resumes from ``<out>/checkpoint.pt`` when it exists. The best refiner (by the sum of the
     validation IoUs after 1, 3 and 5 clicks) is ``<out>/best.safetensors``.
     """
+    if cfg.regrow is not None and cfg.init is None:
+        cfg.refiner = replace(cfg.refiner, regrow=cfg.regrow)
     weights, refiner = start_run(cfg, "clicks")
+    if cfg.regrow is not None and refiner.config.regrow != cfg.regrow:  # an init's
+        refiner.config = cfg.refiner = replace(refiner.config, regrow=cfg.regrow)
+        (Path(cfg.out) / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
     train_src, val_items = _sources(cfg, weights)
     return run_steps(
         refiner,

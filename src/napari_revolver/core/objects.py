@@ -569,7 +569,7 @@ def refined_mask(
         ``(H, W)`` bool: the parts of the refined mask that hold a positive click (the
         selection when none does). A mask that reaches its window's edge inside the slice
         is redrawn in the window around it (:func:`reaches_edge`), up to
-        :data:`REFINER_REGROW` times.
+        ``refiner.config.regrow`` times.
     """
     [mask] = refined_masks(
         refiner, image, fine, fine_stride, [(prob, selection, points, labels)], inputs=[inputs]
@@ -658,9 +658,6 @@ def _kept(
 
 #: Windows per refiner pass in :func:`refined_masks`.
 REFINER_BATCH = 16
-#: Times an object whose refined mask reaches its window's edge is redrawn in a window
-#: around that mask (:func:`reaches_edge`).
-REFINER_REGROW = 2
 
 
 def reaches_edge(mask: np.ndarray, window: Window) -> bool:
@@ -729,7 +726,7 @@ def refined_masks(
         for lg, (j, (_, window), item, n) in zip(logits, batch, strict=True):
             prob, sel, pts, lab = item
             out[j] = mask = _kept(lg, window, sel, pts, lab)
-            if n == REFINER_REGROW or not reaches_edge(mask, window):
+            if n == refiner.config.regrow or not reaches_edge(mask, window):
                 continue
             # The object goes on beyond what the refiner saw: redraw it around its mask.
             if reprobe is not None:

@@ -64,6 +64,10 @@ class RefinerConfig:
     min_side: float = 24.0
     #: Also read the image of the slice the selection comes from (a follower: two frames).
     previous_image: bool = False
+    #: Times a mask that reaches its window's edge inside the slice is redrawn in the window
+    #: around it (:func:`..objects.refined_masks`); a refiner trained with redraws
+    #: (``ClickTrainConfig.regrow``) uses them. 0: never (files without the field).
+    regrow: int = 0
 
     def to_dict(self) -> dict[str, object]:
         """Return the configuration as built-in types, ready for JSON."""
