@@ -14,7 +14,9 @@ from scipy import ndimage
 
 from napari_revolver.core.click_training import (
     ClickTrainConfig,
+    click_episode,
     refiner_loss,
+    synthetic_sources,
     train_refiner,
     unreliable_probability,
 )
@@ -355,6 +357,22 @@ def test_an_unreliable_probability_breaks_the_object_up_or_leaks() -> None:
     assert min(inside) < 0.7 and max(outside) > 0.2
     assert any(i < 0.9 and o == 0 for i, o in zip(inside, outside, strict=True))
     assert any(i == 1 and o > 0.1 for i, o in zip(inside, outside, strict=True))
+
+
+def test_click_episodes_sample_every_redraw_and_spoil_the_probability() -> None:
+    [src, *_] = synthetic_sources(load_weights(), 2, 0, side=256)
+    z, oid = min(src.objects, key=lambda o: (src.labels[o[0]] == o[1]).sum())
+    for regrow in (0, 2):
+        refiner = ClickRefiner(RefinerConfig(size=32, width=8, mid_width=8, regrow=regrow))
+        with torch.no_grad():
+            refiner.out.bias.fill_(20.0)  # draws its whole window: every mask reaches the edge
+        samples = click_episode(refiner.eval(), src, z, oid, 0, None)
+        assert len(samples) == 1 + regrow  # the click's window, then each redraw's
+        assert all(x.shape == (refiner.in_channels, 32, 32) for x, _ in samples)
+    # A spoiled episode reads another probability (its channel in the first window).
+    plain = click_episode(refiner, src, z, oid, 0, np.random.default_rng(3))[0][0]
+    spoiled = click_episode(refiner, src, z, oid, 0, np.random.default_rng(3), p_unreliable=1.0)
+    assert not torch.equal(plain, spoiled[0][0])
 
 
 def _merged_pair(rng: np.random.Generator, shape: tuple[int, int] = (64, 64)) -> tuple:

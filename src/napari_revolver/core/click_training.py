@@ -40,7 +40,6 @@ from .evaluate_objects import next_click
 from .model.click_refiner import (
     ClickRefiner,
     RefinerConfig,
-    Window,
     sample_window,
 )
 from .objects import (
@@ -310,36 +309,26 @@ def click_episode(
     truth = src.labels[z] == oid
     truth_map = torch.from_numpy(truth.astype(np.float32))[None]
     here = src.slice_inputs(z)
-    size = refiner.config.size
     pts = [first_click(truth, rng)]
     labs = [1]
-    spoil = None
+    spoil = None  # (the object's radius, the seed of the episode's field)
     if rng is not None and rng.random() < p_unreliable:
         radius = float(ndimage.distance_transform_edt(np.pad(truth, 1)).max())
-        seed = int(rng.integers(1 << 31))
-        spoil = lambda q: unreliable_probability(q, radius, np.random.default_rng(seed))  # noqa: E731
+        spoil = (radius, int(rng.integers(1 << 31)))
 
     def probability() -> np.ndarray:
         q = src.probability(z, np.asarray(pts, float), np.asarray(labs, np.int8))
-        return q if spoil is None else spoil(q)
+        if spoil is None:
+            return q
+        return unreliable_probability(q, spoil[0], np.random.default_rng(spoil[1]))
 
     prob = probability()
-    out = []
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
     for i in range(corrections + 1):
         p, lab = np.asarray(pts, float), np.asarray(labs, np.int8)
         sel = select_object(prob, p, lab)
-        inputs: tuple[torch.Tensor, Window] | None = refiner_inputs(
-            refiner, *here, prob, sel, p, lab
-        )
-        for _ in range(refiner.config.regrow + 1):
-            if inputs is None:
-                break
-            x, window = inputs
-            out.append((x, sample_window(truth_map, window, size)[0]))  # type: ignore[arg-type]
-            mask = refine_once(refiner, (x, window), sel, p, lab)
-            grows = reaches_edge(mask, window)
-            inputs = refiner_inputs(refiner, *here, prob, mask, p, lab) if grows else None
-        if i == corrections:
+        mask = _refiner_passes(refiner, here, prob, sel, p, lab, truth_map, out, i == corrections)
+        if mask is None:
             break
         click = next_click(mask, truth)
         if click is None:
@@ -349,6 +338,35 @@ def click_episode(
         if click[1] == 1:
             prob = probability()
     return out
+
+
+def _refiner_passes(
+    refiner: ClickRefiner,
+    here: tuple[torch.Tensor, torch.Tensor, int],
+    prob: np.ndarray,
+    sel: np.ndarray,
+    points: np.ndarray,
+    labels: np.ndarray,
+    truth_map: torch.Tensor,
+    out: list[tuple[torch.Tensor, torch.Tensor]],
+    last: bool,
+) -> np.ndarray | None:
+    """Refine one click's selection as inference does; append every pass's sample to ``out``.
+
+    Returns the mask after the redraws, ``None`` after the ``last`` click when no redraw
+    needs it (nothing is clicked after it).
+    """
+    most = refiner.config.regrow
+    x, window = refiner_inputs(refiner, *here, prob, sel, points, labels)
+    for r in range(most + 1):
+        out.append((x, sample_window(truth_map, window, refiner.config.size)[0]))  # type: ignore[arg-type]
+        if last and r == most:
+            return None
+        mask = refine_once(refiner, (x, window), sel, points, labels)
+        if r == most or not reaches_edge(mask, window):
+            break
+        x, window = refiner_inputs(refiner, *here, prob, mask, points, labels)
+    return None if last else mask
 
 
 def refiner_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
