@@ -498,12 +498,11 @@ def train_refiner(
     Resumes from ``<out>/checkpoint.pt`` when it exists. The best refiner (by the sum of the
     validation IoUs after 1, 3 and 5 clicks) is ``<out>/best.safetensors``.
     """
-    if cfg.regrow is not None and cfg.init is None:
-        cfg.refiner = replace(cfg.refiner, regrow=cfg.regrow)
     weights, refiner = start_run(cfg, "clicks")
-    if cfg.regrow is not None and refiner.config.regrow != cfg.regrow:  # an init's
+    if cfg.regrow is not None and refiner.config.regrow != cfg.regrow:
+        # Redraws change no weight: set on the new or the init refiner alike.
         refiner.config = cfg.refiner = replace(refiner.config, regrow=cfg.regrow)
-        (Path(cfg.out) / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+        _write_run_config(cfg)
     train_src, val_items = _sources(cfg, weights)
     return run_steps(
         refiner,
@@ -539,10 +538,14 @@ def start_run(cfg: RefinerTrainConfig, role: str) -> tuple[LoadedWeights, ClickR
             fused=False,
         )
         cfg.refiner = module.config
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    _write_run_config(cfg)
     return weights, module
+
+
+def _write_run_config(cfg: RefinerTrainConfig) -> None:
+    """Write a run's configuration as ``<out>/config.json``."""
+    (Path(cfg.out) / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
 
 
 def run_steps(

@@ -28,7 +28,7 @@ from . import objects
 from .compat import check_tasks
 from .encoding import VolumeEncoder
 from .labels import labels_from_probabilities
-from .model.click_refiner import ClickRefiner, Window, crop_bounds, window_around
+from .model.click_refiner import ClickRefiner, Window, crop_bounds
 from .model.encoder import EncoderOutput
 from .model.guide import GuideOutput, point_masks
 from .pixel_fit import (
@@ -89,6 +89,13 @@ __all__ = [
 #: (sigma 16 px, three sigmas), the fit's smoothing (2 fine cells, three sigmas) and the
 #: coarse features' interpolation, with room to spare.
 FIT_REACH = 96
+
+
+def _reads_inside(window: Window, box: tuple[int, int, int, int], shape: tuple[int, int]) -> bool:
+    """Whether resampling ``window`` reads only slice pixels inside ``box`` ``(y0, y1, x0, x1)``."""
+    y0, y1, x0, x1 = box
+    ys, xs = crop_bounds(window, shape)
+    return y0 <= ys.start and ys.stop <= y1 and x0 <= xs.start and xs.stop <= x1
 
 
 class RevolverPredictor(VolumeEncoder):
@@ -647,9 +654,7 @@ class RevolverPredictor(VolumeEncoder):
 
         def reprobe(j: int, window: Window) -> np.ndarray | None:
             # A redraw reading beyond the box of its probability: the whole slice's.
-            y0, y1, x0, x1 = boxes[j]
-            ys, xs = crop_bounds(window, self.info.slice_shape)
-            if y0 <= ys.start and ys.stop <= y1 and x0 <= xs.start and xs.stop <= x1:
+            if _reads_inside(window, boxes[j], self.info.slice_shape):
                 return None
             return self._object_probabilities(k, [tasks[j]], [clicks[j]], None)[0][0]
 
@@ -752,11 +757,8 @@ class RevolverPredictor(VolumeEncoder):
         points, labels = points[deciding], labels[deciding]
         if self.refiner is None or box == (0, h, 0, w):
             return sel, points, labels
-        c = self.refiner.config
-        window = window_around(sel, points, context=c.context, min_side=c.min_side)
-        ys, xs = crop_bounds(window, sel.shape)
-        inside = y0 <= ys.start and ys.stop <= y1 and x0 <= xs.start and xs.stop <= x1
-        return (sel, points, labels) if inside else None
+        window = objects.refiner_window(self.refiner, sel, points)
+        return (sel, points, labels) if _reads_inside(window, box, sel.shape) else None
 
     @torch.inference_mode()
     def _object_probabilities(
