@@ -84,7 +84,27 @@ def _add_refiner_run_args(p: argparse.ArgumentParser, role: str) -> None:
         help=f"start from this {role} (.safetensors, trained on --weights) instead of "
         "from scratch: to fine-tune it on your data, or train it longer",
     )
+    p.add_argument(
+        "--add-dilations",
+        type=_dilations,
+        default=(),
+        help=f"append residual blocks of these dilations (comma-separated, e.g. 8,16) to the "
+        f"{role} trained, each starting as the identity: it sees farther across its window",
+    )
     p.add_argument("--threads", type=int, default=2, help="CPU threads torch may use (default 2)")
+
+
+def _dilations(text: str) -> tuple[int, ...]:
+    """Parse ``--add-dilations``: comma-separated whole numbers of at least 1."""
+    try:
+        out = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated whole numbers of at least 1, such as 8,16; got {text!r}"
+        )
+    return out
 
 
 def _check_exists(path: Path | None, flag: str) -> None:
@@ -962,6 +982,7 @@ def _cmd_train_clicks(args: argparse.Namespace) -> int:
         val_every=args.val_every,
         val_objects=args.val_objects,
         init=str(args.init) if args.init else None,
+        add_dilations=args.add_dilations,
         threads=args.threads,
     )
     bar = Progress("train clicks", unit="step")
@@ -1003,6 +1024,7 @@ def _cmd_train_follow(args: argparse.Namespace) -> int:
         seed=args.seed,
         val_every=args.val_every,
         init=str(args.init) if args.init else None,
+        add_dilations=args.add_dilations,
         threads=args.threads,
     )
     bar = Progress("train follower", unit="step")

@@ -26,6 +26,7 @@ from napari_revolver.core.model.click_refiner import (
     Window,
     click_maps,
     crop_to,
+    deepened,
     paste_logits,
     sample_window,
     stack_inputs,
@@ -144,6 +145,29 @@ def test_an_untrained_refiner_returns_the_selection() -> None:
         ClickRefiner().eval(), prob=prob, selection=sel, points=pts, labels=lab, **_slice_inputs()
     )
     assert (out == sel).mean() > 0.99
+
+
+def test_a_deepened_refiner_computes_what_it_was_built_from() -> None:
+    torch.manual_seed(0)
+    base = ClickRefiner(RefinerConfig(size=32, width=8, mid_width=8, dilations=(1, 2)))
+    with torch.no_grad():
+        for param in base.parameters():
+            param.normal_(0, 0.3)
+    x = torch.randn(3, base.in_channels, 32, 32)
+    for mode in (False, True):  # eval (running statistics) and training (batch statistics)
+        base.train(mode)
+        grown = deepened(base, (4, 8))
+        assert grown.training is mode and grown.config.dilations == (1, 2, 4, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(grown(x), base(x))
+        # Only the new blocks are new: the old ones are the base's, and they train.
+        assert len(grown.blocks) == 4
+        assert torch.equal(grown.blocks[1].a[0].weight, base.blocks[1].a[0].weight)
+    with torch.no_grad():
+        grown.blocks[3].b[1].weight.fill_(1.0)
+        assert not torch.allclose(grown(x), base(x))
+    with pytest.raises(ValueError, match=r"at least 1; got \[4, 0\]"):
+        deepened(base, (4, 0))
 
 
 def test_refined_mask_keeps_only_parts_with_a_positive_click() -> None:
@@ -519,11 +543,18 @@ def test_train_clicks_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     # Fine-tuning the refiner just trained, on one thread: it starts from its weights.
     again = ["train-clicks", "--out", str(tmp_path / "ft"), "--steps", "1", "--batch", "2"]
     again += ["--synthetic", "2", "--val-every", "1", "--val-objects", "1", "--threads", "1"]
-    again += ["--p-unreliable", "0.5", "--regrow", "2"]
+    again += ["--p-unreliable", "0.5", "--regrow", "2", "--add-dilations", "8,16"]
     assert main([*again, "--init", str(run / "best.safetensors")]) == 0
     cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert cfg["init"] == str(run / "best.safetensors") and cfg["threads"] == 1
     assert cfg["p_unreliable"] == 0.5 and cfg["refiner"]["regrow"] == 2
-    assert load_refiner(tmp_path / "ft" / "best.safetensors").config.regrow == 2
+    start = load_refiner(run / "best.safetensors").config.dilations
+    assert tuple(cfg["refiner"]["dilations"]) == (*start, 8, 16)
+    tuned = load_refiner(tmp_path / "ft" / "best.safetensors").config
+    assert tuned.regrow == 2 and tuned.dilations == (*start, 8, 16)
+    for bad in ("0", "8,x", ""):
+        with pytest.raises(SystemExit):
+            main([*args, "--add-dilations", bad])
+        assert "expected comma-separated whole numbers of at least 1" in capsys.readouterr().err
     assert main([*args, "--p-unreliable", "1.5"]) != 0
     assert "--p-unreliable must be in [0, 1]; got 1.5" in capsys.readouterr().err

@@ -40,6 +40,7 @@ from .evaluate_objects import next_click
 from .model.click_refiner import (
     ClickRefiner,
     RefinerConfig,
+    deepened,
     sample_window,
 )
 from .objects import (
@@ -85,6 +86,9 @@ class RefinerTrainConfig:
     #: its architecture replaces ``refiner``. Trained on ``weights`` (or on weights with the same
     #: encoder). A run that already has a checkpoint resumes from that instead.
     init: str | None = None
+    #: Dilations of residual blocks appended to the refiner (new or ``init``), each starting
+    #: as the identity (:func:`.model.click_refiner.deepened`): a wider view of the window.
+    add_dilations: tuple[int, ...] = ()
 
 
 @dataclass
@@ -537,6 +541,9 @@ def start_run(cfg: RefinerTrainConfig, role: str) -> tuple[LoadedWeights, ClickR
             role=role,
             fused=False,
         )
+        cfg.refiner = module.config
+    if cfg.add_dilations:
+        module = deepened(module, tuple(cfg.add_dilations))
         cfg.refiner = module.config
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     _write_run_config(cfg)

@@ -20,7 +20,7 @@ No napari or Qt here.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ __all__ = [
     "click_maps",
     "crop_bounds",
     "crop_to",
+    "deepened",
     "paste_logits",
     "sample_window",
     "window_around",
@@ -327,6 +328,43 @@ class ClickRefiner(nn.Module):
         m = F.interpolate(m, size=h.shape[-2:], mode="bilinear", align_corners=False)
         out = self.out(self.fuse(torch.cat([m, h], 1)))
         return (out + self.base_logit * (2 * selection - 1))[:, 0]
+
+
+def deepened(refiner: ClickRefiner, dilations: tuple[int, ...]) -> ClickRefiner:
+    """Return a copy of a refiner with residual blocks of ``dilations`` appended.
+
+    Each new block works at half resolution after the existing ones and starts as the
+    identity (its last normalisation's scale is 0), so the copy computes exactly what
+    ``refiner`` does until it is trained further: a wider view of the window (dilations 8 and
+    16 reach across an 80-pixel window) without starting again from nothing.
+
+    Parameters
+    ----------
+    refiner : ClickRefiner
+    dilations : tuple of int
+        Dilations of the blocks to add, each at least 1.
+
+    Returns
+    -------
+    ClickRefiner
+        In the mode ``refiner`` is in, on its device.
+
+    Raises
+    ------
+    ValueError
+        For a dilation below 1.
+    """
+    bad = [d for d in dilations if int(d) < 1]
+    if bad:
+        raise ValueError(f"dilations must be at least 1; got {list(dilations)}")
+    c = refiner.config
+    grown = ClickRefiner(replace(c, dilations=(*c.dilations, *map(int, dilations))))
+    grown.load_state_dict(refiner.state_dict(), strict=False)
+    with torch.no_grad():
+        for block in list(grown.blocks)[len(c.dilations) :]:
+            block.b[1].weight.zero_()
+    param = next(refiner.parameters())
+    return grown.to(param.device).train(refiner.training)
 
 
 def _sample_pair(
