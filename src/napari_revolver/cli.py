@@ -88,6 +88,7 @@ def _add_refiner_run_args(p: argparse.ArgumentParser, role: str) -> None:
         "--add-dilations",
         type=_dilations,
         default=(),
+        metavar="D[,D...]",
         help=f"append residual blocks of these dilations (comma-separated, e.g. 8,16) to the "
         f"{role} trained, each starting as the identity: it sees farther across its window",
     )
