@@ -155,8 +155,9 @@ def _in_pieces(plane: np.ndarray, ids: list[int], share: float = 0.9) -> int:
     """
     n = 0
     for i in ids:
-        parts, count = ndimage.label(plane == i)
-        if count > 1 and np.bincount(parts.ravel())[1:].max() < share * (plane == i).sum():
+        obj = plane == i
+        parts, count = ndimage.label(obj)
+        if count > 1 and np.bincount(parts.ravel())[1:].max() < share * obj.sum():
             n += 1
     return n
 
