@@ -221,7 +221,7 @@ def _force_probability(monkeypatch: pytest.MonkeyPatch, ids: np.ndarray) -> None
 
     fg = (ids > 0).astype(np.float32) * 0.95
 
-    def proba(self, index, tasks, *, local=False):
+    def proba(self, index, tasks, *, local=False, working=False):
         k = self.info.flat(index)
         n = 1 if isinstance(tasks, Task) else len(tasks)
         return np.repeat(fg[k][None], n, 0)

@@ -16,7 +16,7 @@ class TaskMismatch(ValueError):
     ----------
     task : str
         The task's name.
-    field : {"weights", "invert"}
+    field : {"weights", "invert", "scale"}
         What differs.
     guided, current : object
         The task's value and the predictor's.
@@ -28,9 +28,13 @@ class TaskMismatch(ValueError):
 
 
 def check_tasks(
-    tasks: Iterable[Task], model_key: str | None, weights_sha256: str, invert: bool | None = None
+    tasks: Iterable[Task],
+    model_key: str | None,
+    weights_sha256: str,
+    invert: bool | None = None,
+    scale: float | None = None,
 ) -> None:
-    """Refuse tasks that do not apply to these weights (and, if given, this intensity reading).
+    """Refuse tasks that do not apply to these weights (and, if given, this way of reading).
 
     Parameters
     ----------
@@ -41,6 +45,8 @@ def check_tasks(
         Their sha256.
     invert : bool, optional
         Whether the volume's intensities are reversed; ``None`` skips that check.
+    scale : float, optional
+        The factor the volume's slices are resized by; ``None`` skips that check.
 
     Raises
     ------
@@ -70,4 +76,14 @@ def check_tasks(
                 "invert",
                 t.invert,
                 invert,
+            )
+        if scale is not None and t.scale != scale:
+            raise TaskMismatch(
+                f"task {t.name!r} was guided on slices resized by {t.scale:g} (scale), this "
+                f"volume is read at scale {scale:g}; open the volume with "
+                f"set_volume(..., scale={t.scale:g})",
+                t.name,
+                "scale",
+                t.scale,
+                scale,
             )

@@ -21,6 +21,7 @@ from .features import FeatureCache, FeatureSignature, FeatureStore
 from .model.encoder import EncoderOutput
 from .model.guided_net import GuidedNet
 from .preprocess import Preprocessing, intensity_bounds, normalize_slice
+from .scale import resize_slice, work_shape
 from .tiling import encode_slices, feature_shapes
 from .volume import (
     Index,
@@ -72,6 +73,7 @@ class VolumeEncoder:
         self._volume: Any = None
         self._info: VolumeInfo | None = None
         self._spec: VolumeSpec | None = None
+        self._work: VolumeInfo | None = None
         self.cache = FeatureCache(cache_bytes)
         #: Each slice's intensity bounds (:func:`.preprocess.intensity_bounds`), by the
         #: percentiles and the flat slice: a slice is normalised again for every fit and step
@@ -105,6 +107,17 @@ class VolumeEncoder:
         return self._info
 
     @property
+    def work_info(self) -> VolumeInfo:
+        """Geometry of the volume as the network sees it: slices resized by ``spec.scale``.
+
+        The same as :attr:`info` at scale 1. The predictor computes in these working pixels
+        and converts at its public methods (:mod:`.scale`).
+        """
+        if self._work is None:
+            raise RuntimeError("no volume set; call set_volume(array) first")
+        return self._work
+
+    @property
     def model_key(self) -> str:
         """Architecture key of the loaded model (e.g. ``revolver-s``)."""
         return self.model.config.key
@@ -132,6 +145,7 @@ class VolumeEncoder:
         channel_axis: int | None = None,
         channel: int | None = None,
         invert: bool | None = None,
+        scale: float | None = None,
     ) -> VolumeInfo:
         """Set the image data to segment; features are computed lazily, per slice, on use.
 
@@ -141,14 +155,15 @@ class VolumeEncoder:
             ``(..., Y, X)`` grayscale or ``(..., Y, X, 3|4)`` RGB(A); numpy, dask or zarr
             (read one slice at a time, never whole).
         spec : VolumeSpec, optional
-            How to read it: RGB, the channel of a multichannel array, inverted intensities.
-            Default: RGB guessed as napari does, no channel axis, and the ``invert`` of the
+            How to read it: RGB, the channel of a multichannel array, inverted intensities,
+            the factor slices are resized by before the network. Default: RGB guessed as
+            napari does, no channel axis, and the ``invert`` and ``scale`` of the
             ``preprocessing`` the predictor was made with.
         store : path, optional
             On-disk feature store (zarr) to read and fill, reused across runs.
         on_mismatch : {"recompute", "raise"}
             What to do when ``store`` holds features of other data or another model.
-        rgb, channel_axis, channel, invert : optional
+        rgb, channel_axis, channel, invert, scale : optional
             Fields of ``spec`` given one by one (they override ``spec``'s).
 
         Returns
@@ -161,15 +176,23 @@ class VolumeEncoder:
             Unsupported dimensions or dtype, empty or constant data, a spec that does not fit.
         """
         if spec is None:
-            spec = VolumeSpec(invert=self._preprocessing.invert)
-        overrides = {"rgb": rgb, "channel_axis": channel_axis, "channel": channel, "invert": invert}
+            spec = VolumeSpec(invert=self._preprocessing.invert, scale=self._preprocessing.scale)
+        overrides = {
+            "rgb": rgb,
+            "channel_axis": channel_axis,
+            "channel": channel,
+            "invert": invert,
+            "scale": scale,
+        }
         spec = replace(spec, **{k: v for k, v in overrides.items() if v is not None})
         info, spec = describe_volume(array, spec)
         info = check_and_fingerprint(array, info, spec)
         with self._lock:
             self._volume, self._info, self._spec = array, info, spec
+            shape = work_shape(info.slice_shape, spec.scale)
+            self._work = replace(info, shape=(*info.leading_shape, *shape), slice_shape=shape)
             self._bounds = {}
-            self.preprocessing = replace(self._preprocessing, invert=spec.invert)
+            self.preprocessing = replace(self._preprocessing, invert=spec.invert, scale=spec.scale)
             feature_store = self._open_store(store, on_mismatch) if store is not None else None
             self.cache = FeatureCache(self.cache_bytes, feature_store)
         return info
@@ -203,7 +226,7 @@ class VolumeEncoder:
     def _open_store(
         self, path: str | Path, on_mismatch: Literal["recompute", "raise"]
     ) -> FeatureStore:
-        coarse, fine = feature_shapes(self.model, self.info.slice_shape)
+        coarse, fine = feature_shapes(self.model, self.work_info.slice_shape)
         return FeatureStore(path, self.signature(), self.info.n_slices, coarse, fine, on_mismatch)
 
     def signature(self) -> FeatureSignature:
@@ -214,17 +237,21 @@ class VolumeEncoder:
             self.model_key,
             self.weights.sha256,
             self.preprocessing.key(),
-            info.slice_shape,
+            self.work_info.slice_shape,
         )
 
     def _read(self, k: int) -> np.ndarray:
-        """Slice ``k`` as ``(H, W)`` or ``(H, W, 3)`` numpy (reads one slice of lazy data)."""
-        return read_slice(self._volume, self.info, self.spec, k)
+        """Slice ``k`` as ``(H, W)`` or ``(H, W, 3)`` numpy (reads one slice of lazy data).
+
+        In working pixels: resized by ``spec.scale`` (:attr:`work_info`).
+        """
+        image = read_slice(self._volume, self.info, self.spec, k)
+        return resize_slice(image, self.work_info.slice_shape)
 
     def reset(self) -> None:
         """Forget the volume and its cached features."""
         with self._lock:
-            self._volume = self._info = self._spec = None
+            self._volume = self._info = self._spec = self._work = None
             self._bounds = {}
             self.cache = FeatureCache(self.cache_bytes)
 
@@ -272,7 +299,8 @@ class VolumeEncoder:
         -------
         EncoderOutput
             float16 on the CPU: ``coarse (1, C, H'/8, W'/8)`` and ``fine (1, Cf, H'/4, W'/4)``
-            where ``H', W'`` are the slice size rounded up to a multiple of 32.
+            where ``H', W'`` are the slice size in working pixels (:attr:`work_info`) rounded
+            up to a multiple of 32.
         """
         return self._features([self.info.flat(index)])
 

@@ -826,8 +826,9 @@ def follow_objects(
     predictor : RevolverPredictor
         With the volume the objects were clicked on.
     tasks : sequence of Task
-        Object tasks (``kind="object"``) guided on this volume; each ``label_value`` is the
-        object's id in the output.
+        Object tasks (``kind="object"``) guided on this volume, in working pixels
+        (:meth:`.RevolverPredictor.work_task`); each ``label_value`` is the object's id in
+        the output.
     indices : sequence of int, optional
         Flat slices to report; default all (every slice between is still visited).
     threshold : float
@@ -837,8 +838,9 @@ def follow_objects(
     Yields
     ------
     PropagationStep
-        In visit order: the slice's ``(H, W)`` uint32 label image (every object on it so far)
-        and, in ``events``, the objects that ended there and why.
+        In visit order: the slice's ``(H, W)`` uint32 label image in working pixels (every
+        object on it so far) and, in ``events``, the objects that ended there and why.
+        :meth:`.RevolverPredictor.propagate` brings the labels to data pixels.
 
     Raises
     ------
@@ -846,7 +848,7 @@ def follow_objects(
         A task that is not an object task of this volume.
     """
     params = params or FollowParams()
-    info = predictor.info
+    info = predictor.work_info
     tracks = _tracks(tasks, info)
     report = set(info.flat_indices(indices))
     visits = sorted(
@@ -998,7 +1000,9 @@ def _anchor_masks(
             t.masks[key] = t.given[key]
     todo = [t for t in anchored if key not in t.given]
     if todo:
-        masks = predictor.object_masks(key, [t.task for t in todo], threshold=threshold)
+        masks = predictor.object_masks(
+            key, [t.task for t in todo], threshold=threshold, working=True
+        )
         for t, m in zip(todo, masks, strict=True):
             t.masks[key] = m
 
@@ -1199,18 +1203,18 @@ def look_fit(predictor: RevolverPredictor, tracks: list[_Track], band: int) -> P
     for t in tracks:
         for key, (_, parent) in t.order.items():
             if parent == key and key in t.masks:
-                lab = labels.setdefault(key, np.zeros(predictor.info.slice_shape, np.uint8))
+                lab = labels.setdefault(key, np.zeros(predictor.work_info.slice_shape, np.uint8))
                 lab[t.masks[key]] = 1
     for lab in labels.values():
         near = ndimage.binary_dilation(lab == 1, iterations=band) if band > 0 else lab == 1
         lab[~near] = 2
-    fit = predictor.fit_labels(labels) if labels else None
+    fit = predictor.fit_labels(labels, working=True) if labels else None
     return fit if fit is not None and fit.active else None
 
 
 def _memory_probability(predictor: RevolverPredictor, key: Key, tracks: list[_Track]) -> np.ndarray:
     """One head pass for all followed objects on slice ``key``, guided by their last masks."""
-    info = predictor.info
+    info = predictor.work_info
     unions: dict[Key, np.ndarray] = {}
     for t in tracks:
         parent = t.order[key][1]

@@ -9,6 +9,11 @@ the guide and the segmentor.
 Conventions: a volume is ``(..., Y, X)`` or ``(..., Y, X, 3)`` for RGB; every leading axis
 (Z, T, image index) indexes 2D slices. Points are ``(N, ndim)`` in data pixels, leading
 coordinates first, ``(y, x)`` last, as napari's Points layers hold them.
+
+With ``set_volume(..., scale=s)`` the network sees each slice resized by ``s`` (:mod:`.scale`):
+the predictor computes in those *working pixels* and converts once at its public methods, so
+points, painted masks and every result stay in data pixels. The few methods the follower calls
+with ``working=True``, or documented as in working pixels, are the exception.
 """
 
 from __future__ import annotations
@@ -41,6 +46,13 @@ from .pixel_fit import (
 )
 from .prior import label_support, local_priors
 from .propagation import PropagationStep, finish_slice
+from .scale import (
+    labels_to_shape,
+    mask_to_shape,
+    painted_to_shape,
+    points_to_work,
+    probabilities_to_shape,
+)
 from .snap import bounding_box
 from .task import Task
 from .tiling import HEAD_OVERLAP, segment_slices
@@ -259,7 +271,7 @@ class RevolverPredictor(VolumeEncoder):
             f = self.features(key)
             grid = tuple(f.fine.shape[-2:])
             masks = point_masks(
-                torch.from_numpy(pts[sel, n_lead:]),
+                torch.from_numpy(self._work_yx(pts[sel, n_lead:])),
                 torch.from_numpy(lab[sel]),
                 grid,
                 self.model.fine_stride,
@@ -303,7 +315,8 @@ class RevolverPredictor(VolumeEncoder):
         footprints = []
         for row, key in zip(pts, slices, strict=True):
             grid = tuple(feats[keys.index(key)].fine.shape[-2:])
-            one = point_masks(torch.tensor(row[None, n_lead:]), torch.ones(1), grid, stride)
+            yx = self._work_yx(row[None, n_lead:])
+            one = point_masks(torch.from_numpy(yx), torch.ones(1), grid, stride)
             footprints.append((keys.index(key), one[0]))
         # One head window per click costs less than a pass over the slices when the slices
         # are large and the clicks few (the windows are exact at the clicks).
@@ -405,7 +418,9 @@ class RevolverPredictor(VolumeEncoder):
         return replace(task, pixel_fit=pixel_fit)
 
     @torch.inference_mode()
-    def fit_labels(self, labels: Mapping[Index, np.ndarray]) -> PixelFit | None:
+    def fit_labels(
+        self, labels: Mapping[Index, np.ndarray], *, working: bool = False
+    ) -> PixelFit | None:
         """Fit a per-task pixel model to painted labels, weighted by cross-validation.
 
         See :mod:`.pixel_fit`: the network (guided by the painted labels alone) and the fit are
@@ -415,6 +430,8 @@ class RevolverPredictor(VolumeEncoder):
         ----------
         labels : mapping of index to np.ndarray
             As for :meth:`guide_labels`.
+        working : bool
+            The labels are in working pixels (:attr:`work_info`), as the follower gives them.
 
         Returns
         -------
@@ -422,7 +439,7 @@ class RevolverPredictor(VolumeEncoder):
             ``None`` with fewer than :data:`.pixel_fit.MIN_CELLS` painted feature cells per
             class (or too few painted quadrants to compare on).
         """
-        keys, feats, masks = self._label_masks(labels)
+        keys, feats, masks = self._label_masks(labels, working)
         return self._validated_fit(keys, feats, masks) if feats else None
 
     def _validated_fit(
@@ -455,10 +472,13 @@ class RevolverPredictor(VolumeEncoder):
         return self._fit_inputs[key]
 
     def _label_masks(
-        self, labels: Mapping[Index, np.ndarray]
+        self, labels: Mapping[Index, np.ndarray], working: bool = False
     ) -> tuple[list[tuple[int, ...]], list[EncoderOutput], list[torch.Tensor]]:
-        """Check painted labels; return their slices, features and fine-grid masks."""
-        info = self.info
+        """Check painted labels; return their slices, features and fine-grid masks.
+
+        ``labels`` in data pixels, or in working pixels with ``working``.
+        """
+        info = self.work_info if working else self.info
         keys, feats, masks = [], [], []
         for index, lab in labels.items():
             lab = np.asarray(lab)
@@ -473,6 +493,7 @@ class RevolverPredictor(VolumeEncoder):
                     f"labels must be 0 (not annotated), 1 (foreground) or 2 (background); "
                     f"slice {index} has {bad[:5].tolist()}"
                 )
+            lab = painted_to_shape(lab, self.work_info.slice_shape)
             keys.append(info.unflat(info.flat(index)))
             feats.append(self.features(index))
             grid = tuple(feats[-1].fine.shape[-2:])
@@ -561,11 +582,12 @@ class RevolverPredictor(VolumeEncoder):
     ) -> np.ndarray:
         """Probability ``(H, W)`` on one slice under one guidance and an optional prior.
 
-        ``prior`` is ``(1, 3, h, w)`` (:func:`.model.guide.local_prior`).
+        ``prior`` is ``(1, 3, h, w)`` (:func:`.model.guide.local_prior`). In working pixels
+        (:attr:`work_info`), as the follower reads it.
         """
         f = self.features(index).to(self.device, torch.float32)
         prior = None if prior is None else prior.to(self.device)
-        logits = segment_slices(self.model, f, guidance, self.info.slice_shape, prior)
+        logits = segment_slices(self.model, f, guidance, self.work_info.slice_shape, prior)
         return torch.sigmoid(logits)[0].cpu().numpy()
 
     def object_mask(self, index: Index, task: Task, *, threshold: float = 0.5) -> np.ndarray:
@@ -573,7 +595,12 @@ class RevolverPredictor(VolumeEncoder):
         return self.object_masks(index, [task], threshold=threshold)[0]
 
     def object_masks(
-        self, index: Index, tasks: Sequence[Task], *, threshold: float = 0.5
+        self,
+        index: Index,
+        tasks: Sequence[Task],
+        *,
+        threshold: float = 0.5,
+        working: bool = False,
     ) -> list[np.ndarray]:
         """:meth:`object_mask` of several object tasks clicked on one slice.
 
@@ -587,6 +614,9 @@ class RevolverPredictor(VolumeEncoder):
         it from the slice it was clicked on), the mask it got is returned without another
         head pass.
 
+        ``working``: the tasks are in working pixels (:meth:`work_task`) and so are the masks,
+        as the follower calls it.
+
         Returns
         -------
         list of np.ndarray
@@ -598,6 +628,10 @@ class RevolverPredictor(VolumeEncoder):
         ValueError
             A task without a positive click on this slice.
         """
+        if not working:
+            work = [self.work_task(t) for t in tasks]
+            masks = self.object_masks(index, work, threshold=threshold, working=True)
+            return [mask_to_shape(m, self.info.slice_shape) for m in masks]
         key = self.info.unflat(self.info.flat(index))
         clicks = [objects.clicks_on(t, key, self.info) for t in tasks]
         for t, (_, lab) in zip(tasks, clicks, strict=True):
@@ -654,7 +688,7 @@ class RevolverPredictor(VolumeEncoder):
 
         def reprobe(j: int, window: Window) -> np.ndarray | None:
             # A redraw reading beyond the box of its probability: the whole slice's.
-            if _reads_inside(window, boxes[j], self.info.slice_shape):
+            if _reads_inside(window, boxes[j], self.work_info.slice_shape):
                 return None
             return self._object_probabilities(k, [tasks[j]], [clicks[j]], None)[0][0]
 
@@ -709,7 +743,7 @@ class RevolverPredictor(VolumeEncoder):
         if key not in self._object_kept:
             return None
         self._object_kept.move_to_end(key)
-        mask = np.zeros(self.info.slice_shape, bool)
+        mask = np.zeros(self.work_info.slice_shape, bool)
         kept = self._object_kept[key]
         if kept is not None:
             box, crop = kept
@@ -783,7 +817,7 @@ class RevolverPredictor(VolumeEncoder):
         """
         feats = self._features([k])
         hc, wc = feats.coarse.shape[-2:]
-        h, w = self.info.slice_shape
+        h, w = self.work_info.slice_shape
         context = 1.0 if self.refiner is None else self.refiner.config.context
         # Around the positive clicks: a negative click far from them decides nothing.
         boxes = [_click_cells(pts[lab == 1], reach or 0, context, (hc, wc)) for pts, lab in clicks]
@@ -791,7 +825,8 @@ class RevolverPredictor(VolumeEncoder):
         side_x = min(wc, max(b[3] - b[2] for b in boxes) + 2 * HEAD_OVERLAP)
         fits = any(t.pixel_fit is not None and t.pixel_fit.active for t in tasks)
         if reach is None or fits or side_y * side_x > OBJECT_WINDOW_SHARE * hc * wc:
-            return [(p, (0, h, 0, w)) for p in self.predict_proba(self.info.unflat(k), tasks)]
+            probs = self.predict_proba(self.info.unflat(k), tasks, working=True)
+            return [(p, (0, h, 0, w)) for p in probs]
         prior = None
         if self.model.config.local_prior:
             grid = tuple(feats.fine.shape[-2:])
@@ -835,7 +870,7 @@ class RevolverPredictor(VolumeEncoder):
         return out
 
     def refiner_slice(self, index: Index) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Return a slice as the refiners read it.
+        """Return a slice as the refiners read it, in working pixels (:attr:`work_info`).
 
         Returns
         -------
@@ -852,6 +887,28 @@ class RevolverPredictor(VolumeEncoder):
             self._last_slice = (key, self._prepare(k))
         fine = self.features(self.info.unflat(k)).fine[0]
         return self._last_slice[1], fine, self.model.fine_stride
+
+    def work_task(self, task: Task) -> Task:
+        """Return ``task`` in working pixels (:attr:`work_info`); itself at scale 1.
+
+        Its clicks' ``(y, x)`` and its known object masks on this volume are resized by the
+        volume's ``scale`` (:mod:`.scale`); what the predictor computes reads these. Tasks
+        given to and returned by the public methods are in data pixels.
+        """
+        s = self.preprocessing.scale
+        if s == 1:
+            return task
+        shape, data = self.work_info.slice_shape, self.info.slice_shape
+        pts = np.array(task.points, np.float64)
+        if len(pts) and pts.shape[1] == self.info.ndim:
+            pts[:, -2:] = points_to_work(pts[:, -2:], s, shape)
+        known = task.object_masks if task.source == self.info.fingerprint else ()
+        masks = tuple((k, mask_to_shape(m, shape) if m.shape == data else m) for k, m in known)
+        return replace(task, points=pts, object_masks=masks)
+
+    def _work_yx(self, yx: np.ndarray) -> np.ndarray:
+        """Data-pixel ``(N, 2)`` ``(y, x)`` in working pixels (float64)."""
+        return points_to_work(yx, self.preprocessing.scale, self.work_info.slice_shape)
 
     def _guide_features(self, f: EncoderOutput, masks: torch.Tensor) -> GuideOutput:
         return self.model.guide_from_masks(
@@ -881,12 +938,14 @@ class RevolverPredictor(VolumeEncoder):
             source=self.info.fingerprint,
             support_masks=support_masks,
             invert=self.preprocessing.invert,
+            scale=self.preprocessing.scale,
             **vectors,
             **provenance,
         )
 
     def _guidance(self, tasks: Sequence[Task]) -> GuideOutput:
-        check_tasks(tasks, self.model_key, self.weights.sha256, self.preprocessing.invert)
+        prep = self.preprocessing
+        check_tasks(tasks, self.model_key, self.weights.sha256, prep.invert, prep.scale)
         d = self.device
         moments = None
         if self.model.config.task_fit:
@@ -923,7 +982,7 @@ class RevolverPredictor(VolumeEncoder):
             prior = None if prior is None else prior.to(self.device)
         # Channels-last: the segmentor reads the features pixel by pixel (see its fusion).
         f = feats.to(self.device, torch.float32, memory_format=torch.channels_last)
-        logits = segment_slices(self.model, f, guidance, self.info.slice_shape, prior)
+        logits = segment_slices(self.model, f, guidance, self.work_info.slice_shape, prior)
         # A pixel fit models what a class looks like; a task followed by position (``local``,
         # one object through z or t) keeps the network, whose prior carries the positions.
         fits = [None if local else t.pixel_fit for t in tasks]
@@ -941,7 +1000,7 @@ class RevolverPredictor(VolumeEncoder):
 
         ``size``: the ``(H, W)`` pixels the cells cover (default the slice shape).
         """
-        h, w = size or self.info.slice_shape
+        h, w = size or self.work_info.slice_shape
         return F.interpolate(
             fit.logits(cells)[:, None],
             scale_factor=self.model.fine_stride,
@@ -954,6 +1013,8 @@ class RevolverPredictor(VolumeEncoder):
         self, index: Index, fit: PixelFit, box: tuple[slice, slice] | None = None
     ) -> np.ndarray:
         """Return a pixel fit's own probability ``(H, W)`` on one slice (no network mixed in).
+
+        In working pixels (:attr:`work_info`), ``box`` too, as the follower reads it.
 
         Parameters
         ----------
@@ -969,7 +1030,7 @@ class RevolverPredictor(VolumeEncoder):
         k = self.info.flat(index)
         f = self.features(index).to(self.device, torch.float32)
         image = self._prepare(k)
-        h, w = self.info.slice_shape
+        h, w = self.work_info.slice_shape
         box = box or (slice(0, h), slice(0, w))
         # Grown by the reach, on the coarse grid (a whole number of cells of every grid); to
         # the slice's end where it reaches it (the features there are padded as a whole).
@@ -993,18 +1054,27 @@ class RevolverPredictor(VolumeEncoder):
         return out
 
     def predict_proba(
-        self, index: Index, tasks: Task | Sequence[Task], *, local: bool = False
+        self,
+        index: Index,
+        tasks: Task | Sequence[Task],
+        *,
+        local: bool = False,
+        working: bool = False,
     ) -> np.ndarray:
         """Foreground probability of each task on one slice: ``(T, H, W)`` float32.
 
-        ``local``: see :meth:`propagate`.
+        ``local``: see :meth:`propagate`. ``working``: the tasks and the probabilities are in
+        working pixels (:attr:`work_info`).
         """
         tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
         if not tasks:
             raise ValueError("no task given")
+        if not working:
+            tasks = [self.work_task(t) for t in tasks]
         k = self.info.flat(index)
         probs = self._probabilities(self._features([k]), tasks, self._guidance(tasks), [k], local)
-        return probs[0].cpu().numpy()
+        out = probs[0].cpu().numpy()
+        return out if working else probabilities_to_shape(out, self.info.slice_shape)
 
     def predict_slice(
         self,
@@ -1106,11 +1176,15 @@ class RevolverPredictor(VolumeEncoder):
             if output != "labels":
                 raise ValueError(f"object tasks give output='labels'; got {output!r}")
             self._guidance(task_list)  # the compatibility check
-            yield from objects.follow_objects(
-                self, task_list, indices, threshold=threshold, params=self.follow_params
+            work = [self.work_task(t) for t in task_list]
+            steps = objects.follow_objects(
+                self, work, indices, threshold=threshold, params=self.follow_params
             )
+            for step in steps:
+                yield replace(step, result=labels_to_shape(step.result, self.info.slice_shape))
             return
         guidance = self._guidance(task_list)
+        task_list = [self.work_task(t) for t in task_list]
         linker = InstanceLinker(self.info) if instances and output == "labels" else None
         ks = self.info.flat_indices(indices)
         bs = batch_size or self.batch_size
@@ -1119,6 +1193,7 @@ class RevolverPredictor(VolumeEncoder):
             batch = ks[i : i + bs]
             feats = self._features(batch, remember=cache)
             probs = self._probabilities(feats, task_list, guidance, batch, local).cpu().numpy()
+            probs = probabilities_to_shape(probs, self.info.slice_shape)
             for j, k in enumerate(batch):
                 res = finish_slice(probs[j], task_list, threshold, instances, output)
                 key = self.info.unflat(k)

@@ -23,12 +23,16 @@ class Preprocessing:
         Reverse intensities after normalising, so dark objects on a light background
         (brightfield, H&E) look like the bright objects of fluorescence that most training
         data show; like cellpose's ``invert``.
+    scale : float
+        Factor each slice is resized by before normalising (:mod:`.scale`); set from the
+        volume's :class:`~.volume.VolumeSpec`.
     """
 
     low: float = 1.0
     high: float = 99.8
     channels: int = 3
     invert: bool = False
+    scale: float = 1.0
 
     def key(self) -> str:
         """Return a stable text form of the settings, for cache signatures.
@@ -36,9 +40,11 @@ class Preprocessing:
         Returns
         -------
         str
-            For example ``"pct1-99.8-c3"``, with ``"-inv"`` appended when inverting.
+            For example ``"pct1-99.8-c3"``, with ``"-inv"`` appended when inverting and
+            ``"-x0.5"`` when resizing by 0.5.
         """
-        return f"pct{self.low:g}-{self.high:g}-c{self.channels}" + ("-inv" if self.invert else "")
+        key = f"pct{self.low:g}-{self.high:g}-c{self.channels}" + ("-inv" if self.invert else "")
+        return key + (f"-x{self.scale:g}" if self.scale != 1 else "")
 
 
 def intensity_bounds(

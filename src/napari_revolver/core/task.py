@@ -50,10 +50,15 @@ class Task:
         prior (where the clicks are) applies only to that volume.
     support_masks : tuple of (tuple of int, np.ndarray)
         Dense support masks as ``(slice index, (2, h, w) float32 fine-grid weights)``, for the
-        local prior of tasks guided by a mask; not written to task files.
+        local prior of tasks guided by a mask; on the fine grid of the working pixels (see
+        ``scale``); not written to task files.
     invert : bool
         The vectors were pooled from features of reversed intensities (dark objects on a light
         background, ``set_volume(invert=True)``); they apply only to volumes read the same way.
+    scale : float
+        The vectors were pooled from slices resized by this factor (``set_volume(scale=...)``,
+        :mod:`.scale`); they apply only to volumes read at the same scale. Points and object
+        masks stay in data pixels whatever the scale.
     kind : {"class", "object"}
         ``class``: everything like the annotated pixels. ``object``: the one object under the
         positive clicks, followed through z and t (:mod:`.objects`); its vectors pool the
@@ -85,6 +90,7 @@ class Task:
     source: str = ""
     support_masks: tuple[tuple[tuple[int, ...], np.ndarray], ...] = ()
     invert: bool = False
+    scale: float = 1.0
     kind: Literal["class", "object"] = "class"
     moments: np.ndarray | None = None
     object_masks: tuple[tuple[tuple[int, ...], np.ndarray], ...] = ()
@@ -153,7 +159,7 @@ class Task:
         ------
         ValueError
             If the tasks belong to different models, or one was guided on inverted intensities
-            and the other not.
+            and the other not, or at another scale.
         """
         if (self.model_key, self.weights_sha256) != (other.model_key, other.weights_sha256):
             raise ValueError(
@@ -165,6 +171,12 @@ class Task:
                 f"cannot merge task {self.name!r} (invert={self.invert}) with task "
                 f"{other.name!r} (invert={other.invert}): their features were read with "
                 "different intensity conventions"
+            )
+        if self.scale != other.scale:
+            raise ValueError(
+                f"cannot merge task {self.name!r} (scale={self.scale:g}) with task "
+                f"{other.name!r} (scale={other.scale:g}): their features were read at "
+                "different scales"
             )
         same_dims = self.points.shape[1] == other.points.shape[1]
         same_source = self.source == other.source
@@ -204,6 +216,7 @@ class Task:
             "labels": self.labels.astype(int).tolist(),
             "source": self.source,
             "invert": self.invert,
+            "scale": self.scale,
             "kind": self.kind,
             "moments": None if self.moments is None else _encode_array(self.moments),
             "pixel_fit": None if self.pixel_fit is None else self.pixel_fit.to_dict(),
@@ -235,6 +248,8 @@ class Task:
             package_version=str(d.get("package_version", "")),
             source=str(d.get("source", "")),
             invert=bool(d.get("invert", False)),
+            # Files written before slices could be resized were guided at scale 1.
+            scale=float(d.get("scale", 1.0)),  # type: ignore[arg-type]
             # Files written before object tasks existed hold class tasks.
             kind=str(d.get("kind", "class")),  # type: ignore[arg-type]
             # Files written for weights without the per-task fit have no moments.
