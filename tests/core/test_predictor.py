@@ -545,7 +545,7 @@ def test_instances_of_separated_blobs_get_one_id_each(
     probs[0, 4:14, 4:14] = 0.9
     probs[0, 30:44, 6:16] = 0.8
     probs[0, 20:28, 30:46] = 0.7
-    monkeypatch.setattr(predictor, "predict_proba", lambda index, tasks, local=False, working=False: probs)
+    monkeypatch.setattr(predictor, "predict_proba", lambda index, tasks, **kw: probs)
     inst = predictor.predict_slice(0, task, instances=True)
     assert np.issubdtype(inst.dtype, np.integer)
     assert sorted(np.unique(inst)) == [0, 1, 2, 3]
@@ -553,7 +553,7 @@ def test_instances_of_separated_blobs_get_one_id_each(
     np.testing.assert_array_equal(inst > 0, probs[0] > 0.5)
     # Several tasks: instances of the union of their labels.
     two = np.concatenate([probs, np.zeros_like(probs)])
-    monkeypatch.setattr(predictor, "predict_proba", lambda index, tasks, local=False, working=False: two)
+    monkeypatch.setattr(predictor, "predict_proba", lambda index, tasks, **kw: two)
     inst2 = predictor.predict_slice(0, [task, task.renamed("b", 2)], instances=True)
     np.testing.assert_array_equal(inst2, inst)
 
