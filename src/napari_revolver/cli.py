@@ -69,6 +69,7 @@ _FLAG_WORDS = (
     (re.compile(r"\bchannel=(\d+) was given"), r"--channel \1 was given"),
     (re.compile(r"open the volume with set_volume\(\.\.\., invert=True\)"), "pass --invert"),
     (re.compile(r"open the volume with set_volume\(\.\.\., invert=False\)"), "leave out --invert"),
+    (re.compile(r"with set_volume\(\.\.\., scale=([0-9.e+-]+)\)"), r"with --scale \1"),
     (re.compile(r"scheduler 'local:N'"), "--scheduler local:N"),
     (re.compile(r"\bp_unreliable must"), "--p-unreliable must"),
     (re.compile(r"\bregrow must"), "--regrow must"),
@@ -138,11 +139,29 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_invert_arg(p: argparse.ArgumentParser) -> None:
+    """``--invert`` and ``--scale``: how slices are read before the network."""
     p.add_argument(
         "--invert",
         action="store_true",
         help="dark objects on a light background (brightfield, H&E): reverse intensities",
     )
+    p.add_argument(
+        "--scale",
+        type=_scale_arg,
+        default=1.0,
+        help="resize each slice by this factor before the network (default 1): below 1 for "
+        "objects larger than about 60 pixels across (0.5 bins 2 x 2, and is about 3x faster), "
+        "above 1 for tiny ones; points and outputs stay in the image's pixels",
+    )
+
+
+def _scale_arg(text: str) -> float:
+    from .core.scale import check_scale
+
+    try:
+        return check_scale(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_image_args(p: argparse.ArgumentParser) -> None:
@@ -548,7 +567,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _open_image(args: argparse.Namespace, predictor):
     from .core.io import open_volume
 
-    src = open_volume(args.image, args.channel, invert=args.invert)
+    src = open_volume(args.image, args.channel, invert=args.invert, scale=args.scale)
     predictor.set_volume(src.data, src.spec, store=args.store)
     return src.axes, src.scale
 
@@ -868,6 +887,7 @@ def _segment_distributed(
         args.batch_size,
         args.local,
         args.invert,
+        args.scale,
     )
     bar = Progress(f"segment {_stem(args.image)}")
     device = "cpu" if predictor.device.type == "cpu" else str(predictor.device)
@@ -1138,6 +1158,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         progress=bar.update,
         local=args.local,
         invert=args.invert,
+        scale=args.scale,
         pixel_fit=not args.no_pixel_fit,
     )
     if args.json:
@@ -1187,6 +1208,7 @@ def _eval_objects(args: argparse.Namespace, predictor, image, labels) -> int:
         objects_per_slice=args.objects_per_slice,
         max_clicks=args.max_clicks,
         invert=args.invert,
+        scale=args.scale,
         progress=bar.update,
     )
     res: dict[str, object] = {"clicks": summarise_clicks(clicks).to_dict()}
@@ -1194,7 +1216,13 @@ def _eval_objects(args: argparse.Namespace, predictor, image, labels) -> int:
         inst3d = ndimage.label(fg)[0] if args.components else np.where(fg, labels, 0)
         ids = pick_objects(inst3d[args.support], args.follow)
         follow = evaluate_following(
-            predictor, image, inst3d, ids, start=args.support, invert=args.invert
+            predictor,
+            image,
+            inst3d,
+            ids,
+            start=args.support,
+            invert=args.invert,
+            scale=args.scale,
         )
         res["follow"] = summarise_following(follow)
         res["follow_per_object"] = [

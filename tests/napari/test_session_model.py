@@ -212,6 +212,39 @@ def test_an_inverted_task_is_applied_as_revolver_segment_apply_to_does(
     assert fresh.task is not None and not fresh.task.invert
 
 
+def test_an_object_followed_at_half_scale_is_labelled_in_image_pixels(
+    session: Session, sample: dict, tmp_path: Path
+) -> None:
+    from napari_revolver import RevolverPredictor
+
+    obj, yx = _one_clicked_object(session, sample)
+    session.set_scale(0.5)
+    assert obj.spec.scale == 0.5
+    session.run_inline(session.encoding(session.missing_features([(12,)])))
+    session.update_slice((12,))
+    assert obj.task is not None and obj.task.scale == 0.5
+    run = session.run_inline(session.propagation(10, 14))
+    assert not run.failed
+    data = np.asarray(session.image.labels.data)
+    assert data.shape == np.asarray(sample["image"].data).shape
+    assert data[12, yx[0], yx[1]] == obj.label_value
+    predictor = RevolverPredictor(device="cpu")
+    predictor.set_volume(np.asarray(sample["image"].data), scale=0.5)
+    expected = predictor.segment(obj.task)
+    for z in range(10, 15):
+        np.testing.assert_array_equal(data[z] == obj.label_value, expected[z] == obj.label_value)
+    with pytest.raises(ValueError, match="scale must be between"):
+        session.set_scale(0)
+    # A task file and the Points layer read from it keep the scale.
+    from napari_revolver._napari import io
+
+    path = session.save_task(obj, tmp_path / "cell.json")
+    from napari_revolver._napari.session import TASK_METADATA
+
+    [(_, meta, _)] = io.read_task(str(path))
+    assert meta["metadata"][TASK_METADATA]["scale"] == 0.5
+
+
 def test_writer_and_reader_round_trip(tmp_path: Path) -> None:
     import npe2
 

@@ -516,6 +516,37 @@ def test_invert_checkbox_guides_the_image_tasks_again(
     np.testing.assert_array_equal(widget.session.image.labels.data[12], before)
 
 
+def test_scale_box_resizes_the_slices_and_keeps_the_labels_in_image_pixels(
+    qtbot: Any, tmp_path: Path, viewer: Any, widget: Any, sample: dict[str, Any], notes: list
+) -> None:
+    from napari_revolver import RevolverPredictor
+
+    entry = annotate_sample(qtbot, viewer, widget, sample)
+    image = np.asarray(sample["image"].data)
+    widget.image_box.scale_spin.setValue(0.5)
+    wait_idle(qtbot, widget)
+    state = widget.session.image
+    assert state.spec.scale == 0.5 and entry.task is not None and entry.task.scale == 0.5
+    assert state.predictor.work_info.slice_shape == tuple(s // 2 for s in image.shape[-2:])
+    assert state.labels.data.shape == image.shape  # the image's own pixels
+    qtbot.waitUntil(lambda: "scale 0.5" in widget.tasks_box.task_list.item(0).text())
+    # As `revolver segment --scale 0.5`: the same task, the same slice.
+    predictor = RevolverPredictor(device="cpu")
+    predictor.set_volume(image, scale=0.5)
+    expected = predictor.predict_slice(12, entry.task) > 0
+    np.testing.assert_array_equal(state.labels.data[12] > 0, expected)
+    # A saved task keeps its scale; loaded at scale 1, it still reads at 0.5, and says so.
+    path = widget.io_box.save_task(tmp_path / "half.json")
+    widget.image_box.scale_spin.setValue(1.0)
+    wait_idle(qtbot, widget)
+    assert widget.session.image.spec.scale == 1.0 and entry.task.scale == 1.0
+    loaded = widget.io_box.load_task(path)
+    wait_idle(qtbot, widget)
+    assert loaded is not None and loaded.spec.scale == 0.5
+    assert any(kind == "info" and "resized by 0.5" in msg for kind, msg in notes)
+    assert not errors(notes)
+
+
 def test_a_loaded_inverted_task_keeps_its_reading(
     qtbot: Any, tmp_path: Path, viewer: Any, widget: Any, sample: dict[str, Any], notes: list
 ) -> None:

@@ -71,7 +71,12 @@ def read_task(path: str) -> list[LayerData]:
                 "name": f"{task.name} points",
                 "features": {"label": labels},
                 "metadata": {
-                    TASK_METADATA: {"name": task.name, "invert": task.invert, "path": str(path)}
+                    TASK_METADATA: {
+                        "name": task.name,
+                        "invert": task.invert,
+                        "scale": task.scale,
+                        "path": str(path),
+                    }
                 },
             },
             "points",

@@ -87,7 +87,7 @@ class SaveLoadBox(SessionBox):
             self.load_task(path)
 
     def load_task(self, path: str | Path) -> TaskEntry | None:
-        """Add a saved task on the current image; it keeps its intensity reading."""
+        """Add a saved task on the current image; it keeps its reading (invert, scale)."""
         try:
             entry = self.session.load_task(path)
         except (ValueError, OSError) as exc:
@@ -101,5 +101,11 @@ class SaveLoadBox(SessionBox):
                 f"Task {entry.name!r} was guided on "
                 f"{'inverted' if entry.spec.invert else 'non-inverted'} intensities: it reads "
                 f"images {how}, whatever this image's own setting.",
+            )
+        if image is not None and entry.spec.scale != image.spec.scale:
+            self.report(
+                "info",
+                f"Task {entry.name!r} was guided on slices resized by {entry.spec.scale:g}: it "
+                f"reads images at that scale, whatever this image's own ({image.spec.scale:g}).",
             )
         return entry

@@ -304,7 +304,10 @@ class Session:
         layer = L.unwrap(layer)
         old = self.images.get(id(layer))
         invert = old.spec.invert if old is not None else False
-        spec = VolumeSpec(None, channel_axis, channel if channel_axis is not None else None, invert)
+        scale = old.spec.scale if old is not None else 1.0
+        spec = VolumeSpec(
+            None, channel_axis, channel if channel_axis is not None else None, invert, scale
+        )
         if old is not None and replace(old.spec, rgb=None) == spec:
             return old
         geometry = L.image_geometry(layer, channel_axis)
@@ -416,18 +419,37 @@ class Session:
         Tasks guided on this image are guided again, on features of the new reading; tasks
         guided on other images keep theirs (and read this image as they were guided).
         """
-        state = state or self.require_image()
-        if state.spec.invert == bool(on):
+        return self._read_as(state or self.require_image(), invert=bool(on))
+
+    def set_scale(self, scale: float, state: ImageState | None = None) -> ImageState:
+        """Resize an image's slices by ``scale`` before the network (``VolumeSpec.scale``).
+
+        Below 1 for objects larger than the network's view, above 1 for tiny ones; points
+        and results stay in the image's pixels. Tasks guided on this image are guided again,
+        on features of the new scale; tasks guided on other images keep theirs.
+
+        Raises
+        ------
+        ValueError
+            A scale out of range (:func:`.core.scale.check_scale`).
+        """
+        from ..core.scale import check_scale
+
+        return self._read_as(state or self.require_image(), scale=check_scale(scale))
+
+    def _read_as(self, state: ImageState, **changes: Any) -> ImageState:
+        """Read an image another way (``VolumeSpec`` fields); re-guide its own tasks."""
+        new = replace(state.spec, **changes)
+        if new == state.spec:
             return state
-        old_spec = state.spec
-        state.spec = replace(state.spec, invert=bool(on))
+        old_spec, state.spec = state.spec, new
         # An on-disk store holds the other setting's features: this reading stays in memory.
         state.store = None
         state.predictors.pop(old_spec, None)
         self.predictor_for(state, state.spec)
         for entry in self.tasks:
             if entry.image is state.layer:
-                entry.spec = replace(entry.spec, invert=bool(on))
+                entry.spec = replace(entry.spec, **changes)
                 self._stale(entry)
         return state
 
@@ -497,6 +519,7 @@ class Session:
                 name,
                 image=image,
                 invert=bool(info.get("invert", False)),
+                scale=float(info.get("scale", 1.0)),
                 kind=str(info.get("kind", "class")),
             )
         except ValueError as exc:
@@ -550,6 +573,7 @@ class Session:
         *,
         image: Image | None = None,
         invert: bool = False,
+        scale: float = 1.0,
         kind: str = "class",
     ) -> TaskEntry:
         """Make an existing Points layer a task (its ``label`` feature gives the polarity)."""
@@ -559,7 +583,8 @@ class Session:
         base = self.images.get(id(image)) if image is not None else None
         name, value, color = self._new_task_fields(name, kind)
         spec = replace(base.spec, rgb=None) if base is not None else VolumeSpec()
-        entry = TaskEntry(name, value, color, layer, image, replace(spec, invert=invert), kind=kind)
+        spec = replace(spec, invert=invert, scale=scale)
+        entry = TaskEntry(name, value, color, layer, image, spec, kind=kind)
         L.style_task_points(layer, color)
         self._add_entry(entry)
         return entry
@@ -1451,15 +1476,15 @@ class Session:
     def load_task(self, path: str | Path) -> TaskEntry:
         """Load a saved task: its points become a new task's Points layer on this image.
 
-        The task keeps the intensity reading it was guided with (invert), whatever the
-        current image's own setting, so its saved vectors keep their meaning.
+        The task keeps the reading it was guided with (invert, scale), whatever the current
+        image's own setting, so its saved vectors keep their meaning.
         """
         from ..core.task import load_task
 
         task = load_task(path)
         state = self.require_image()
         entry = self.add_task(self.unique_name(task.name), kind=task.kind)
-        entry.spec = replace(entry.spec, invert=task.invert)
+        entry.spec = replace(entry.spec, invert=task.invert, scale=task.scale)
         if len(task.points) and task.points.shape[1] == state.layer.ndim:
             L.set_points(entry.points, task.points, task.labels)
         # The saved guidance is kept as is (it may come from another image).

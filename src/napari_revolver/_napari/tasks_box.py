@@ -41,6 +41,8 @@ def task_text(entry: TaskEntry, local: bool = False) -> str:
         reading.append(f"channel {entry.spec.channel}")
     if entry.spec.invert:
         reading.append("inverted")
+    if entry.spec.scale != 1:
+        reading.append(f"scale {entry.spec.scale:g}")
     read = f", {' '.join(reading)}" if reading else ""
     if entry.kind == "object":
         return f"◆ {entry.name}  (object, id {entry.label_value}; +{pos} / −{neg}; {where}{read})"

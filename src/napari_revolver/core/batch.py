@@ -71,6 +71,8 @@ class BatchJob:
         Annotations also act by position on other slices (see ``RevolverPredictor.propagate``).
     invert : bool
         Dark objects on a light background: intensities reversed.
+    scale : float
+        Factor slices are resized by before the network (``VolumeSpec.scale``).
     """
 
     image: str
@@ -83,6 +85,7 @@ class BatchJob:
     batch_size: int = 4
     local: bool = False
     invert: bool = False
+    scale: float = 1.0
 
 
 def batch_signature(job: BatchJob, fingerprint: str, weights_sha: str) -> str:
@@ -111,6 +114,7 @@ def batch_signature(job: BatchJob, fingerprint: str, weights_sha: str) -> str:
                 "channel": job.channel,
                 "local": job.local,
                 "invert": job.invert,
+                **({"scale": job.scale} if job.scale != 1 else {}),
                 "format": BATCH_FORMAT_VERSION,
             },
             sort_keys=True,
@@ -150,7 +154,7 @@ def _segment_chunk(job: BatchJob, slices: list[int], weights: bytes, sha: str, d
     from .io import open_volume
 
     predictor = _predictor_on_worker(weights, sha, device, job.batch_size)
-    src = open_volume(job.image, job.channel, invert=job.invert)
+    src = open_volume(job.image, job.channel, invert=job.invert, scale=job.scale)
     predictor.set_volume(src.data, src.spec)
     group = zarr.open_group(job.output, mode="r+")
     labels, done = group["labels"], group["done"]
@@ -294,7 +298,7 @@ def _volume_info(job: BatchJob) -> VolumeInfo:
     """Geometry and fingerprint of the job's image, with the checks of ``set_volume``."""
     from .io import open_volume
 
-    src = open_volume(job.image, job.channel, invert=job.invert)
+    src = open_volume(job.image, job.channel, invert=job.invert, scale=job.scale)
     info, spec = describe_volume(src.data, src.spec)
     return check_and_fingerprint(src.data, info, spec)
 

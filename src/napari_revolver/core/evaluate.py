@@ -392,6 +392,7 @@ def evaluate_few_shot(
     local: bool = False,
     queries: Sequence[int] | None = None,
     invert: bool = False,
+    scale: float = 1.0,
     pixel_fit: bool = True,
 ) -> list[EvalResult]:
     """Score few-shot segmentation of a labelled stack (see the module docstring).
@@ -427,6 +428,9 @@ def evaluate_few_shot(
         runs with different support slices be compared on the same queries.
     invert : bool
         Dark objects on a light background: intensities reversed (``set_volume(invert=)``).
+    scale : float
+        Slices resized by this factor before the network (``set_volume(scale=)``); the
+        points, masks and scores stay in the data's pixels.
     pixel_fit : bool
         The network's tasks decide on a per-task pixel fit of their clicks and support masks,
         as the CLI and the plugin do (``guide(fit=True)``, ``guide_labels``); ``False``: the
@@ -463,7 +467,7 @@ def evaluate_few_shot(
         total += len(counts) * seeds + len(query_list) + ("dense" in budgets)
     tick = _Progress(progress, total)
 
-    predictor.set_volume(image, rgb=rgb, invert=invert)
+    predictor.set_volume(image, rgb=rgb, invert=invert, scale=scale)
     last = 0
     for d, _ in predictor.precompute():
         tick(d - last)

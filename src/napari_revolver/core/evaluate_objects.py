@@ -224,6 +224,7 @@ def evaluate_clicks(
     seed: int = 0,
     invert: bool = False,
     rgb: bool | None = None,
+    scale: float = 1.0,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[ClickResult]:
     """Score object clicks on every slice of a labelled stack with the simulated annotator.
@@ -248,6 +249,9 @@ def evaluate_clicks(
         Dark objects on a light background (``set_volume(invert=True)``).
     rgb : bool, optional
         Whether the last image axis is RGB; default guessed.
+    scale : float
+        Slices resized by this factor before the network (``set_volume(scale=...)``); clicks
+        and scores stay in the data's pixels.
     progress : callable, optional
         ``progress(done, total)`` after each object.
 
@@ -259,7 +263,7 @@ def evaluate_clicks(
     labels = np.asarray(labels)
     image = image if labels.ndim == 3 else np.asarray(image)[None]
     labels = labels if labels.ndim == 3 else labels[None]
-    predictor.set_volume(image, rgb=rgb, invert=invert)
+    predictor.set_volume(image, rgb=rgb, invert=invert, scale=scale)
     todo = [
         (z, i)
         for z in range(labels.shape[0])
@@ -319,6 +323,7 @@ def evaluate_following(
     *,
     start: int | None = None,
     invert: bool = False,
+    scale: float = 1.0,
     given_start: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[FollowResult]:
@@ -338,6 +343,8 @@ def evaluate_following(
         The clicked slice; default, per object, the slice where it is largest.
     invert : bool
         Dark objects on a light background.
+    scale : float
+        Slices resized by this factor before the network; scores in the data's pixels.
     given_start : bool
         Give each object its true mask on the clicked slice (``Task.object_masks``, as a mask
         painted by hand): scores the following alone, without the one click's segmentation.
@@ -350,7 +357,7 @@ def evaluate_following(
         In ``object_ids`` order.
     """
     labels = np.asarray(labels)
-    predictor.set_volume(image, invert=invert)
+    predictor.set_volume(image, invert=invert, scale=scale)
     tasks = []
     for value, i in enumerate(object_ids, start=1):
         obj = labels == i

@@ -265,7 +265,7 @@ class VolumeSource:
 
 
 def open_volume(
-    path: PathLike, channel: int | None = None, *, invert: bool = False
+    path: PathLike, channel: int | None = None, *, invert: bool = False, scale: float = 1.0
 ) -> VolumeSource:
     """Open a TIFF or zarr image lazily with its axes ordered for the predictor.
 
@@ -277,6 +277,8 @@ def open_volume(
         The channel to segment of a multichannel image (not needed for a single channel).
     invert : bool
         Dark objects on a light background: intensities reversed (see :class:`VolumeSpec`).
+    scale : float
+        Factor slices are resized by before the network (see :class:`VolumeSpec`).
 
     Returns
     -------
@@ -290,7 +292,7 @@ def open_volume(
     """
     img = read_image(path, lazy=True)
     data, axes = to_yx_last(img.data, img.axes)
-    spec = VolumeSpec(rgb=axes.endswith("S"), invert=bool(invert))
+    spec = VolumeSpec(rgb=axes.endswith("S"), invert=bool(invert), scale=float(scale))
     if "C" in axes:
         n = int(data.shape[axes.index("C")])
         if channel is None and n == 1:
