@@ -234,6 +234,9 @@ def test_scale_is_part_of_the_task_and_checked(tiny_model, volume, tmp_path) -> 
     d = json.loads(path.read_text())
     del d["scale"]
     assert Task.from_dict(d).scale == 1.0
+    d["scale"] = -2
+    with pytest.raises(ValueError, match=r"scale must be between 0.1 and 4; got -2"):
+        Task.from_dict(d)
 
 
 def test_features_are_never_shared_across_scales(tiny_model, volume, tmp_path) -> None:

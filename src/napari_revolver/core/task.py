@@ -14,6 +14,7 @@ import numpy as np
 from .. import __version__
 from .atomic import atomic_write
 from .pixel_fit import PixelFit
+from .scale import check_scale
 
 __all__ = ["TASK_FORMAT_VERSION", "Task", "load_task"]
 
@@ -124,6 +125,7 @@ class Task:
             object.__setattr__(self, name, a)
 
     def _check_kind(self) -> None:
+        object.__setattr__(self, "scale", check_scale(self.scale))
         if self.label_value < 1:
             raise ValueError(f"label_value must be >= 1; got {self.label_value}")
         if self.kind not in ("class", "object"):
