@@ -128,19 +128,23 @@ def follow_rows(predictor, args: argparse.Namespace, scales: list[float]) -> lis
 
 
 def print_tables(rows: list[dict]) -> None:
-    """Markdown tables of the rows."""
-    print()
-    print("| data set | scale | IoU@1 | IoU@3 | IoU@5 | NoC@85 | time vs scale 1 |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in (r for r in rows if r["kind"] == "clicks"):
+    """Markdown tables of the rows (each kind that was run)."""
+    clicks = [r for r in rows if r["kind"] == "clicks"]
+    follow = [r for r in rows if r["kind"] == "follow"]
+    if clicks:
+        print()
+        print("| data set | scale | IoU@1 | IoU@3 | IoU@5 | NoC@85 | time vs scale 1 |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in clicks:
         print(
             f"| {r['data']} | {r['scale']:g} | {r['iou@1']:.3f} | {r['iou@3']:.3f} | "
             f"{r['iou@5']:.3f} | {r['noc@85']:.2f} | {r['time_ratio']:.2f} |"
         )
-    print()
-    print("| followed through z | scale | objects | 3D IoU mean | share >= 0.5 | time vs 1 |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in (r for r in rows if r["kind"] == "follow"):
+    if follow:
+        print()
+        print("| followed through z | scale | objects | 3D IoU mean | share >= 0.5 | time vs 1 |")
+        print("|---|---:|---:|---:|---:|---:|")
+    for r in follow:
         print(
             f"| {r['data']} | {r['scale']:g} | {int(r['n_objects'])} | {r['iou_mean']:.3f} | "
             f"{r['frac_iou_ge_0.5']:.0%} | {r['time_ratio']:.2f} |"
