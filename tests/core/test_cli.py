@@ -185,6 +185,35 @@ def _segment(image: Path, points: Path, out: Path, weights: Path, *extra: str) -
     )
 
 
+def test_segment_at_half_scale_matches_the_python_api_in_image_pixels(
+    small_inputs: tuple[Path, Path], tiny_weights: Path, tmp_path: Path
+) -> None:
+    image, points = small_inputs
+    out, tasks = tmp_path / "half.tif", tmp_path / "tasks"
+    extra = ("--scale", "0.5", "--save-task", str(tasks))
+    assert _segment(image, points, out, tiny_weights, *extra) == 0
+    data = tifffile.imread(image)
+    got = read_image(out).data
+    assert got.shape == data.shape
+    p = RevolverPredictor(tiny_weights, "cpu")
+    p.set_volume(data, scale=0.5)
+    table = read_points(points)
+    np.testing.assert_array_equal(got, p.segment(p.guide(table.points, table.labels)))
+    [saved] = tasks.glob("*.json")
+    assert load_task(saved).scale == 0.5
+
+
+def test_segment_refuses_a_scale_out_of_range(
+    small_inputs: tuple[Path, Path], tiny_weights: Path, tmp_path: Path, capsys
+) -> None:
+    image, points = small_inputs
+    with pytest.raises(SystemExit) as exit_:
+        _segment(image, points, tmp_path / "x.tif", tiny_weights, "--scale", "9")
+    assert exit_.value.code == 2
+    assert "scale must be between 0.1 and 4; got 9.0" in capsys.readouterr().err
+    assert not (tmp_path / "x.tif").exists()
+
+
 def test_segment_refuses_to_overwrite_without_flag(
     small_inputs: tuple[Path, Path],
     tiny_weights: Path,
