@@ -28,6 +28,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -66,6 +67,27 @@ def _stack(root: Path, name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     return image[idx], labels[idx]
 
 
+def clicks_on(
+    predictor: RevolverPredictor,
+    data: list[tuple[np.ndarray, np.ndarray]],
+    args: argparse.Namespace,
+    **reading: Any,
+) -> list:
+    """The simulated annotator on every (image, labels) stack of ``data`` (``args.objects``
+    objects per slice, ``args.max_clicks`` clicks); ``reading``: ``invert``, ``scale``."""
+    results = []
+    for image, labels in data:
+        results += evaluate_clicks(
+            predictor,
+            image,
+            labels,
+            objects_per_slice=args.objects,
+            max_clicks=args.max_clicks,
+            **reading,
+        )
+    return results
+
+
 def click_rows(predictor: RevolverPredictor, root: Path, args: argparse.Namespace) -> list[dict]:
     """Score simulated clicks on every 2D instance data set."""
     sets = {
@@ -79,16 +101,7 @@ def click_rows(predictor: RevolverPredictor, root: Path, args: argparse.Namespac
         if args.sets and name not in args.sets.split(","):
             continue
         t0 = time.perf_counter()
-        results = []
-        for image, labels in load():
-            results += evaluate_clicks(
-                predictor,
-                image,
-                labels,
-                objects_per_slice=args.objects,
-                max_clicks=args.max_clicks,
-                invert=invert,
-            )
+        results = clicks_on(predictor, load(), args, invert=invert)
         s = summarise_clicks(results)
         rows.append(
             {

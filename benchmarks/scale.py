@@ -32,7 +32,6 @@ from scipy import ndimage
 
 from napari_revolver import RevolverPredictor
 from napari_revolver.core.evaluate_objects import (
-    evaluate_clicks,
     evaluate_following,
     pick_objects,
     summarise_clicks,
@@ -96,16 +95,7 @@ def click_rows(predictor, args: argparse.Namespace, scales: list[float]) -> list
         base = None
         for s in scales:
             t0 = time.perf_counter()
-            results = []
-            for image, labels in data:
-                results += evaluate_clicks(
-                    predictor,
-                    image,
-                    labels,
-                    objects_per_slice=args.objects,
-                    max_clicks=args.max_clicks,
-                    scale=s,
-                )
+            results = bench.clicks_on(predictor, data, args, scale=s)
             summary = summarise_clicks(results).to_dict()
             row = {"kind": "clicks", "data": name, "scale": s, **summary}
             base = _timed(rows, base, row, t0)

@@ -1202,29 +1202,21 @@ def _eval_objects(args: argparse.Namespace, predictor, image, labels) -> int:
     else:
         inst2d = np.where(fg, labels, 0)
     bar = Progress("eval objects", unit="object")
+    reading = {"invert": args.invert, "scale": args.scale}
     clicks = evaluate_clicks(
         predictor,
         image,
         inst2d,
         objects_per_slice=args.objects_per_slice,
         max_clicks=args.max_clicks,
-        invert=args.invert,
-        scale=args.scale,
         progress=bar.update,
+        **reading,
     )
     res: dict[str, object] = {"clicks": summarise_clicks(clicks).to_dict()}
     if args.follow:
         inst3d = ndimage.label(fg)[0] if args.components else np.where(fg, labels, 0)
         ids = pick_objects(inst3d[args.support], args.follow)
-        follow = evaluate_following(
-            predictor,
-            image,
-            inst3d,
-            ids,
-            start=args.support,
-            invert=args.invert,
-            scale=args.scale,
-        )
+        follow = evaluate_following(predictor, image, inst3d, ids, start=args.support, **reading)
         res["follow"] = summarise_following(follow)
         res["follow_per_object"] = [
             {"id": r.object_id, "iou": r.iou, "slices": [r.slices_true, r.slices_predicted]}
