@@ -43,6 +43,21 @@ def test_local_cluster_output_is_identical_to_a_single_process(stack: dict) -> N
     assert seen[0] == (0, 12) and seen[-1] == (12, 12)
 
 
+def test_a_task_at_half_scale_reads_the_image_at_that_scale_on_the_workers(stack: dict) -> None:
+    image = tifffile.imread(stack["image"])
+    predictor = RevolverPredictor(device="cpu")
+    predictor.set_volume(image, scale=0.5)
+    task = predictor.guide(stack["task"].points, stack["task"].labels, name="nuclei")
+    out = stack["dir"] / "half.zarr"
+    run_batch(BatchJob(str(stack["image"]), str(out), (task,), chunk=6, scale=0.5), "local:1")
+    labels = zarr.open_group(str(out), mode="r")["labels"][:]
+    assert labels.shape == image.shape
+    np.testing.assert_array_equal(labels, predictor.segment(task))
+    # The same task on workers reading at scale 1 is refused, naming the scale.
+    with pytest.raises(ValueError, match="scale"):
+        run_batch(BatchJob(str(stack["image"]), str(stack["dir"] / "one.zarr"), (task,)), "local:1")
+
+
 def test_a_killed_run_resumes_without_recomputing(stack: dict) -> None:
     out = stack["dir"] / "resume.zarr"
 
