@@ -14,7 +14,8 @@ A class click as the CLI and the plugin make it (deciding on a pixel fit of the 
 to a random-forest pixel classifier (scikit-image multiscale features + scikit-learn, 100 trees)
 predicting the same slice in the same process.
 
-    python benchmarks/engine_speed.py [--weights W] [--device cpu] [--image STACK.tif] [--json]
+    python benchmarks/engine_speed.py [--weights W] [--device cpu] [--image STACK.tif]
+        [--scale 0.5] [--json]
 """
 
 from __future__ import annotations
@@ -113,6 +114,12 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--objects", type=int, default=50, help="objects followed together")
+    ap.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="slices resized by this factor before the network (the forest reads them as given)",
+    )
     ap.add_argument("--json", action="store_true")
     return ap.parse_args()
 
@@ -141,7 +148,7 @@ def main() -> None:
     predictor.follower = None if args.no_follower else predictor.follower
     if args.no_snap:
         predictor.follow_params = replace(predictor.follow_params, snap=None)
-    predictor.set_volume(image)
+    predictor.set_volume(image, scale=args.scale)
     rng = np.random.default_rng(0)
     z = n // 2
     h, w = image.shape[1:3]
