@@ -48,8 +48,9 @@ class VolumeSpec:
         Reverse intensities after normalising, for dark objects on a light background
         (brightfield, H&E). Tasks guided with one setting apply only with the same.
     scale : float
-        Each slice is resized by this factor before the network (:mod:`.scale`): below 1 for
-        objects larger than the network's view (0.5 bins 2 x 2), above 1 for tiny ones.
+        Each slice is resized by this factor in y and x (never along z or t) before the
+        network (:mod:`.scale`): below 1 for objects larger than the network's view (0.5 bins
+        2 x 2), above 1 for tiny ones.
         Points, masks and results stay in data pixels. Tasks guided with one scale apply only
         with the same.
     """
