@@ -241,8 +241,17 @@ def test_an_object_followed_at_half_scale_is_labelled_in_image_pixels(
     path = session.save_task(obj, tmp_path / "cell.json")
     from napari_revolver._napari.session import TASK_METADATA
 
-    [(_, meta, _)] = io.read_task(str(path))
+    [(data, meta, _)] = io.read_task(str(path))
     assert meta["metadata"][TASK_METADATA]["scale"] == 0.5
+    layer = session.viewer.add_points(data, **meta)
+    [back] = [t for t in session.tasks if t.points is layer]
+    assert back.spec.scale == 0.5 and back.kind == "object"
+    # A layer whose recorded scale is out of range is not taken up, and says why.
+    rec = Recorder(session)
+    meta["metadata"][TASK_METADATA]["scale"] = 0
+    bad = session.viewer.add_points(data, **{**meta, "name": "bad points"})
+    assert not any(t.points is bad for t in session.tasks)
+    assert rec.count("warned") == 1 and "scale must be between" in rec.seen[-1][1][0]
 
 
 def test_writer_and_reader_round_trip(tmp_path: Path) -> None:

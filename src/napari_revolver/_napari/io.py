@@ -75,6 +75,7 @@ def read_task(path: str) -> list[LayerData]:
                         "name": task.name,
                         "invert": task.invert,
                         "scale": task.scale,
+                        "kind": task.kind,
                         "path": str(path),
                     }
                 },

@@ -576,7 +576,16 @@ class Session:
         scale: float = 1.0,
         kind: str = "class",
     ) -> TaskEntry:
-        """Make an existing Points layer a task (its ``label`` feature gives the polarity)."""
+        """Make an existing Points layer a task (its ``label`` feature gives the polarity).
+
+        Raises
+        ------
+        ValueError
+            A ``scale`` out of range, or a ``kind`` other than class and object.
+        """
+        from ..core.scale import check_scale
+
+        scale = check_scale(scale)
         layer = L.unwrap(layer)
         if image is None and self.image is not None:
             image = self.image.layer
