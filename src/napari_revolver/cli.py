@@ -794,6 +794,9 @@ def _propagated_pages(args: argparse.Namespace, predictor, tasks, painted=None) 
     def summary() -> str:
         fg = counts["fg"] / float(info.n_slices * np.prod(info.slice_shape))
         extra = f", {counts['objects']} objects" if args.instances else ""
+        if predictor.spec.scale != 1:
+            h, w = predictor.work_info.slice_shape
+            extra += f"; slices read at scale {predictor.spec.scale:g} ({h} x {w})"
         return f"{fg:.1%} foreground, {len(tasks)} task(s){extra}"
 
     return pages(), dtype, summary

@@ -186,12 +186,15 @@ def _segment(image: Path, points: Path, out: Path, weights: Path, *extra: str) -
 
 
 def test_segment_at_half_scale_matches_the_python_api_in_image_pixels(
-    small_inputs: tuple[Path, Path], tiny_weights: Path, tmp_path: Path
+    small_inputs: tuple[Path, Path], tiny_weights: Path, tmp_path: Path, capsys
 ) -> None:
     image, points = small_inputs
     out, tasks = tmp_path / "half.tif", tmp_path / "tasks"
     extra = ("--scale", "0.5", "--save-task", str(tasks))
     assert _segment(image, points, out, tiny_weights, *extra) == 0
+    data_shape = tifffile.imread(image).shape
+    said = capsys.readouterr().out
+    assert f"slices read at scale 0.5 ({data_shape[1] // 2} x {data_shape[2] // 2})" in said
     data = tifffile.imread(image)
     got = read_image(out).data
     assert got.shape == data.shape
