@@ -23,7 +23,7 @@ is scored on 512 x 512 centre crops, every plane held out.
 
     python benchmarks/accuracy.py DATA_DIR [--weights W] [--points 1,2,5,10,20,dense]
         [--supports 1,2,4] [--seeds 3] [--datasets a,b] [--nearest-only] [--no-rf]
-        [--use-invert] [--no-pixel-fit] [--out-dir docs/benchmarks]
+        [--use-invert] [--scale S] [--no-pixel-fit] [--out-dir docs/benchmarks]
 
 Writes ``accuracy.md`` (tables), ``accuracy.json`` (every row) and ``accuracy.png`` (IoU vs
 points, one line per method and support count) to ``--out-dir``.
@@ -164,6 +164,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                         baselines=() if (args.no_rf or local) else ("rf",),
                         local=local,
                         invert=spec.invert and args.use_invert,
+                        scale=args.scale,
                         pixel_fit=not args.no_pixel_fit,
                     )
                     for support in groups
@@ -184,6 +185,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                             "dataset": name,
                             "task": spec.task,
                             "supports": k,
+                            "scale": args.scale,
                             "method": method,
                             "points": r.points,
                             "iou_mean": mean,
@@ -399,6 +401,13 @@ def main() -> None:
         "--use-invert",
         action="store_true",
         help="read dark-on-light data sets with invert=True (default: as given)",
+    )
+    ap.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="resize every data set's slices by this factor before the network (the forest "
+        "reads them as given; scores in the data's pixels)",
     )
     ap.add_argument(
         "--no-pixel-fit",
