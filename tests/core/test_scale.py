@@ -55,13 +55,15 @@ def test_work_shape_rounds_and_keeps_a_pixel() -> None:
 
 def test_points_map_pixel_centres_and_stay_on_the_slice() -> None:
     yx = np.array([[0.0, 0.0], [1.0, 3.0], [63.0, 79.0]])
-    out = points_to_work(yx, 0.5, WORK)
+    out = points_to_work(yx, SHAPE, WORK)
     # Data pixels 0 and 1 make working pixel 0: its centre is between theirs.
     np.testing.assert_allclose(out, [[-0.25, -0.25], [0.25, 1.25], [31.25, 39.25]])
-    assert points_to_work(yx, 1.0, SHAPE) is not None
-    np.testing.assert_array_equal(points_to_work(yx, 1.0, SHAPE), yx)
-    far = points_to_work(np.array([[200.0, -50.0]]), 0.5, WORK)
+    np.testing.assert_array_equal(points_to_work(yx, SHAPE, SHAPE), yx)
+    far = points_to_work(np.array([[200.0, -50.0]]), SHAPE, WORK)
     np.testing.assert_allclose(far, [[31.5, -0.5]])
+    # An odd side: 65 pixels at 0.5 are 32 (rounded), and the last centre maps to the last.
+    odd = points_to_work(np.array([[0.0, 64.0]]), (65, 65), work_shape((65, 65), 0.5))
+    np.testing.assert_allclose(odd, [[0.5 * 32 / 65 - 0.5, 64.5 * 32 / 65 - 0.5]])
 
 
 def test_resize_slice_averages_when_shrinking_and_keeps_channels() -> None:

@@ -901,14 +901,14 @@ class RevolverPredictor(VolumeEncoder):
         shape, data = self.work_info.slice_shape, self.info.slice_shape
         pts = np.array(task.points, np.float64)
         if len(pts) and pts.shape[1] == self.info.ndim:
-            pts[:, -2:] = points_to_work(pts[:, -2:], s, shape)
+            pts[:, -2:] = points_to_work(pts[:, -2:], data, shape)
         known = task.object_masks if task.source == self.info.fingerprint else ()
         masks = tuple((k, mask_to_shape(m, shape) if m.shape == data else m) for k, m in known)
         return replace(task, points=pts, object_masks=masks)
 
     def _work_yx(self, yx: np.ndarray) -> np.ndarray:
         """Data-pixel ``(N, 2)`` ``(y, x)`` in working pixels (float64)."""
-        return points_to_work(yx, self.preprocessing.scale, self.work_info.slice_shape)
+        return points_to_work(yx, self.info.slice_shape, self.work_info.slice_shape)
 
     def _guide_features(self, f: EncoderOutput, masks: torch.Tensor) -> GuideOutput:
         return self.model.guide_from_masks(

@@ -8,7 +8,8 @@ public methods, once: points, painted masks and labels going in, masks, probabil
 label images coming out. Everything a user gives or gets stays in data pixels.
 
 A pixel's centre ``c`` in data pixels sits at ``(c + 0.5) * scale - 0.5`` in working pixels
-(pixel-area alignment, as ``torch.nn.functional.interpolate(align_corners=False)``).
+(pixel-area alignment, as ``torch.nn.functional.interpolate(align_corners=False)``), with the
+scale of each axis taken as the ratio of the rounded working size to the data's.
 """
 
 from __future__ import annotations
@@ -57,17 +58,19 @@ def work_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:
     return (max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale)))
 
 
-def points_to_work(yx: np.ndarray, scale: float, shape: tuple[int, int]) -> np.ndarray:
-    """Data-pixel positions ``(N, 2)`` ``(y, x)`` to working pixels of a ``shape`` slice.
+def points_to_work(yx: np.ndarray, data: tuple[int, int], work: tuple[int, int]) -> np.ndarray:
+    """Positions ``(N, 2)`` ``(y, x)`` on a ``data`` slice to the same spots on a ``work`` one.
 
-    Clipped to the working slice (its pixels' outer edges).
+    Each axis by its own ratio ``work / data`` (the scale, to the rounding of
+    :func:`work_shape`), as the slices are resampled; clipped to the working slice (its
+    pixels' outer edges). ``yx`` itself (as float64) where the shapes are the same.
     """
     yx = np.asarray(yx, np.float64)
-    if scale == 1:
+    if tuple(data) == tuple(work):
         return yx
-    out = (yx + 0.5) * scale - 0.5
-    hi = np.asarray(shape, np.float64) - 0.5
-    return np.clip(out, -0.5, hi)
+    ratio = np.asarray(work, np.float64) / np.asarray(data, np.float64)
+    out = (yx + 0.5) * ratio - 0.5
+    return np.clip(out, -0.5, np.asarray(work, np.float64) - 0.5)
 
 
 def _interpolate(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
