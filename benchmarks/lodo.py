@@ -63,6 +63,7 @@ def score(args: argparse.Namespace, run: Path) -> list[dict]:
         seeds=args.seeds,
         no_rf=True,
         use_invert=False,
+        scale=1.0,
         no_pixel_fit=False,
     )
     seen = set(trained_on(run))
