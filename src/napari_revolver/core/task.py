@@ -111,6 +111,7 @@ class Task:
                 f"{self.points.shape} and {self.labels.shape}"
             )
         self._check_kind()
+        object.__setattr__(self, "scale", check_scale(self.scale))
         names = ["sum_coarse", "sum_fine", "mass", "points", "labels"]
         if self.moments is not None:
             m = self.moments
@@ -125,7 +126,6 @@ class Task:
             object.__setattr__(self, name, a)
 
     def _check_kind(self) -> None:
-        object.__setattr__(self, "scale", check_scale(self.scale))
         if self.label_value < 1:
             raise ValueError(f"label_value must be >= 1; got {self.label_value}")
         if self.kind not in ("class", "object"):
