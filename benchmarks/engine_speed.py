@@ -190,13 +190,17 @@ def main() -> None:
     fit_update = timeit(click_deciding_fit, args.repeat, warmup=1)
     fitted = _fitted_task(predictor, task, labels, z)
 
-    # An object click: guide + head on the slice, then the selection under the click. Each
-    # timed click repeats the same clicks, so the kept mask is forgotten first (a new click
-    # is never kept).
-    obj_pts = np.concatenate([pts[:1], pts[5:6]])
+    # An object click: guide + head on the slice, then the selection under the click, and the
+    # refiner. The second click of an object, as a user makes it: the mask after the first is
+    # kept from when it was shown (a refiner that reads the previous mask reads it), and each
+    # timed click is a new one (its negative moved by a thousandth of a pixel: the same pixel),
+    # so its own mask is never read back.
+    predictor.forget_object_masks()
+    predictor.predict_slice(z, predictor.guide(pts[:1], [1], kind="object"))
+    clicks = iter(range(1 << 30))
 
     def object_click() -> None:
-        predictor.forget_object_masks()
+        obj_pts = np.concatenate([pts[:1], pts[5:6] + [0, 0, 1e-3 * next(clicks) % 0.4]])
         predictor.predict_slice(z, predictor.guide(obj_pts, [1, 0], kind="object"))
         sync()
 

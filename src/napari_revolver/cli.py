@@ -399,6 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="times a mask that reaches its window's edge is redrawn in the window around it, "
         "in training and by the refiner trained (default: the --init refiner's, else 0)",
     )
+    p.add_argument(
+        "--previous-mask",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="at corrections the refiner reads the mask after the previous click instead of "
+        "the selection, and learns to correct its own mask (default: the --init refiner's, "
+        "else no)",
+    )
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--val-objects", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -1003,6 +1011,7 @@ def _cmd_train_clicks(args: argparse.Namespace) -> int:
         max_corrections=args.max_corrections,
         p_unreliable=args.p_unreliable,
         regrow=args.regrow,
+        previous_mask=args.previous_mask,
         seed=args.seed,
         val_every=args.val_every,
         val_objects=args.val_objects,

@@ -399,6 +399,26 @@ def test_click_episodes_sample_every_redraw_and_spoil_the_probability() -> None:
     assert not torch.equal(plain, spoiled[0][0])
 
 
+def test_click_episodes_read_the_mask_shown_at_corrections() -> None:
+    [src, *_] = synthetic_sources(load_weights(), 2, 0, side=256)
+    z, oid = min(src.objects, key=lambda o: (src.labels[o[0]] == o[1]).sum())
+    read = {}
+    for previous in (False, True):
+        cfg = RefinerConfig(size=32, width=8, mid_width=8, previous_mask=previous)
+        refiner = ClickRefiner(cfg)
+        with torch.no_grad():
+            refiner.out.bias.fill_(20.0)  # draws its whole window, far beyond the object
+        samples = click_episode(refiner.eval(), src, z, oid, 1, None)
+        assert len(samples) == 2  # the first click, then one correction
+        channel = cfg.image_channels + cfg.feature_channels + 1  # the selection's
+        read[previous] = [float(x[channel].mean()) for x, _ in samples]
+    # The first click reads the selection either way. The correction reads the selection
+    # (about the object) or the mask shown after the first click (the whole first window,
+    # cut by the negative click): much more of its window.
+    assert read[False][0] == read[True][0]
+    assert read[True][1] > read[False][1] + 0.1
+
+
 def _merged_pair(rng: np.random.Generator, shape: tuple[int, int] = (64, 64)) -> tuple:
     """Two touching look-alike discs that the selection cannot split, and a negative click."""
     r = rng.uniform(7, 10)
@@ -474,6 +494,7 @@ def test_training_runs_checkpoints_and_resumes(tmp_path: Path) -> None:
         max_corrections=2,
         p_unreliable=0.5,
         regrow=1,
+        previous_mask=True,
         refiner=RefinerConfig(size=32, width=8, mid_width=8, dilations=(1,)),
     )
     best = train_refiner(cfg)
@@ -486,6 +507,7 @@ def test_training_runs_checkpoints_and_resumes(tmp_path: Path) -> None:
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "val" in r] == [2, 3]  # resumed, not restarted
     assert load_refiner(best).config.size == 32 and load_refiner(best).config.regrow == 1
+    assert load_refiner(best).config.previous_mask
 
 
 def test_training_starts_from_an_init_refiner_and_keeps_it_unless_beaten(tmp_path: Path) -> None:
@@ -544,14 +566,17 @@ def test_train_clicks_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     again = ["train-clicks", "--out", str(tmp_path / "ft"), "--steps", "1", "--batch", "2"]
     again += ["--synthetic", "2", "--val-every", "1", "--val-objects", "1", "--threads", "1"]
     again += ["--p-unreliable", "0.5", "--regrow", "2", "--add-dilations", "8,16"]
+    again += ["--previous-mask"]
     assert main([*again, "--init", str(run / "best.safetensors")]) == 0
     cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert cfg["init"] == str(run / "best.safetensors") and cfg["threads"] == 1
     assert cfg["p_unreliable"] == 0.5 and cfg["refiner"]["regrow"] == 2
+    assert cfg["previous_mask"] and cfg["refiner"]["previous_mask"]
     start = load_refiner(run / "best.safetensors").config.dilations
     assert tuple(cfg["refiner"]["dilations"]) == (*start, 8, 16)
     tuned = load_refiner(tmp_path / "ft" / "best.safetensors").config
-    assert tuned.regrow == 2 and tuned.dilations == (*start, 8, 16)
+    assert tuned.regrow == 2 and tuned.dilations == (*start, 8, 16) and tuned.previous_mask
+    assert not load_refiner(run / "best.safetensors").config.previous_mask  # off by default
     for bad in ("0", "8,x", ""):
         with pytest.raises(SystemExit):
             main([*args, "--add-dilations", bad])

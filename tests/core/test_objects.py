@@ -19,6 +19,7 @@ from napari_revolver.core.objects import (
     obey_clicks,
     object_order,
     select_object,
+    without_last_click,
 )
 from napari_revolver.core.predictor import RevolverPredictor
 from napari_revolver.core.task import Task, load_task
@@ -464,6 +465,86 @@ def test_clicked_masks_are_kept_for_the_same_clicks_only(
     assert len(passes) > before
 
 
+def test_without_last_click_drops_the_last_click_on_that_slice_only(
+    stack_predictor: tuple[RevolverPredictor, np.ndarray],
+) -> None:
+    predictor, _ = stack_predictor
+    pts = [[0, 32, 18], [1, 32, 18], [0, 30, 20], [0, 32, 44], [1, 33, 18]]
+    task = predictor.guide(pts, [1, 1, 1, 0, 1], kind="object")
+    before = without_last_click(task, (0,), predictor.info)
+    assert before is not None
+    np.testing.assert_array_equal(before.points, np.asarray(pts, float)[[0, 1, 2, 4]])
+    np.testing.assert_array_equal(before.labels, [1, 1, 1, 1])
+    np.testing.assert_array_equal(before.sum_fine, task.sum_fine)  # the same guidance
+    again = without_last_click(before, (0,), predictor.info)
+    assert again is not None and len(again.points) == 3
+    # One click on the slice, or only negatives left: no mask before the last click.
+    assert without_last_click(again, (0,), predictor.info) is None
+    assert without_last_click(task, (2,), predictor.info) is None
+    neg_first = predictor.guide([[0, 32, 44], [0, 32, 18]], [0, 1], kind="object")
+    assert without_last_click(neg_first, (0,), predictor.info) is None
+
+
+def test_a_refiner_reading_the_previous_mask_redraws_the_mask_shown_before_the_click(
+    stack_predictor: tuple[RevolverPredictor, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from napari_revolver.core import objects as O
+    from napari_revolver.core.model.click_refiner import ClickRefiner, RefinerConfig
+
+    predictor, ids = stack_predictor
+    _force_probability(monkeypatch, ids)
+
+    def refiner(previous: bool) -> ClickRefiner:
+        channels = predictor.model.config.feature_fine_channels
+        r = ClickRefiner(RefinerConfig(feature_channels=channels, previous_mask=previous))
+        with torch.no_grad():
+            r.out.bias.fill_(20.0)  # draws its whole window: what it read decides the mask
+        return r
+
+    predictor.refiner = refiner(False)
+    read: list[np.ndarray] = []
+    refined = O.refined_masks
+
+    def spy(refiner, image, fine, stride, selections, **kw):
+        def record():
+            for prob, sel, pts, lab in selections:
+                read.append(np.asarray(sel, bool).copy())
+                yield prob, sel, pts, lab
+
+        return refined(refiner, image, fine, stride, record(), **kw)
+
+    monkeypatch.setattr(O, "refined_masks", spy)
+    pts, lab = [[0, 32, 18], [0, 32, 27], [0, 25, 18]], [1, 0, 1]
+    shown = [
+        predictor.object_mask(0, predictor.guide(pts[:n], lab[:n], kind="object"))
+        for n in (1, 2, 3)
+    ]
+    # A refiner of the older kind reads the selection at every click.
+    assert len(read) == 3 and not np.array_equal(read[2], shown[1])
+    predictor.refiner = refiner(True)
+    selections = list(read)
+    read.clear()
+    after = [
+        predictor.object_mask(0, predictor.guide(pts[:n], lab[:n], kind="object"))
+        for n in (1, 2, 3)
+    ]
+    # Click by click: the first reads the selection, each correction the mask shown before it.
+    assert len(read) >= 3
+    np.testing.assert_array_equal(read[0], selections[0])
+    np.testing.assert_array_equal(after[0], shown[0])
+    np.testing.assert_array_equal(read[1], after[0])
+    np.testing.assert_array_equal(read[2], after[1])
+    # The mask depends on the clicks and their order only: asked cold, the masks before the
+    # last click are computed the same way.
+    predictor.forget_object_masks()
+    read.clear()
+    cold = predictor.object_mask(0, predictor.guide(pts, lab, kind="object"))
+    np.testing.assert_array_equal(cold, after[2])
+    assert len(read) == 3
+
+
 def test_kept_clicked_masks_stay_within_their_memory(
     stack_predictor: tuple[RevolverPredictor, np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -508,9 +589,9 @@ def test_select_in_box_is_select_object_whatever_lies_outside_the_box() -> None:
     assert select_in_box(noisy[y0:y1, x0:x1], box, shape, [[130.0, 50.0]], [1]) is None
 
 
-@pytest.mark.parametrize("grows", [False, True])
+@pytest.mark.parametrize(("grows", "previous"), [(False, False), (True, False), (False, True)])
 def test_object_clicks_on_windows_get_the_masks_of_the_whole_slice(
-    monkeypatch: pytest.MonkeyPatch, grows: bool
+    monkeypatch: pytest.MonkeyPatch, grows: bool, previous: bool
 ) -> None:
     """The clicked slice's head runs in windows around the clicks, exactly.
 
@@ -533,6 +614,9 @@ def test_object_clicks_on_windows_get_the_masks_of_the_whole_slice(
         predictor.refiner.config = dataclasses.replace(predictor.refiner.config, regrow=4)
         with torch.no_grad():
             predictor.refiner.out.bias.add_(20.0)
+    if previous:  # corrections redraw the mask before them, wherever it reaches
+        predictor.refiner = copy.deepcopy(predictor.refiner)
+        predictor.refiner.config = dataclasses.replace(predictor.refiner.config, previous_mask=True)
     ids, n = ndimage.label(labels[0] > 0)
     sizes = ndimage.sum(np.ones_like(ids), ids, range(1, n + 1))
     order = np.argsort(sizes)  # the smallest objects and the largest, which needs more
@@ -540,7 +624,10 @@ def test_object_clicks_on_windows_get_the_masks_of_the_whole_slice(
     tasks = []
     for i, lab in enumerate(picks):
         yx = ndimage.center_of_mass(ids == lab + 1)
-        tasks.append(predictor.guide([[0, *yx]], [1], kind="object", label_value=i + 1))
+        pts, lab = [[0, *yx]], [1]
+        if previous:  # a second, corrective click beside the first
+            pts, lab = [*pts, [0, min(yx[0] + 3, 511), min(yx[1] + 3, 511)]], [1, 1 - i % 2]
+        tasks.append(predictor.guide(pts, lab, kind="object", label_value=i + 1))
     sides = []
     segment = predictor.model.segment
 
@@ -553,8 +640,11 @@ def test_object_clicks_on_windows_get_the_masks_of_the_whole_slice(
     windowed = predictor.object_masks(0, tasks)
     assert min(sides) < 64  # windows were used, on a 64-cell-wide slice
     # Objects reaching beyond their windows need 4 passes on the whole slice; redraws
-    # beyond their boxes read it too.
-    assert sides.count(64) == 4 if not grows else sides.count(64) > 4
+    # beyond their boxes read it too, and so do the masks before a correction.
+    if not (grows or previous):
+        assert sides.count(64) == 4
+    else:
+        assert sides.count(64) > 4
     # Inside its box, a window's probability is the whole slice's (to float rounding).
     clicks = [(t.points[:, 1:], t.labels) for t in tasks]
     near = predictor._object_probabilities(0, tasks, clicks, 16)

@@ -44,6 +44,7 @@ from .model.click_refiner import (
     sample_window,
 )
 from .objects import (
+    obey_clicks,
     reaches_edge,
     refine_once,
     refined_mask,
@@ -107,6 +108,9 @@ class ClickTrainConfig(RefinerTrainConfig):
     #: Redraws of a mask that reaches its window's edge (``RefinerConfig.regrow``), written
     #: into the refiner trained (new or ``init``); ``None``: the refiner's own.
     regrow: int | None = None
+    #: Train the refiner (new or ``init``) to read the mask after the previous click at
+    #: corrections (``RefinerConfig.previous_mask``); ``None``: the refiner's own setting.
+    previous_mask: bool | None = None
 
     def __post_init__(self) -> None:
         """Refuse a share outside [0, 1] and a negative number of redraws."""
@@ -328,12 +332,16 @@ def click_episode(
 
     prob = probability()
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    shown: np.ndarray | None = None  # the mask the annotator saw after the last click
     for i in range(corrections + 1):
         p, lab = np.asarray(pts, float), np.asarray(labs, np.int8)
         sel = select_object(prob, p, lab)
+        sel = correction_input(refiner, sel, shown)
         mask = _refiner_passes(refiner, here, prob, sel, p, lab, truth_map, out, i == corrections)
         if mask is None:
             break
+        # What inference shows: every click obeyed.
+        shown = obey_clicks(mask, p, lab)
         click = next_click(mask, truth)
         if click is None:
             break
@@ -342,6 +350,19 @@ def click_episode(
         if click[1] == 1:
             prob = probability()
     return out
+
+
+def correction_input(
+    refiner: ClickRefiner, selection: np.ndarray, shown: np.ndarray | None
+) -> np.ndarray:
+    """Return what a refiner reads as the selection at a click.
+
+    ``shown`` (the mask after the previous click) for a refiner that reads it
+    (``RefinerConfig.previous_mask``) when it is not empty, else ``selection``.
+    """
+    if refiner.config.previous_mask and shown is not None and shown.any():
+        return shown
+    return selection
 
 
 def _refiner_passes(
@@ -394,6 +415,7 @@ def validate(
         pts: list[tuple[int, int]] = []
         labs: list[int] = []
         mask = np.zeros_like(truth)
+        shown: np.ndarray | None = None
         for i in range(clicks):
             click = next_click(mask, truth) if i else (first_click(truth, None), 1)
             if click is None:
@@ -405,7 +427,11 @@ def validate(
             prob = src.probability(z, p, lab)
             mask = select_object(prob, p, lab)
             if refiner is not None:
-                mask = refined_mask(refiner, *src.slice_inputs(z), prob, mask, p, lab)
+                sel = correction_input(refiner, mask, shown)
+                mask = refined_mask(refiner, *src.slice_inputs(z), prob, sel, p, lab)
+                if refiner.config.previous_mask:
+                    # Inference shows (and reads back) the mask with every click obeyed.
+                    mask = shown = obey_clicks(mask, p, lab)
             ious[n, i] = foreground_iou(mask, truth)
     return {f"iou@{k}": float(ious[:, k - 1].mean()) for k in (1, 3, 5)}
 
@@ -503,9 +529,15 @@ def train_refiner(
     validation IoUs after 1, 3 and 5 clicks) is ``<out>/best.safetensors``.
     """
     weights, refiner = start_run(cfg, "clicks")
+    changes: dict[str, object] = {}
     if cfg.regrow is not None and refiner.config.regrow != cfg.regrow:
         # Redraws change no weight: set on the new or the init refiner alike.
-        refiner.config = cfg.refiner = replace(refiner.config, regrow=cfg.regrow)
+        changes["regrow"] = cfg.regrow
+    if cfg.previous_mask is not None and refiner.config.previous_mask != cfg.previous_mask:
+        # The same channel, read differently at corrections: no weight changes either.
+        changes["previous_mask"] = cfg.previous_mask
+    if changes:
+        refiner.config = cfg.refiner = replace(refiner.config, **changes)
         _write_run_config(cfg)
     train_src, val_items = _sources(cfg, weights)
     return run_steps(

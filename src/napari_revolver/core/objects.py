@@ -25,7 +25,7 @@ No napari or Qt here.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -68,6 +68,7 @@ __all__ = [
     "refine_once",
     "refined_mask",
     "refined_masks",
+    "without_last_click",
     "refiner_inputs",
     "refiner_window",
     "select_in_box",
@@ -934,6 +935,27 @@ def clicks_on(task: Task, key: Key, info: VolumeInfo) -> tuple[np.ndarray, np.nd
     lead = np.rint(task.points[:, :n_lead]).astype(int)
     sel = (lead == np.asarray(key, int)).all(axis=1)
     return task.points[sel, n_lead:], task.labels[sel]
+
+
+def without_last_click(task: Task, key: Key, info: VolumeInfo) -> Task | None:
+    """Return ``task`` without its last click on slice ``key`` (in the task's order).
+
+    ``None`` where it has one click or fewer there, or none positive would be left. The
+    guidance is unchanged: an object task's vectors come from its first positive click on
+    each slice, which stays (clicks after it act by position only).
+    """
+    n_lead = len(info.leading_shape)
+    if not len(task.points) or task.points.shape[1] != info.ndim:
+        return None
+    lead = np.rint(task.points[:, :n_lead]).astype(int)
+    here = np.flatnonzero((lead == np.asarray(key, int)).all(axis=1))
+    if len(here) < 2:
+        return None
+    keep = np.ones(len(task.points), bool)
+    keep[here[-1]] = False
+    if not (task.labels[here[:-1]] == 1).any():
+        return None
+    return replace(task, points=task.points[keep], labels=task.labels[keep])
 
 
 def _visit(

@@ -645,13 +645,48 @@ class RevolverPredictor(VolumeEncoder):
         out: list[np.ndarray | None] = [self._kept_object(i) for i in ids]
         todo = [j for j, m in enumerate(out) if m is None]
         if todo:
+            previous = self._previous_masks(key, [tasks[j] for j in todo], threshold)
             masks = self._new_object_masks(
-                k, [tasks[j] for j in todo], [clicks[j] for j in todo], threshold
+                k, [tasks[j] for j in todo], [clicks[j] for j in todo], threshold, previous
             )
             for j, m in zip(todo, masks, strict=True):
                 self._keep_object(ids[j], m)
                 out[j] = m
         return out  # type: ignore[return-value]
+
+    def _previous_masks(
+        self, key: tuple[int, ...], tasks: Sequence[Task], threshold: float
+    ) -> list[np.ndarray | None]:
+        """Return each task's mask on slice ``key`` before its last click there.
+
+        For a refiner that reads it (``RefinerConfig.previous_mask``); ``None`` where there is
+        none, or the refiner does not read it. A mask is a function of the clicks in their
+        order: the one before the last click is that of the task without it (kept from when
+        it was shown, or computed the same way).
+        """
+        out: list[np.ndarray | None] = [None] * len(tasks)
+        if self.refiner is None or not self.refiner.config.previous_mask:
+            return out
+        k = self.info.flat(key)
+        before = [objects.without_last_click(t, key, self.info) for t in tasks]
+        todo = [j for j, t in enumerate(before) if t is not None]
+        # Masks not kept further back (a task loaded with many clicks, a click deleted) are
+        # computed oldest first, so each finds its own previous one kept: no deep recursion.
+        for j in todo:
+            back: list[Task] = []
+            t = objects.without_last_click(before[j], key, self.info)  # type: ignore[arg-type]
+            while t is not None and self._object_key(t, k, threshold) not in self._object_kept:
+                back.append(t)
+                t = objects.without_last_click(t, key, self.info)
+            for t in reversed(back):
+                self.object_masks(key, [t], threshold=threshold, working=True)
+        if todo:
+            masks = self.object_masks(
+                key, [before[j] for j in todo], threshold=threshold, working=True
+            )
+            for j, m in zip(todo, masks, strict=True):
+                out[j] = m if m.any() else None
+        return out
 
     def _new_object_masks(
         self,
@@ -659,8 +694,14 @@ class RevolverPredictor(VolumeEncoder):
         tasks: Sequence[Task],
         clicks: Sequence[tuple[np.ndarray, np.ndarray]],
         threshold: float,
+        previous: Sequence[np.ndarray | None] | None = None,
     ) -> list[np.ndarray]:
-        """Compute :meth:`object_masks` on flat slice ``k`` (nothing kept is read)."""
+        """Compute :meth:`object_masks` on flat slice ``k`` (nothing kept is read).
+
+        ``previous``: per task, its mask before its last click (:meth:`_previous_masks`),
+        which the refiner reads in place of the selection.
+        """
+        previous = previous if previous is not None else [None] * len(tasks)
         boxes: list[tuple[int, int, int, int]] = []  # where each object's probability is exact
 
         def selected() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
@@ -672,16 +713,20 @@ class RevolverPredictor(VolumeEncoder):
                 near = self._object_probabilities(
                     k, batch, clicks[j : j + OBJECT_HEAD_BATCH], OBJECT_REACH
                 )
-                for t, (pts, lab), (prob, box) in zip(
-                    batch, clicks[j : j + OBJECT_HEAD_BATCH], near, strict=True
+                for t, (pts, lab), (prob, box), prev in zip(
+                    batch,
+                    clicks[j : j + OBJECT_HEAD_BATCH],
+                    near,
+                    previous[j : j + OBJECT_HEAD_BATCH],
+                    strict=True,
                 ):
-                    found = self._selection_in(prob, box, pts, lab, threshold)
+                    found = self._selection_in(prob, box, pts, lab, threshold, prev)
                     # An object reaching beyond its box: a wider one, then the whole slice.
                     for reach in (OBJECT_REACH * 3, None):
                         if found is not None:
                             break
                         [(prob, box)] = self._object_probabilities(k, [t], [(pts, lab)], reach)
-                        found = self._selection_in(prob, box, pts, lab, threshold)
+                        found = self._selection_in(prob, box, pts, lab, threshold, prev)
                     assert found is not None
                     boxes.append(box)
                     yield prob, *found
@@ -773,12 +818,15 @@ class RevolverPredictor(VolumeEncoder):
         points: np.ndarray,
         labels: np.ndarray,
         threshold: float,
+        previous: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Select an object from a probability exact only in ``box`` (see ``object_masks``).
 
         Returns the selection and the clicks that decide it (the refiner sees those only:
         :func:`.objects.select_in_box`); ``None`` where the selection, or what
         :attr:`refiner` reads to redraw it, could depend on the probability outside the box.
+        ``previous``: the mask before the last click, returned in place of the selection
+        (a refiner that reads it redraws that).
         """
         y0, y1, x0, x1 = box
         h, w = prob.shape
@@ -788,6 +836,8 @@ class RevolverPredictor(VolumeEncoder):
         if found is None:
             return None
         sel, deciding = found
+        if previous is not None:
+            sel = previous
         points, labels = points[deciding], labels[deciding]
         if self.refiner is None or box == (0, h, 0, w):
             return sel, points, labels

@@ -69,6 +69,10 @@ class RefinerConfig:
     #: around it (:func:`..objects.refined_masks`); a refiner trained with redraws
     #: (``ClickTrainConfig.regrow``) uses them. 0: never (files without the field).
     regrow: int = 0
+    #: At a correction, the selection channel holds the object's mask after the previous
+    #: click (what the user sees), not the selection: the refiner corrects its own mask, as
+    #: RITM's previous-mask input does. False: the selection at every click (older files).
+    previous_mask: bool = False
 
     def to_dict(self) -> dict[str, object]:
         """Return the configuration as built-in types, ready for JSON."""
