@@ -340,8 +340,8 @@ def click_episode(
         mask = _refiner_passes(refiner, here, prob, sel, p, lab, truth_map, out, i == corrections)
         if mask is None:
             break
-        # What inference shows: every click obeyed.
-        shown = obey_clicks(mask, p, lab)
+        if refiner.config.previous_mask:  # what inference shows (every click obeyed) is read
+            shown = obey_clicks(mask, p, lab)
         click = next_click(mask, truth)
         if click is None:
             break

@@ -68,11 +68,11 @@ __all__ = [
     "refine_once",
     "refined_mask",
     "refined_masks",
-    "without_last_click",
     "refiner_inputs",
     "refiner_window",
     "select_in_box",
     "select_object",
+    "without_last_click",
 ]
 
 Key = tuple[int, ...]
@@ -929,12 +929,21 @@ def clicks_on(task: Task, key: Key, info: VolumeInfo) -> tuple[np.ndarray, np.nd
     labels : np.ndarray
         ``(N,)`` 1 positive, 0 negative.
     """
-    n_lead = len(info.leading_shape)
-    if not len(task.points) or task.points.shape[1] != info.ndim:
+    sel = _on_slice(task, key, info)
+    if sel is None:
         return np.zeros((0, 2)), np.zeros(0, np.int8)
-    lead = np.rint(task.points[:, :n_lead]).astype(int)
-    sel = (lead == np.asarray(key, int)).all(axis=1)
-    return task.points[sel, n_lead:], task.labels[sel]
+    return task.points[sel, len(info.leading_shape) :], task.labels[sel]
+
+
+def _on_slice(task: Task, key: Key, info: VolumeInfo) -> np.ndarray | None:
+    """Return which of ``task`` 's clicks lie on slice ``key``, ``(N,)`` bool.
+
+    ``None`` when it has no points, or points not of this volume's dimensions.
+    """
+    if not len(task.points) or task.points.shape[1] != info.ndim:
+        return None
+    lead = np.rint(task.points[:, : len(info.leading_shape)]).astype(int)
+    return (lead == np.asarray(key, int)).all(axis=1)
 
 
 def without_last_click(task: Task, key: Key, info: VolumeInfo) -> Task | None:
@@ -944,11 +953,8 @@ def without_last_click(task: Task, key: Key, info: VolumeInfo) -> Task | None:
     guidance is unchanged: an object task's vectors come from its first positive click on
     each slice, which stays (clicks after it act by position only).
     """
-    n_lead = len(info.leading_shape)
-    if not len(task.points) or task.points.shape[1] != info.ndim:
-        return None
-    lead = np.rint(task.points[:, :n_lead]).astype(int)
-    here = np.flatnonzero((lead == np.asarray(key, int)).all(axis=1))
+    sel = _on_slice(task, key, info)
+    here = np.flatnonzero(sel) if sel is not None else ()
     if len(here) < 2:
         return None
     keep = np.ones(len(task.points), bool)

@@ -672,13 +672,14 @@ class RevolverPredictor(VolumeEncoder):
         todo = [j for j, t in enumerate(before) if t is not None]
         # Masks not kept further back (a task loaded with many clicks, a click deleted) are
         # computed oldest first, so each finds its own previous one kept: no deep recursion.
+        # The walk stops at the first kept mask: as a user clicks, the one just before.
         for j in todo:
             back: list[Task] = []
-            t = objects.without_last_click(before[j], key, self.info)  # type: ignore[arg-type]
+            t = before[j]
             while t is not None and self._object_key(t, k, threshold) not in self._object_kept:
                 back.append(t)
                 t = objects.without_last_click(t, key, self.info)
-            for t in reversed(back):
+            for t in reversed(back[1:]):  # back[0], before[j] itself, is computed below
                 self.object_masks(key, [t], threshold=threshold, working=True)
         if todo:
             masks = self.object_masks(
