@@ -14,7 +14,7 @@ Following: one click per object, propagated, per-object 3D IoU, on
   slice 0 (non-commercial: evaluation only, never trained on).
 
     python benchmarks/objects.py [--data ../shared/data] [--images 4] [--objects 10]
-        [--follow 20] [--weights W] [--refiner R | --no-refiner]
+        [--follow 20] [--weights W] [--refiner R | --no-refiner] [--corrector C | --no-corrector]
         [--follower F | --no-follower] [--sets a,b] [--skip-follow] [--skip-clicks]
         [--out-dir docs/benchmarks]
 
@@ -108,6 +108,7 @@ def click_rows(predictor: RevolverPredictor, root: Path, args: argparse.Namespac
                 "data": name,
                 "invert": invert,
                 "refiner": predictor.refiner is not None,
+                "corrector": predictor.refiner is not None and predictor.corrector is not None,
                 **s.to_dict(),
                 "seconds": time.perf_counter() - t0,
             }
@@ -207,7 +208,9 @@ def write(rows: list[dict], follow: list[dict], out: Path, max_clicks: int) -> N
     lines = [
         "# Object tasks (simulated annotator, held-out images)",
         "",
-        f"Click refiner: {'yes' if rows and rows[0]['refiner'] else 'no (selection only)'}.",
+        f"Click refiner: {'yes' if rows and rows[0]['refiner'] else 'no (selection only)'}; "
+        "corrections drawn by "
+        f"{'a refiner of their own' if rows and rows[0].get('corrector') else 'the same'}.",
         f"Follower: {'yes' if follow and follow[0]['follower'] else 'no (the last mask)'}; "
         f"snapped to edges: {'yes' if follow and follow[0].get('snap') else 'no'}; "
         f"ends by the objects' look: {'yes' if follow and follow[0].get('look') else 'no'}.",
@@ -265,6 +268,28 @@ def write(rows: list[dict], follow: list[dict], out: Path, max_clicks: int) -> N
     fig.savefig(out / "objects.png", dpi=120)
 
 
+def _predictor(args: argparse.Namespace) -> RevolverPredictor:
+    """The predictor the command line asks for: its weights, refiners and following."""
+    predictor = RevolverPredictor(args.weights, device="cpu")
+    if args.refiner:
+        predictor.refiner = load_refiner(args.refiner, predictor.weights.sha256)
+    if args.no_refiner:
+        predictor.refiner = None
+    if args.corrector:
+        predictor.corrector = load_refiner(args.corrector, predictor.weights.sha256, role="clicks")
+    if args.no_corrector:
+        predictor.corrector = None
+    if args.follower:
+        predictor.follower = load_refiner(args.follower, predictor.weights.sha256)
+    if args.no_follower:
+        predictor.follower = None
+    if args.no_snap:
+        predictor.follow_params = replace(predictor.follow_params, snap=None)
+    if args.no_look:
+        predictor.follow_params = replace(predictor.follow_params, look=None)
+    return predictor
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -277,6 +302,14 @@ def main() -> None:
         "--no-refiner", action="store_true", help="select objects without the click refiner"
     )
     ap.add_argument("--refiner", default=None, help="click refiner file (default: the weights')")
+    ap.add_argument(
+        "--no-corrector",
+        action="store_true",
+        help="the click refiner draws corrections too (not the weights' corrections refiner)",
+    )
+    ap.add_argument(
+        "--corrector", default=None, help="corrections refiner file (default: the weights')"
+    )
     ap.add_argument(
         "--no-follower", action="store_true", help="follow objects without the follower"
     )
@@ -315,20 +348,9 @@ def main() -> None:
         )
         write(rows, [r for part in parts for r in part["follow"]], args.out_dir, args.max_clicks)
         return
-    predictor = RevolverPredictor(args.weights, device="cpu")
-    if args.refiner:
-        predictor.refiner = load_refiner(args.refiner, predictor.weights.sha256)
-    if args.no_refiner:
-        predictor.refiner = None
-    if args.follower:
-        predictor.follower = load_refiner(args.follower, predictor.weights.sha256)
-    if args.no_follower:
-        predictor.follower = None
-    if args.no_snap:
-        predictor.follow_params = replace(predictor.follow_params, snap=None)
-    if args.no_look:
-        predictor.follow_params = replace(predictor.follow_params, look=None)
+    predictor = _predictor(args)
     print(f"click refiner: {'none' if predictor.refiner is None else 'yes'}", flush=True)
+    print(f"corrections refiner: {'none' if predictor.corrector is None else 'yes'}", flush=True)
     print(f"follower: {'none' if predictor.follower is None else 'yes'}", flush=True)
     follow = [] if args.skip_follow else follow_rows(predictor, args.data, args.follow)
     rows = [] if args.skip_clicks else click_rows(predictor, args.data, args)

@@ -3,10 +3,12 @@
 python scripts/package_weights.py RUN_DIR [--note "trained on ..."]
 python scripts/package_weights.py RUN_DIR --clicks [--note ...]   # a `revolver train-clicks` run
 python scripts/package_weights.py RUN_DIR --follow [--note ...]   # a `revolver train-follow` run
+python scripts/package_weights.py RUN_DIR --corrections [--note ...]   # train-clicks, corrections
 
 With ``--clicks`` the run's best click refiner goes beside the default weights as
-``<stem>-clicks.safetensors``, with ``--follow`` its best follower as ``<stem>-follow.safetensors``;
-either must have been trained on exactly those weights.
+``<stem>-clicks.safetensors``, with ``--follow`` its best follower as ``<stem>-follow.safetensors``,
+with ``--corrections`` its best click refiner as the refiner of corrections,
+``<stem>-corrections.safetensors``; each must have been trained on exactly those weights.
 """
 
 from __future__ import annotations
@@ -34,17 +36,18 @@ from napari_revolver.core.weights import (
 def _clean(config: dict) -> dict:
     """Machine-specific paths say nothing about the weights; keep the names."""
     config["out"] = Path(config["out"]).name
-    for key in ("data", "init", "weights"):
+    for key in ("data", "init", "weights", "first_refiner"):
         if config.get(key):
             config[key] = Path(config[key]).name
     return config
 
 
 def install_refiner(run: Path, note: str, role: str) -> None:
-    """Install a run's best refiner (``role``: clicks or follow) beside the default weights."""
+    """Install a run's best refiner (``role``: clicks, follow or corrections) beside the weights."""
     src = run / "best.safetensors"
     base = load_weights()
-    load_refiner(src, base.sha256)  # refuses a refiner of other weights
+    # Refuses a refiner of other weights, or of another role (corrections are click episodes).
+    load_refiner(src, base.sha256, role="follow" if role == "follow" else "clicks")
     dst = default_refiner_path(default_weights_path(), role)  # type: ignore[arg-type]
     shutil.copyfile(src, dst)
     with safe_open(str(src), framework="pt") as f:
@@ -68,9 +71,15 @@ def main() -> None:
     kind = ap.add_mutually_exclusive_group()
     kind.add_argument("--clicks", action="store_true", help="the run trained a click refiner")
     kind.add_argument("--follow", action="store_true", help="the run trained a follower")
+    kind.add_argument(
+        "--corrections",
+        action="store_true",
+        help="the run trained a click refiner to draw corrections (clicks after an object's first)",
+    )
     args = ap.parse_args()
-    if args.clicks or args.follow:
-        install_refiner(args.run, args.note, "clicks" if args.clicks else "follow")
+    if args.clicks or args.follow or args.corrections:
+        role = "clicks" if args.clicks else "follow" if args.follow else "corrections"
+        install_refiner(args.run, args.note, role)
         return
     src = args.run / "best.safetensors"
     loaded = load_weights(src)  # refuses anything that is not a valid checkpoint

@@ -407,6 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the selection, and learns to correct its own mask (default: the --init refiner's, "
         "else no)",
     )
+    p.add_argument(
+        "--first-refiner",
+        type=Path,
+        default=None,
+        help="a click refiner file that draws each episode's first click: the refiner "
+        "trained learns corrections only (ship it as <weights stem>-corrections.safetensors)",
+    )
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--val-objects", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -996,6 +1003,7 @@ def _cmd_train_clicks(args: argparse.Namespace) -> int:
 
     _check_exists(args.weights, "--weights")
     _check_exists(args.init, "--init")
+    _check_exists(args.first_refiner, "--first-refiner")
     cfg = ClickTrainConfig(
         out=str(args.out),
         weights=str(args.weights) if args.weights else None,
@@ -1012,6 +1020,7 @@ def _cmd_train_clicks(args: argparse.Namespace) -> int:
         p_unreliable=args.p_unreliable,
         regrow=args.regrow,
         previous_mask=args.previous_mask,
+        first_refiner=str(args.first_refiner) if args.first_refiner else None,
         seed=args.seed,
         val_every=args.val_every,
         val_objects=args.val_objects,
@@ -1032,9 +1041,10 @@ def _cmd_train_clicks(args: argparse.Namespace) -> int:
 
     best = train_refiner(cfg, on_progress=show)
     print(f"best refiner: {best}")
+    role = "corrections" if cfg.first_refiner else "clicks"
     print(
-        "to use it, copy it beside its weights as <weights stem>-clicks.safetensors "
-        "(for the shipped weights: revolver-s-clicks.safetensors)"
+        f"to use it, copy it beside its weights as <weights stem>-{role}.safetensors "
+        f"(for the shipped weights: revolver-s-{role}.safetensors)"
     )
     return 0
 
@@ -1273,6 +1283,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
             print(f"  {k}: {w.metadata[k]}")
     refiner = "none (object clicks select only)" if w.refiner is None else "yes"
     print(f"  click refiner for object tasks: {refiner}")
+    if w.refiner is not None:
+        corrector = "the click refiner" if w.corrector is None else "yes, their own"
+        print(f"  refiner of corrections (clicks after an object's first): {corrector}")
     follower = "none (each object's last mask is carried over)" if w.follower is None else "yes"
     print(f"  follower of object tasks through z and t: {follower}")
     print(f"models: {', '.join(available_models())}")

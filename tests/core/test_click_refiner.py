@@ -19,6 +19,7 @@ from napari_revolver.core.click_training import (
     synthetic_sources,
     train_refiner,
     unreliable_probability,
+    validate,
 )
 from napari_revolver.core.model.click_refiner import (
     ClickRefiner,
@@ -309,6 +310,33 @@ def test_refiner_files_round_trip_and_refuse_other_weights(
     assert load_weights(weights).refiner is None  # a bad refiner is left out, with a warning
 
 
+def test_a_corrections_refiner_beside_the_weights_is_loaded_and_used(
+    tiny_model: torch.nn.Module, tmp_path: Path
+) -> None:
+    weights = save_weights(tiny_model, tmp_path / "tiny.safetensors")
+    sha = load_weights(weights).sha256
+    channels = tiny_model.config.feature_fine_channels
+    path = default_refiner_path(weights, "corrections")
+    assert path.name == "tiny-corrections.safetensors"
+    refiner = ClickRefiner(RefinerConfig(size=32, feature_channels=channels, previous_mask=True))
+    save_refiner(refiner, path, {"base_sha256": sha, "role": "clicks"})
+    loaded = load_weights(weights)
+    assert loaded.corrector is not None and loaded.refiner is None
+    assert loaded.corrector.config.previous_mask
+    predictor = RevolverPredictor(loaded, device="cpu")
+    assert predictor.corrector is not None
+    # Without a click refiner nothing redraws: corrections are selected like first clicks.
+    assert predictor._redrawer(correction=True) is None
+    predictor.refiner = ClickRefiner(RefinerConfig(size=32, feature_channels=channels))
+    assert predictor._redrawer(correction=True) is predictor.corrector
+    assert predictor._redrawer(correction=False) is predictor.refiner
+    predictor.corrector = None
+    assert predictor._redrawer(correction=True) is predictor.refiner
+    # A follower is no corrections refiner: left out, with a warning.
+    save_refiner(refiner, path, {"base_sha256": sha, "role": "follow"})
+    assert load_weights(weights).corrector is None
+
+
 def test_a_refiner_of_the_same_encoder_is_kept_for_a_new_head(
     tiny_model: torch.nn.Module, tmp_path: Path
 ) -> None:
@@ -362,6 +390,10 @@ def test_shipped_weights_and_refiner_belong_together() -> None:
         pytest.skip("no click refiner shipped beside the weights")
     c = w.model.config
     assert w.refiner.config.feature_channels in (c.fine_channels, c.feature_fine_channels)
+    if w.corrector is not None:  # it corrects the mask shown, in the refiner's window
+        assert w.corrector.config.previous_mask
+        assert w.corrector.config.feature_channels == w.refiner.config.feature_channels
+        assert w.corrector.config.size == w.refiner.config.size
 
 
 # ---------------------------------------------------------------------------- learning
@@ -417,6 +449,24 @@ def test_click_episodes_read_the_mask_shown_at_corrections() -> None:
     # cut by the negative click): much more of its window.
     assert read[False][0] == read[True][0]
     assert read[True][1] > read[False][1] + 0.1
+
+
+def test_click_episodes_of_a_corrector_sample_the_corrections_only() -> None:
+    [src, *_] = synthetic_sources(load_weights(), 2, 0, side=256)
+    z, oid = min(src.objects, key=lambda o: (src.labels[o[0]] == o[1]).sum())
+    cfg = RefinerConfig(size=32, width=8, mid_width=8, previous_mask=True)
+    first, corrector = ClickRefiner(cfg).eval(), ClickRefiner(cfg).eval()
+    with torch.no_grad():
+        first.out.bias.fill_(20.0)  # draws its whole window, far beyond the object
+    alone = click_episode(corrector, src, z, oid, 1, None)
+    samples = click_episode(corrector, src, z, oid, 1, None, first=first)
+    assert len(alone) == 2 and len(samples) == 1  # the correction's window only
+    # The correction reads the mask the first refiner drew: its whole window, cut.
+    channel = cfg.image_channels + cfg.feature_channels + 1  # the selection's
+    assert float(samples[0][0][channel].mean()) > float(alone[1][0][channel].mean()) + 0.1
+    # Validation scores the first click by the first refiner.
+    item = [(src, z, oid)]
+    assert validate(corrector, item, first=first)["iou@1"] != validate(corrector, item)["iou@1"]
 
 
 def _merged_pair(rng: np.random.Generator, shape: tuple[int, int] = (64, 64)) -> tuple:
@@ -577,6 +627,15 @@ def test_train_clicks_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     tuned = load_refiner(tmp_path / "ft" / "best.safetensors").config
     assert tuned.regrow == 2 and tuned.dilations == (*start, 8, 16) and tuned.previous_mask
     assert not load_refiner(run / "best.safetensors").config.previous_mask  # off by default
+    # A refiner of corrections, its episodes' first clicks drawn by the one just trained.
+    corr = ["train-clicks", "--out", str(tmp_path / "corr"), "--steps", "1", "--batch", "2"]
+    corr += ["--synthetic", "2", "--val-every", "1", "--val-objects", "1", "--previous-mask"]
+    assert main([*corr, "--first-refiner", str(run / "best.safetensors")]) == 0
+    assert "revolver-s-corrections.safetensors" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "corr" / "config.json").read_text())
+    assert cfg["first_refiner"] == str(run / "best.safetensors")
+    assert main([*corr, "--first-refiner", str(tmp_path / "missing.safetensors")]) != 0
+    assert "--first-refiner " in capsys.readouterr().err
     for bad in ("0", "8,x", ""):
         with pytest.raises(SystemExit):
             main([*args, "--add-dilations", bad])

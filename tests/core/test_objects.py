@@ -545,6 +545,64 @@ def test_a_refiner_reading_the_previous_mask_redraws_the_mask_shown_before_the_c
     assert len(read) == 3
 
 
+def test_corrections_are_drawn_by_the_corrections_refiner(
+    stack_predictor: tuple[RevolverPredictor, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from napari_revolver.core import objects as O
+    from napari_revolver.core.model.click_refiner import ClickRefiner, RefinerConfig
+
+    predictor, ids = stack_predictor
+    _force_probability(monkeypatch, ids)
+    channels = predictor.model.config.feature_fine_channels
+    first = ClickRefiner(RefinerConfig(feature_channels=channels, previous_mask=True))
+    # The corrector sees a wider window and draws all of it: its masks are its own.
+    corrector = ClickRefiner(
+        RefinerConfig(feature_channels=channels, previous_mask=True, context=2.4)
+    )
+    with torch.no_grad():
+        corrector.out.bias.fill_(20.0)
+    predictor.refiner = first
+    predictor.corrector = corrector
+    calls: list[tuple[ClickRefiner, int]] = []
+    refined = O.refined_masks
+
+    def spy(refiner, image, fine, stride, selections, **kw):
+        items = list(selections)
+        calls.append((refiner, len(items)))
+        return refined(refiner, image, fine, stride, items, **kw)
+
+    monkeypatch.setattr(O, "refined_masks", spy)
+    pts, lab = [[0, 32, 18], [0, 25, 18]], [1, 1]
+    one = predictor.object_mask(0, predictor.guide(pts[:1], lab[:1], kind="object"))
+    assert calls == [(first, 1)]
+    two = predictor.object_mask(0, predictor.guide(pts, lab, kind="object"))
+    assert calls[1:] == [(corrector, 1)]
+    assert two.sum() > one.sum()  # the corrector's whole window
+    # Objects at their first click and at a correction, asked together: each by its own
+    # refiner, in one pass each, with the masks they get alone.
+    predictor.forget_object_masks()
+    calls.clear()
+    tasks = [
+        predictor.guide(pts, lab, kind="object", label_value=1),
+        predictor.guide([[0, 32, 45]], [1], kind="object", label_value=2),
+    ]
+    both = predictor.object_masks(0, tasks)
+    np.testing.assert_array_equal(both[0], two)
+    assert [(r, n) for r, n in calls if r is first][-1] == (first, 1)
+    assert calls[-1] == (corrector, 1)
+    alone = predictor.object_mask(0, tasks[1])
+    np.testing.assert_array_equal(both[1], alone)
+    # Setting a corrections refiner forgets the masks drawn before; without one, the click
+    # refiner draws corrections as well.
+    predictor.corrector = None
+    calls.clear()
+    again = predictor.object_mask(0, tasks[0])
+    assert {r for r, _ in calls} == {first}
+    assert not np.array_equal(again, two)
+
+
 def test_kept_clicked_masks_stay_within_their_memory(
     stack_predictor: tuple[RevolverPredictor, np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -589,14 +647,18 @@ def test_select_in_box_is_select_object_whatever_lies_outside_the_box() -> None:
     assert select_in_box(noisy[y0:y1, x0:x1], box, shape, [[130.0, 50.0]], [1]) is None
 
 
-@pytest.mark.parametrize(("grows", "previous"), [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize(
+    ("grows", "previous", "corrector"),
+    [(False, False, False), (True, False, False), (False, True, False), (False, True, True)],
+)
 def test_object_clicks_on_windows_get_the_masks_of_the_whole_slice(
-    monkeypatch: pytest.MonkeyPatch, grows: bool, previous: bool
+    monkeypatch: pytest.MonkeyPatch, grows: bool, previous: bool, corrector: bool
 ) -> None:
     """The clicked slice's head runs in windows around the clicks, exactly.
 
     ``grows``: a refiner that draws its whole window, so every mask reaches its window's edge
     and is redrawn in larger windows, beyond the box its probability is exact in.
+    ``corrector``: corrections drawn by another refiner, with a wider view.
     """
     import copy
     import dataclasses
@@ -617,6 +679,10 @@ def test_object_clicks_on_windows_get_the_masks_of_the_whole_slice(
     if previous:  # corrections redraw the mask before them, wherever it reaches
         predictor.refiner = copy.deepcopy(predictor.refiner)
         predictor.refiner.config = dataclasses.replace(predictor.refiner.config, previous_mask=True)
+    predictor.corrector = None
+    if corrector:
+        predictor.corrector = copy.deepcopy(predictor.refiner)
+        predictor.corrector.config = dataclasses.replace(predictor.refiner.config, context=2.2)
     ids, n = ndimage.label(labels[0] > 0)
     sizes = ndimage.sum(np.ones_like(ids), ids, range(1, n + 1))
     order = np.argsort(sizes)  # the smallest objects and the largest, which needs more

@@ -111,6 +111,10 @@ class ClickTrainConfig(RefinerTrainConfig):
     #: Train the refiner (new or ``init``) to read the mask after the previous click at
     #: corrections (``RefinerConfig.previous_mask``); ``None``: the refiner's own setting.
     previous_mask: bool | None = None
+    #: A click refiner file that draws each episode's first click (its windows are no
+    #: samples; validation's first click is its too): the refiner trained learns corrections
+    #: only, to be shipped beside the weights as ``<stem>-corrections.safetensors``.
+    first_refiner: str | None = None
 
     def __post_init__(self) -> None:
         """Refuse a share outside [0, 1] and a negative number of redraws."""
@@ -300,13 +304,16 @@ def click_episode(
     rng: np.random.Generator | None,
     *,
     p_unreliable: float = 0.0,
+    first: ClickRefiner | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Click one object, then ``corrections`` times where the refiner's mask is most wrong.
 
     Each click's selection is refined as :func:`.objects.refined_mask` does it, the
     refiner's redraws of a mask that reaches its window's edge (``config.regrow``) included;
     every window the refiner reads is a sample. With probability ``p_unreliable`` the
-    episode's class probability is spoiled (:func:`unreliable_probability`).
+    episode's class probability is spoiled (:func:`unreliable_probability`). ``first``: a
+    refiner that draws the first click instead, as the predictor's ``refiner`` does when
+    ``refiner`` is its ``corrector``; its windows are no samples.
 
     Returns
     -------
@@ -337,7 +344,12 @@ def click_episode(
         p, lab = np.asarray(pts, float), np.asarray(labs, np.int8)
         sel = select_object(prob, p, lab)
         sel = correction_input(refiner, sel, shown)
-        mask = _refiner_passes(refiner, here, prob, sel, p, lab, truth_map, out, i == corrections)
+        if i == 0 and first is not None:
+            mask = _refiner_passes(first, here, prob, sel, p, lab, truth_map, [], i == corrections)
+        else:
+            mask = _refiner_passes(
+                refiner, here, prob, sel, p, lab, truth_map, out, i == corrections
+            )
         if mask is None:
             break
         if refiner.config.previous_mask:  # what inference shows (every click obeyed) is read
@@ -404,9 +416,15 @@ def refiner_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def validate(
-    refiner: ClickRefiner | None, items: Sequence[tuple[ObjectSource, int, int]], clicks: int = 5
+    refiner: ClickRefiner | None,
+    items: Sequence[tuple[ObjectSource, int, int]],
+    clicks: int = 5,
+    first: ClickRefiner | None = None,
 ) -> dict[str, float]:
-    """Mean IoU after 1, 3 and 5 simulated clicks (``refiner=None``: selection only)."""
+    """Mean IoU after 1, 3 and 5 simulated clicks (``refiner=None``: selection only).
+
+    ``first``: the refiner of the first click, ``refiner`` that of the corrections.
+    """
     ious = np.zeros((len(items), clicks))
     if refiner is not None:
         refiner.eval()
@@ -428,7 +446,8 @@ def validate(
             mask = select_object(prob, p, lab)
             if refiner is not None:
                 sel = correction_input(refiner, mask, shown)
-                mask = refined_mask(refiner, *src.slice_inputs(z), prob, sel, p, lab)
+                drawer = first if i == 0 and first is not None else refiner
+                mask = refined_mask(drawer, *src.slice_inputs(z), prob, sel, p, lab)
                 if refiner.config.previous_mask:
                     # Inference shows (and reads back) the mask with every click obeyed.
                     mask = shown = obey_clicks(mask, p, lab)
@@ -487,13 +506,20 @@ def _batch(
     sources: Sequence[ObjectSource],
     cfg: ClickTrainConfig,
     rng: np.random.Generator,
+    first: ClickRefiner | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cfg.batch`` windows after each click of simulated episodes, flipped and rotated."""
+    """``cfg.batch`` windows after each click of simulated episodes, flipped and rotated.
+
+    ``first``: the refiner of each episode's first click (then no sample of it).
+    """
     xs, ys = [], []
     while len(xs) < cfg.batch:
         src, z, oid = _draw(rng, sources)
         n = _corrections(rng, cfg.max_corrections)
-        episode = click_episode(refiner, src, z, oid, n, rng, p_unreliable=cfg.p_unreliable)
+        n = n if first is None else max(1, n)  # an episode of one click has no sample
+        episode = click_episode(
+            refiner, src, z, oid, n, rng, p_unreliable=cfg.p_unreliable, first=first
+        )
         for x, y in episode[: cfg.batch - len(xs)]:
             x, y = augment(x, y, rng)
             xs.append(x)
@@ -526,7 +552,8 @@ def train_refiner(
     """Train a click refiner on the frozen guided network; return the best refiner's path.
 
     Resumes from ``<out>/checkpoint.pt`` when it exists. The best refiner (by the sum of the
-    validation IoUs after 1, 3 and 5 clicks) is ``<out>/best.safetensors``.
+    validation IoUs after 1, 3 and 5 clicks) is ``<out>/best.safetensors``. With
+    ``cfg.first_refiner`` it is a refiner of corrections.
     """
     weights, refiner = start_run(cfg, "clicks")
     changes: dict[str, object] = {}
@@ -539,13 +566,21 @@ def train_refiner(
     if changes:
         refiner.config = cfg.refiner = replace(refiner.config, **changes)
         _write_run_config(cfg)
+    first = None
+    if cfg.first_refiner is not None:
+        first = load_refiner(
+            cfg.first_refiner,
+            weights.sha256,
+            same_encoder=encoder_sources(weights.metadata),
+            role="clicks",
+        )
     train_src, val_items = _sources(cfg, weights)
     return run_steps(
         refiner,
         cfg,
         weights,
-        batch=lambda rng: _batch(refiner, train_src, cfg, rng),
-        validate=lambda: validate(refiner, val_items),
+        batch=lambda rng: _batch(refiner, train_src, cfg, rng, first),
+        validate=lambda: validate(refiner, val_items, first=first),
         score=lambda v: sum(v.values()),
         baseline=("selection", lambda: validate(None, val_items)),
         role="clicks",

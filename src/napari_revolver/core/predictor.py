@@ -134,6 +134,10 @@ class RevolverPredictor(VolumeEncoder):
     refiner : ClickRefiner or None
         Redraws an object from its clicks after the selection (:func:`.objects.refined_mask`);
         the weights' own (``weights.refiner``) by default. ``None``: selection only.
+    corrector : ClickRefiner or None
+        Redraws an object at its corrections: every click on a slice after the object's first
+        there. The weights' own (``weights.corrector``) by default; ``None``: :attr:`refiner`
+        draws those too. Without a refiner it is not used.
     follower : ClickRefiner or None
         Moves followed objects from slice to slice (:func:`.objects.follow_objects`), the
         weights' own (``weights.follower``) by default. ``None``: each object's last mask is
@@ -158,12 +162,14 @@ class RevolverPredictor(VolumeEncoder):
         super().__init__(*args, **kwargs)
         self._refiner: ClickRefiner | None = None
         self._follower: ClickRefiner | None = None
+        self._corrector: ClickRefiner | None = None
         #: Clicked-slice object masks by :meth:`_object_key`: the box and the mask in it
         #: (``None``: empty), least recently used first.
         self._object_kept: OrderedDict[bytes, tuple[tuple[slice, slice], np.ndarray] | None] = (
             OrderedDict()
         )
         self.refiner = self.weights.refiner
+        self.corrector = self.weights.corrector
         self.follower = self.weights.follower
         self.follow_params = objects.FollowParams()
         self._last_slice: tuple[tuple[object, ...], torch.Tensor] | None = None
@@ -179,6 +185,22 @@ class RevolverPredictor(VolumeEncoder):
     def refiner(self, refiner: ClickRefiner | None) -> None:
         self._refiner = self._checked(refiner, "click refiner")
         self.forget_object_masks()  # they were drawn by the refiner before
+
+    @property
+    def corrector(self) -> ClickRefiner | None:
+        """The click refiner of corrections, or ``None`` (see the class docstring)."""
+        return self._corrector
+
+    @corrector.setter
+    def corrector(self, corrector: ClickRefiner | None) -> None:
+        self._corrector = self._checked(corrector, "corrections refiner")
+        self.forget_object_masks()  # corrections were drawn by another refiner before
+
+    def _redrawer(self, correction: bool) -> ClickRefiner | None:
+        """Return the refiner that redraws an object at a ``correction``, or at its first click."""
+        if self.refiner is None:
+            return None
+        return self.corrector if correction and self.corrector is not None else self.refiner
 
     @property
     def follower(self) -> ClickRefiner | None:
@@ -665,7 +687,8 @@ class RevolverPredictor(VolumeEncoder):
         it was shown, or computed the same way).
         """
         out: list[np.ndarray | None] = [None] * len(tasks)
-        if self.refiner is None or not self.refiner.config.previous_mask:
+        redrawer = self._redrawer(correction=True)
+        if redrawer is None or not redrawer.config.previous_mask:
             return out
         k = self.info.flat(key)
         before = [objects.without_last_click(t, key, self.info) for t in tasks]
@@ -700,37 +723,15 @@ class RevolverPredictor(VolumeEncoder):
         """Compute :meth:`object_masks` on flat slice ``k`` (nothing kept is read).
 
         ``previous``: per task, its mask before its last click (:meth:`_previous_masks`),
-        which the refiner reads in place of the selection.
+        which the refiner reads in place of the selection. An object's first click on the
+        slice is redrawn by :attr:`refiner`, its corrections by :attr:`corrector` if set.
         """
         previous = previous if previous is not None else [None] * len(tasks)
-        boxes: list[tuple[int, int, int, int]] = []  # where each object's probability is exact
-
-        def selected() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-            for j in range(0, len(tasks), OBJECT_HEAD_BATCH):
-                # A few tasks per head pass: faster than one at a time, and than one batch of
-                # many, whose activations outgrow the caches (50 objects on a 512 x 512
-                # slice: 364 ms one by one, 272 ms by 4, 497 ms by 16).
-                batch = tasks[j : j + OBJECT_HEAD_BATCH]
-                near = self._object_probabilities(
-                    k, batch, clicks[j : j + OBJECT_HEAD_BATCH], OBJECT_REACH
-                )
-                for t, (pts, lab), (prob, box), prev in zip(
-                    batch,
-                    clicks[j : j + OBJECT_HEAD_BATCH],
-                    near,
-                    previous[j : j + OBJECT_HEAD_BATCH],
-                    strict=True,
-                ):
-                    found = self._selection_in(prob, box, pts, lab, threshold, prev)
-                    # An object reaching beyond its box: a wider one, then the whole slice.
-                    for reach in (OBJECT_REACH * 3, None):
-                        if found is not None:
-                            break
-                        [(prob, box)] = self._object_probabilities(k, [t], [(pts, lab)], reach)
-                        found = self._selection_in(prob, box, pts, lab, threshold, prev)
-                    assert found is not None
-                    boxes.append(box)
-                    yield prob, *found
+        # A correction is any click on the slice after the object's first there: drawn by
+        # the corrector where there is one, every first click by the refiner.
+        correcting = [len(lab) > 1 for _, lab in clicks]
+        boxes: dict[int, tuple[int, int, int, int]] = {}  # where a probability is exact
+        args = (k, tasks, clicks, threshold, previous, correcting)
 
         def reprobe(j: int, window: Window) -> np.ndarray | None:
             # A redraw reading beyond the box of its probability: the whole slice's.
@@ -739,15 +740,64 @@ class RevolverPredictor(VolumeEncoder):
             return self._object_probabilities(k, [tasks[j]], [clicks[j]], None)[0][0]
 
         if self.refiner is None:
-            masks = [sel for _, sel, _, _ in selected()]
+            masks = [sel for _, sel, _, _ in self._selections(*args, range(len(tasks)), boxes)]
         else:
-            # The refiner redraws the windows of many objects in one pass.
+            # Each refiner redraws the windows of many objects in one pass.
             here = self.refiner_slice(self.info.unflat(k))
-            masks = objects.refined_masks(self.refiner, *here, selected(), reprobe=reprobe)
+            masks = [np.zeros(0, bool)] * len(tasks)
+            for correction in (False, True):
+                which = [j for j in range(len(tasks)) if correcting[j] == correction]
+                if not which:
+                    continue
+                drawn = objects.refined_masks(
+                    self._redrawer(correction),  # type: ignore[arg-type]
+                    *here,
+                    self._selections(*args, which, boxes),
+                    reprobe=lambda i, window, which=which: reprobe(which[i], window),
+                )
+                for j, m in zip(which, drawn, strict=True):
+                    masks[j] = m
         # Every click is obeyed, whatever the network drew.
         return [
             objects.obey_clicks(m, pts, lab) for m, (pts, lab) in zip(masks, clicks, strict=True)
         ]
+
+    def _selections(
+        self,
+        k: int,
+        tasks: Sequence[Task],
+        clicks: Sequence[tuple[np.ndarray, np.ndarray]],
+        threshold: float,
+        previous: Sequence[np.ndarray | None],
+        correcting: Sequence[bool],
+        which: Sequence[int],
+        boxes: dict[int, tuple[int, int, int, int]],
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield the selections of tasks ``which`` on flat slice ``k`` for their refiner.
+
+        Per task ``(prob, selection, points, labels)`` as :func:`.objects.refined_masks` reads
+        them; each task's box where its probability is exact goes into ``boxes``.
+        """
+        for i in range(0, len(which), OBJECT_HEAD_BATCH):
+            # A few tasks per head pass: faster than one at a time, and than one batch of
+            # many, whose activations outgrow the caches (50 objects on a 512 x 512
+            # slice: 364 ms one by one, 272 ms by 4, 497 ms by 16).
+            batch = which[i : i + OBJECT_HEAD_BATCH]
+            near = self._object_probabilities(
+                k, [tasks[j] for j in batch], [clicks[j] for j in batch], OBJECT_REACH
+            )
+            for j, (prob, box) in zip(batch, near, strict=True):
+                (pts, lab), prev = clicks[j], previous[j]
+                found = self._selection_in(prob, box, pts, lab, threshold, prev, correcting[j])
+                # An object reaching beyond its box: a wider one, then the whole slice.
+                for reach in (OBJECT_REACH * 3, None):
+                    if found is not None:
+                        break
+                    [(prob, box)] = self._object_probabilities(k, [tasks[j]], [(pts, lab)], reach)
+                    found = self._selection_in(prob, box, pts, lab, threshold, prev, correcting[j])
+                assert found is not None
+                boxes[j] = box
+                yield prob, *found
 
     def forget_object_masks(self) -> None:
         """Forget the kept clicked-slice object masks (:meth:`object_masks` computes anew).
@@ -820,14 +870,15 @@ class RevolverPredictor(VolumeEncoder):
         labels: np.ndarray,
         threshold: float,
         previous: np.ndarray | None = None,
+        correction: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Select an object from a probability exact only in ``box`` (see ``object_masks``).
 
         Returns the selection and the clicks that decide it (the refiner sees those only:
-        :func:`.objects.select_in_box`); ``None`` where the selection, or what
-        :attr:`refiner` reads to redraw it, could depend on the probability outside the box.
-        ``previous``: the mask before the last click, returned in place of the selection
-        (a refiner that reads it redraws that).
+        :func:`.objects.select_in_box`); ``None`` where the selection, or what the refiner
+        that redraws it (:meth:`_redrawer` of ``correction``) reads, could depend on the
+        probability outside the box. ``previous``: the mask before the last click, returned
+        in place of the selection (a refiner that reads it redraws that).
         """
         y0, y1, x0, x1 = box
         h, w = prob.shape
@@ -840,9 +891,10 @@ class RevolverPredictor(VolumeEncoder):
         if previous is not None:
             sel = previous
         points, labels = points[deciding], labels[deciding]
-        if self.refiner is None or box == (0, h, 0, w):
+        redrawer = self._redrawer(correction)
+        if redrawer is None or box == (0, h, 0, w):
             return sel, points, labels
-        window = objects.refiner_window(self.refiner, sel, points)
+        window = objects.refiner_window(redrawer, sel, points)
         return (sel, points, labels) if _reads_inside(window, box, sel.shape) else None
 
     @torch.inference_mode()
@@ -869,7 +921,11 @@ class RevolverPredictor(VolumeEncoder):
         feats = self._features([k])
         hc, wc = feats.coarse.shape[-2:]
         h, w = self.work_info.slice_shape
-        context = 1.0 if self.refiner is None else self.refiner.config.context
+        # The widest view of the refiners that may redraw these objects.
+        context = max(
+            (r.config.context for r in map(self._redrawer, (False, True)) if r is not None),
+            default=1.0,
+        )
         # Around the positive clicks: a negative click far from them decides nothing.
         boxes = [_click_cells(pts[lab == 1], reach or 0, context, (hc, wc)) for pts, lab in clicks]
         side_y = min(hc, max(b[1] - b[0] for b in boxes) + 2 * HEAD_OVERLAP)

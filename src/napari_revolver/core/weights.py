@@ -55,6 +55,10 @@ class LoadedWeights:
     #: The follower trained on this network (object tasks through z and t), when one sits
     #: beside the weights file as ``<stem>-follow.safetensors``; ``None`` otherwise.
     follower: ClickRefiner | None = None
+    #: The click refiner of corrections (every click on a slice after an object's first), when
+    #: one sits beside the weights file as ``<stem>-corrections.safetensors``; ``None``: the
+    #: click refiner draws corrections too.
+    corrector: ClickRefiner | None = None
 
     @property
     def model_key(self) -> str:
@@ -198,17 +202,30 @@ def load_weights(
     for role, without in (
         ("clicks", "object clicks without the click refiner"),
         ("follow", "objects followed without the follower (their last masks carried over)"),
+        ("corrections", "corrections drawn by the click refiner"),
     ):
         found[role] = None
         refiner_path = default_refiner_path(path, role)
         if refiner_path.exists():
             try:
                 found[role] = load_refiner(
-                    refiner_path, digest, device, same_encoder=encoder_sources(meta)
+                    refiner_path,
+                    digest,
+                    device,
+                    same_encoder=encoder_sources(meta),
+                    role="follow" if role == "follow" else "clicks",
                 )
             except ValueError as exc:
                 logger.warning("%s: %s", without, exc)
-    return LoadedWeights(model, str(path), digest, meta, found["clicks"], found["follow"])
+    return LoadedWeights(
+        model,
+        str(path),
+        digest,
+        meta,
+        found["clicks"],
+        found["follow"],
+        found["corrections"],
+    )
 
 
 def encoder_sources(metadata: Mapping[str, str]) -> tuple[str, ...]:
@@ -276,15 +293,17 @@ def save_refiner(
 
 
 def default_refiner_path(
-    weights_path: str | Path, role: Literal["clicks", "follow"] = "clicks"
+    weights_path: str | Path, role: Literal["clicks", "follow", "corrections"] = "clicks"
 ) -> Path:
     """Return where a refiner of a weights file sits: ``<stem>-<role>.safetensors``.
 
     ``clicks`` is the click refiner of object clicks, ``follow`` the follower of objects
-    through z and t (the same architecture, trained on its own episodes).
+    through z and t (the same architecture, trained on its own episodes), ``corrections`` a
+    click refiner for the clicks after an object's first on a slice (trained on click
+    episodes too, as ``clicks``).
     """
-    if role not in ("clicks", "follow"):
-        raise ValueError(f"role must be 'clicks' or 'follow'; got {role!r}")
+    if role not in ("clicks", "follow", "corrections"):
+        raise ValueError(f"role must be 'clicks', 'follow' or 'corrections'; got {role!r}")
     p = Path(weights_path)
     return p.with_name(f"{p.stem}-{role}.safetensors")
 
