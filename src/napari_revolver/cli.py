@@ -73,6 +73,7 @@ _FLAG_WORDS = (
     (re.compile(r"scheduler 'local:N'"), "--scheduler local:N"),
     (re.compile(r"\bp_unreliable must"), "--p-unreliable must"),
     (re.compile(r"\bregrow must"), "--regrow must"),
+    (re.compile(r"\bmax_corrections must"), "--max-corrections must"),
 )
 
 
@@ -383,7 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--synthetic", type=int, default=96, help="procedural training slices")
     p.add_argument(
-        "--max-corrections", type=int, default=8, help="most corrective clicks simulated"
+        "--max-corrections",
+        type=int,
+        default=8,
+        help="most corrective clicks simulated (0: first clicks only)",
     )
     p.add_argument(
         "--p-unreliable",

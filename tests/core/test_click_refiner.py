@@ -288,12 +288,16 @@ def test_a_negative_click_the_refiner_draws_over_is_cut_out(
 
 
 # ---------------------------------------------------------------------------- files
+def _tiny_weights(tiny_model: torch.nn.Module, tmp_path: Path) -> tuple[Path, str, int]:
+    """Save the tiny model as weights: their file, sha256 and the refiners' feature channels."""
+    weights = save_weights(tiny_model, tmp_path / "tiny.safetensors")
+    return weights, load_weights(weights).sha256, tiny_model.config.feature_fine_channels
+
+
 def test_refiner_files_round_trip_and_refuse_other_weights(
     tiny_model: torch.nn.Module, tmp_path: Path
 ) -> None:
-    weights = save_weights(tiny_model, tmp_path / "tiny.safetensors")
-    sha = load_weights(weights).sha256
-    channels = tiny_model.config.feature_fine_channels
+    weights, sha, channels = _tiny_weights(tiny_model, tmp_path)
     refiner = ClickRefiner(RefinerConfig(size=32, feature_channels=channels))
     with torch.no_grad():
         refiner.out.bias.fill_(0.25)
@@ -313,9 +317,7 @@ def test_refiner_files_round_trip_and_refuse_other_weights(
 def test_a_corrections_refiner_beside_the_weights_is_loaded_and_used(
     tiny_model: torch.nn.Module, tmp_path: Path
 ) -> None:
-    weights = save_weights(tiny_model, tmp_path / "tiny.safetensors")
-    sha = load_weights(weights).sha256
-    channels = tiny_model.config.feature_fine_channels
+    weights, sha, channels = _tiny_weights(tiny_model, tmp_path)
     path = default_refiner_path(weights, "corrections")
     assert path.name == "tiny-corrections.safetensors"
     refiner = ClickRefiner(RefinerConfig(size=32, feature_channels=channels, previous_mask=True))
@@ -449,6 +451,16 @@ def test_click_episodes_read_the_mask_shown_at_corrections() -> None:
     # cut by the negative click): much more of its window.
     assert read[False][0] == read[True][0]
     assert read[True][1] > read[False][1] + 0.1
+
+
+def test_episodes_of_first_clicks_only() -> None:
+    from napari_revolver.core.click_training import _corrections
+
+    rng = np.random.default_rng(0)
+    assert {_corrections(rng, 0) for _ in range(20)} == {0}
+    assert max(_corrections(rng, 3) for _ in range(40)) == 3
+    with pytest.raises(ValueError, match="max_corrections must be 0 or more"):
+        ClickTrainConfig(max_corrections=-1)
 
 
 def test_click_episodes_of_a_corrector_sample_the_corrections_only() -> None:
@@ -642,3 +654,5 @@ def test_train_clicks_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         assert "expected comma-separated whole numbers of at least 1" in capsys.readouterr().err
     assert main([*args, "--p-unreliable", "1.5"]) != 0
     assert "--p-unreliable must be in [0, 1]; got 1.5" in capsys.readouterr().err
+    assert main([*args, "--max-corrections", "-1"]) != 0
+    assert "--max-corrections must be 0 or more; got -1" in capsys.readouterr().err

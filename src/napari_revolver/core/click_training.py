@@ -117,9 +117,11 @@ class ClickTrainConfig(RefinerTrainConfig):
     first_refiner: str | None = None
 
     def __post_init__(self) -> None:
-        """Refuse a share outside [0, 1] and a negative number of redraws."""
+        """Refuse a share outside [0, 1] and negative numbers of corrections or redraws."""
         if not 0.0 <= self.p_unreliable <= 1.0:
             raise ValueError(f"p_unreliable must be in [0, 1]; got {self.p_unreliable}")
+        if self.max_corrections < 0:
+            raise ValueError(f"max_corrections must be 0 or more; got {self.max_corrections}")
         if self.regrow is not None and self.regrow < 0:
             raise ValueError(f"regrow must be 0 or more; got {self.regrow}")
 
@@ -471,8 +473,11 @@ def _draw(
 
 
 def _corrections(rng: np.random.Generator, most: int) -> int:
-    """How many corrections to simulate: none a third of the time, else up to ``most``."""
-    if rng.random() < 1 / 3:
+    """How many corrections to simulate: none a third of the time, else up to ``most``.
+
+    ``most`` 0: never (a refiner of first clicks only).
+    """
+    if most <= 0 or rng.random() < 1 / 3:
         return 0
     return int(rng.integers(1, most + 1))
 
