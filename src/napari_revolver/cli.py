@@ -74,6 +74,10 @@ _FLAG_WORDS = (
     (re.compile(r"\bp_unreliable must"), "--p-unreliable must"),
     (re.compile(r"\bregrow must"), "--regrow must"),
     (re.compile(r"\bmax_corrections must"), "--max-corrections must"),
+    (
+        re.compile(r"give first_refiner \(train corrections\) or corrector"),
+        "give --first-refiner (train corrections) or --corrector",
+    ),
 )
 
 
@@ -417,6 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a click refiner file that draws each episode's first click: the refiner "
         "trained learns corrections only (ship it as <weights stem>-corrections.safetensors)",
+    )
+    p.add_argument(
+        "--corrector",
+        type=Path,
+        default=None,
+        help="a click refiner file that draws the validation's corrections: the refiner "
+        "trained learns first clicks only (episodes of one click)",
     )
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--val-objects", type=int, default=32)
@@ -1008,6 +1019,7 @@ def _cmd_train_clicks(args: argparse.Namespace) -> int:
     _check_exists(args.weights, "--weights")
     _check_exists(args.init, "--init")
     _check_exists(args.first_refiner, "--first-refiner")
+    _check_exists(args.corrector, "--corrector")
     cfg = ClickTrainConfig(
         out=str(args.out),
         weights=str(args.weights) if args.weights else None,
@@ -1025,6 +1037,7 @@ def _cmd_train_clicks(args: argparse.Namespace) -> int:
         regrow=args.regrow,
         previous_mask=args.previous_mask,
         first_refiner=str(args.first_refiner) if args.first_refiner else None,
+        corrector=str(args.corrector) if args.corrector else None,
         seed=args.seed,
         val_every=args.val_every,
         val_objects=args.val_objects,

@@ -461,6 +461,8 @@ def test_episodes_of_first_clicks_only() -> None:
     assert max(_corrections(rng, 3) for _ in range(40)) == 3
     with pytest.raises(ValueError, match="max_corrections must be 0 or more"):
         ClickTrainConfig(max_corrections=-1)
+    with pytest.raises(ValueError, match="not both"):
+        ClickTrainConfig(first_refiner="a.safetensors", corrector="b.safetensors")
 
 
 def test_click_episodes_of_a_corrector_sample_the_corrections_only() -> None:
@@ -648,6 +650,16 @@ def test_train_clicks_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert cfg["first_refiner"] == str(run / "best.safetensors")
     assert main([*corr, "--first-refiner", str(tmp_path / "missing.safetensors")]) != 0
     assert "--first-refiner " in capsys.readouterr().err
+    # A refiner of first clicks, validated with the corrector just trained.
+    first = ["train-clicks", "--out", str(tmp_path / "first"), "--steps", "1", "--batch", "2"]
+    first += ["--synthetic", "2", "--val-every", "1", "--val-objects", "1"]
+    assert main([*first, "--corrector", str(tmp_path / "corr" / "best.safetensors")]) == 0
+    assert "revolver-s-clicks.safetensors" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "first" / "config.json").read_text())
+    assert cfg["corrector"] == str(tmp_path / "corr" / "best.safetensors")
+    both = [*first, "--corrector", str(run / "best.safetensors")]
+    assert main([*both, "--first-refiner", str(run / "best.safetensors")]) != 0
+    assert "give --first-refiner (train corrections) or --corrector" in capsys.readouterr().err
     for bad in ("0", "8,x", ""):
         with pytest.raises(SystemExit):
             main([*args, "--add-dilations", bad])

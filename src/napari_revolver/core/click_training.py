@@ -115,11 +115,19 @@ class ClickTrainConfig(RefinerTrainConfig):
     #: samples; validation's first click is its too): the refiner trained learns corrections
     #: only, to be shipped beside the weights as ``<stem>-corrections.safetensors``.
     first_refiner: str | None = None
+    #: A click refiner file that draws validation's corrections: the refiner trained learns
+    #: first clicks only (episodes of one click) and is scored with the corrector it will
+    #: be used with (``<stem>-corrections.safetensors``).
+    corrector: str | None = None
 
     def __post_init__(self) -> None:
         """Refuse a share outside [0, 1] and negative numbers of corrections or redraws."""
         if not 0.0 <= self.p_unreliable <= 1.0:
             raise ValueError(f"p_unreliable must be in [0, 1]; got {self.p_unreliable}")
+        if self.first_refiner is not None and self.corrector is not None:
+            raise ValueError(
+                "give first_refiner (train corrections) or corrector (train first clicks), not both"
+            )
         if self.max_corrections < 0:
             raise ValueError(f"max_corrections must be 0 or more; got {self.max_corrections}")
         if self.regrow is not None and self.regrow < 0:
@@ -558,7 +566,8 @@ def train_refiner(
 
     Resumes from ``<out>/checkpoint.pt`` when it exists. The best refiner (by the sum of the
     validation IoUs after 1, 3 and 5 clicks) is ``<out>/best.safetensors``. With
-    ``cfg.first_refiner`` it is a refiner of corrections.
+    ``cfg.first_refiner`` it is a refiner of corrections, with ``cfg.corrector`` one of first
+    clicks.
     """
     weights, refiner = start_run(cfg, "clicks")
     changes: dict[str, object] = {}
@@ -571,21 +580,29 @@ def train_refiner(
     if changes:
         refiner.config = cfg.refiner = replace(refiner.config, **changes)
         _write_run_config(cfg)
-    first = None
-    if cfg.first_refiner is not None:
-        first = load_refiner(
-            cfg.first_refiner,
-            weights.sha256,
-            same_encoder=encoder_sources(weights.metadata),
-            role="clicks",
-        )
+
+    def partner(path: str | None) -> ClickRefiner | None:
+        # The other refiner of the pair, trained on the same weights (or encoder).
+        if path is None:
+            return None
+        same = encoder_sources(weights.metadata)
+        return load_refiner(path, weights.sha256, same_encoder=same, role="clicks")
+
+    first, corrector = partner(cfg.first_refiner), partner(cfg.corrector)
+    episodes = cfg if corrector is None else replace(cfg, max_corrections=0)
     train_src, val_items = _sources(cfg, weights)
+
+    def scored() -> dict[str, float]:
+        if corrector is not None:  # the refiner trained draws the first click only
+            return validate(corrector, val_items, first=refiner)
+        return validate(refiner, val_items, first=first)
+
     return run_steps(
         refiner,
         cfg,
         weights,
-        batch=lambda rng: _batch(refiner, train_src, cfg, rng, first),
-        validate=lambda: validate(refiner, val_items, first=first),
+        batch=lambda rng: _batch(refiner, train_src, episodes, rng, first),
+        validate=scored,
         score=lambda v: sum(v.values()),
         baseline=("selection", lambda: validate(None, val_items)),
         role="clicks",
