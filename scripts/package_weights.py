@@ -30,6 +30,7 @@ from napari_revolver.core.weights import (
     load_refiner,
     load_weights,
     sha256_file,
+    trained_as,
 )
 
 
@@ -47,7 +48,7 @@ def install_refiner(run: Path, note: str, role: str) -> None:
     src = run / "best.safetensors"
     base = load_weights()
     # Refuses a refiner of other weights, or of another role (corrections are click episodes).
-    load_refiner(src, base.sha256, role="follow" if role == "follow" else "clicks")
+    load_refiner(src, base.sha256, role=trained_as(role))
     dst = default_refiner_path(default_weights_path(), role)  # type: ignore[arg-type]
     shutil.copyfile(src, dst)
     with safe_open(str(src), framework="pt") as f:

@@ -745,12 +745,15 @@ class RevolverPredictor(VolumeEncoder):
             # Each refiner redraws the windows of many objects in one pass.
             here = self.refiner_slice(self.info.unflat(k))
             masks = [np.zeros(0, bool)] * len(tasks)
-            for correction in (False, True):
-                which = [j for j in range(len(tasks)) if correcting[j] == correction]
-                if not which:
-                    continue
+            # One pass per refiner: without a corrector, first clicks and corrections share it.
+            groups: dict[int, tuple[ClickRefiner, list[int]]] = {}
+            for j in range(len(tasks)):
+                r = self._redrawer(correcting[j])
+                assert r is not None
+                groups.setdefault(id(r), (r, []))[1].append(j)
+            for refiner, which in groups.values():
                 drawn = objects.refined_masks(
-                    self._redrawer(correction),  # type: ignore[arg-type]
+                    refiner,
                     *here,
                     self._selections(*args, which, boxes),
                     reprobe=lambda i, window, which=which: reprobe(which[i], window),

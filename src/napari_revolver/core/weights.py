@@ -32,6 +32,7 @@ __all__ = [
     "save_refiner",
     "save_weights",
     "sha256_file",
+    "trained_as",
 ]
 
 FORMAT_VERSION = "1"
@@ -213,7 +214,7 @@ def load_weights(
                     digest,
                     device,
                     same_encoder=encoder_sources(meta),
-                    role="follow" if role == "follow" else "clicks",
+                    role=trained_as(role),
                 )
             except ValueError as exc:
                 logger.warning("%s: %s", without, exc)
@@ -290,6 +291,14 @@ def save_refiner(
         "refiner_config": json.dumps(refiner.config.to_dict()),
     }
     return _write(refiner, path, {**meta, **(extra or {})})
+
+
+def trained_as(role: str) -> str:
+    """Return the episodes a refiner of ``role`` is trained on, as its file records them.
+
+    A refiner of ``corrections`` is a click refiner (``clicks``); a ``follow`` one a follower.
+    """
+    return "follow" if role == "follow" else "clicks"
 
 
 def default_refiner_path(
