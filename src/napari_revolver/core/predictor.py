@@ -747,7 +747,7 @@ class RevolverPredictor(VolumeEncoder):
             masks = [np.zeros(0, bool)] * len(tasks)
             # One pass per refiner: without a corrector, first clicks and corrections share it.
             groups: dict[int, tuple[ClickRefiner, list[int]]] = {}
-            for j in range(len(tasks)):
+            for j in sorted(range(len(tasks)), key=correcting.__getitem__):  # first clicks first
                 r = self._redrawer(correcting[j])
                 assert r is not None
                 groups.setdefault(id(r), (r, []))[1].append(j)
