@@ -74,6 +74,7 @@ _FLAG_WORDS = (
     (re.compile(r"\bp_unreliable must"), "--p-unreliable must"),
     (re.compile(r"\bregrow must"), "--regrow must"),
     (re.compile(r"\bmax_corrections must"), "--max-corrections must"),
+    (re.compile(r"\bval_clicks must"), "--val-clicks must"),
     (
         re.compile(r"give first_refiner \(train corrections\) or corrector"),
         "give --first-refiner (train corrections) or --corrector",
@@ -431,6 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--val-objects", type=int, default=32)
+    p.add_argument(
+        "--val-clicks",
+        type=int,
+        default=5,
+        help="clicks per validation object (default 5: IoU after 1, 3, 5 clicks choose the "
+        "best step; more adds IoU after 10 and after all, for a refiner of corrections)",
+    )
     p.add_argument("--seed", type=int, default=0)
     _add_refiner_run_args(p, "click refiner")
 
@@ -1041,6 +1049,7 @@ def _cmd_train_clicks(args: argparse.Namespace) -> int:
         seed=args.seed,
         val_every=args.val_every,
         val_objects=args.val_objects,
+        val_clicks=args.val_clicks,
         init=str(args.init) if args.init else None,
         add_dilations=args.add_dilations,
         threads=args.threads,
@@ -1051,9 +1060,11 @@ def _cmd_train_clicks(args: argparse.Namespace) -> int:
         bar.update(rec["step"], cfg.steps)
         if "val" in rec:
             v = rec["val"]
+            ks = sorted(int(k.split("@")[1]) for k in v)
             bar.write(
-                f"step {rec['step']}: loss {rec['loss']:.4f}, validation IoU after 1/3/5 "
-                f"clicks {v['iou@1']:.3f} / {v['iou@3']:.3f} / {v['iou@5']:.3f}"
+                f"step {rec['step']}: loss {rec['loss']:.4f}, validation IoU after "
+                f"{'/'.join(map(str, ks))} clicks "
+                + " / ".join(f"{v[f'iou@{k}']:.3f}" for k in ks)
             )
 
     best = train_refiner(cfg, on_progress=show)

@@ -463,6 +463,8 @@ def test_episodes_of_first_clicks_only() -> None:
         ClickTrainConfig(max_corrections=-1)
     with pytest.raises(ValueError, match="not both"):
         ClickTrainConfig(first_refiner="a.safetensors", corrector="b.safetensors")
+    with pytest.raises(ValueError, match="val_clicks must be 5 or more; got 3"):
+        ClickTrainConfig(val_clicks=3)
 
 
 def test_click_episodes_of_a_corrector_sample_the_corrections_only() -> None:
@@ -481,6 +483,12 @@ def test_click_episodes_of_a_corrector_sample_the_corrections_only() -> None:
     # Validation scores the first click by the first refiner.
     item = [(src, z, oid)]
     assert validate(corrector, item, first=first)["iou@1"] != validate(corrector, item)["iou@1"]
+    # Longer validation scores late corrections too, the first five clicks as before.
+    five, longer = validate(corrector, item), validate(corrector, item, 12)
+    assert list(five) == ["iou@1", "iou@3", "iou@5"]
+    assert list(longer) == ["iou@1", "iou@3", "iou@5", "iou@10", "iou@12"]
+    assert all(longer[k] == five[k] for k in five)
+    assert list(validate(corrector, item, 7)) == ["iou@1", "iou@3", "iou@5", "iou@7"]
 
 
 def _merged_pair(rng: np.random.Generator, shape: tuple[int, int] = (64, 64)) -> tuple:
@@ -644,10 +652,12 @@ def test_train_clicks_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     # A refiner of corrections, its episodes' first clicks drawn by the one just trained.
     corr = ["train-clicks", "--out", str(tmp_path / "corr"), "--steps", "1", "--batch", "2"]
     corr += ["--synthetic", "2", "--val-every", "1", "--val-objects", "1", "--previous-mask"]
-    assert main([*corr, "--first-refiner", str(run / "best.safetensors")]) == 0
-    assert "revolver-s-corrections.safetensors" in capsys.readouterr().out
+    assert main([*corr, "--first-refiner", str(run / "best.safetensors"), "--val-clicks", "6"]) == 0
+    cap = capsys.readouterr()
+    assert "revolver-s-corrections.safetensors" in cap.out
+    assert "validation IoU after 1/3/5/6 clicks" in cap.err
     cfg = json.loads((tmp_path / "corr" / "config.json").read_text())
-    assert cfg["first_refiner"] == str(run / "best.safetensors")
+    assert cfg["first_refiner"] == str(run / "best.safetensors") and cfg["val_clicks"] == 6
     assert main([*corr, "--first-refiner", str(tmp_path / "missing.safetensors")]) != 0
     assert "--first-refiner " in capsys.readouterr().err
     # A refiner of first clicks, validated with the corrector just trained.
@@ -668,3 +678,5 @@ def test_train_clicks_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "--p-unreliable must be in [0, 1]; got 1.5" in capsys.readouterr().err
     assert main([*args, "--max-corrections", "-1"]) != 0
     assert "--max-corrections must be 0 or more; got -1" in capsys.readouterr().err
+    assert main([*args, "--val-clicks", "2"]) != 0
+    assert "--val-clicks must be 5 or more; got 2" in capsys.readouterr().err

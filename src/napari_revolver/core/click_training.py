@@ -119,6 +119,10 @@ class ClickTrainConfig(RefinerTrainConfig):
     #: first clicks only (episodes of one click) and is scored with the corrector it will
     #: be used with (``<stem>-corrections.safetensors``).
     corrector: str | None = None
+    #: Clicks per validation object.
+    #: 5 scores IoU after 1, 3 and 5 clicks; more adds IoU after 10 and after all of them, so
+    #: that a refiner of corrections is chosen for late corrections too.
+    val_clicks: int = 5
 
     def __post_init__(self) -> None:
         """Refuse a share outside [0, 1] and negative numbers of corrections or redraws."""
@@ -132,6 +136,8 @@ class ClickTrainConfig(RefinerTrainConfig):
             raise ValueError(f"max_corrections must be 0 or more; got {self.max_corrections}")
         if self.regrow is not None and self.regrow < 0:
             raise ValueError(f"regrow must be 0 or more; got {self.regrow}")
+        if self.val_clicks < 5:
+            raise ValueError(f"val_clicks must be 5 or more; got {self.val_clicks}")
 
 
 @dataclass
@@ -433,7 +439,8 @@ def validate(
 ) -> dict[str, float]:
     """Mean IoU after 1, 3 and 5 simulated clicks (``refiner=None``: selection only).
 
-    ``first``: the refiner of the first click, ``refiner`` that of the corrections.
+    ``first``: the refiner of the first click, ``refiner`` that of the corrections. With more
+    than 5 ``clicks``, also the IoU after 10 (where there are that many) and after ``clicks``.
     """
     ious = np.zeros((len(items), clicks))
     if refiner is not None:
@@ -462,7 +469,8 @@ def validate(
                     # Inference shows (and reads back) the mask with every click obeyed.
                     mask = shown = obey_clicks(mask, p, lab)
             ious[n, i] = foreground_iou(mask, truth)
-    return {f"iou@{k}": float(ious[:, k - 1].mean()) for k in (1, 3, 5)}
+    at = sorted({1, 3, 5, *((10, clicks) if clicks > 10 else (clicks,))})
+    return {f"iou@{k}": float(ious[:, k - 1].mean()) for k in at}
 
 
 def _lr_at(cfg: RefinerTrainConfig, step: int, warmup: int = 100) -> float:
@@ -565,7 +573,8 @@ def train_refiner(
     """Train a click refiner on the frozen guided network; return the best refiner's path.
 
     Resumes from ``<out>/checkpoint.pt`` when it exists. The best refiner (by the sum of the
-    validation IoUs after 1, 3 and 5 clicks) is ``<out>/best.safetensors``. With
+    validation IoUs after 1, 3 and 5 clicks, and after 10 and ``cfg.val_clicks`` where more
+    than 5) is ``<out>/best.safetensors``. With
     ``cfg.first_refiner`` it is a refiner of corrections, with ``cfg.corrector`` one of first
     clicks.
     """
@@ -594,8 +603,8 @@ def train_refiner(
 
     def scored() -> dict[str, float]:
         if corrector is not None:  # the refiner trained draws the first click only
-            return validate(corrector, val_items, first=refiner)
-        return validate(refiner, val_items, first=first)
+            return validate(corrector, val_items, cfg.val_clicks, first=refiner)
+        return validate(refiner, val_items, cfg.val_clicks, first=first)
 
     return run_steps(
         refiner,
@@ -604,7 +613,7 @@ def train_refiner(
         batch=lambda rng: _batch(refiner, train_src, episodes, rng, first),
         validate=scored,
         score=lambda v: sum(v.values()),
-        baseline=("selection", lambda: validate(None, val_items)),
+        baseline=("selection", lambda: validate(None, val_items, cfg.val_clicks)),
         role="clicks",
         on_progress=on_progress,
     )
