@@ -1063,8 +1063,7 @@ def _cmd_train_clicks(args: argparse.Namespace) -> int:
             ks = sorted(int(k.split("@")[1]) for k in v)
             bar.write(
                 f"step {rec['step']}: loss {rec['loss']:.4f}, validation IoU after "
-                f"{'/'.join(map(str, ks))} clicks "
-                + " / ".join(f"{v[f'iou@{k}']:.3f}" for k in ks)
+                f"{'/'.join(map(str, ks))} clicks " + " / ".join(f"{v[f'iou@{k}']:.3f}" for k in ks)
             )
 
     best = train_refiner(cfg, on_progress=show)
