@@ -16,6 +16,7 @@ from napari_revolver.core.model.click_refiner import Window
 from napari_revolver.core.objects import (
     _kept,
     click_threshold,
+    distance_to,
     obey_clicks,
     object_order,
     select_object,
@@ -39,6 +40,20 @@ def _twins(shape: tuple[int, int] = (64, 64)) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------ selection on a slice
+def test_distance_to_a_mask_is_that_of_its_distance_transform() -> None:
+    rng = np.random.default_rng(0)
+    for share in (0.0005, 0.01, 0.3):
+        for _ in range(60):
+            h, w = (int(v) for v in rng.integers(5, 400, 2))
+            mask = rng.random((h, w)) < share
+            y, x = int(rng.integers(h)), int(rng.integers(w))
+            if not mask.any():
+                assert distance_to(mask, (y, x)) == np.inf
+                continue
+            want = ndimage.distance_transform_edt(~mask)[y, x]
+            assert distance_to(mask, (y, x)) == pytest.approx(want, abs=1e-9)
+
+
 def test_one_click_selects_only_the_clicked_look_alike() -> None:
     prob, ids = _twins()
     mask = select_object(prob, np.array([[32.0, 18.0]]), np.array([1]))
