@@ -243,17 +243,20 @@ def write(rows: list[dict], follow: list[dict], out: Path, max_clicks: int) -> N
         f"snapped to edges: {'yes' if follow and follow[0].get('snap') else 'no'}; "
         f"ends by the objects' look: {'yes' if follow and follow[0].get('look') else 'no'}.",
         "",
-        "| data set | objects | IoU@1 | IoU@3 | IoU@5 | NoC@85 | NoC@90 |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| data set | objects | IoU@1 | IoU@3 | IoU@5 | NoC@85 | NoC@90 | ms per click |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        ms = f"{r['click_ms']:.0f}" if "click_ms" in r else "-"
         lines.append(
             f"| {r['data']} | {r['n_objects']} | {r['iou@1']:.3f} | {r['iou@3']:.3f} | "
-            f"{r['iou@5']:.3f} | {r['noc@85']:.2f} | {r['noc@90']:.2f} |"
+            f"{r['iou@5']:.3f} | {r['noc@85']:.2f} | {r['noc@90']:.2f} | {ms} |"
         )
     lines += [
         "",
-        f"NoC: clicks to reach the IoU, {max_clicks} when never reached.",
+        f"NoC: clicks to reach the IoU, {max_clicks} when never reached. ms per click: the "
+        "median time of the segmentation after a click (guide, probability, selection and "
+        "refiner on the whole image), on the machine that ran it.",
         "",
         "| followed through z | objects | 3D IoU mean | share at IoU >= 0.5 | "
         "3D IoU from the true start mask | share at IoU >= 0.5 | true start mask copied | "

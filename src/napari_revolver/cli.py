@@ -1278,6 +1278,7 @@ def _eval_objects(args: argparse.Namespace, predictor, image, labels) -> int:
     print(
         f"clicks ({c['n_objects']} objects): IoU@1 {c['iou@1']:.3f}, IoU@3 {c['iou@3']:.3f}, "
         f"IoU@5 {c['iou@5']:.3f}, NoC@85 {c['noc@85']:.2f}, NoC@90 {c['noc@90']:.2f}"
+        + (f"; a click takes {c['click_ms']:.0f} ms (median)" if "click_ms" in c else "")
     )
     if args.follow:
         f = res["follow"]

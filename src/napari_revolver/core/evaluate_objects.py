@@ -15,6 +15,7 @@ No napari or Qt here.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -90,10 +91,14 @@ class ClickResult:
         past click 5 the annotator stops, and later entries repeat the last value.
     max_clicks : int
         The click budget.
+    seconds : tuple of float
+        ``seconds[i]``: the time the segmentation after click ``i + 1`` took (what a user
+        waits for; the annotator's own work not counted). Empty where not timed.
     """
 
     ious: tuple[float, ...]
     max_clicks: int
+    seconds: tuple[float, ...] = ()
 
     def iou_at(self, k: int) -> float:
         """IoU after ``k`` clicks (the last value when the annotator stopped earlier)."""
@@ -136,6 +141,7 @@ def simulate_clicks(
     pts: list[tuple[int, int]] = []
     labs: list[int] = []
     ious: list[float] = []
+    seconds: list[float] = []
     for i in range(max_clicks):
         click = next_click(pred, truth)
         if click is None:
@@ -143,11 +149,13 @@ def simulate_clicks(
             break
         pts.append(click[0])
         labs.append(click[1])
+        t0 = time.perf_counter()
         pred = np.asarray(segment(np.asarray(pts, np.float64), np.asarray(labs, np.int8)), bool)
+        seconds.append(time.perf_counter() - t0)
         ious.append(foreground_iou(pred, truth))
         if i + 1 >= 5 and ious[-1] >= max(NOC_LEVELS):
             break
-    return ClickResult(tuple(ious), max_clicks)
+    return ClickResult(tuple(ious), max_clicks, tuple(seconds))
 
 
 def pick_objects(labels: np.ndarray, k: int, *, min_area: int = 64, seed: int = 0) -> list[int]:
@@ -187,11 +195,15 @@ class ObjectSummary:
         Mean IoU after 1, 3 and 5 clicks.
     noc : dict of float to float
         Mean NoC at 0.85 and 0.90.
+    click_ms : float or None
+        Median time of a click's segmentation over every click of every object, in
+        milliseconds (``None`` where none was timed).
     """
 
     n_objects: int
     iou_at: dict[int, float]
     noc: dict[float, float]
+    click_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the summary as JSON-friendly built-in types."""
@@ -199,6 +211,7 @@ class ObjectSummary:
             "n_objects": self.n_objects,
             **{f"iou@{k}": v for k, v in self.iou_at.items()},
             **{f"noc@{round(100 * k)}": v for k, v in self.noc.items()},
+            **({} if self.click_ms is None else {"click_ms": self.click_ms}),
         }
 
 
@@ -206,10 +219,12 @@ def summarise_clicks(results: Sequence[ClickResult]) -> ObjectSummary:
     """Average :class:`ClickResult` s into IoU after 1, 3, 5 clicks and NoC@85 / NoC@90."""
     if not results:
         raise ValueError("no object was evaluated")
+    seconds = [t for r in results for t in r.seconds]
     return ObjectSummary(
         len(results),
         {k: float(np.mean([r.iou_at(k) for r in results])) for k in (1, 3, 5)},
         {lv: float(np.mean([r.noc(lv) for r in results])) for lv in NOC_LEVELS},
+        1e3 * float(np.median(seconds)) if seconds else None,
     )
 
 
