@@ -886,7 +886,13 @@ class RevolverPredictor(VolumeEncoder):
         y0, y1, x0, x1 = box
         h, w = prob.shape
         found = objects.select_in_box(
-            prob[y0:y1, x0:x1], box, prob.shape, points, labels, threshold=threshold
+            prob[y0:y1, x0:x1],
+            box,
+            prob.shape,
+            points,
+            labels,
+            threshold=threshold,
+            bound=objects.SELECT_BOUND,
         )
         if found is None:
             return None
