@@ -412,7 +412,6 @@ def _bounded_select(
     that is not the slice's edge (it may go on beyond: the caller decides on more).
     """
     y0, _, x0, _ = box
-    h, w = shape
     bh, bw = prob.shape
     pos = yx[labels == 1]
     cy0, cx0 = (int(v) for v in np.maximum(pos.min(0) - bound, 0))
@@ -420,15 +419,11 @@ def _bounded_select(
     inside = (yx >= (cy0, cx0)).all(axis=1) & (yx < (cy1, cx1)).all(axis=1)
     neg = yx[(labels == 0) & inside]
     sel = _select(prob[cy0:cy1, cx0:cx1], pos - (cy0, cx0), neg - (cy0, cx0), threshold)
-    if (
-        (y0 + cy0 > 0 and sel[0].any())
-        or (x0 + cx0 > 0 and sel[:, 0].any())
-        or (y0 + cy1 < h and sel[-1].any())
-        or (x0 + cx1 < w and sel[:, -1].any())
-    ):
+    ys, xs = slice(y0 + cy0, y0 + cy1), slice(x0 + cx0, x0 + cx1)
+    if _touches_inner_side(sel, ys, xs, shape):
         return None
     out = np.zeros(shape, bool)
-    out[y0 + cy0 : y0 + cy1, x0 + cx0 : x0 + cx1] = sel
+    out[ys, xs] = sel
     return out, (labels == 1) | inside
 
 
@@ -784,15 +779,22 @@ def reaches_edge(mask: np.ndarray, window: Window) -> bool:
     :func:`refined_masks` redraws it in the window around that mask.
     """
     ys, xs = window.pixel_bounds(mask.shape)
-    m = mask[ys, xs]
-    if not m.size:
+    return _touches_inner_side(mask[ys, xs], ys, xs, mask.shape)
+
+
+def _touches_inner_side(crop: np.ndarray, ys: slice, xs: slice, shape: tuple[int, ...]) -> bool:
+    """Whether ``crop``, a mask on the slice pixels ``ys, xs``, touches an inner side.
+
+    An inner side of that box is one that is not an edge of the ``(H, W)`` slice ``shape``.
+    """
+    if not crop.size:
         return False
-    h, w = mask.shape
+    h, w = shape
     return bool(
-        (ys.start > 0 and m[0].any())
-        or (ys.stop < h and m[-1].any())
-        or (xs.start > 0 and m[:, 0].any())
-        or (xs.stop < w and m[:, -1].any())
+        (ys.start > 0 and crop[0].any())
+        or (ys.stop < h and crop[-1].any())
+        or (xs.start > 0 and crop[:, 0].any())
+        or (xs.stop < w and crop[:, -1].any())
     )
 
 
