@@ -748,14 +748,17 @@ def validated_click_fit(
     coef = _fit(s, np.ones(len(s.y), bool), mean, scale)
     held = _held_clicks(y)
     fit_ok, folds = [], []
-    for j in held:
+    # Each fold's masks differ from ``masks`` on one slice: those are made in one block.
+    taken = {i: masks[i].expand(len(held), -1, -1, -1).clone() for i in range(n_slices)}
+    for n, j in enumerate(held):
         fold_coef = _fit(s, s.group != j, mean, scale, start=coef)
         mine = s.group == j
         z = np.c_[(s.x[mine] - mean) / scale, np.ones(int(mine.sum()))] @ fold_coef
         fit_ok.append(float(np.sum(s.w[mine] * ((z > 0) == y[j])) / s.w[mine].sum()))
         i, fp = footprints[j]
-        fold = [m.clone() for m in masks]
-        fold[i][1 - y[j]] = (fold[i][1 - y[j]] - fp).clamp_min(0.0)
+        fold = list(masks)
+        fold[i] = taken[i][n]
+        fold[i][1 - y[j]].sub_(fp).clamp_min_(0.0)
         folds.append(fold)
     focus = [at_click[j] for j in held]
     net_ok = [
@@ -764,8 +767,10 @@ def validated_click_fit(
     fit_score = _balanced(np.array(fit_ok), y[held])
     net_score = _balanced(np.array(net_ok), y[held])
     net_area = float(np.mean(np.concatenate([m.reshape(-1).numpy() > 0 for m in full])))
-    # The fit's logits on every cell, without stacking a column of ones onto all of them.
-    z_all = ((x_all - mean) / scale) @ coef[:-1] + coef[-1]
+    # The fit's logits on every cell, as it is drawn (its weights folded into one product
+    # with the features, not the features standardised first: 25-100x less time).
+    draft = PixelFit(mean, scale, coef, 1.0)
+    z_all = np.concatenate([draft.logits(f[None])[0].reshape(-1).numpy() for f in feats])
     fit_area = float(np.mean(z_all > 0))
     scores = {
         "net": net_score,
