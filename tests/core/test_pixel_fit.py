@@ -392,10 +392,20 @@ def test_a_fit_that_claims_more_than_the_network_is_not_used(predictor, blobs) -
     _, lab, feet = _clicks(predictor, fg, 5)
     # The network marks nothing: it misses every positive click, yet a fit that marks more
     # of the slice than the network could be buying its click accuracy with false positives.
-    fit = pf.validated_click_fit(lambda: [x], feet, lab, _fixed_click_network(None, -3.0))
+    network = _fixed_click_network(None, -3.0)
+    reads: list[object] = []
+
+    def logits(folds, focus=None):
+        reads.append(focus)
+        return network(folds, focus)
+
+    fit = pf.validated_click_fit(lambda: [x], feet, lab, logits)
     assert fit is not None and not fit.active
-    assert fit.scores["fit"] - fit.scores["net"] > pf.CLICK_MARGIN
     assert fit.scores["fit_foreground"] > pf.MAX_AREA_RATIO * fit.scores["net_foreground"]
+    # Refused before the held-out clicks are scored: one pass over the slice, no held-out
+    # fits or network passes (the fit's lead on them is not asked).
+    assert reads == [None] and "net" not in fit.scores and "fit" not in fit.scores
+    assert fit.scores["net_on_positives"] == 0.0
 
 
 def test_too_few_clicks_give_no_fit(predictor, blobs) -> None:

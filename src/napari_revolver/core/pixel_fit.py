@@ -687,8 +687,10 @@ def validated_click_fit(
         where the network gets its own clicks right (within :data:`CLICK_MARGIN`). Otherwise
         the fit, active (the fit alone) only if it leads the network on held-out clicks by
         more than :data:`CLICK_MARGIN` and marks at most :data:`MAX_AREA_RATIO` times the
-        network's foreground on the support slices; ``scores`` records the held-out scores,
-        ``"net_on_clicks"`` and both foreground fractions (of the fit as chosen: both
+        network's foreground on the support slices; ``scores`` records the held-out scores
+        (``"net"``, ``"fit"``: not read where the fit marks too much, which refuses it
+        before the held-out clicks are scored), ``"net_on_clicks"`` and both foreground
+        fractions (of the fit as chosen: both
         classes weighing the same). An active fit is shifted by :func:`prior_shift` of its
         logits on the support slices (the estimated share is ``scores["fit_share"]``) and
         the threshold of :func:`expected_iou_threshold` (``scores["fit_threshold"]``), within
@@ -746,6 +748,23 @@ def validated_click_fit(
         cell=np.concatenate(cells),
     )
     coef = _fit(s, np.ones(len(s.y), bool), mean, scale)
+    net_area = float(np.mean(np.concatenate([m.reshape(-1).numpy() > 0 for m in full])))
+    # The fit's logits on every cell, as it is drawn (its weights folded into one product
+    # with the features, not the features standardised first: 25-100x less time).
+    draft = PixelFit(mean, scale, coef, 1.0)
+    z_all = np.concatenate([draft.logits(f[None])[0].reshape(-1).numpy() for f in feats])
+    fit_area = float(np.mean(z_all > 0))
+    scores = {
+        "net_on_clicks": own,
+        "net_on_positives": float(own_each[y == 1].mean()),
+        "net_on_negatives": float(own_each[y == 0].mean()),
+        "net_foreground": net_area,
+        "fit_foreground": fit_area,
+    }
+    if fit_area > MAX_AREA_RATIO * net_area:
+        # Refused whatever the held-out clicks say: their fits and network passes (most of
+        # the cost of trying the fit) are not run, and the scores have no "net" and "fit".
+        return PixelFit(mean, scale, coef, 0.0, 1.0, scores)
     held = _held_clicks(y)
     fit_ok, folds = [], []
     # Each fold's masks differ from ``masks`` on one slice: those are made in one block.
@@ -764,25 +783,9 @@ def validated_click_fit(
     net_ok = [
         click_score(maps, j) for maps, j in zip(network_logits(folds, focus), held, strict=True)
     ]
-    fit_score = _balanced(np.array(fit_ok), y[held])
-    net_score = _balanced(np.array(net_ok), y[held])
-    net_area = float(np.mean(np.concatenate([m.reshape(-1).numpy() > 0 for m in full])))
-    # The fit's logits on every cell, as it is drawn (its weights folded into one product
-    # with the features, not the features standardised first: 25-100x less time).
-    draft = PixelFit(mean, scale, coef, 1.0)
-    z_all = np.concatenate([draft.logits(f[None])[0].reshape(-1).numpy() for f in feats])
-    fit_area = float(np.mean(z_all > 0))
-    scores = {
-        "net": net_score,
-        "fit": fit_score,
-        "net_on_clicks": own,
-        "net_on_positives": float(own_each[y == 1].mean()),
-        "net_on_negatives": float(own_each[y == 0].mean()),
-        "net_foreground": net_area,
-        "fit_foreground": fit_area,
-    }
-    chosen = fit_score - net_score > CLICK_MARGIN and fit_area <= MAX_AREA_RATIO * net_area
-    if not chosen:
+    scores["fit"] = fit_score = _balanced(np.array(fit_ok), y[held])
+    scores["net"] = net_score = _balanced(np.array(net_ok), y[held])
+    if fit_score - net_score <= CLICK_MARGIN:
         return PixelFit(mean, scale, coef, 0.0, 1.0, scores)
     # The clicks chose the fit as a classifier, both classes weighing the same (as held-out
     # clicks do). It is drawn for the slice: smoothed, its probabilities calibrated to the
