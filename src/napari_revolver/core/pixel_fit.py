@@ -646,6 +646,49 @@ def _held_clicks(y: np.ndarray) -> list[int]:
     return held
 
 
+def _held_out_scores(
+    s: _Support,
+    y: np.ndarray,
+    coef: np.ndarray,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    footprints: Sequence[tuple[int, torch.Tensor]],
+    masks: Sequence[torch.Tensor],
+    at_click: list[tuple[int, tuple[int, int]]],
+    network_logits: Callable[
+        [list[list[torch.Tensor]], list[tuple[int, tuple[int, int]]] | None],
+        list[list[torch.Tensor]],
+    ],
+    click_score: Callable[[Sequence[torch.Tensor], int], float],
+) -> tuple[float, float]:
+    """Class-balanced scores of the fit and the network on clicks held out in turn.
+
+    Each held-out click (:func:`_held_clicks` of the click labels ``y``) is predicted by the
+    fit refitted without it (from ``coef``) and by the network guided by ``masks`` less its
+    footprint, read around it (:func:`validated_click_fit` has the arguments).
+    """
+    held = _held_clicks(y)
+    n_slices = len(masks)
+    fit_ok, folds = [], []
+    # Each fold's masks differ from ``masks`` on one slice: those are made in one block.
+    taken = {i: masks[i].expand(len(held), -1, -1, -1).clone() for i in range(n_slices)}
+    for n, j in enumerate(held):
+        fold_coef = _fit(s, s.group != j, mean, scale, start=coef)
+        mine = s.group == j
+        z = np.c_[(s.x[mine] - mean) / scale, np.ones(int(mine.sum()))] @ fold_coef
+        fit_ok.append(float(np.sum(s.w[mine] * ((z > 0) == y[j])) / s.w[mine].sum()))
+        i, fp = footprints[j]
+        fold = list(masks)
+        fold[i] = taken[i][n]
+        fold[i][1 - y[j]].sub_(fp).clamp_min_(0.0)
+        folds.append(fold)
+    focus = [at_click[j] for j in held]
+    net_ok = [
+        click_score(maps, j) for maps, j in zip(network_logits(folds, focus), held, strict=True)
+    ]
+    return _balanced(np.array(fit_ok), y[held]), _balanced(np.array(net_ok), y[held])
+
+
 def validated_click_fit(
     features: Callable[[], Sequence[torch.Tensor]],
     footprints: Sequence[tuple[int, torch.Tensor]],
@@ -765,26 +808,9 @@ def validated_click_fit(
         # Refused whatever the held-out clicks say: their fits and network passes (most of
         # the cost of trying the fit) are not run, and the scores have no "net" and "fit".
         return PixelFit(mean, scale, coef, 0.0, 1.0, scores)
-    held = _held_clicks(y)
-    fit_ok, folds = [], []
-    # Each fold's masks differ from ``masks`` on one slice: those are made in one block.
-    taken = {i: masks[i].expand(len(held), -1, -1, -1).clone() for i in range(n_slices)}
-    for n, j in enumerate(held):
-        fold_coef = _fit(s, s.group != j, mean, scale, start=coef)
-        mine = s.group == j
-        z = np.c_[(s.x[mine] - mean) / scale, np.ones(int(mine.sum()))] @ fold_coef
-        fit_ok.append(float(np.sum(s.w[mine] * ((z > 0) == y[j])) / s.w[mine].sum()))
-        i, fp = footprints[j]
-        fold = list(masks)
-        fold[i] = taken[i][n]
-        fold[i][1 - y[j]].sub_(fp).clamp_min_(0.0)
-        folds.append(fold)
-    focus = [at_click[j] for j in held]
-    net_ok = [
-        click_score(maps, j) for maps, j in zip(network_logits(folds, focus), held, strict=True)
-    ]
-    scores["fit"] = fit_score = _balanced(np.array(fit_ok), y[held])
-    scores["net"] = net_score = _balanced(np.array(net_ok), y[held])
+    scores["fit"], scores["net"] = fit_score, net_score = _held_out_scores(
+        s, y, coef, mean, scale, footprints, masks, at_click, network_logits, click_score
+    )
     if fit_score - net_score <= CLICK_MARGIN:
         return PixelFit(mean, scale, coef, 0.0, 1.0, scores)
     # The clicks chose the fit as a classifier, both classes weighing the same (as held-out
