@@ -14,8 +14,16 @@ A class click as the CLI and the plugin make it (deciding on a pixel fit of the 
 to a random-forest pixel classifier (scikit-image multiscale features + scikit-learn, 100 trees)
 predicting the same slice in the same process.
 
-    python benchmarks/engine_speed.py [--weights W] [--device cpu] [--image STACK.tif]
-        [--scale 0.5] [--json]
+With ``--labels`` (the image's labels, same shape) the clicks are a user's: the class clicks
+are drawn on the foreground (``labels == --label-value``, default any label) and off it, and
+each object is clicked once at the innermost pixel of one connected piece of foreground on
+the middle slice (the timed object click on a piece of median size), as
+``benchmarks/objects.py`` clicks them. Without it, an ``--image`` is clicked at random pixels,
+which an object task follows as if each were an object (a worst case on EM sections, where
+most of a slice is probable).
+
+    python benchmarks/engine_speed.py [--weights W] [--device cpu] [--image STACK.tif
+        [--labels LABELS.tif [--label-value V]]] [--scale 0.5] [--json]
 """
 
 from __future__ import annotations
@@ -51,7 +59,9 @@ def follow_seconds(predictor, z, labels, rng, n_objects, sync) -> tuple[list[flo
     """
     h, w = predictor.info.slice_shape
     centres = rng.integers(0, [h, w], (n_objects, 2))
-    if labels is not None:
+    if isinstance(labels, RealLabels):
+        centres = labels.object_clicks(z, n_objects, rng)
+    elif labels is not None:
         fg = np.argwhere(labels[z] > 0)
         centres = fg[rng.choice(len(fg), n_objects, replace=len(fg) < n_objects)]
     objects = [
@@ -69,6 +79,46 @@ def follow_seconds(predictor, z, labels, rng, n_objects, sync) -> tuple[list[flo
         follow()
 
     return timeit(follow, 3, warmup=1), timeit(follow_anew, 3, warmup=0)
+
+
+class RealLabels(np.ndarray):
+    """``(Z, H, W)`` bool foreground of an ``--image`` from ``--labels``; its objects are the
+    connected pieces of each slice, clicked at their innermost pixels."""
+
+    def _pieces(self, z: int) -> tuple[np.ndarray, np.ndarray]:
+        """Slice ``z``'s pieces (ids from 1) and their sizes (of ids 1, 2, ...)."""
+        from scipy import ndimage
+
+        pieces, count = ndimage.label(np.asarray(self[z]))
+        if count == 0:
+            raise SystemExit(f"--labels: no foreground on slice {z}")
+        return pieces, np.bincount(pieces.ravel())[1:]
+
+    def object_clicks(self, z: int, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``(n, 2)`` innermost pixels of ``n`` pieces of slice ``z``, drawn by ``rng``.
+
+        With fewer pieces than ``n``, every piece, some clicked twice.
+        """
+        from napari_revolver.core.objects import innermost
+
+        pieces, sizes = self._pieces(z)
+        ids = np.arange(1, len(sizes) + 1)
+        ids = rng.choice(ids, n, replace=False) if len(ids) > n else np.resize(ids, n)
+        return np.array([innermost(pieces == i) for i in ids])
+
+    def typical_click(self, z: int, min_area: int = 64) -> np.ndarray:
+        """The innermost pixel ``(y, x)`` of the piece of median size on slice ``z``.
+
+        Among the pieces of at least ``min_area`` pixels, as ``benchmarks/objects.py`` draws
+        them (all pieces if none is that large).
+        """
+        from napari_revolver.core.objects import innermost
+
+        pieces, sizes = self._pieces(z)
+        ids = np.flatnonzero(sizes >= min_area) + 1
+        ids = ids if len(ids) else np.arange(1, len(sizes) + 1)
+        median = ids[np.argsort(sizes[ids - 1])[len(ids) // 2]]
+        return np.array(innermost(pieces == median))
 
 
 def _fitted_task(predictor, task, labels, z):
@@ -110,6 +160,18 @@ def _args() -> argparse.Namespace:
     )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--image", type=Path, default=None, help="a (Z, Y, X) TIFF; default synthetic")
+    ap.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        help="the --image's labels (Z, Y, X): clicks on their foreground and its pieces",
+    )
+    ap.add_argument(
+        "--label-value",
+        type=int,
+        default=None,
+        help="with --labels, the foreground is labels == this (default: labels > 0)",
+    )
     ap.add_argument("--slices", type=int, default=100)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=20)
@@ -126,11 +188,45 @@ def _args() -> argparse.Namespace:
 
 def _stack(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray | None]:
     """The benchmark's stack and its labels (``None`` for an image given with ``--image``)."""
+    if args.labels is not None and args.image is None:
+        raise SystemExit("--labels needs the --image they label")
     if args.image:
         import tifffile
 
-        return tifffile.imread(args.image)[: args.slices], None
+        image = tifffile.imread(args.image)[: args.slices]
+        if args.labels is None:
+            return image, None
+        labels = tifffile.imread(args.labels)[: args.slices]
+        if labels.shape != image.shape[: labels.ndim] or labels.ndim != 3:
+            raise SystemExit(
+                f"--labels must be (Z, Y, X) like the image's slices; got {labels.shape} for "
+                f"an image of {image.shape}"
+            )
+        fg = labels > 0 if args.label_value is None else labels == args.label_value
+        return image, fg.view(RealLabels)
     return synthetic_stack(args.slices, args.size)
+
+
+def _clicks(
+    labels: np.ndarray | None, z: int, shape: tuple[int, int], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Five positive and five negative clicks ``(10, 3)`` on slice ``z``, and their labels.
+
+    On the labels' foreground and off it (random pixels without labels). With ``--labels``
+    the first is at the innermost pixel of a typical piece: the object click timed.
+    """
+    if labels is not None:
+        fg = np.argwhere(labels[z] > 0)
+        bg = np.argwhere(labels[z] == 0)
+        pos = fg[rng.choice(len(fg), 5, replace=False)]
+        neg = bg[rng.choice(len(bg), 5, replace=False)]
+    else:
+        pos = rng.integers(0, shape, (5, 2))
+        neg = rng.integers(0, shape, (5, 2))
+    if isinstance(labels, RealLabels):
+        pos[0] = labels.typical_click(z)
+    yx = np.concatenate([pos, neg]).astype(float)
+    return np.concatenate([np.full((10, 1), z), yx], 1), np.array([1] * 5 + [0] * 5)
 
 
 def main() -> None:
@@ -152,17 +248,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     z = n // 2
     h, w = image.shape[1:3]
-    if labels is not None:
-        fg = np.argwhere(labels[z] > 0)
-        bg = np.argwhere(labels[z] == 0)
-        pos = fg[rng.choice(len(fg), 5, replace=False)]
-        neg = bg[rng.choice(len(bg), 5, replace=False)]
-    else:
-        pos = rng.integers(0, [h, w], (5, 2))
-        neg = rng.integers(0, [h, w], (5, 2))
-    yx = np.concatenate([pos, neg]).astype(float)
-    pts = np.concatenate([np.full((10, 1), z), yx], 1)
-    lab = np.array([1] * 5 + [0] * 5)
+    pts, lab = _clicks(labels, z, (h, w), rng)
 
     sync = torch.cuda.synchronize if predictor.device.type == "cuda" else (lambda: None)
 
@@ -241,7 +327,7 @@ def main() -> None:
 
     rf = RandomForestBaseline()
     feats = rf.features(image[z])
-    rf.fit([feats], [yx], [lab])
+    rf.fit([feats], [pts[:, 1:]], [lab])
     rf_predict = timeit(lambda: rf.predict(rf.features(image[z])), max(3, args.repeat // 4))
 
     res = {
