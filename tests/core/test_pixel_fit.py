@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -434,6 +435,19 @@ def test_guide_with_fit_on_clicks(predictor, blobs) -> None:
         assert predictor.guide(pts, lab, fit=fit).pixel_fit is fit
     with pytest.raises(ValueError, match="pixel fit is for class tasks"):
         predictor.guide(pts[lab == 1][:1], lab[lab == 1][:1], kind="object", fit=True)
+
+
+def test_fit_clicks_reads_points_it_may_not_write_without_a_warning(predictor, blobs) -> None:
+    # The CLI reads its points into read-only arrays; torch warned on each click's footprint.
+    image, fg = blobs
+    predictor.set_volume(image)
+    yx, lab, _ = _clicks(predictor, fg, 3)
+    pts = np.c_[np.zeros(len(yx)), yx]
+    pts.setflags(write=False)
+    lab.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        predictor.fit_clicks(pts, lab)
 
 
 def test_support_logits_batch_several_annotations_exactly(predictor, blobs) -> None:

@@ -338,7 +338,7 @@ class RevolverPredictor(VolumeEncoder):
         for row, key in zip(pts, slices, strict=True):
             grid = tuple(feats[keys.index(key)].fine.shape[-2:])
             yx = self._work_yx(row[None, n_lead:])
-            one = point_masks(torch.from_numpy(yx), torch.ones(1), grid, stride)
+            one = point_masks(torch.tensor(yx), torch.ones(1), grid, stride)  # yx may be read-only
             footprints.append((keys.index(key), one[0]))
         # One head window per click costs less than a pass over the slices when the slices
         # are large and the clicks few (the windows are exact at the clicks).
