@@ -504,12 +504,28 @@ def test_clicked_masks_are_kept_for_the_same_clicks_only(
     assert len(passes) == n
     again[:] = ~again  # a copy: what is kept does not change
     np.testing.assert_array_equal(predictor.object_mask(0, task), first)
-    # Other clicks, another threshold, another slice, another refiner: computed.
+    # A negative click, another threshold: computed again from the kept probability (a
+    # negative click changes neither the object's guide nor its local prior), with the
+    # masks that a computation from scratch gives.
+    negative = predictor.guide([[0, 32, 18], [0, 32, 44]], [1, 0], kind="object")
+    calls = (
+        lambda: predictor.object_mask(0, negative),
+        lambda: predictor.object_mask(0, task, threshold=0.4),
+    )
+    before = len(passes)
+    reused = [call() for call in calls]
+    assert len(passes) == before
+    predictor.forget_object_masks()
+    for call, got in zip(calls, reused, strict=True):
+        before = len(passes)
+        np.testing.assert_array_equal(call(), got)
+        assert len(passes) > before
+        predictor.forget_object_masks()
+    # A positive click (a new local prior), another slice: a head pass.
     for call in (
         lambda: predictor.object_mask(
-            0, predictor.guide([[0, 32, 18], [0, 32, 44]], [1, 0], kind="object")
+            0, predictor.guide([[0, 32, 18], [0, 34, 20]], [1, 1], kind="object")
         ),
-        lambda: predictor.object_mask(0, task, threshold=0.4),
         lambda: predictor.object_mask(1, predictor.guide([[1, 32, 18]], [1], kind="object")),
     ):
         before = len(passes)
@@ -672,6 +688,7 @@ def test_kept_clicked_masks_stay_within_their_memory(
 
     predictor, _ = stack_predictor
     monkeypatch.setattr(P, "OBJECT_MASKS_KEPT_BYTES", 1)  # the latest mask only
+    monkeypatch.setattr(P, "OBJECT_PROBS_KEPT_BYTES", 1)  # and the latest probability
     passes = _count_head_passes(predictor, monkeypatch)
     a = predictor.guide([[0, 32, 18]], [1], kind="object")
     b = predictor.guide([[0, 32, 44]], [1], kind="object")

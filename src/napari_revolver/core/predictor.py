@@ -82,6 +82,11 @@ OBJECT_REACH = 96
 OBJECT_WINDOW_SHARE = 0.6
 #: Object tasks per head pass on a clicked slice (:meth:`RevolverPredictor.object_masks`).
 OBJECT_HEAD_BATCH = 4
+#: Bytes of object probabilities kept (:meth:`RevolverPredictor._object_probabilities`, one
+#: object's at a time): a negative click changes neither an object's guide (its first
+#: positive click) nor its local prior (its positive clicks), so the next click's head pass
+#: is the last one's. The most recent is always kept.
+OBJECT_PROBS_KEPT_BYTES = 64 * 2**20
 #: Bytes of clicked-slice object masks kept (each cropped to its box): following an object
 #: starts from the mask shown while it was clicked, not from a second head pass.
 OBJECT_MASKS_KEPT_BYTES = 64 * 2**20
@@ -166,6 +171,11 @@ class RevolverPredictor(VolumeEncoder):
         #: Clicked-slice object masks by :meth:`_object_key`: the box and the mask in it
         #: (``None``: empty), least recently used first.
         self._object_kept: OrderedDict[bytes, tuple[tuple[slice, slice], np.ndarray] | None] = (
+            OrderedDict()
+        )
+        #: One object's probability on a clicked slice and its exact box, by
+        #: :meth:`_object_probs_key`, least recently used first.
+        self._object_probs: OrderedDict[bytes, tuple[np.ndarray, tuple[int, int, int, int]]] = (
             OrderedDict()
         )
         self.refiner = self.weights.refiner
@@ -803,12 +813,14 @@ class RevolverPredictor(VolumeEncoder):
                 yield prob, *found
 
     def forget_object_masks(self) -> None:
-        """Forget the kept clicked-slice object masks (:meth:`object_masks` computes anew).
+        """Forget the kept clicked-slice object masks and probabilities (computed anew).
 
         Nothing else needs it: a mask is only read back for the same volume, slice, clicks
-        and guidance. Timing a click that repeats the same clicks does.
+        and guidance, a probability for the same guidance and positive clicks. Timing a
+        click that repeats the same clicks does.
         """
         self._object_kept.clear()
+        self._object_probs.clear()
 
     def _object_key(self, task: Task, k: int, threshold: float) -> bytes:
         """Digest of everything an object's mask on flat slice ``k`` depends on.
@@ -906,8 +918,77 @@ class RevolverPredictor(VolumeEncoder):
         window = objects.refiner_window(redrawer, sel, points)
         return (sel, points, labels) if _reads_inside(window, box, sel.shape) else None
 
-    @torch.inference_mode()
     def _object_probabilities(
+        self,
+        k: int,
+        tasks: Sequence[Task],
+        clicks: Sequence[tuple[np.ndarray, np.ndarray]],
+        reach: int | None,
+    ) -> list[tuple[np.ndarray, tuple[int, int, int, int]]]:
+        """:meth:`_probabilities_around`, one object's kept for the clicks that keep it.
+
+        An object's probability depends on its guide (its first positive click) and its local
+        prior (its positive clicks), not on its negative clicks: after a negative click it is
+        read back (:data:`OBJECT_PROBS_KEPT_BYTES`) instead of running the head again.
+        Several objects at once (following, objects clicked together) are computed.
+        """
+        if len(tasks) != 1:
+            return self._probabilities_around(k, tasks, clicks, reach)
+        key = self._object_probs_key(k, tasks[0], reach)
+        kept = self._object_probs.get(key)
+        if kept is None:
+            [kept] = self._probabilities_around(k, tasks, clicks, reach)
+            self._object_probs[key] = kept
+            size = sum(p.nbytes for p, _ in self._object_probs.values())
+            while size > OBJECT_PROBS_KEPT_BYTES and len(self._object_probs) > 1:
+                _, (old, _) = self._object_probs.popitem(last=False)
+                size -= old.nbytes
+        self._object_probs.move_to_end(key)
+        prob, box = kept
+        return [(prob.copy(), box)]  # a copy: what is kept does not change
+
+    def _object_probs_key(self, k: int, task: Task, reach: int | None) -> bytes:
+        """Digest of everything an object's probability on flat slice ``k`` depends on.
+
+        The volume and its reading, the slice, the window's reach and the refiners' view
+        (:meth:`_redraw_context`), and the task's guidance, positive clicks and support masks
+        (its local prior); its negative clicks do not count.
+        """
+        h = hashlib.blake2b(digest_size=20)
+        for part in (
+            self.info.fingerprint,
+            self.preprocessing.key(),
+            k,
+            reach,
+            self._redraw_context(),
+            OBJECT_WINDOW_SHARE,
+            task.kind,
+            task.model_key,
+            task.weights_sha256,
+            task.invert,
+        ):
+            h.update(repr(part).encode())
+        positive = task.points[task.labels == 1] if len(task.points) else task.points
+        arrays = [task.sum_coarse, task.sum_fine, task.mass, task.moments, positive]
+        for at, m in task.support_masks:
+            arrays += [np.asarray(at), m]
+        for a in arrays:
+            a = np.ascontiguousarray(np.zeros(0) if a is None else a)
+            h.update(repr((a.dtype.str, a.shape)).encode())
+            h.update(a.tobytes())
+        if task.pixel_fit is not None:
+            h.update(repr(task.pixel_fit.to_dict()).encode())
+        return h.digest()
+
+    def _redraw_context(self) -> float:
+        """Return the widest view of the refiners that may redraw an object (1 without any)."""
+        return max(
+            (r.config.context for r in map(self._redrawer, (False, True)) if r is not None),
+            default=1.0,
+        )
+
+    @torch.inference_mode()
+    def _probabilities_around(
         self,
         k: int,
         tasks: Sequence[Task],
@@ -930,11 +1011,7 @@ class RevolverPredictor(VolumeEncoder):
         feats = self._features([k])
         hc, wc = feats.coarse.shape[-2:]
         h, w = self.work_info.slice_shape
-        # The widest view of the refiners that may redraw these objects.
-        context = max(
-            (r.config.context for r in map(self._redrawer, (False, True)) if r is not None),
-            default=1.0,
-        )
+        context = self._redraw_context()
         # Around the positive clicks: a negative click far from them decides nothing.
         boxes = [_click_cells(pts[lab == 1], reach or 0, context, (hc, wc)) for pts, lab in clicks]
         side_y = min(hc, max(b[1] - b[0] for b in boxes) + 2 * HEAD_OVERLAP)
