@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -173,6 +174,8 @@ class RevolverPredictor(VolumeEncoder):
         self._object_kept: OrderedDict[bytes, tuple[tuple[slice, slice], np.ndarray] | None] = (
             OrderedDict()
         )
+        #: Guards both: the plugin's live clicks and its propagation worker share a predictor.
+        self._kept_lock = threading.Lock()
         #: One object's probability on a clicked slice and its exact box, by
         #: :meth:`_object_probs_key`, least recently used first.
         self._object_probs: OrderedDict[bytes, tuple[np.ndarray, tuple[int, int, int, int]]] = (
@@ -819,8 +822,9 @@ class RevolverPredictor(VolumeEncoder):
         and guidance, a probability for the same guidance and positive clicks. Timing a
         click that repeats the same clicks does.
         """
-        self._object_kept.clear()
-        self._object_probs.clear()
+        with self._kept_lock:
+            self._object_kept.clear()
+            self._object_probs.clear()
 
     def _object_key(self, task: Task, k: int, threshold: float) -> bytes:
         """Digest of everything an object's mask on flat slice ``k`` depends on.
@@ -851,11 +855,12 @@ class RevolverPredictor(VolumeEncoder):
 
     def _kept_object(self, key: bytes) -> np.ndarray | None:
         """Return a kept clicked-slice mask as a new ``(H, W)`` array (``None``: not kept)."""
-        if key not in self._object_kept:
-            return None
-        self._object_kept.move_to_end(key)
+        with self._kept_lock:
+            if key not in self._object_kept:
+                return None
+            self._object_kept.move_to_end(key)
+            kept = self._object_kept[key]
         mask = np.zeros(self.work_info.slice_shape, bool)
-        kept = self._object_kept[key]
         if kept is not None:
             box, crop = kept
             mask[box] = crop
@@ -870,12 +875,13 @@ class RevolverPredictor(VolumeEncoder):
         if mask.any():
             box = bounding_box(mask, 0)
             kept = (box, mask[box].copy())
-        self._object_kept[key] = kept
-        self._object_kept.move_to_end(key)
-        size = sum(v[1].nbytes for v in self._object_kept.values() if v is not None)
-        while size > OBJECT_MASKS_KEPT_BYTES and len(self._object_kept) > 1:
-            _, old = self._object_kept.popitem(last=False)
-            size -= 0 if old is None else old[1].nbytes
+        with self._kept_lock:
+            self._object_kept[key] = kept
+            self._object_kept.move_to_end(key)
+            size = sum(v[1].nbytes for v in self._object_kept.values() if v is not None)
+            while size > OBJECT_MASKS_KEPT_BYTES and len(self._object_kept) > 1:
+                _, old = self._object_kept.popitem(last=False)
+                size -= 0 if old is None else old[1].nbytes
 
     def _selection_in(
         self,
@@ -935,15 +941,18 @@ class RevolverPredictor(VolumeEncoder):
         if len(tasks) != 1:
             return self._probabilities_around(k, tasks, clicks, reach)
         key = self._object_probs_key(k, tasks[0], reach)
-        kept = self._object_probs.get(key)
+        with self._kept_lock:
+            kept = self._object_probs.get(key)
+            if kept is not None:
+                self._object_probs.move_to_end(key)
         if kept is None:
             [kept] = self._probabilities_around(k, tasks, clicks, reach)
-            self._object_probs[key] = kept
-            size = sum(p.nbytes for p, _ in self._object_probs.values())
-            while size > OBJECT_PROBS_KEPT_BYTES and len(self._object_probs) > 1:
-                _, (old, _) = self._object_probs.popitem(last=False)
-                size -= old.nbytes
-        self._object_probs.move_to_end(key)
+            with self._kept_lock:
+                self._object_probs[key] = kept
+                size = sum(p.nbytes for p, _ in self._object_probs.values())
+                while size > OBJECT_PROBS_KEPT_BYTES and len(self._object_probs) > 1:
+                    _, (old, _) = self._object_probs.popitem(last=False)
+                    size -= old.nbytes
         prob, box = kept
         return [(prob.copy(), box)]  # a copy: what is kept does not change
 
