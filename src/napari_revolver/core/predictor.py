@@ -832,26 +832,8 @@ class RevolverPredictor(VolumeEncoder):
         The volume and its reading, the slice, the threshold, and the task's guidance and
         clicks (the refiner is the predictor's: setting another one forgets every mask).
         """
-        h = hashlib.blake2b(digest_size=20)
-        for part in (
-            self.info.fingerprint,
-            self.preprocessing.key(),
-            k,
-            float(threshold),
-            task.kind,
-            task.model_key,
-            task.weights_sha256,
-            task.invert,
-        ):
-            h.update(repr(part).encode())
-        arrays = (task.sum_coarse, task.sum_fine, task.mass, task.moments, task.points, task.labels)
-        for a in arrays:
-            a = np.ascontiguousarray(np.zeros(0) if a is None else a)
-            h.update(repr((a.dtype.str, a.shape)).encode())
-            h.update(a.tobytes())
-        if task.pixel_fit is not None:
-            h.update(repr(task.pixel_fit.to_dict()).encode())
-        return h.digest()
+        parts = (self.info.fingerprint, self.preprocessing.key(), k, float(threshold))
+        return _task_digest(task, parts, (task.points, task.labels))
 
     def _kept_object(self, key: bytes) -> np.ndarray | None:
         """Return a kept clicked-slice mask as a new ``(H, W)`` array (``None``: not kept)."""
@@ -963,31 +945,17 @@ class RevolverPredictor(VolumeEncoder):
         (:meth:`_redraw_context`), and the task's guidance, positive clicks and support masks
         (its local prior); its negative clicks do not count.
         """
-        h = hashlib.blake2b(digest_size=20)
-        for part in (
+        parts = (
             self.info.fingerprint,
             self.preprocessing.key(),
             k,
             reach,
             self._redraw_context(),
             OBJECT_WINDOW_SHARE,
-            task.kind,
-            task.model_key,
-            task.weights_sha256,
-            task.invert,
-        ):
-            h.update(repr(part).encode())
+        )
         positive = task.points[task.labels == 1] if len(task.points) else task.points
-        arrays = [task.sum_coarse, task.sum_fine, task.mass, task.moments, positive]
-        for at, m in task.support_masks:
-            arrays += [np.asarray(at), m]
-        for a in arrays:
-            a = np.ascontiguousarray(np.zeros(0) if a is None else a)
-            h.update(repr((a.dtype.str, a.shape)).encode())
-            h.update(a.tobytes())
-        if task.pixel_fit is not None:
-            h.update(repr(task.pixel_fit.to_dict()).encode())
-        return h.digest()
+        support = [a for at, m in task.support_masks for a in (np.asarray(at), m)]
+        return _task_digest(task, parts, (positive, *support))
 
     def _redraw_context(self) -> float:
         """Return the widest view of the refiners that may redraw an object (1 without any)."""
@@ -1426,6 +1394,23 @@ class RevolverPredictor(VolumeEncoder):
             out[step.index] = step.result
         assert out is not None
         return out
+
+
+def _task_digest(task: Task, parts: Sequence[object], arrays: Sequence[np.ndarray | None]) -> bytes:
+    """Digest of ``parts`` (by ``repr``), ``task``'s guidance and reading, and ``arrays``.
+
+    The task's kind, model, weights, polarity, guide sums and pixel fit always count.
+    """
+    h = hashlib.blake2b(digest_size=20)
+    for part in (*parts, task.kind, task.model_key, task.weights_sha256, task.invert):
+        h.update(repr(part).encode())
+    for a in (task.sum_coarse, task.sum_fine, task.mass, task.moments, *arrays):
+        a = np.ascontiguousarray(np.zeros(0) if a is None else a)
+        h.update(repr((a.dtype.str, a.shape)).encode())
+        h.update(a.tobytes())
+    if task.pixel_fit is not None:
+        h.update(repr(task.pixel_fit.to_dict()).encode())
+    return h.digest()
 
 
 def _kinds(tasks: Sequence[Task]) -> str:
