@@ -304,7 +304,8 @@ def write(rows: list[dict], follow: list[dict], out: Path, max_clicks: int) -> N
     ax.set_xlabel("clicks")
     ax.set_ylabel("mean IoU")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
+    if rows:  # following only (--skip-clicks): no curve to name
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "objects.png", dpi=120)
 
