@@ -305,7 +305,7 @@ def test_refiner_files_round_trip_and_refuse_other_weights(
     loaded = load_weights(weights)
     assert loaded.refiner is not None
     assert loaded.refiner.config.size == 32
-    assert float(loaded.refiner.out.bias) == pytest.approx(0.25)
+    assert float(loaded.refiner.out.bias.detach()) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="trained on weights"):
         load_refiner(path, "0" * 64)
     (tmp_path / "tiny-clicks.json").write_text(json.dumps({"sha256": "1" * 64}))
