@@ -10,7 +10,8 @@
 # The run uses the machine's own python3 and torch (no install): the package is put on
 # PYTHONPATH from src/. It warm-starts from the shipped weights unless INIT names others, and
 # writes OUT/run/log.jsonl, OUT/run/best.safetensors and OUT/run/checkpoint.pt (every
-# CHECKPOINT_EVERY steps), OUT/train.log, OUT/cuda-tests.log and OUT/gpu-speed.json. DEVICE=cpu
+# CHECKPOINT_EVERY steps), OUT/train.log, OUT/cuda-tests.log, OUT/gpu-speed.json and (with
+# isbi2012_em in the data) OUT/gpu-speed-em.json, the timings on its sections. DEVICE=cpu
 # runs the same steps here, as a dry run (tests/core/test_gpu_burst.py does, on DATA). Only
 # data sets whose terms allow training are copied (vnc_sstem_organelles is non-commercial and
 # miccai2015_he states no terms: both are for evaluation only).
@@ -73,6 +74,14 @@ run)
     timeout "${SPEED_S:-90}" "$py" benchmarks/engine_speed.py --device "$device" --json \
         >"$out/gpu-speed.json" 2>&1 || true
     tail -3 "$out/gpu-speed.json"
+    # The same on real EM sections, clicked at their neurites (when the data came along).
+    em="$data/isbi2012_em"
+    if [ -f "$em/image.tif" ] && [ -f "$em/labels.tif" ]; then
+        timeout "${SPEED_EM_S:-60}" "$py" benchmarks/engine_speed.py --device "$device" --json \
+            --image "$em/image.tif" --labels "$em/labels.tif" --slices 20 --repeat 5 \
+            --objects 10 >"$out/gpu-speed-em.json" 2>&1 || true
+        tail -3 "$out/gpu-speed-em.json"
+    fi
     ;;
 *)
     echo "usage: gpu_burst.sh prepare DATA_DIR | run OUT [MINUTES]" >&2
