@@ -668,10 +668,12 @@ def _held_out_scores(
     footprint, read around it (:func:`validated_click_fit` has the arguments).
     """
     held = _held_clicks(y)
-    n_slices = len(masks)
     fit_ok, folds = [], []
-    # Each fold's masks differ from ``masks`` on one slice: those are made in one block.
-    taken = {i: masks[i].expand(len(held), -1, -1, -1).clone() for i in range(n_slices)}
+    # Each fold's masks differ from ``masks`` on one slice, its click's: those slices' are
+    # made in one block each.
+    taken = {
+        i: masks[i].expand(len(held), -1, -1, -1).clone() for i in {footprints[j][0] for j in held}
+    }
     for n, j in enumerate(held):
         fold_coef = _fit(s, s.group != j, mean, scale, start=coef)
         mine = s.group == j
@@ -733,11 +735,11 @@ def validated_click_fit(
         network's foreground on the support slices; ``scores`` records the held-out scores
         (``"net"``, ``"fit"``: not read where the fit marks too much, which refuses it
         before the held-out clicks are scored), ``"net_on_clicks"`` and both foreground
-        fractions (of the fit as chosen: both
-        classes weighing the same). An active fit is shifted by :func:`prior_shift` of its
-        logits on the support slices (the estimated share is ``scores["fit_share"]``) and
-        the threshold of :func:`expected_iou_threshold` (``scores["fit_threshold"]``), within
-        :data:`BIASES`, and smoothed by :data:`CLICK_SMOOTHING` fine cells.
+        fractions (of the fit as chosen: both classes weighing the same). An active fit is
+        shifted by :func:`prior_shift` of its logits on the support slices (the estimated
+        share is ``scores["fit_share"]``) and the threshold of :func:`expected_iou_threshold`
+        (``scores["fit_threshold"]``), within :data:`BIASES`, and smoothed by
+        :data:`CLICK_SMOOTHING` fine cells.
 
     Raises
     ------
